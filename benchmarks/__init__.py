@@ -1,0 +1,1 @@
+"""Grids, training, evaluation, metrics, scheduling, tracking and reports of fsbench."""

@@ -1,0 +1,162 @@
+"""Segmentation metrics over episodes (DESIGN §4): summed TP/FP/FN, mIoU, FB-IoU, bootstrap CIs."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def confusion(pred, label, way: int) -> np.ndarray:
+    """[(1+way), (1+way)] pixel counts, rows = label, columns = prediction; label 255 excluded."""
+    pred = np.asarray(pred.cpu() if hasattr(pred, "cpu") else pred).astype(np.int64).ravel()
+    label = np.asarray(label.cpu() if hasattr(label, "cpu") else label).astype(np.int64).ravel()
+    valid = label != 255
+    n = way + 1
+    flat = label[valid] * n + pred[valid]
+    return np.bincount(flat, minlength=n * n).reshape(n, n)
+
+
+def record_counts(matrix: np.ndarray, only_present: bool):
+    """Per episode index (0 = background): (tp, fp, fn) rows, the foreground row, presence flags.
+
+    With `only_present` (PANet's util/metric.py), a class contributes nothing to a record whose
+    label lacks it, and foreground = the sum of the class rows; otherwise foreground is the binary
+    "any episode class" split.
+    """
+    tp = np.diag(matrix)
+    rows = np.stack([tp, matrix.sum(0) - tp, matrix.sum(1) - tp], axis=1)  # [(1+way), 3]
+    present = matrix.sum(1) > 0
+    if only_present:
+        rows = rows * present[:, None]
+        foreground = rows[1:].sum(0)
+    else:
+        foreground = np.array([matrix[1:, 1:].sum(), matrix[0, 1:].sum(), matrix[1:, 0].sum()])
+    return rows, foreground
+
+
+def iou(counts: np.ndarray) -> np.ndarray:
+    """IoU from [..., 3] (tp, fp, fn) counts; NaN where a class has no pixels at all."""
+    counts = np.asarray(counts, dtype=np.float64)
+    denominator = counts.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, counts[..., 0] / denominator, np.nan)
+
+
+def miou_from(class_counts: np.ndarray) -> np.ndarray:
+    """Mean IoU over classes of summed counts [..., C, 3] (classes never seen are left out)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows give NaN, as they should
+        return np.nanmean(iou(class_counts), axis=-1)
+
+
+def fb_iou_from(bg_counts: np.ndarray, fg_counts: np.ndarray) -> np.ndarray:
+    return (iou(bg_counts) + iou(fg_counts)) / 2
+
+
+@dataclass
+class EpisodeCounts:
+    """Per-episode counts of one evaluation: the data behind every metric and interval."""
+
+    classes: list[int]  # the fold's classes (dataset ids), the columns of `per_class`
+    per_class: np.ndarray  # [E, C, 3]
+    background: np.ndarray  # [E, 3]
+    foreground: np.ndarray  # [E, 3]
+
+    def miou(self) -> float:
+        return float(miou_from(self.per_class.sum(0)))
+
+    def class_iou(self) -> dict[int, float]:
+        return dict(zip(self.classes, iou(self.per_class.sum(0)).tolist()))
+
+    def fb_iou(self) -> float:
+        return float(fb_iou_from(self.background.sum(0), self.foreground.sum(0)))
+
+    def to_json(self) -> dict:
+        return {"classes": self.classes, "per_class": self.per_class.tolist(),
+                "background": self.background.tolist(), "foreground": self.foreground.tolist()}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> EpisodeCounts:
+        return cls(list(raw["classes"]), np.asarray(raw["per_class"], dtype=np.int64).reshape(
+            -1, len(raw["classes"]), 3), np.asarray(raw["background"], dtype=np.int64).reshape(-1, 3),
+            np.asarray(raw["foreground"], dtype=np.int64).reshape(-1, 3))
+
+
+class SegmentationMeter:
+    """Accumulates per-query predictions of one seed's episodes into per-episode counts."""
+
+    def __init__(self, classes, only_present: bool = False):
+        self.classes = [int(c) for c in classes]
+        self.only_present = only_present
+        self._column = {c: i for i, c in enumerate(self.classes)}
+        self._episodes: dict[int, list[np.ndarray]] = {}
+
+    def update(self, pred, label, episode_class_ids, episode: int | None = None) -> None:
+        """Add one query: pred and label [H, W] in episode indices (0 bg, i = i-th class, 255)."""
+        way = len(episode_class_ids)
+        rows, foreground = record_counts(confusion(pred, label, way), self.only_present)
+        per_class = np.zeros((len(self.classes), 3), dtype=np.int64)
+        for index, class_id in enumerate(episode_class_ids, start=1):
+            if int(class_id) not in self._column:
+                raise ValueError(f"class {class_id} is not one of the meter's classes {self.classes}")
+            per_class[self._column[int(class_id)]] += rows[index]
+        key = len(self._episodes) if episode is None else int(episode)
+        record = [per_class, rows[0].astype(np.int64), foreground.astype(np.int64)]
+        if key in self._episodes:
+            self._episodes[key] = [a + b for a, b in zip(self._episodes[key], record)]
+        else:
+            self._episodes[key] = record
+
+    def counts(self) -> EpisodeCounts:
+        keys = sorted(self._episodes)
+        if not keys:
+            empty = np.zeros((0, 3), np.int64)
+            return EpisodeCounts(self.classes, np.zeros((0, len(self.classes), 3), np.int64), empty, empty)
+        return EpisodeCounts(self.classes, *(np.stack([self._episodes[k][i] for k in keys]) for i in range(3)))
+
+    def class_iou(self) -> dict[int, float]:
+        return self.counts().class_iou()
+
+    def miou(self) -> float:
+        return self.counts().miou()
+
+    def fb_iou(self) -> float:
+        return self.counts().fb_iou()
+
+
+def _resample_weights(n_episodes: int, n_boot: int, seed: int) -> np.ndarray:
+    """[B, E] multiplicities of a bootstrap resampling of E episodes (seeded, reproducible)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_episodes, np.full(n_episodes, 1.0 / n_episodes), size=n_boot)
+
+
+def _boot_stat(counts: EpisodeCounts, weights: np.ndarray, metric: str) -> np.ndarray:
+    if metric == "miou":
+        summed = np.einsum("be,eck->bck", weights, counts.per_class)
+        return miou_from(summed)
+    if metric == "fb_iou":
+        return fb_iou_from(weights @ counts.background, weights @ counts.foreground)
+    raise ValueError(metric)
+
+
+def bootstrap_ci(counts: EpisodeCounts, metric="miou", n_boot=1000, level=0.95, seed=0):
+    """Percentile CI of a summed-ratio metric, resampling episodes."""
+    weights = _resample_weights(len(counts.per_class), n_boot, seed)
+    samples = _boot_stat(counts, weights, metric)
+    tail = (1 - level) / 2 * 100
+    return float(np.nanpercentile(samples, tail)), float(np.nanpercentile(samples, 100 - tail))
+
+
+def paired_bootstrap(a: EpisodeCounts, b: EpisodeCounts, metric="miou", n_boot=1000, level=0.95,
+                     seed=0) -> dict:
+    """CI of metric(a) − metric(b) on the same episodes (same resampling applied to both)."""
+    if a.per_class.shape != b.per_class.shape or a.classes != b.classes:
+        raise ValueError("paired bootstrap needs counts from the same manifest (same episodes)")
+    weights = _resample_weights(len(a.per_class), n_boot, seed)
+    diff = _boot_stat(a, weights, metric) - _boot_stat(b, weights, metric)
+    tail = (1 - level) / 2 * 100
+    low, high = float(np.nanpercentile(diff, tail)), float(np.nanpercentile(diff, 100 - tail))
+    observed = (a.miou() - b.miou()) if metric == "miou" else (a.fb_iou() - b.fb_iou())
+    return {"difference": observed, "low": low, "high": high, "significant": not low <= 0 <= high}

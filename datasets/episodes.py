@@ -1,0 +1,247 @@
+"""Episode records, fixed fingerprinted episode manifests, and episode assembly (DESIGN §2)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fsbench.datasets.registry import FsbenchError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MANIFEST_VERSION = 1
+
+
+def canonical_sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seeded_rng(*material) -> np.random.Generator:
+    """A private generator seeded only by `material` (never the global RNG)."""
+    digest = canonical_sha256(list(material))
+    return np.random.default_rng(int(digest[:32], 16))
+
+
+@dataclass
+class Episode:
+    """One N-way K-shot episode as tensors (support_fg/bg already derived from the annotation)."""
+
+    class_ids: list[int]
+    support_images: torch.Tensor  # [N, K, 3, H, W] normalised
+    support_fg: torch.Tensor  # [N, K, H, W] float 0/1
+    support_bg: torch.Tensor  # [N, K, H, W] float 0/1
+    query_images: torch.Tensor  # [Q, 3, H, W]
+    query_labels: torch.Tensor  # [Q, H, W] long: 0 bg, i for the i-th class, 255 ignore
+    support_ids: list[list[str]] = field(default_factory=list)
+    query_ids: list[str] = field(default_factory=list)
+
+    @property
+    def way(self) -> int:
+        return len(self.class_ids)
+
+    @property
+    def shot(self) -> int:
+        return self.support_images.shape[1]
+
+    def to(self, device) -> Episode:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return Episode(**moved)
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """The ids of one episode: N classes, K support ids per class, the query ids."""
+
+    classes: tuple[int, ...]
+    support: tuple[tuple[str, ...], ...]
+    query: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {"classes": list(self.classes), "support": [list(s) for s in self.support],
+                "query": list(self.query)}
+
+
+def sample_episode(rng, dataset, split, classes_pool, way, shot, queries_per_way, min_pixels=1):
+    """Draw one episode: `way` distinct classes, then per class `shot` supports and queries.
+
+    Every image of an episode is distinct, so supports never repeat and never contain the query.
+    """
+    if way > len(classes_pool):
+        raise FsbenchError(f"{way}-way episodes need {way} classes; the fold has {len(classes_pool)}")
+    classes = [int(c) for c in rng.choice(np.asarray(classes_pool), size=way, replace=False)]
+    used: set[str] = set()
+    supports, query = [], []
+    for class_id in classes:
+        pool = [i for i in dataset.class_images(split, class_id, min_pixels) if i not in used]
+        need = shot + queries_per_way
+        if len(pool) < need:
+            raise FsbenchError(
+                f"class {class_id} has {len(pool)} free images in {dataset.name}/{split}; "
+                f"a {way}-way {shot}-shot episode needs {need}; lower the shot or use more data"
+            )
+        picked = [pool[i] for i in rng.choice(len(pool), size=need, replace=False)]
+        used.update(picked)
+        supports.append(tuple(picked[:shot]))
+        query.extend(picked[shot:])
+    return EpisodeSpec(tuple(classes), tuple(supports), tuple(query))
+
+
+@dataclass(frozen=True)
+class EpisodeManifest:
+    """A fixed list of episodes for one (dataset, split, fold, way, shot, episodes, seed, protocol)."""
+
+    spec: dict
+    episodes: tuple[EpisodeSpec, ...]
+
+    @classmethod
+    def build(cls, dataset, protocol, fold, way, shot, n_episodes, seed, queries_per_way=1):
+        split = protocol.pascal_test_list if dataset.name.endswith("pascal5i") else "test"
+        min_pixels = protocol.min_object_pixels
+        spec = {
+            "version": MANIFEST_VERSION,
+            "dataset": dataset.name,
+            "dataset_fingerprint": dataset.fingerprint(split, min_pixels),
+            "split": split,
+            "fold": fold,
+            "way": way,
+            "shot": shot,
+            "queries_per_way": queries_per_way,
+            "episodes": n_episodes,
+            "seed": seed,
+            "protocol": protocol.name,
+        }
+        if shot < 1 or way < 1 or n_episodes < 1 or queries_per_way < 1:
+            raise FsbenchError(f"impossible episode setting {spec}: way, shot, episodes must be ≥ 1")
+        rng = seeded_rng(spec)
+        pool = dataset.fold_classes(fold)
+        episodes = tuple(
+            sample_episode(rng, dataset, split, pool, way, shot, queries_per_way, min_pixels)
+            for _ in range(n_episodes)
+        )
+        return cls(spec, episodes)
+
+    @property
+    def fingerprint(self) -> str:
+        return canonical_sha256({"spec": self.spec, "episodes": [e.to_json() for e in self.episodes]})
+
+    def to_json(self) -> dict:
+        return {"fingerprint": self.fingerprint, **self.spec,
+                "episodes": [e.to_json() for e in self.episodes]}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, dataset=None) -> EpisodeManifest:
+        """Read a manifest file (e.g. one a paper published) and check it is intact and usable."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+            episodes = tuple(
+                EpisodeSpec(tuple(int(c) for c in e["classes"]),
+                            tuple(tuple(str(i) for i in s) for s in e["support"]),
+                            tuple(str(i) for i in e["query"]))
+                for e in raw["episodes"]
+            )
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise FsbenchError(f"{path}: not a readable episode manifest ({error})") from None
+        spec = {k: v for k, v in raw.items() if k not in ("fingerprint", "episodes")}
+        manifest = cls(spec, episodes)
+        if raw.get("fingerprint") and raw["fingerprint"] != manifest.fingerprint:
+            raise FsbenchError(f"{path}: fingerprint does not match its episodes (file was edited)")
+        if dataset is not None:
+            known = set(dataset.list_ids(spec.get("split", "trainaug")))
+            unknown = sorted({i for e in episodes for i in (*e.query, *sum(e.support, ()))} - known)
+            if unknown:
+                raise FsbenchError(
+                    f"{path}: {len(unknown)} image ids are not in the dataset's "
+                    f"{spec.get('split')} list (first: {unknown[0]}); wrong --data-root?"
+                )
+        return manifest
+
+
+def normalise(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 → 3xHxW float, ImageNet mean/std."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (tensor - mean) / std
+
+
+class EpisodeLoader:
+    """Turns episode specs into `Episode` tensors; decodes and resizes each image once (LRU)."""
+
+    def __init__(self, dataset, input_size: int, cache_items: int = 4096):
+        self.dataset = dataset
+        self.input_size = input_size
+        self.cache_items = cache_items
+        self._cache: OrderedDict[str, tuple[torch.Tensor, np.ndarray]] = OrderedDict()
+
+    def image_and_label(self, image_id: str) -> tuple[torch.Tensor, np.ndarray]:
+        """Normalised image [3,S,S] and label [S,S] (bilinear / nearest resize, as PANet)."""
+        if image_id in self._cache:
+            self._cache.move_to_end(image_id)
+            return self._cache[image_id]
+        size = (self.input_size, self.input_size)
+        image = Image.fromarray(self.dataset.load_image(image_id)).resize(size, Image.BILINEAR)
+        label = Image.fromarray(self.dataset.load_label(image_id)).resize(size, Image.NEAREST)
+        item = (normalise(np.asarray(image)), np.asarray(label))
+        self._cache[image_id] = item
+        if len(self._cache) > self.cache_items:
+            self._cache.popitem(last=False)
+        return item
+
+    def load(self, spec: EpisodeSpec, flip_rng: np.random.Generator | None = None) -> Episode:
+        """Assemble an episode; `flip_rng` enables PANet's random horizontal flip (training)."""
+        classes = list(spec.classes)
+
+        def fetch(image_id):
+            image, label = self.image_and_label(image_id)
+            label = torch.from_numpy(label.astype(np.int64))
+            if flip_rng is not None and flip_rng.random() < 0.5:
+                image, label = image.flip(-1), label.flip(-1)
+            return image, label
+
+        support_images, support_fg, support_bg = [], [], []
+        for class_id, ids in zip(classes, spec.support):
+            row = [fetch(i) for i in ids]
+            labels = torch.stack([lbl for _, lbl in row])
+            episode_pixels = torch.isin(labels, torch.tensor(classes))
+            fg = labels == class_id
+            # Background: pixels of none of the episode's classes (the 255 outline included).
+            bg = ~episode_pixels
+            support_images.append(torch.stack([img for img, _ in row]))
+            support_fg.append(fg.float())
+            support_bg.append(bg.float())
+        query_images, query_labels = [], []
+        for image_id in spec.query:
+            image, label = fetch(image_id)
+            target = torch.zeros_like(label)
+            target[label == 255] = 255
+            for index, class_id in enumerate(classes, start=1):
+                target[label == class_id] = index
+            query_images.append(image)
+            query_labels.append(target)
+        return Episode(
+            class_ids=classes,
+            support_images=torch.stack(support_images),
+            support_fg=torch.stack(support_fg),
+            support_bg=torch.stack(support_bg),
+            query_images=torch.stack(query_images),
+            query_labels=torch.stack(query_labels),
+            support_ids=[list(s) for s in spec.support],
+            query_ids=list(spec.query),
+        )

@@ -1,0 +1,184 @@
+"""PASCAL-5i on the real VOC2012 + SBD-aug layout (VOCdevkit/VOC2012/...)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fsbench.datasets.registry import DATASETS, FsbenchError
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)
+EXPECTED_LAYOUT = (
+    "expected VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png, "
+    "ImageSets/Segmentation/{train,val,trainaug}.txt} under --data-root"
+)
+INDEX_VERSION = 1
+
+
+class DatasetError(FsbenchError):
+    """Bad dataset input: the message names the path, what is wrong and the expected layout."""
+
+
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Decode an image fully (a truncated file raises here, not later) as HxWx3 uint8."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file is missing") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"{path}: unreadable or truncated image ({error}); re-extract it") from None
+
+
+class Pascal5i:
+    """Images, masks and class → image lists of one VOC root; folds follow Shaban et al. (OSLSM)."""
+
+    name = "pascal5i"
+    num_classes = 20
+    num_folds = 4
+    class_names = VOC_CLASSES
+
+    def __init__(self, data_root: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
+        root = Path(data_root).expanduser()
+        if not root.exists():
+            raise DatasetError(f"{root}: dataset folder does not exist; {EXPECTED_LAYOUT}")
+        candidates = [root / "VOCdevkit" / "VOC2012", root / "VOC2012", root]
+        voc = next((c for c in candidates if (c / "JPEGImages").is_dir()), None)
+        if voc is None:
+            raise DatasetError(f"{root}: no JPEGImages/ folder found; {EXPECTED_LAYOUT}")
+        for sub in ("SegmentationClassAug", "ImageSets/Segmentation"):
+            if not (voc / sub).is_dir():
+                raise DatasetError(f"{voc / sub}: missing subfolder; {EXPECTED_LAYOUT}")
+        self.root = voc.resolve()
+        from fsbench.datasets.synthetic import default_cache_dir
+
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "index"
+        self._index: dict[str, dict] = {}
+
+    # -- folds ------------------------------------------------------------------------------
+    def fold_classes(self, fold: int) -> list[int]:
+        """Test classes of fold i: 5i+1 … 5i+5."""
+        self.check_fold(fold)
+        return list(range(5 * fold + 1, 5 * fold + 6))
+
+    def train_classes(self, fold: int) -> list[int]:
+        held_out = set(self.fold_classes(fold))
+        return [c for c in range(1, self.num_classes + 1) if c not in held_out]
+
+    def check_fold(self, fold: int) -> None:
+        if not isinstance(fold, int) or not 0 <= fold < self.num_folds:
+            raise DatasetError(f"fold {fold!r} is outside 0…{self.num_folds - 1} for {self.name}")
+
+    # -- files ------------------------------------------------------------------------------
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def mask_path(self, image_id: str) -> Path:
+        return self.root / "SegmentationClassAug" / f"{image_id}.png"
+
+    def list_ids(self, split: str) -> list[str]:
+        path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not path.is_file():
+            raise DatasetError(f"{path}: image list is missing; {EXPECTED_LAYOUT}")
+        # Sorted, never file or directory order: episodes must not depend on the machine.
+        return sorted({line.split()[0] for line in path.read_text().splitlines() if line.strip()})
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        return read_rgb(self.image_path(image_id))
+
+    def load_label(self, image_id: str) -> np.ndarray:
+        """The class label map, HxW uint8: 0 background, 1…20, 255 void."""
+        path = self.mask_path(image_id)
+        try:
+            with Image.open(path) as mask:
+                if mask.mode not in ("P", "L"):
+                    raise DatasetError(
+                        f"{path}: mask has mode {mask.mode}; expected a palette (P) PNG of class "
+                        "indices as in SegmentationClassAug"
+                    )
+                label = np.asarray(mask)
+        except FileNotFoundError:
+            raise DatasetError(f"{path}: mask file is missing") from None
+        except (OSError, SyntaxError) as error:
+            raise DatasetError(f"{path}: unreadable mask ({error})") from None
+        bad = np.setdiff1d(np.unique(label), [*range(self.num_classes + 1), 255])
+        if bad.size:
+            raise DatasetError(
+                f"{path}: mask has labels {bad.tolist()} outside 0…{self.num_classes} and 255; "
+                "use SegmentationClassAug (class indices), not colour or instance PNGs"
+            )
+        return label
+
+    # -- class index ------------------------------------------------------------------------
+    def class_index(self, split: str) -> dict[int, dict[str, int]]:
+        """class → {image id: pixel count}, built from the masks once and cached on disk."""
+        if split in self._index:
+            return self._index[split]
+        ids = self.list_ids(split)
+        missing = [i for i in ids if not self.image_path(i).is_file() or not self.mask_path(i).is_file()]
+        if missing:
+            which = self.image_path(missing[0]) if not self.image_path(missing[0]).is_file() else (
+                self.mask_path(missing[0]))
+            raise DatasetError(
+                f"{which}: listed in ImageSets/Segmentation/{split}.txt but missing "
+                f"({len(missing)} ids in all); {EXPECTED_LAYOUT}"
+            )
+        sizes = [self.mask_path(i).stat().st_size for i in ids]
+        key = _sha256({"v": INDEX_VERSION, "root": str(self.root), "split": split, "ids": ids,
+                       "sizes": sizes})
+        cache_file = self.cache_dir / f"{self.name}-{split}-{key[:16]}.json"
+        if cache_file.is_file():
+            raw = json.loads(cache_file.read_text())
+        else:
+            raw = {str(c): {} for c in range(1, self.num_classes + 1)}
+            for image_id in ids:
+                values, counts = np.unique(self.load_label(image_id), return_counts=True)
+                for value, count in zip(values.tolist(), counts.tolist()):
+                    if 1 <= value <= self.num_classes:
+                        raw[str(value)][image_id] = count
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(raw))
+            os.replace(tmp, cache_file)
+        index = {int(c): dict(sorted(images.items())) for c, images in raw.items()}
+        self._index[split] = index
+        return index
+
+    def class_images(self, split: str, class_id: int, min_pixels: int = 1) -> list[str]:
+        """Sorted ids of the split's images with at least `min_pixels` pixels of the class."""
+        return [i for i, n in self.class_index(split)[class_id].items() if n >= min_pixels]
+
+    def fingerprint(self, split: str, min_pixels: int = 1) -> str:
+        """sha256 of the split's class → image lists: equal data gives equal episodes anywhere."""
+        lists = {c: self.class_images(split, c, min_pixels) for c in range(1, self.num_classes + 1)}
+        return _sha256({"dataset": self.name, "split": split, "lists": lists})
+
+
+@DATASETS.register("pascal5i")
+def pascal5i(data_root: str, **kwargs) -> Pascal5i:
+    """PASCAL-5i from a local VOC2012 + SBD-aug folder."""
+    return Pascal5i(data_root, **kwargs)
+
+
+@DATASETS.register("synthetic_pascal5i")
+def synthetic_pascal5i(
+    data_root: str | None = None, n_images: int = 600, image_size: int = 128, seed: int = 0, **kwargs
+) -> Pascal5i:
+    """Generated PASCAL-format data (datasets/synthetic.py), written once into the cache folder."""
+    from fsbench.datasets.synthetic import ensure_synthetic_voc
+
+    cache = Path(data_root) if data_root else None
+    return Pascal5i(ensure_synthetic_voc(n_images, image_size, seed, cache_dir=cache), **kwargs)

@@ -1,0 +1,55 @@
+"""Name → builder registries (methods, datasets) and the one error type users see."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+
+
+class FsbenchError(Exception):
+    """A user-facing error: the message names the problem and the fix; the CLI prints it alone."""
+
+
+class Registry:
+    """A named table of builders; registering a name twice is an error, not a silent replace."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._builders: dict[str, Callable] = {}
+
+    def register(self, name: str | None = None):
+        def decorator(builder: Callable) -> Callable:
+            key = name or builder.__name__
+            if key in self._builders:
+                raise FsbenchError(f"{self.kind} {key!r} is registered twice; rename one of them")
+            self._builders[key] = builder
+            return builder
+
+        return decorator
+
+    def get(self, name: str) -> Callable:
+        if name not in self._builders:
+            close = difflib.get_close_matches(name, list(self._builders), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise FsbenchError(
+                f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.list())})"
+            )
+        return self._builders[name]
+
+    def list(self, pattern: str = "*") -> list[str]:
+        return sorted(n for n in self._builders if fnmatch.fnmatchcase(n, pattern))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._builders
+
+
+DATASETS = Registry("dataset")
+
+
+def _register_builtin_datasets() -> None:
+    # Imported for their @DATASETS.register side effects; kept lazy-safe (no heavy imports there).
+    from fsbench.datasets import pascal  # noqa: F401
+
+
+_register_builtin_datasets()

@@ -1,0 +1,122 @@
+"""Layers shared by the methods: PANet's VGG-16 encoder, masked average pooling, cosine scores."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsbench.datasets.episodes import Episode
+from fsbench.datasets.registry import FsbenchError
+
+log = logging.getLogger("fsbench")
+
+# (convs, out channels, dilation) per VGG-16 stage; pools between them as in PANet's vgg.py.
+VGG16_STAGES = ((2, 64, 1), (2, 128, 1), (3, 256, 1), (3, 512, 1), (3, 512, 2))
+MAP_EPS = 1e-5
+
+
+class FewShotMethod(nn.Module):
+    """Base of every method: `model(episode)` → logits [Q, 1+N, H, W]; `model.loss(episode)`.
+
+    `cacheable_encoder`: the method computes `encode(image)` independently of the episode, so the
+    evaluator may encode each distinct image once and call `predict` on cached features.
+    """
+
+    trainable = True
+    cacheable_encoder = False
+
+    def loss(self, episode: Episode) -> dict[str, torch.Tensor]:
+        raise FsbenchError(f"method {type(self).__name__} is not trained; leave it out of training")
+
+
+class VGG16Encoder(nn.Module):
+    """VGG-16 conv1_1…conv5_3 as in PANet: 3×3/2 pools, pool4 stride 1, dilated conv5, stride 8."""
+
+    def __init__(self, width: float = 1.0, pretrained: str | None = None):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for stage, (n_convs, channels, dilation) in enumerate(VGG16_STAGES):
+            channels = max(1, round(channels * width))
+            for index in range(n_convs):
+                layers.append(nn.Conv2d(in_channels, channels, 3, padding=dilation, dilation=dilation))
+                last = stage == len(VGG16_STAGES) - 1 and index == n_convs - 1
+                if not last:  # no ReLU after conv5_3
+                    layers.append(nn.ReLU(inplace=True))
+                in_channels = channels
+            if stage < 3:
+                layers.append(nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+            elif stage == 3:
+                layers.append(nn.MaxPool2d(kernel_size=3, stride=1, padding=1))
+        self.features = nn.Sequential(*layers)
+        self.out_channels = in_channels
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        if pretrained:
+            if width != 1:
+                raise FsbenchError(f"pretrained VGG-16 weights need width=1, not width={width}")
+            self.load_torchvision_vgg16(pretrained)
+        else:
+            log.info("VGG-16 encoder: no pretrained weights given; Kaiming-normal initialisation")
+
+    def load_torchvision_vgg16(self, path: str) -> None:
+        """Copy the 26 conv tensors (13 weights + biases) of a torchvision VGG-16 file, in order."""
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise FsbenchError(
+                f"{file}: pretrained VGG-16 file not found; pass the path of a torchvision "
+                "vgg16 state dict (e.g. vgg16-397923af.pth) or leave `pretrained` unset"
+            )
+        try:
+            source = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a bad file
+            raise FsbenchError(f"{file}: not a readable torch state dict ({error})") from None
+        if isinstance(source, nn.Module):
+            source = source.state_dict()
+        tensors = [v for k, v in source.items() if not k.startswith("classifier")][:26]
+        target = self.state_dict()
+        if len(tensors) < 26:
+            raise FsbenchError(f"{file}: has {len(tensors)} conv tensors; a VGG-16 has 26")
+        for (key, own), loaded in zip(target.items(), tensors):
+            if own.shape != loaded.shape:
+                raise FsbenchError(
+                    f"{file}: tensor for {key} has shape {tuple(loaded.shape)}, expected "
+                    f"{tuple(own.shape)}; is this a torchvision vgg16 (not vgg16_bn) state dict?"
+                )
+            target[key] = loaded
+        self.load_state_dict(target)
+        log.info("VGG-16 encoder: loaded 26 conv tensors from %s", file)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+
+def upsample_matrix(n_in: int, n_out: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """[n_out, n_in] matrix of 1-D bilinear upsampling (align_corners=False, as F.interpolate)."""
+    eye = torch.eye(n_in, device=device, dtype=dtype).view(1, 1, n_in, n_in)
+    return F.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=False)[0, 0]
+
+
+def masked_average_pool(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Σ up(F)·M / (Σ M + 1e-5) with up = bilinear upsampling of F [B,C,h,w] to M's size [B,H,W].
+
+    Computed exactly through the adjoint of the upsampling, Aₕᵀ M A_w, so no C×H×W map is built.
+    """
+    (h, w), (H, W) = features.shape[-2:], masks.shape[-2:]
+    rows = upsample_matrix(h, H, features.device, features.dtype)
+    cols = upsample_matrix(w, W, features.device, features.dtype)
+    weights = torch.einsum("Hh,bHW,Ww->bhw", rows, masks.to(features.dtype), cols)
+    pooled = torch.einsum("bchw,bhw->bc", features, weights)
+    return pooled / (masks.sum(dim=(-2, -1)).to(features.dtype)[:, None] + MAP_EPS)
+
+
+def cosine_scores(features: torch.Tensor, prototypes: torch.Tensor, alpha: float) -> torch.Tensor:
+    """α·cos(F(x,y), p_j) for features [Q,C,h,w] and prototypes [P,C] → [Q,P,h,w]."""
+    return torch.stack(
+        [F.cosine_similarity(features, p[None, :, None, None], dim=1) for p in prototypes], dim=1
+    ) * alpha

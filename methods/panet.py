@@ -1,0 +1,144 @@
+"""PANet (Wang et al., ICCV 2019): prototype alignment network, as its paper and official code."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fsbench.datasets.episodes import Episode
+from fsbench.datasets.registry import FsbenchError
+from fsbench.methods.layers import (
+    FewShotMethod,
+    VGG16Encoder,
+    cosine_scores,
+    masked_average_pool,
+)
+from fsbench.methods.registry import METHODS
+
+
+class PANet(FewShotMethod):
+    """Non-parametric metric learning on MAP prototypes, with prototype alignment (PAR) in training."""
+
+    cacheable_encoder = True
+
+    def __init__(self, alpha=20.0, par_weight=1.0, width=1.0, pretrained=None, trainable=True):
+        super().__init__()
+        if alpha <= 0 or par_weight < 0 or width <= 0:
+            raise FsbenchError(
+                f"PANet needs alpha > 0, par_weight ≥ 0, width > 0 (got {alpha}, {par_weight}, {width})"
+            )
+        self.alpha = float(alpha)
+        self.par_weight = float(par_weight)
+        self.trainable = trainable
+        self.encoder = VGG16Encoder(width=width, pretrained=pretrained)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+    @staticmethod
+    def prototypes(support_features, support_fg, support_bg):
+        """Foreground prototype per way (mean over shots), one background prototype (mean of all)."""
+        way, shot = support_fg.shape[:2]
+        flat = support_features.flatten(0, 1)
+        fg = masked_average_pool(flat, support_fg.flatten(0, 1)).view(way, shot, -1)
+        bg = masked_average_pool(flat, support_bg.flatten(0, 1)).view(way, shot, -1)
+        return fg.mean(1), bg.mean((0, 1))
+
+    def scores(self, support_features, support_fg, support_bg, query_features):
+        """Low-resolution scores [Q, 1+N, h, w] of the queries against [bg, class 1…N]."""
+        fg, bg = self.prototypes(support_features, support_fg, support_bg)
+        return cosine_scores(query_features, torch.cat([bg[None], fg]), self.alpha)
+
+    def predict(self, support_features, support_fg, support_bg, query_features, out_size):
+        """Logits at `out_size` from encoded supports [N,K,C,h,w] and queries [Q,C,h,w]."""
+        low = self.scores(support_features, support_fg, support_bg, query_features)
+        return F.interpolate(low, size=out_size, mode="bilinear", align_corners=False)
+
+    def _encode_episode(self, episode: Episode):
+        way, shot = episode.support_fg.shape[:2]
+        images = torch.cat([episode.support_images.flatten(0, 1), episode.query_images])
+        features = self.encode(images)  # supports and queries in one batch
+        support_features = features[: way * shot].unflatten(0, (way, shot))
+        return support_features, features[way * shot :]
+
+    def forward(self, episode: Episode) -> torch.Tensor:
+        support_features, query_features = self._encode_episode(episode)
+        return self.predict(support_features, episode.support_fg, episode.support_bg,
+                            query_features, episode.query_labels.shape[-2:])
+
+    def loss(self, episode: Episode) -> dict[str, torch.Tensor]:
+        if not self.trainable:
+            return super().loss(episode)
+        support_features, query_features = self._encode_episode(episode)
+        low = self.scores(support_features, episode.support_fg, episode.support_bg, query_features)
+        logits = F.interpolate(low, size=episode.query_labels.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        losses = {"segmentation": F.cross_entropy(logits, episode.query_labels, ignore_index=255)}
+        if self.par_weight > 0:
+            losses["par"] = self.alignment_loss(
+                query_features, low, support_features, episode.support_fg, episode.support_bg
+            )
+        losses["total"] = losses["segmentation"] + self.par_weight * losses.get("par", 0.0)
+        return losses
+
+    def alignment_loss(self, query_features, query_scores, support_features, support_fg, support_bg):
+        """PAR: segment the supports with prototypes taken from the query's own prediction."""
+        way, shot = support_fg.shape[:2]
+        # The argmax mask carries no gradient; the query features it pools do.
+        predicted = F.one_hot(query_scores.argmax(1), way + 1).permute(0, 3, 1, 2).to(query_features)
+        area = predicted.sum(dim=(0, 2, 3))
+        query_prototypes = torch.einsum("qchw,qkhw->kc", query_features, predicted) / (
+            area[:, None] + 1e-5
+        )
+        loss = query_features.new_zeros(())
+        for index in range(way):
+            if area[index + 1] == 0:  # the query prediction lacks this class: skip it
+                continue
+            prototypes = query_prototypes[[0, index + 1]]
+            labels = torch.full_like(support_fg[index], 255, dtype=torch.long)
+            labels[support_fg[index] == 1] = 1
+            labels[support_bg[index] == 1] = 0
+            scores = cosine_scores(support_features[index], prototypes, self.alpha)
+            logits = F.interpolate(scores, size=labels.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+            for k in range(shot):  # per-shot mean, then / shots / ways, as the official code
+                if (labels[k] != 255).any():
+                    loss = loss + F.cross_entropy(logits[k : k + 1], labels[k : k + 1],
+                                                  ignore_index=255) / shot / way
+        return loss
+
+
+@METHODS.register()
+def panet(alpha=20.0, par_weight=1.0, width=1.0, pretrained=None):
+    """PANet with prototype alignment regularisation (the paper's full model)."""
+    return PANet(alpha=alpha, par_weight=par_weight, width=width, pretrained=pretrained)
+
+
+@METHODS.register()
+def panet_nopar(alpha=20.0, width=1.0, pretrained=None):
+    """PANet without PAR (the paper's ablation)."""
+    return PANet(alpha=alpha, par_weight=0.0, width=width, pretrained=pretrained)
+
+
+@METHODS.register()
+def prototype_notrain(alpha=20.0, width=1.0, pretrained=None):
+    """PANet's test-time computation on an untrained (or ImageNet-only) encoder."""
+    return PANet(alpha=alpha, par_weight=0.0, width=width, pretrained=pretrained, trainable=False)
+
+
+TEST_WIDTH = 1 / 16
+
+
+@METHODS.register()
+def test_panet(**kwargs):
+    return panet(**{"width": TEST_WIDTH, **kwargs})
+
+
+@METHODS.register()
+def test_panet_nopar(**kwargs):
+    return panet_nopar(**{"width": TEST_WIDTH, **kwargs})
+
+
+@METHODS.register()
+def test_prototype_notrain(**kwargs):
+    return prototype_notrain(**{"width": TEST_WIDTH, **kwargs})
