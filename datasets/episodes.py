@@ -114,7 +114,7 @@ class EpisodeManifest:
             "way": way,
             "shot": shot,
             "queries_per_way": queries_per_way,
-            "episodes": n_episodes,
+            "n_episodes": n_episodes,
             "seed": seed,
             "protocol": protocol.name,
         }
@@ -145,23 +145,33 @@ class EpisodeManifest:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, dataset=None) -> EpisodeManifest:
-        """Read a manifest file (e.g. one a paper published) and check it is intact and usable."""
-        path = Path(path)
+    def from_json(cls, raw: dict, source: str = "manifest") -> EpisodeManifest:
+        """A manifest from its JSON form; a fingerprint that does not match is an error."""
         try:
-            raw = json.loads(path.read_text())
             episodes = tuple(
                 EpisodeSpec(tuple(int(c) for c in e["classes"]),
                             tuple(tuple(str(i) for i in s) for s in e["support"]),
                             tuple(str(i) for i in e["query"]))
                 for e in raw["episodes"]
             )
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise FsbenchError(f"{path}: not a readable episode manifest ({error})") from None
-        spec = {k: v for k, v in raw.items() if k not in ("fingerprint", "episodes")}
+            spec = {k: v for k, v in raw.items() if k not in ("fingerprint", "episodes")}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise FsbenchError(f"{source}: not a valid episode manifest ({error!r})") from None
         manifest = cls(spec, episodes)
         if raw.get("fingerprint") and raw["fingerprint"] != manifest.fingerprint:
-            raise FsbenchError(f"{path}: fingerprint does not match its episodes (file was edited)")
+            raise FsbenchError(f"{source}: fingerprint does not match its episodes (file was edited)")
+        return manifest
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, dataset=None) -> EpisodeManifest:
+        """Read a manifest file (e.g. one a paper published) and check it is intact and usable."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise FsbenchError(f"{path}: not a readable episode manifest ({error})") from None
+        manifest = cls.from_json(raw, str(path))
+        spec, episodes = manifest.spec, manifest.episodes
         if dataset is not None:
             known = set(dataset.list_ids(spec.get("split", "trainaug")))
             unknown = sorted({i for e in episodes for i in (*e.query, *sum(e.support, ()))} - known)
@@ -175,7 +185,7 @@ class EpisodeManifest:
 
 def normalise(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 → 3xHxW float, ImageNet mean/std."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+    tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div_(255)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (tensor - mean) / std

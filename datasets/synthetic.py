@@ -28,7 +28,7 @@ COLOURS = (
     (108, 113, 196),
     (42, 161, 152),
 )
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 NUM_VOC_CLASSES = 20
 
 
@@ -190,9 +190,12 @@ def write_voc(root: Path, n_images: int, image_size: int, seed: int) -> Path:
         label_png.putpalette(palette)
         label_png.save(voc / "SegmentationClassAug" / f"{image_id}.png")
     # As in SBD-aug: val is disjoint from trainaug; train (VOC's own) is a subset of trainaug.
-    val = [i for n, i in enumerate(ids) if n % 5 == 4]
-    trainaug = [i for n, i in enumerate(ids) if n % 5 != 4]
-    train = [i for n, i in enumerate(ids) if n % 5 in (0, 1)]
+    # Split by blocks of NUM_VOC_CLASSES images: each block cycles once through every class, so
+    # every class keeps the same share of images in every list.
+    block = [(n // NUM_VOC_CLASSES) % 5 for n in range(n_images)]
+    val = [i for i, b in zip(ids, block) if b == 4]
+    trainaug = [i for i, b in zip(ids, block) if b != 4]
+    train = [i for i, b in zip(ids, block) if b in (0, 1)]
     for name, split in (("train", train), ("val", val), ("trainaug", trainaug)):
         (voc / "ImageSets" / "Segmentation" / f"{name}.txt").write_text("\n".join(split) + "\n")
     return voc

@@ -1,0 +1,271 @@
+"""`fsbench` / `python run_benchmark.py`: run grids, write manifests, list, report, UI, sync."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fsbench.datasets.registry import FsbenchError
+
+DEFAULT_GRID = "quickstart.yaml"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fsbench", description="Few-shot segmentation benchmark harness. With no command, "
+        "runs the embedded quickstart benchmark (synthetic PASCAL-format data, CPU, minutes).")
+    commands = parser.add_subparsers(dest="command")
+
+    run = commands.add_parser("run", help="run a grid file (bundled name or path)")
+    run.add_argument("grid", help="grid YAML (e.g. quickstart.yaml or a path)")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. shots=[1] train.steps=100")
+    _add_run_options(run)
+
+    manifest = commands.add_parser("manifest", help="write a fixed episode manifest as JSON")
+    manifest.add_argument("--dataset", default="pascal5i")
+    manifest.add_argument("--data-root", help="dataset folder (containing VOCdevkit/)")
+    manifest.add_argument("--fold", type=int, required=True)
+    manifest.add_argument("--way", type=int, default=1)
+    manifest.add_argument("--shot", type=int, default=1)
+    manifest.add_argument("--episodes", type=int, help="default: the protocol's")
+    manifest.add_argument("--seed", type=int, help="default: the protocol's first seed")
+    manifest.add_argument("--protocol", default="panet")
+    manifest.add_argument("--output", required=True, help="JSON file to write")
+
+    listing = commands.add_parser("list", help="list methods, datasets, protocols, fold classes")
+    listing.add_argument("--dataset", help="print this dataset's classes per fold")
+    listing.add_argument("--data-root")
+
+    report = commands.add_parser("report", help="tables and figures of a grid's results")
+    report.add_argument("grid", nargs="?", default="quickstart", help="grid name or results folder")
+    report.add_argument("--results", help="results root (default ./results or $FSBENCH_RESULTS)")
+
+    ui = commands.add_parser("ui", help="serve the MLflow UI for the results store on 127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--results")
+    ui.add_argument("--tracking-uri")
+
+    sync = commands.add_parser("sync", help="push finished cells missing from MLflow")
+    sync.add_argument("grid", nargs="?", default=None, help="grid name (default: every grid)")
+    sync.add_argument("--results")
+    sync.add_argument("--tracking-uri")
+    return parser
+
+
+def _add_run_options(parser):
+    parser.add_argument("--dry-run", action="store_true", help="print cells, done state, resources")
+    parser.add_argument("--rerun", action="store_true", help="run finished cells again")
+    parser.add_argument("--serial", action="store_true", help="run in-process without Ray")
+    parser.add_argument("--ray-address", help="join an existing Ray cluster (or set RAY_ADDRESS)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance")
+    parser.add_argument("--max-retries", type=int, default=3, help="retries of a task whose worker dies")
+    parser.add_argument("--eval-group", choices=("seed", "model"), default="seed",
+                        help="Ray: one evaluation task per seed (parallel) or per model (shared cache)")
+    parser.add_argument("--eval-gpu-fraction", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per task")
+    parser.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///<results>/mlflow.db)")
+    parser.add_argument("--no-tracking", action="store_true")
+    parser.add_argument("--results", help="results root (default ./results or $FSBENCH_RESULTS)")
+    parser.add_argument("--data-root", help="dataset folder, replaces the grid's data_root")
+    parser.add_argument("--no-report", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = get_args_parser()
+    if not argv or argv[0].startswith("--") and argv[0] not in ("-h", "--help"):
+        argv = ["run", DEFAULT_GRID, *argv]
+    args = parser.parse_args(argv)
+    try:
+        return {"run": cmd_run, "manifest": cmd_manifest, "list": cmd_list, "report": cmd_report,
+                "ui": cmd_ui, "sync": cmd_sync}[args.command](args)
+    except FsbenchError as error:
+        print(f"fsbench: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fsbench: interrupted; finished cells are saved, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+def _results_root(args) -> Path:
+    from fsbench.benchmarks.results import default_results_root
+
+    return Path(args.results).expanduser().resolve() if getattr(args, "results", None) else default_results_root()
+
+
+def cmd_run(args) -> int:
+    from fsbench.benchmarks.grid import load_grid
+    from fsbench.benchmarks.results import ResultStore
+
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.append(f"dataset.data_root={Path(args.data_root).expanduser().resolve()}")
+    grid = load_grid(args.grid, overrides)
+    root = _results_root(args)
+    store = ResultStore(root, grid.name)
+    if args.dry_run:
+        return _dry_run(grid, store, args)
+    from fsbench.benchmarks import runner
+
+    started = time.perf_counter()
+    if args.serial:
+        executor = runner.SerialExecutor(grid.device, args.threads, grid.cache_bytes, grid.eval_batch_size)
+    else:
+        executor = runner.RayExecutor(args.ray_address, args.num_cpus, grid.device, args.threads,
+                                      args.max_retries, args.eval_gpu_fraction, args.eval_group,
+                                      grid.cache_bytes, grid.eval_batch_size).start()
+    tracker = None
+    if not args.no_tracking:
+        from fsbench.benchmarks.tracking import Tracker, default_tracking_uri
+
+        tracker = Tracker(args.tracking_uri or default_tracking_uri(root), root, grid.name)
+    try:
+        driver = runner.run_grid(grid, store, executor, tracker, args.rerun, not args.quiet)
+    finally:
+        if hasattr(executor, "stop"):
+            executor.stop()
+    wall = time.perf_counter() - started
+    total = len(grid.expand())
+    print(f"\n{grid.name}: {len(driver.written)} cells written, {total - len(driver.written) - len(driver.failed)} "
+          f"already done, {len(driver.failed)} failed, in {wall:.0f}s → {store.grid_dir}")
+    if not args.no_report:
+        from fsbench.benchmarks.report import build_report
+
+        written = build_report(store.grid_dir)
+        print(f"Tables:  {', '.join(str(p) for p in written['tables'] if p.suffix in ('.md', '.tex'))}")
+        print(f"Figures: {', '.join(str(p) for p in written['figures'] if p.suffix == '.png')}")
+        table = store.grid_dir / "report" / "table_miou.md"
+        if table.exists():
+            print("\n" + table.read_text())
+    if tracker is not None:
+        if tracker.available:
+            print(f"MLflow: {tracker.uri}  — browse it with:  python run_benchmark.py ui"
+                  + (f" --results {root}" if args.results else "") + "  (then open http://127.0.0.1:5000)")
+        else:
+            print(f"MLflow was unreachable: {tracker.pending} cells wait; push them with:  "
+                  f"python run_benchmark.py sync {grid.name}")
+    return 1 if driver.failed else 0
+
+
+def _dry_run(grid, store, args) -> int:
+    from fsbench.benchmarks.runner import plan_grid
+
+    plan = plan_grid(grid, store, args.rerun, build_manifests=False)
+    done = {c.id for c in plan.cells} - {c.id for c in plan.todo}
+    has_gpu = False
+    if not args.serial:
+        has_gpu = bool(args.ray_address or os.environ.get("RAY_ADDRESS")) and grid.device != "cpu"
+    per_task = (f"train: 1 GPU + 1 CPU, eval: {args.eval_gpu_fraction} GPU" if has_gpu
+                else f"train: {args.threads} CPU, eval: {args.threads} CPU")
+    print(f"grid {grid.name}: {len(plan.cells)} cells, {len(done)} done, {len(plan.todo)} to run, "
+          f"{len(plan.jobs)} models ({sum(j.trainable for j in plan.jobs)} to train)")
+    print(f"resources per task ({'a GPU cluster' if has_gpu else 'CPU'}): {per_task}"
+          + ("" if has_gpu else "; with GPUs in the cluster: train 1 GPU, eval "
+             f"{args.eval_gpu_fraction} GPU"))
+    for cell in plan.cells:
+        state = "done" if cell.id in done else "todo"
+        kind = "train+eval" if cell.train else "eval"
+        print(f"  [{state}] {cell.id}  {cell.title:<40} {kind:<10} seeds {list(cell.seeds)}")
+    return 0
+
+
+def cmd_manifest(args) -> int:
+    from fsbench.datasets.episodes import EpisodeManifest
+    from fsbench.datasets.protocols import get_protocol
+    from fsbench.datasets.registry import DATASETS
+
+    protocol = get_protocol(args.protocol)
+    if args.dataset == "pascal5i" and not args.data_root:
+        raise FsbenchError("--data-root is required for pascal5i (the folder holding VOCdevkit/)")
+    kwargs = {"data_root": args.data_root} if args.data_root else {}
+    dataset = DATASETS.get(args.dataset)(**kwargs)
+    dataset.check_fold(args.fold)
+    manifest = EpisodeManifest.build(
+        dataset, protocol, args.fold, args.way, args.shot,
+        args.episodes or protocol.episodes, protocol.seeds[0] if args.seed is None else args.seed)
+    path = manifest.save(args.output)
+    print(f"{path}: {len(manifest.episodes)} episodes, fingerprint {manifest.fingerprint}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from fsbench.datasets.protocols import PROTOCOLS
+    from fsbench.datasets.registry import DATASETS
+    from fsbench.methods import METHODS
+
+    if args.dataset:
+        kwargs = {"data_root": args.data_root} if args.data_root else {}
+        if args.dataset == "pascal5i" and not args.data_root:
+            from fsbench.datasets.pascal import VOC_CLASSES as names
+            folds = [list(range(5 * f + 1, 5 * f + 6)) for f in range(4)]
+        else:
+            dataset = DATASETS.get(args.dataset)(**kwargs)
+            names = dataset.class_names
+            folds = [dataset.fold_classes(f) for f in range(dataset.num_folds)]
+        for fold, classes in enumerate(folds):
+            print(f"fold {fold}: " + ", ".join(f"{c} {names[c - 1]}" for c in classes))
+        return 0
+    print("methods:   " + ", ".join(m for m in METHODS.list() if not m.startswith("test_")))
+    print("datasets:  " + ", ".join(DATASETS.list()))
+    print("protocols: " + ", ".join(PROTOCOLS))
+    from fsbench.benchmarks.grid import bundled_grids
+
+    print("grids:     " + ", ".join(bundled_grids()))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from fsbench.benchmarks.report import build_report
+
+    folder = Path(args.grid)
+    if not folder.is_dir():
+        folder = _results_root(args) / args.grid
+    if not folder.is_dir():
+        raise FsbenchError(f"{folder}: no results for grid {args.grid!r} (run it first)")
+    written = build_report(folder)
+    for kind, paths in written.items():
+        print(f"{kind}: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from fsbench.benchmarks.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri(_results_root(args))
+    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C stops it)")
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+               "--host", "127.0.0.1", "--port", str(args.port)]
+    if uri.startswith("sqlite:"):
+        command += ["--default-artifact-root", (_results_root(args) / "mlartifacts").as_uri()]
+    return subprocess.call(command)
+
+
+def cmd_sync(args) -> int:
+    from fsbench.benchmarks.results import ResultStore
+    from fsbench.benchmarks.tracking import Tracker, default_tracking_uri
+
+    root = _results_root(args)
+    uri = args.tracking_uri or default_tracking_uri(root)
+    grids = [args.grid] if args.grid else sorted(p.parent.name for p in root.glob("*/cells"))
+    status = 0
+    for name in grids:
+        store = ResultStore(root, name)
+        tracker = Tracker(uri, root, name)
+        try:
+            pushed, total = tracker.sync(store)
+        except Exception as error:  # noqa: BLE001
+            raise FsbenchError(f"MLflow at {uri} is unreachable ({type(error).__name__}); try later") from None
+        print(f"{name}: pushed {pushed} of {total} cells ({total - pushed} were already logged)"
+              if tracker.available else f"{name}: MLflow unreachable, nothing pushed")
+        status |= 0 if tracker.available else 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

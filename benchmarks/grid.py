@@ -1,0 +1,281 @@
+"""Grid files → cells (DESIGN §1–2): pure and deterministic, with stable content-hash cell ids."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fsbench.benchmarks.train import TrainConfig
+from fsbench.datasets.episodes import canonical_sha256
+from fsbench.datasets.protocols import PROTOCOLS, get_protocol
+from fsbench.datasets.registry import DATASETS, FsbenchError
+
+GRID_KEYS = {
+    "name", "include", "dataset", "protocol", "input_size", "episodes", "seeds", "folds", "ways",
+    "shots", "annotation", "methods", "train", "device", "eval_batch_size", "cache_bytes",
+}
+ANNOTATIONS = ("mask",)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    kwargs: dict = field(default_factory=dict)
+    label: str = ""  # the row name in tables; defaults to name + swept values
+
+    def row(self) -> str:
+        return self.label or self.name
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (method variant, dataset, fold, way, shot, annotation, protocol): trained once,
+    evaluated on one manifest per seed."""
+
+    grid: str
+    method: MethodSpec
+    dataset: dict
+    fold: int
+    way: int
+    shot: int
+    annotation: str
+    protocol: str
+    input_size: int
+    episodes: int
+    seeds: tuple[int, ...]
+    train: TrainConfig | None  # None for methods that do not train
+
+    def config(self) -> dict:
+        """The resolved config: everything that decides the result (and nothing else)."""
+        return {
+            "method": self.method.name,
+            "method_kwargs": dict(sorted(self.method.kwargs.items())),
+            "row": self.method.row(),
+            "dataset": dict(sorted(self.dataset.items())),
+            "fold": self.fold,
+            "way": self.way,
+            "shot": self.shot,
+            "annotation": self.annotation,
+            "protocol": self.protocol,
+            "input_size": self.input_size,
+            "episodes": self.episodes,
+            "seeds": list(self.seeds),
+            "train": self.train.to_dict() if self.train else None,
+        }
+
+    @property
+    def id(self) -> str:
+        identity = {k: v for k, v in self.config().items() if k != "row"}
+        return canonical_sha256(identity)[:16]
+
+    @property
+    def title(self) -> str:
+        return f"{self.method.row()} fold{self.fold} {self.way}w{self.shot}s"
+
+    def model_key(self) -> str:
+        """Cells with the same key share one model (untrained methods: every shot and seed)."""
+        if self.train is not None:
+            return self.id
+        identity = {k: v for k, v in self.config().items() if k not in ("shot", "seeds", "row")}
+        return canonical_sha256(identity)[:16]
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    name: str
+    dataset: dict
+    methods: tuple[MethodSpec, ...]
+    protocol: str = "panet"
+    input_size: int | None = None  # None: the protocol's
+    episodes: int | None = None  # None: the protocol's
+    seeds: tuple[int, ...] | None = None  # None: the protocol's
+    folds: tuple[int, ...] = (0, 1, 2, 3)
+    ways: tuple[int, ...] = (1,)
+    shots: tuple[int, ...] = (1, 5)
+    annotation: tuple[str, ...] = ("mask",)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    device: str = "auto"
+    eval_batch_size: int = 16
+    cache_bytes: int = 2 << 30
+
+    def expand(self) -> list[Cell]:
+        """Every cell of the grid, in a fixed order (method, fold, way, shot, annotation)."""
+        from fsbench.methods import METHODS
+
+        protocol = get_protocol(self.protocol)
+        trainable = {m.row(): _is_trainable(METHODS, m) for m in self.methods}
+        cells = []
+        for method, fold, way, shot, annotation in itertools.product(
+            self.methods, self.folds, self.ways, self.shots, self.annotation
+        ):
+            cells.append(Cell(
+                grid=self.name, method=method, dataset=self.dataset, fold=fold, way=way,
+                shot=shot, annotation=annotation, protocol=self.protocol,
+                input_size=self.input_size or protocol.input_size,
+                episodes=self.episodes or protocol.episodes,
+                seeds=tuple(self.seeds or protocol.seeds),
+                train=self.train if trainable[method.row()] else None,
+            ))
+        return cells
+
+
+def _is_trainable(registry, method: MethodSpec) -> bool:
+    """Build the model once (RNG state untouched) to ask it; also checks its keywords early."""
+    import torch
+
+    with torch.random.fork_rng():
+        try:
+            return bool(registry.get(method.name)(**method.kwargs).trainable)
+        except TypeError as error:
+            raise FsbenchError(f"method {method.name}: bad keyword ({error})") from None
+
+
+# -- loading ---------------------------------------------------------------------------------
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "methods":
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_grid_file(path: Path, seen=()) -> dict:
+    """YAML of a grid with its `include:` chain resolved (included first, this file on top)."""
+    path = Path(path)
+    if not path.is_file():
+        bundled = Path(__file__).parent / "configs" / path.name
+        if path.parent == Path(".") and bundled.is_file():
+            path = bundled
+        else:
+            raise FsbenchError(f"{path}: grid file not found (bundled grids: {', '.join(bundled_grids())})")
+    if path.resolve() in seen:
+        raise FsbenchError(f"{path}: include cycle ({' → '.join(str(s) for s in seen)})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise FsbenchError(f"{path}: invalid YAML ({error})") from None
+    if not isinstance(raw, dict):
+        raise FsbenchError(f"{path}: a grid file must be a mapping of keys")
+    include = raw.pop("include", None)
+    if include:
+        base = read_grid_file(path.parent / include, (*seen, path.resolve()))
+        raw = _merge(base, raw)
+    raw.setdefault("name", path.stem)
+    return raw
+
+
+def bundled_grids() -> list[str]:
+    return sorted(p.name for p in (Path(__file__).parent / "configs").glob("*.yaml"))
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`key=value` / `train.steps=100` (values parsed as YAML) on top of a grid dict."""
+    raw = dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise FsbenchError(f"override {item!r} is not key=value (e.g. shots=[1] or train.steps=100)")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text)
+        *parents, leaf = key.strip().split(".")
+        target = raw
+        for part in parents:
+            target[part] = dict(target.get(part) or {})
+            target = target[part]
+        target[leaf] = value
+    return raw
+
+
+def _tuple_of_ints(raw, key, low=None, high=None):
+    values = raw[key] if isinstance(raw[key], list) else [raw[key]]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise FsbenchError(f"{key}: expected an integer or a list of integers, got {raw[key]!r}")
+    for v in values:
+        if (low is not None and v < low) or (high is not None and v > high):
+            bound = f"{low}…{high}" if high is not None else f"≥ {low}"
+            raise FsbenchError(f"{key}: {v} is impossible (must be {bound})")
+    return tuple(values)
+
+
+def _methods(raw_methods) -> tuple[MethodSpec, ...]:
+    from fsbench.methods import METHODS
+
+    if not raw_methods:
+        raise FsbenchError("methods: the grid lists no method")
+    specs = []
+    for entry in raw_methods:
+        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+        unknown = set(entry) - {"name", "kwargs", "sweep", "label"}
+        if unknown:
+            raise FsbenchError(f"methods: unknown key(s) {sorted(unknown)} (use name, kwargs, sweep, label)")
+        METHODS.get(entry["name"])  # unknown method: one clear error listing close names
+        kwargs, sweep = dict(entry.get("kwargs") or {}), dict(entry.get("sweep") or {})
+        names = sorted(sweep)
+        for values in itertools.product(*(sweep[n] if isinstance(sweep[n], list) else [sweep[n]]
+                                          for n in names)):
+            swept = dict(zip(names, values))
+            suffix = ",".join(f"{n}={v}" for n, v in swept.items())
+            label = entry.get("label") or entry["name"]
+            specs.append(MethodSpec(entry["name"], {**kwargs, **swept},
+                                    f"{label}[{suffix}]" if suffix else label))
+    rows = [s.row() for s in specs]
+    if len(set(rows)) != len(rows):
+        raise FsbenchError(f"methods: two entries give the same row name; set `label:` ({rows})")
+    return tuple(specs)
+
+
+def parse_grid(raw: dict) -> GridSpec:
+    """Validate a grid dict into a GridSpec: unknown keys and impossible values are errors."""
+    raw = dict(raw)
+    raw.pop("include", None)
+    unknown = set(raw) - GRID_KEYS
+    if unknown:
+        raise FsbenchError(f"unknown grid key(s) {sorted(unknown)}; known keys: {sorted(GRID_KEYS)}")
+    if "dataset" not in raw or "methods" not in raw:
+        raise FsbenchError("a grid needs at least `dataset:` and `methods:`")
+    dataset = raw["dataset"] if isinstance(raw["dataset"], dict) else {"name": raw["dataset"]}
+    DATASETS.get(dataset.get("name", ""))
+    protocol = raw.get("protocol", "panet")
+    if protocol not in PROTOCOLS:
+        raise FsbenchError(f"protocol: unknown {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    train_raw = dict(raw.get("train") or {})
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if set(train_raw) - fields:
+        raise FsbenchError(f"train: unknown key(s) {sorted(set(train_raw) - fields)}; known: {sorted(fields)}")
+    if "lr_milestones" in train_raw:
+        train_raw["lr_milestones"] = tuple(train_raw["lr_milestones"])
+    annotation = raw.get("annotation", ["mask"])
+    annotation = tuple(annotation if isinstance(annotation, list) else [annotation])
+    bad = [a for a in annotation if a not in ANNOTATIONS]
+    if bad:
+        raise FsbenchError(f"annotation: {bad} not supported (supported: {list(ANNOTATIONS)})")
+    folds = _tuple_of_ints({**{"folds": [0, 1, 2, 3]}, **raw}, "folds", 0, 3)
+    spec = GridSpec(
+        name=str(raw.get("name", "grid")),
+        dataset=dataset,
+        methods=_methods(raw["methods"]),
+        protocol=protocol,
+        input_size=_tuple_of_ints(raw, "input_size", 16)[0] if raw.get("input_size") else None,
+        episodes=_tuple_of_ints(raw, "episodes", 1)[0] if raw.get("episodes") else None,
+        seeds=_tuple_of_ints(raw, "seeds") if raw.get("seeds") is not None else None,
+        folds=folds,
+        ways=_tuple_of_ints({"ways": [1], **raw}, "ways", 1, 5),
+        shots=_tuple_of_ints({"shots": [1, 5], **raw}, "shots", 1),
+        annotation=annotation,
+        train=TrainConfig(**train_raw),
+        device=str(raw.get("device", "auto")),
+        eval_batch_size=_tuple_of_ints({"eval_batch_size": 16, **raw}, "eval_batch_size", 1)[0],
+        cache_bytes=_tuple_of_ints({"cache_bytes": 2 << 30, **raw}, "cache_bytes", 0)[0],
+    )
+    if spec.device not in ("auto", "cpu", "cuda") and not spec.device.startswith("cuda:"):
+        raise FsbenchError(f"device: {spec.device!r} is not auto, cpu or cuda[:N]")
+    return spec
+
+
+def load_grid(path, overrides=()) -> GridSpec:
+    return parse_grid(apply_overrides(read_grid_file(Path(path)), list(overrides)))

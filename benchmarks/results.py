@@ -1,0 +1,139 @@
+"""`results/<grid>/`: the source of truth, one atomically written JSON per finished cell."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import platform
+import subprocess
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from fsbench.benchmarks.metrics import EpisodeCounts
+
+RESULT_VERSION = 1
+
+
+def default_results_root() -> Path:
+    """`$FSBENCH_RESULTS`, else ./results (the repository's results/ when run from its root)."""
+    return Path(os.environ.get("FSBENCH_RESULTS", "results")).expanduser().resolve()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+@lru_cache(maxsize=1)
+def environment() -> dict:
+    """Code version and package versions, recorded with every result."""
+    source = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "unknown", False
+    versions = {}
+    for package in ("fsbench", "torch", "torchvision", "numpy", "ray", "mlflow", "pillow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"git_sha": sha, "git_dirty": dirty, "python": platform.python_version(),
+            "platform": platform.platform(), "versions": versions}
+
+
+def summarise(seed_results: list[dict]) -> dict:
+    """Mean and population std over seeds (PANet's convention) of mIoU, FB-IoU, class IoU."""
+    mious = np.array([s["miou"] for s in seed_results])
+    fbs = np.array([s["fb_iou"] for s in seed_results])
+    classes = list(seed_results[0]["class_iou"])
+    per_class = np.array([[s["class_iou"][c] for c in classes] for s in seed_results], dtype=float)
+    return {
+        "miou_mean": float(mious.mean()), "miou_std": float(mious.std()),
+        "fb_iou_mean": float(fbs.mean()), "fb_iou_std": float(fbs.std()),
+        "class_iou_mean": dict(zip(classes, per_class.mean(0).tolist())),
+        "seeds": len(seed_results),
+    }
+
+
+def seed_result(raw: dict) -> dict:
+    """Metrics of one seed's evaluation from its per-episode counts."""
+    counts = EpisodeCounts.from_json(raw["counts"])
+    return {
+        "seed": raw["seed"],
+        "manifest_fingerprint": raw["manifest_fingerprint"],
+        "miou": counts.miou(),
+        "fb_iou": counts.fb_iou(),
+        "class_iou": {str(c): v for c, v in counts.class_iou().items()},
+        "episodes": len(counts.per_class),
+        "eval_seconds": raw["eval_seconds"],
+        "encoded_images": raw["encoded_images"],
+        "device": raw["device"],
+        "counts": raw["counts"],
+    }
+
+
+class ResultStore:
+    """Paths and atomic writes under one grid's results folder."""
+
+    def __init__(self, results_root: Path, grid_name: str):
+        self.root = Path(results_root).resolve()
+        self.grid_dir = self.root / grid_name
+        self.cells_dir = self.grid_dir / "cells"
+        self.checkpoints_dir = self.grid_dir / "checkpoints"
+        self.manifests_dir = self.root / "manifests"
+
+    def cell_path(self, cell_id: str) -> Path:
+        return self.cells_dir / f"{cell_id}.json"
+
+    def finished_ids(self) -> set[str]:
+        return {r["cell_id"] for r in self.load_cells()}
+
+    def load_cells(self) -> list[dict]:
+        """Every readable cell file (a torn or foreign file is skipped, never fatal)."""
+        cells = []
+        for path in sorted(self.cells_dir.glob("*.json")):
+            try:
+                raw = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if raw.get("version") == RESULT_VERSION and raw.get("cell_id") == path.stem:
+                cells.append(raw)
+        return cells
+
+    def write_cell(self, result: dict) -> Path:
+        path = self.cell_path(result["cell_id"])
+        atomic_write_bytes(path, json.dumps(result, indent=1, sort_keys=True).encode())
+        return path
+
+    def save_checkpoint(self, key: str, state_dict: dict) -> Path:
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        path = self.checkpoints_dir / f"{key}.pt"
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    def save_manifest(self, manifest) -> Path:
+        path = self.manifests_dir / f"{manifest.fingerprint[:16]}.json"
+        if not path.exists():
+            manifest.save(path)
+        return path
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,305 @@
+"""Runs a grid: plan cells → train/evaluate jobs (serially or as Ray tasks) → results + MLflow.
+
+Only this module imports ray. Workers return results; the driver alone writes `results/` (each
+cell atomically, once all its seeds are in) and logs to MLflow (DESIGN §6).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from fsbench.benchmarks.grid import Cell, GridSpec
+from fsbench.benchmarks.results import ResultStore, environment, now_iso, seed_result, summarise
+from fsbench.benchmarks.tasks import eval_task, open_dataset, train_task
+from fsbench.datasets.episodes import EpisodeManifest
+from fsbench.datasets.protocols import get_protocol
+from fsbench.datasets.registry import FsbenchError
+
+
+@dataclass
+class Job:
+    """One model: trained once (if it trains), then evaluated on every (cell, seed) it serves."""
+
+    key: str
+    config: dict
+    trainable: bool
+    cells: list[Cell]
+    items: list[dict] = field(default_factory=list)  # eval items: cell_id, seed, manifest, ...
+
+
+@dataclass
+class Plan:
+    cells: list[Cell]
+    todo: list[Cell]
+    jobs: list[Job]
+    manifests: dict  # (cell id, seed) → EpisodeManifest
+
+
+def plan_grid(grid: GridSpec, store: ResultStore, rerun: bool = False, build_manifests=True) -> Plan:
+    """Cells, the ones still to do, their jobs and their (deterministic) manifests."""
+    cells = grid.expand()
+    done = set() if rerun else store.finished_ids()
+    todo = [c for c in cells if c.id not in done]
+    manifests = {}
+    if build_manifests and todo:
+        dataset = open_dataset(grid.dataset)
+        by_setting = {}
+        for cell in todo:
+            protocol = get_protocol(cell.protocol)
+            for seed in cell.seeds:
+                key = (cell.fold, cell.way, cell.shot, cell.episodes, seed, cell.protocol)
+                if key not in by_setting:
+                    by_setting[key] = EpisodeManifest.build(
+                        dataset, protocol, cell.fold, cell.way, cell.shot, cell.episodes, seed)
+                    store.save_manifest(by_setting[key])
+                manifests[(cell.id, seed)] = by_setting[key]
+    jobs: dict[str, Job] = {}
+    for cell in todo:
+        job = jobs.setdefault(cell.model_key(), Job(cell.model_key(), cell.config(),
+                                                    cell.train is not None, []))
+        job.cells.append(cell)
+        for seed in cell.seeds:
+            if (cell.id, seed) in manifests:
+                job.items.append({"cell_id": cell.id, "seed": seed, "protocol": cell.protocol,
+                                  "manifest": manifests[(cell.id, seed)].to_json()})
+    return Plan(cells, todo, list(jobs.values()), manifests)
+
+
+class Driver:
+    """Collects task results; writes each cell when complete; logs it; reports progress."""
+
+    def __init__(self, grid: GridSpec, store: ResultStore, plan: Plan, tracker=None, progress=True):
+        self.grid, self.store, self.plan, self.tracker = grid, store, plan, tracker
+        self.cells = {c.id: c for c in plan.todo}
+        self.seed_outputs: dict[str, list[dict]] = defaultdict(list)
+        self.train_info: dict[str, dict] = {}
+        self.checkpoints: dict[str, str] = {}
+        self.written: list[str] = []
+        self.failed: dict[str, str] = {}
+        self.started = time.perf_counter()
+        self.bar = None
+        if progress and plan.todo:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(plan.todo), unit="cell", desc=grid.name, file=sys.stderr,
+                            dynamic_ncols=True)
+
+    def on_train(self, job: Job, info: dict, state_dict) -> None:
+        path = self.store.save_checkpoint(job.key, state_dict)
+        self.checkpoints[job.key] = os.path.relpath(path, self.store.grid_dir)
+        self.train_info[job.key] = {k: v for k, v in info.items() if k != "state_dict"}
+
+    def on_eval(self, job: Job, output: dict) -> None:
+        cell_id = output["cell_id"]
+        self.seed_outputs[cell_id].append(output)
+        cell = self.cells[cell_id]
+        if len(self.seed_outputs[cell_id]) == len(cell.seeds):
+            self._finish(job, cell)
+
+    def on_failure(self, job: Job, error: str) -> None:
+        for cell in job.cells:
+            if cell.id not in self.written:
+                self.failed[cell.id] = error
+                self._say(f"FAILED {cell.title}: {error}")
+                if self.bar:
+                    self.bar.update(1)
+
+    def _finish(self, job: Job, cell: Cell) -> None:
+        outputs = sorted(self.seed_outputs.pop(cell.id), key=lambda o: cell.seeds.index(o["seed"]))
+        seeds = [seed_result(o) for o in outputs]
+        train = self.train_info.get(job.key)
+        result = {
+            "version": 1,
+            "cell_id": cell.id,
+            "grid": self.grid.name,
+            "title": cell.title,
+            "config": cell.config(),
+            "protocol": get_protocol(cell.protocol).to_dict(),
+            "summary": summarise(seeds),
+            "seeds": seeds,
+            "train": train,
+            "checkpoint": self.checkpoints.get(job.key),
+            "model_key": job.key,
+            "qualitative": [{"seed": outputs[0]["seed"], "episode": p["episode"],
+                             "prediction": p["prediction"].tolist()}
+                            for p in outputs[0]["predictions"]],
+            "timings": {
+                "train_seconds": train["seconds"] if train else 0.0,
+                "eval_seconds": sum(o["eval_seconds"] for o in outputs),
+            },
+            "environment": {**environment(), "device": outputs[0]["device"],
+                            "hosts": sorted({o["host"] for o in outputs})},
+            "finished_at": now_iso(),
+        }
+        self.store.write_cell(result)
+        self.written.append(cell.id)
+        if self.tracker is not None:
+            self.tracker.log_cell(result, self.store)
+        summary = result["summary"]
+        self._say(f"done {cell.title}: mIoU {100 * summary['miou_mean']:.1f} ± "
+                  f"{100 * summary['miou_std']:.1f}, FB-IoU {100 * summary['fb_iou_mean']:.1f} "
+                  f"({result['timings']['train_seconds']:.0f}s train, "
+                  f"{result['timings']['eval_seconds']:.1f}s eval)")
+        if self.bar:
+            self.bar.update(1)
+
+    def _say(self, line: str) -> None:
+        if self.bar:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+class SerialExecutor:
+    """In-process, one job after another (tests, debugging, machines without Ray)."""
+
+    name = "serial"
+
+    def __init__(self, device="auto", threads=1, cache_bytes=2 << 30, batch_size=16):
+        self.device, self.threads = device, threads
+        self.cache_bytes, self.batch_size = cache_bytes, batch_size
+
+    def run(self, jobs: list[Job], driver: Driver) -> None:
+        previous = _torch_threads()
+        try:
+            for job in jobs:
+                try:
+                    state = None
+                    if job.trainable:
+                        info = train_task(job.config, self.device, self.threads)
+                        state = info["state_dict"]
+                        driver.on_train(job, info, state)
+                    for output in eval_task(job.config, state, job.items, self.device, self.threads,
+                                            self.cache_bytes, self.batch_size):
+                        driver.on_eval(job, output)
+                except FsbenchError:
+                    raise
+                except Exception as error:  # one broken job must not lose the others' results
+                    driver.on_failure(job, f"{type(error).__name__}: {error}")
+        finally:
+            _torch_threads(previous)
+
+
+def _torch_threads(value=None):
+    import torch
+
+    if value is not None:
+        torch.set_num_threads(value)
+    return torch.get_num_threads()
+
+
+def _train_with_state(config, device, threads):
+    """Ray task body: (state dict, info) as two objects, so evaluations fetch only the weights."""
+    info = train_task(config, device, threads)
+    return info.pop("state_dict"), info
+
+
+class RayExecutor:
+    """Ray core tasks: train → evaluate per job as a task graph; retries on dead workers."""
+
+    name = "ray"
+
+    def __init__(self, address=None, num_cpus=None, device="auto", threads=1, max_retries=3,
+                 eval_gpu_fraction=0.5, eval_group="seed", cache_bytes=2 << 30, batch_size=16):
+        self.address, self.num_cpus, self.device, self.threads = address, num_cpus, device, threads
+        self.max_retries, self.eval_gpu_fraction, self.eval_group = max_retries, eval_gpu_fraction, eval_group
+        self.cache_bytes, self.batch_size = cache_bytes, batch_size
+        self._started_here = False
+
+    def start(self):
+        try:
+            import ray
+        except ImportError:
+            raise FsbenchError("the Ray runner needs ray: pip install 'ray>=2.9' (or use --serial)") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            address = self.address or os.environ.get("RAY_ADDRESS")
+            kwargs = {"include_dashboard": False, "logging_level": "WARNING",
+                      "log_to_driver": True, "configure_logging": True}
+            try:
+                if address:
+                    ray.init(address=address, **kwargs)
+                else:
+                    ray.init(num_cpus=self.num_cpus, **kwargs)
+            except Exception as error:
+                where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+                raise FsbenchError(f"could not start or join {where}: {error}") from None
+            self._started_here = True
+        return self
+
+    def resources(self) -> dict:
+        """What each task asks for: one GPU to train when the cluster has GPUs, else CPUs."""
+        gpus = self.ray.cluster_resources().get("GPU", 0) if hasattr(self, "ray") else 0
+        if gpus and self.device != "cpu":
+            return {"train": {"num_gpus": 1, "num_cpus": 1},
+                    "eval": {"num_gpus": self.eval_gpu_fraction, "num_cpus": 1}}
+        return {"train": {"num_cpus": self.threads}, "eval": {"num_cpus": self.threads}}
+
+    def run(self, jobs: list[Job], driver: Driver) -> None:
+        ray = self.ray
+        resources = self.resources()
+        train_remote = ray.remote(_train_with_state).options(
+            num_returns=2, max_retries=self.max_retries, **resources["train"])
+        eval_remote = ray.remote(eval_task).options(max_retries=self.max_retries, **resources["eval"])
+        pending = {}
+        for job in jobs:
+            state_ref = None
+            if job.trainable:
+                state_ref, info_ref = train_remote.remote(job.config, self.device, self.threads)
+                pending[info_ref] = ("train", job, state_ref)
+            groups = [[item] for item in job.items] if self.eval_group == "seed" else [job.items]
+            for group in groups:
+                ref = eval_remote.remote(job.config, state_ref, group, self.device, self.threads,
+                                         self.cache_bytes, self.batch_size)
+                pending[ref] = ("eval", job, None)
+        failed_jobs = set()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            kind, job, state_ref = pending.pop(ready[0])
+            if job.key in failed_jobs:
+                continue
+            try:
+                if kind == "train":
+                    info = ray.get(ready[0])
+                    driver.on_train(job, info, ray.get(state_ref))
+                else:
+                    for output in ray.get(ready[0]):
+                        driver.on_eval(job, output)
+            except Exception as error:  # retries exhausted: report, keep the rest of the grid
+                failed_jobs.add(job.key)
+                driver.on_failure(job, _short_error(error))
+
+    def stop(self):
+        if self._started_here and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+def _short_error(error: Exception) -> str:
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+
+
+def run_grid(grid: GridSpec, store: ResultStore, executor, tracker=None, rerun=False,
+             progress=True) -> Driver:
+    """Plan, execute and record a grid; returns the driver (written and failed cells)."""
+    plan = plan_grid(grid, store, rerun)
+    driver = Driver(grid, store, plan, tracker, progress)
+    if tracker is not None:
+        tracker.start_invocation(grid, plan)
+    try:
+        if plan.jobs:
+            executor.run(plan.jobs, driver)
+    finally:
+        driver.close()
+        if tracker is not None:
+            tracker.finish_invocation(failed=bool(driver.failed))
+    return driver

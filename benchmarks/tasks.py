@@ -1,0 +1,113 @@
+"""The work a worker does (train one cell, evaluate a group of cell × seed manifests).
+
+Plain functions of plain data: the serial runner calls them in-process, the Ray runner as tasks.
+They return results and never write `results/` or MLflow (only the driver does).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import time
+
+import torch
+
+from fsbench.benchmarks.evaluate import FeatureCache, evaluate
+from fsbench.benchmarks.train import TrainConfig, train
+from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
+from fsbench.datasets.protocols import get_protocol
+from fsbench.datasets.registry import DATASETS
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def open_dataset(dataset_cfg: dict):
+    kwargs = {k: v for k, v in dataset_cfg.items() if k != "name"}
+    return DATASETS.get(dataset_cfg["name"])(**kwargs)
+
+
+def build_model(config: dict):
+    """The cell's model, initialised from its seed (untrained methods: seed 0)."""
+    from fsbench.methods import METHODS
+
+    torch.manual_seed((config.get("train") or {}).get("seed", 0))
+    return METHODS.get(config["method"])(**config["method_kwargs"])
+
+
+def device_label(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _limit_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def train_task(config: dict, device: str = "auto", threads: int | None = None) -> dict:
+    """Train one cell's model; returns the selected state dict (CPU tensors) and its curve."""
+    _limit_threads(threads)
+    device = resolve_device(device)
+    protocol = get_protocol(config["protocol"])
+    model = build_model(config)
+    cfg = TrainConfig(**{**config["train"], "lr_milestones": tuple(config["train"]["lr_milestones"])})
+    result = train(model, open_dataset(config["dataset"]), protocol, config["fold"], config["way"],
+                   config["shot"], cfg, config["input_size"], device)
+    return {
+        "state_dict": result.state_dict,
+        "curve": result.curve,
+        "validation": result.validation,
+        "best_step": result.best_step,
+        "seconds": result.seconds,
+        "train_classes": result.train_classes,
+        "val_classes": result.val_classes,
+        "device": device_label(device),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+
+
+def eval_task(model_config: dict, state_dict, items: list[dict], device: str = "auto",
+              threads: int | None = None, cache_bytes: int = 2 << 30, batch_size: int = 16,
+              keep_predictions: int = 2) -> list[dict]:
+    """Evaluate one model on several (cell, seed) manifests with one shared feature cache.
+
+    items: [{"cell_id", "seed", "manifest": manifest JSON, "protocol", "input_size"}].
+    """
+    _limit_threads(threads)
+    device = resolve_device(device)
+    model = build_model(model_config)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    model.to(device).eval()
+    dataset = open_dataset(model_config["dataset"])
+    loader = EpisodeLoader(dataset, model_config["input_size"])
+    cache = FeatureCache(model, loader, device, cache_bytes, batch_size)
+    outputs = []
+    for item in items:
+        started = time.perf_counter()
+        manifest = EpisodeManifest.from_json(item["manifest"])
+        protocol = get_protocol(item["protocol"])
+        counts, seconds, kept = evaluate(model, loader, manifest, protocol, device, cache,
+                                         keep_predictions=keep_predictions)
+        outputs.append({
+            "cell_id": item["cell_id"],
+            "seed": item["seed"],
+            "manifest_fingerprint": manifest.fingerprint,
+            "counts": counts.to_json(),
+            "eval_seconds": seconds,
+            "wall_seconds": time.perf_counter() - started,
+            "encoded_images": cache.encoded,
+            "predictions": [{"episode": k["episode"], "prediction": k["prediction"].to(torch.uint8)}
+                            for k in kept],
+            "device": device_label(device),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        })
+    return outputs

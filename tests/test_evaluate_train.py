@@ -1,0 +1,86 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from fsbench.benchmarks.evaluate import FeatureCache, evaluate
+from fsbench.benchmarks.train import TrainConfig, split_validation_classes, train
+from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
+from fsbench.datasets.protocols import get_protocol
+from fsbench.datasets.registry import FsbenchError
+from fsbench.methods import METHODS
+
+PANET = get_protocol("panet")
+
+
+@pytest.mark.parametrize("shot", [1, 3])
+def test_cached_features_give_identical_metrics(dataset, shot):
+    torch.manual_seed(0)
+    model = METHODS.get("test_panet")()
+    manifest = EpisodeManifest.build(dataset, PANET, 0, 1, shot, 12, 5)
+    loader = EpisodeLoader(dataset, 32)
+    plain, _, _ = evaluate(model, loader, manifest, PANET)
+    cache = FeatureCache(model, loader, "cpu", batch_size=4)
+    cached, _, _ = evaluate(model, loader, manifest, PANET, cache=cache)
+    assert np.array_equal(plain.per_class, cached.per_class)
+    assert np.array_equal(plain.foreground, cached.foreground)
+    distinct = {i for e in manifest.episodes for i in (*sum(e.support, ()), *e.query)}
+    assert cache.encoded == len(distinct)  # each distinct image encoded exactly once
+    again, _, _ = evaluate(model, loader, manifest, PANET, cache=cache)  # another seed/shot reuse
+    assert cache.encoded == len(distinct) and again.miou() == cached.miou()
+
+
+def test_cache_bound_evicts_but_stays_exact(dataset):
+    torch.manual_seed(0)
+    model = METHODS.get("test_panet")()
+    manifest = EpisodeManifest.build(dataset, PANET, 1, 1, 2, 10, 9)
+    loader = EpisodeLoader(dataset, 32)
+    tiny = FeatureCache(model, loader, "cpu", max_bytes=3 * 32 * 4 * 4 * 4, batch_size=2)
+    bounded, _, _ = evaluate(model, loader, manifest, PANET, cache=tiny, chunk=1)
+    plain, _, _ = evaluate(model, loader, manifest, PANET)
+    assert np.array_equal(bounded.per_class, plain.per_class)
+    assert len(tiny._items) <= 3 + 1
+
+
+def test_original_resolution_scoring(dataset):
+    # PFENet's switches, minus its 2·32·32-pixel object filter (the test images are tiny).
+    protocol = dataclasses.replace(get_protocol("pfenet"), min_object_pixels=1)
+    torch.manual_seed(0)
+    model = METHODS.get("test_all_foreground")()
+    manifest = EpisodeManifest.build(dataset, protocol, 0, 1, 1, 4, 1)
+    counts, _, _ = evaluate(model, EpisodeLoader(dataset, 32), manifest, protocol)
+    query = manifest.episodes[0].query[0]
+    label = dataset.load_label(query)  # 48x64 original, not 32x32
+    valid = (label != 255).sum()
+    assert counts.per_class[0].sum() == valid  # every valid original pixel is scored
+
+
+def test_training_is_deterministic_and_learns(dataset):
+    cfg = TrainConfig(steps=12, lr=1e-2, lr_milestones=(8,), log_every=4, seed=3)
+    states = []
+    for _ in range(2):
+        torch.manual_seed(cfg.seed)
+        model = METHODS.get("test_panet")()
+        result = train(model, dataset, PANET, 0, 1, 1, cfg, 32)
+        states.append(result.state_dict)
+        assert [p["step"] for p in result.curve] == [4, 8, 12]
+        assert result.curve[-1]["lr"] == pytest.approx(1e-3)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_validation_classes_come_from_training_classes_only(dataset):
+    cfg = TrainConfig(steps=4, lr_milestones=(3,), val_classes=3, val_every=2, val_episodes=3)
+    train_classes = dataset.train_classes(2)
+    kept, held = split_validation_classes(train_classes, cfg, 2)
+    assert len(held) == 3 and set(held) <= set(train_classes)
+    assert not set(held) & set(dataset.fold_classes(2)) and not set(held) & set(kept)
+    torch.manual_seed(0)
+    result = train(METHODS.get("test_panet")(), dataset, PANET, 2, 1, 1, cfg, 32)
+    assert [v["step"] for v in result.validation] == [2, 4]
+    assert result.best_step in (2, 4) and result.val_classes == held
+
+
+def test_impossible_training_config():
+    with pytest.raises(FsbenchError, match="steps=0"):
+        TrainConfig(steps=0)

@@ -1,0 +1,54 @@
+import pytest
+import yaml
+
+from fsbench.benchmarks.grid import apply_overrides, load_grid, parse_grid
+from fsbench.datasets.registry import FsbenchError
+
+
+def test_expand_and_stable_ids(small_grid_dict):
+    grid = parse_grid(small_grid_dict)
+    cells = grid.expand()
+    assert len(cells) == 3  # 3 methods × 1 fold × 1 shot
+    assert [c.id for c in cells] == [c.id for c in parse_grid(small_grid_dict).expand()]
+    trained, untrained = cells[0], cells[1]
+    assert trained.train is not None and untrained.train is None
+    changed = parse_grid(apply_overrides(small_grid_dict, ["train.steps=5"])).expand()
+    assert changed[0].id != trained.id  # the trained cell depends on the schedule …
+    assert changed[1].id == untrained.id  # … an untrained one does not
+
+
+def test_sweeps_labels_and_model_sharing(small_grid_dict):
+    raw = dict(small_grid_dict, shots=[1, 2],
+               methods=[{"name": "test_panet", "sweep": {"alpha": [10, 20]}}, "test_prototype_notrain"])
+    cells = parse_grid(raw).expand()
+    assert [c.method.row() for c in cells][:4:2] == ["test_panet[alpha=10]", "test_panet[alpha=20]"]
+    notrain = [c for c in cells if c.method.name == "test_prototype_notrain"]
+    assert len({c.model_key() for c in notrain}) == 1  # one untrained model serves both shots
+
+
+def test_include_and_command_line_overrides(tmp_path, small_grid_dict):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(small_grid_dict))
+    (tmp_path / "child.yaml").write_text("include: base.yaml\nname: child\ntrain: {steps: 9}\n")
+    grid = load_grid(tmp_path / "child.yaml", ["shots=[1, 2]", "seeds=[5]"])
+    assert grid.name == "child" and grid.train.steps == 9 and grid.train.lr_milestones == (3,)
+    assert grid.shots == (1, 2) and grid.seeds == (5,)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("shots=[0]", "shots: 0 is impossible"),
+    ("folds=[7]", "folds: 7 is impossible"),
+    ("methods=[panettt]", "unknown method 'panettt'; did you mean panet"),
+    ("epochs=3", "unknown grid key"),
+    ("train.stepz=3", "train: unknown key"),
+    ("protocol=foo", "protocol: unknown 'foo'"),
+    ("dataset.name=voc", "unknown dataset 'voc'"),
+])
+def test_bad_grid_values_are_one_clear_error(small_grid_dict, override, message):
+    with pytest.raises(FsbenchError, match=message):
+        parse_grid(apply_overrides(small_grid_dict, [override])).expand()
+
+
+def test_bundled_quickstart_parses():
+    grid = load_grid("quickstart.yaml")
+    cells = grid.expand()
+    assert len(cells) == 5 * 4 * 2 and {c.shot for c in cells} == {1, 5}
