@@ -1,4 +1,4 @@
-"""Thin shim: `python run_benchmark.py [command ...]` is the same as the `fsbench` console script."""
+"""Thin shim: `python run_benchmark.py [command ...]` is the `fsbench` console script."""
 
 import sys
 

@@ -16,13 +16,17 @@ DEFAULT_GRID = "quickstart.yaml"
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fsbench", description="Few-shot segmentation benchmark harness. With no command, "
-        "runs the embedded quickstart benchmark (synthetic PASCAL-format data, CPU, minutes).")
+        prog="fsbench",
+        description="Few-shot segmentation benchmark harness. With no command, "
+        "runs the embedded quickstart benchmark (synthetic PASCAL-format data, CPU, minutes).",
+    )
     commands = parser.add_subparsers(dest="command")
 
     run = commands.add_parser("run", help="run a grid file (bundled name or path)")
     run.add_argument("grid", help="grid YAML (e.g. quickstart.yaml or a path)")
-    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. shots=[1] train.steps=100")
+    run.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. shots=[1] train.steps=100"
+    )
     _add_run_options(run)
 
     manifest = commands.add_parser("manifest", help="write a fixed episode manifest as JSON")
@@ -62,9 +66,15 @@ def _add_run_options(parser):
     parser.add_argument("--serial", action="store_true", help="run in-process without Ray")
     parser.add_argument("--ray-address", help="join an existing Ray cluster (or set RAY_ADDRESS)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance")
-    parser.add_argument("--max-retries", type=int, default=3, help="retries of a task whose worker dies")
-    parser.add_argument("--eval-group", choices=("seed", "model"), default="seed",
-                        help="Ray: one evaluation task per seed (parallel) or per model (shared cache)")
+    parser.add_argument(
+        "--max-retries", type=int, default=3, help="retries of a task whose worker dies"
+    )
+    parser.add_argument(
+        "--eval-group",
+        choices=("seed", "model"),
+        default="seed",
+        help="Ray: one evaluation task per seed (parallel) or per model (shared cache)",
+    )
     parser.add_argument("--eval-gpu-fraction", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per task")
     parser.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///<results>/mlflow.db)")
@@ -82,21 +92,33 @@ def main(argv=None) -> int:
         argv = ["run", DEFAULT_GRID, *argv]
     args = parser.parse_args(argv)
     try:
-        return {"run": cmd_run, "manifest": cmd_manifest, "list": cmd_list, "report": cmd_report,
-                "ui": cmd_ui, "sync": cmd_sync}[args.command](args)
+        return {
+            "run": cmd_run,
+            "manifest": cmd_manifest,
+            "list": cmd_list,
+            "report": cmd_report,
+            "ui": cmd_ui,
+            "sync": cmd_sync,
+        }[args.command](args)
     except FsbenchError as error:
         print(f"fsbench: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fsbench: interrupted; finished cells are saved, rerun the same command to resume",
-              file=sys.stderr)
+        print(
+            "fsbench: interrupted; finished cells are saved, rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 130
 
 
 def _results_root(args) -> Path:
     from fsbench.benchmarks.results import default_results_root
 
-    return Path(args.results).expanduser().resolve() if getattr(args, "results", None) else default_results_root()
+    return (
+        Path(args.results).expanduser().resolve()
+        if getattr(args, "results", None)
+        else default_results_root()
+    )
 
 
 def cmd_run(args) -> int:
@@ -115,11 +137,21 @@ def cmd_run(args) -> int:
 
     started = time.perf_counter()
     if args.serial:
-        executor = runner.SerialExecutor(grid.device, args.threads, grid.cache_bytes, grid.eval_batch_size)
+        executor = runner.SerialExecutor(
+            grid.device, args.threads, grid.cache_bytes, grid.eval_batch_size
+        )
     else:
-        executor = runner.RayExecutor(args.ray_address, args.num_cpus, grid.device, args.threads,
-                                      args.max_retries, args.eval_gpu_fraction, args.eval_group,
-                                      grid.cache_bytes, grid.eval_batch_size).start()
+        executor = runner.RayExecutor(
+            args.ray_address,
+            args.num_cpus,
+            grid.device,
+            args.threads,
+            args.max_retries,
+            args.eval_gpu_fraction,
+            args.eval_group,
+            grid.cache_bytes,
+            grid.eval_batch_size,
+        ).start()
     tracker = None
     if not args.no_tracking:
         from fsbench.benchmarks.tracking import Tracker, default_tracking_uri
@@ -132,24 +164,35 @@ def cmd_run(args) -> int:
             executor.stop()
     wall = time.perf_counter() - started
     total = len(grid.expand())
-    print(f"\n{grid.name}: {len(driver.written)} cells written, {total - len(driver.written) - len(driver.failed)} "
-          f"already done, {len(driver.failed)} failed, in {wall:.0f}s → {store.grid_dir}")
+    print(
+        f"\n{grid.name}: {len(driver.written)} cells written, "
+        f"{total - len(driver.written) - len(driver.failed)} "
+        f"already done, {len(driver.failed)} failed, in {wall:.0f}s → {store.grid_dir}"
+    )
     if not args.no_report:
         from fsbench.benchmarks.report import build_report
 
         written = build_report(store.grid_dir)
-        print(f"Tables:  {', '.join(str(p) for p in written['tables'] if p.suffix in ('.md', '.tex'))}")
+        print(
+            "Tables:  "
+            + ", ".join(str(p) for p in written["tables"] if p.suffix in (".md", ".tex"))
+        )
         print(f"Figures: {', '.join(str(p) for p in written['figures'] if p.suffix == '.png')}")
         table = store.grid_dir / "report" / "table_miou.md"
         if table.exists():
             print("\n" + table.read_text())
     if tracker is not None:
         if tracker.available:
-            print(f"MLflow: {tracker.uri}  — browse it with:  python run_benchmark.py ui"
-                  + (f" --results {root}" if args.results else "") + "  (then open http://127.0.0.1:5000)")
+            print(
+                f"MLflow: {tracker.uri}  — browse it with:  python run_benchmark.py ui"
+                + (f" --results {root}" if args.results else "")
+                + "  (then open http://127.0.0.1:5000)"
+            )
         else:
-            print(f"MLflow was unreachable: {tracker.pending} cells wait; push them with:  "
-                  f"python run_benchmark.py sync {grid.name}")
+            print(
+                f"MLflow was unreachable: {tracker.pending} cells wait; push them with:  "
+                f"python run_benchmark.py sync {grid.name}"
+            )
     return 1 if driver.failed else 0
 
 
@@ -161,13 +204,23 @@ def _dry_run(grid, store, args) -> int:
     has_gpu = False
     if not args.serial:
         has_gpu = bool(args.ray_address or os.environ.get("RAY_ADDRESS")) and grid.device != "cpu"
-    per_task = (f"train: 1 GPU + 1 CPU, eval: {args.eval_gpu_fraction} GPU" if has_gpu
-                else f"train: {args.threads} CPU, eval: {args.threads} CPU")
-    print(f"grid {grid.name}: {len(plan.cells)} cells, {len(done)} done, {len(plan.todo)} to run, "
-          f"{len(plan.jobs)} models ({sum(j.trainable for j in plan.jobs)} to train)")
-    print(f"resources per task ({'a GPU cluster' if has_gpu else 'CPU'}): {per_task}"
-          + ("" if has_gpu else "; with GPUs in the cluster: train 1 GPU, eval "
-             f"{args.eval_gpu_fraction} GPU"))
+    per_task = (
+        f"train: 1 GPU + 1 CPU, eval: {args.eval_gpu_fraction} GPU"
+        if has_gpu
+        else f"train: {args.threads} CPU, eval: {args.threads} CPU"
+    )
+    print(
+        f"grid {grid.name}: {len(plan.cells)} cells, {len(done)} done, {len(plan.todo)} to run, "
+        f"{len(plan.jobs)} models ({sum(j.trainable for j in plan.jobs)} to train)"
+    )
+    print(
+        f"resources per task ({'a GPU cluster' if has_gpu else 'CPU'}): {per_task}"
+        + (
+            ""
+            if has_gpu
+            else f"; with GPUs in the cluster: train 1 GPU, eval {args.eval_gpu_fraction} GPU"
+        )
+    )
     for cell in plan.cells:
         state = "done" if cell.id in done else "todo"
         kind = "train+eval" if cell.train else "eval"
@@ -187,8 +240,14 @@ def cmd_manifest(args) -> int:
     dataset = DATASETS.get(args.dataset)(**kwargs)
     dataset.check_fold(args.fold)
     manifest = EpisodeManifest.build(
-        dataset, protocol, args.fold, args.way, args.shot,
-        args.episodes or protocol.episodes, protocol.seeds[0] if args.seed is None else args.seed)
+        dataset,
+        protocol,
+        args.fold,
+        args.way,
+        args.shot,
+        args.episodes or protocol.episodes,
+        protocol.seeds[0] if args.seed is None else args.seed,
+    )
     path = manifest.save(args.output)
     print(f"{path}: {len(manifest.episodes)} episodes, fingerprint {manifest.fingerprint}")
     return 0
@@ -203,6 +262,7 @@ def cmd_list(args) -> int:
         kwargs = {"data_root": args.data_root} if args.data_root else {}
         if args.dataset == "pascal5i" and not args.data_root:
             from fsbench.datasets.pascal import VOC_CLASSES as names
+
             folds = [list(range(5 * f + 1, 5 * f + 6)) for f in range(4)]
         else:
             dataset = DATASETS.get(args.dataset)(**kwargs)
@@ -239,8 +299,18 @@ def cmd_ui(args) -> int:
 
     uri = args.tracking_uri or default_tracking_uri(_results_root(args))
     print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C stops it)")
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-               "--host", "127.0.0.1", "--port", str(args.port)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+    ]
     if uri.startswith("sqlite:"):
         command += ["--default-artifact-root", (_results_root(args) / "mlartifacts").as_uri()]
     return subprocess.call(command)
@@ -260,9 +330,14 @@ def cmd_sync(args) -> int:
         try:
             pushed, total = tracker.sync(store)
         except Exception as error:  # noqa: BLE001
-            raise FsbenchError(f"MLflow at {uri} is unreachable ({type(error).__name__}); try later") from None
-        print(f"{name}: pushed {pushed} of {total} cells ({total - pushed} were already logged)"
-              if tracker.available else f"{name}: MLflow unreachable, nothing pushed")
+            raise FsbenchError(
+                f"MLflow at {uri} is unreachable ({type(error).__name__}); try later"
+            ) from None
+        print(
+            f"{name}: pushed {pushed} of {total} cells ({total - pushed} were already logged)"
+            if tracker.available
+            else f"{name}: MLflow unreachable, nothing pushed"
+        )
         status |= 0 if tracker.available else 1
     return status
 

@@ -60,8 +60,16 @@ def _scoring_label(dataset, image_id, classes) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, loader: EpisodeLoader, manifest, protocol, device="cpu", cache=None,
-             chunk=32, keep_predictions: int = 0):
+def evaluate(
+    model,
+    loader: EpisodeLoader,
+    manifest,
+    protocol,
+    device="cpu",
+    cache=None,
+    chunk=32,
+    keep_predictions: int = 0,
+):
     """Per-episode counts of `model` on every episode of `manifest`, plus timing.
 
     `cache` (a FeatureCache of this model) makes the encoder run once per distinct image; without
@@ -69,8 +77,10 @@ def evaluate(model, loader: EpisodeLoader, manifest, protocol, device="cpu", cac
     """
     model.to(device).eval()
     started = time.perf_counter()
-    meter = SegmentationMeter(loader.dataset.fold_classes(manifest.spec["fold"]),
-                              only_present=protocol.only_present_classes)
+    meter = SegmentationMeter(
+        loader.dataset.fold_classes(manifest.spec["fold"]),
+        only_present=protocol.only_present_classes,
+    )
     use_cache = cache is not None and getattr(model, "cacheable_encoder", False)
     kept = []
     for start in range(0, len(manifest.episodes), chunk):
@@ -82,16 +92,27 @@ def evaluate(model, loader: EpisodeLoader, manifest, protocol, device="cpu", cac
             episode = loader.load(spec).to(device)
             if use_cache:
                 way, shot = episode.support_fg.shape[:2]
-                support = cache.get([i for ids in spec.support for i in ids]).unflatten(0, (way, shot))
-                logits = model.predict(support, episode.support_fg, episode.support_bg,
-                                       cache.get(list(spec.query)), episode.query_labels.shape[-2:])
+                support = cache.get([i for ids in spec.support for i in ids]).unflatten(
+                    0, (way, shot)
+                )
+                logits = model.predict(
+                    support,
+                    episode.support_fg,
+                    episode.support_bg,
+                    cache.get(list(spec.query)),
+                    episode.query_labels.shape[-2:],
+                )
             else:
                 logits = model(episode)
             for query, query_id in enumerate(spec.query):
                 if protocol.score_resolution == "original":
                     label = _scoring_label(loader.dataset, query_id, spec.classes)
-                    scores = F.interpolate(logits[query : query + 1], size=label.shape,
-                                           mode="bilinear", align_corners=False)[0]
+                    scores = F.interpolate(
+                        logits[query : query + 1],
+                        size=label.shape,
+                        mode="bilinear",
+                        align_corners=False,
+                    )[0]
                 else:
                     label, scores = episode.query_labels[query], logits[query]
                 prediction = scores.argmax(0)

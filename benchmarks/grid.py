@@ -15,8 +15,22 @@ from fsbench.datasets.protocols import PROTOCOLS, get_protocol
 from fsbench.datasets.registry import DATASETS, FsbenchError
 
 GRID_KEYS = {
-    "name", "include", "dataset", "protocol", "input_size", "episodes", "seeds", "folds", "ways",
-    "shots", "annotation", "methods", "train", "device", "eval_batch_size", "cache_bytes",
+    "name",
+    "include",
+    "dataset",
+    "protocol",
+    "input_size",
+    "episodes",
+    "seeds",
+    "folds",
+    "ways",
+    "shots",
+    "annotation",
+    "methods",
+    "train",
+    "device",
+    "eval_batch_size",
+    "cache_bytes",
 }
 ANNOTATIONS = ("mask",)
 
@@ -112,14 +126,22 @@ class GridSpec:
         for method, fold, way, shot, annotation in itertools.product(
             self.methods, self.folds, self.ways, self.shots, self.annotation
         ):
-            cells.append(Cell(
-                grid=self.name, method=method, dataset=self.dataset, fold=fold, way=way,
-                shot=shot, annotation=annotation, protocol=self.protocol,
-                input_size=self.input_size or protocol.input_size,
-                episodes=self.episodes or protocol.episodes,
-                seeds=tuple(self.seeds or protocol.seeds),
-                train=self.train if trainable[method.row()] else None,
-            ))
+            cells.append(
+                Cell(
+                    grid=self.name,
+                    method=method,
+                    dataset=self.dataset,
+                    fold=fold,
+                    way=way,
+                    shot=shot,
+                    annotation=annotation,
+                    protocol=self.protocol,
+                    input_size=self.input_size or protocol.input_size,
+                    episodes=self.episodes or protocol.episodes,
+                    seeds=tuple(self.seeds or protocol.seeds),
+                    train=self.train if trainable[method.row()] else None,
+                )
+            )
         return cells
 
 
@@ -153,7 +175,9 @@ def read_grid_file(path: Path, seen=()) -> dict:
         if path.parent == Path(".") and bundled.is_file():
             path = bundled
         else:
-            raise FsbenchError(f"{path}: grid file not found (bundled grids: {', '.join(bundled_grids())})")
+            raise FsbenchError(
+                f"{path}: grid file not found (bundled grids: {', '.join(bundled_grids())})"
+            )
     if path.resolve() in seen:
         raise FsbenchError(f"{path}: include cycle ({' → '.join(str(s) for s in seen)})")
     try:
@@ -179,7 +203,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     raw = dict(raw)
     for item in overrides:
         if "=" not in item:
-            raise FsbenchError(f"override {item!r} is not key=value (e.g. shots=[1] or train.steps=100)")
+            raise FsbenchError(
+                f"override {item!r} is not key=value (e.g. shots=[1] or train.steps=100)"
+            )
         key, text = item.split("=", 1)
         value = yaml.safe_load(text)
         *parents, leaf = key.strip().split(".")
@@ -212,17 +238,23 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
         entry = {"name": entry} if isinstance(entry, str) else dict(entry)
         unknown = set(entry) - {"name", "kwargs", "sweep", "label"}
         if unknown:
-            raise FsbenchError(f"methods: unknown key(s) {sorted(unknown)} (use name, kwargs, sweep, label)")
+            raise FsbenchError(
+                f"methods: unknown key(s) {sorted(unknown)} (use name, kwargs, sweep, label)"
+            )
         METHODS.get(entry["name"])  # unknown method: one clear error listing close names
         kwargs, sweep = dict(entry.get("kwargs") or {}), dict(entry.get("sweep") or {})
         names = sorted(sweep)
-        for values in itertools.product(*(sweep[n] if isinstance(sweep[n], list) else [sweep[n]]
-                                          for n in names)):
+        for values in itertools.product(
+            *(sweep[n] if isinstance(sweep[n], list) else [sweep[n]] for n in names)
+        ):
             swept = dict(zip(names, values))
             suffix = ",".join(f"{n}={v}" for n, v in swept.items())
             label = entry.get("label") or entry["name"]
-            specs.append(MethodSpec(entry["name"], {**kwargs, **swept},
-                                    f"{label}[{suffix}]" if suffix else label))
+            specs.append(
+                MethodSpec(
+                    entry["name"], {**kwargs, **swept}, f"{label}[{suffix}]" if suffix else label
+                )
+            )
     rows = [s.row() for s in specs]
     if len(set(rows)) != len(rows):
         raise FsbenchError(f"methods: two entries give the same row name; set `label:` ({rows})")
@@ -235,7 +267,9 @@ def parse_grid(raw: dict) -> GridSpec:
     raw.pop("include", None)
     unknown = set(raw) - GRID_KEYS
     if unknown:
-        raise FsbenchError(f"unknown grid key(s) {sorted(unknown)}; known keys: {sorted(GRID_KEYS)}")
+        raise FsbenchError(
+            f"unknown grid key(s) {sorted(unknown)}; known keys: {sorted(GRID_KEYS)}"
+        )
     if "dataset" not in raw or "methods" not in raw:
         raise FsbenchError("a grid needs at least `dataset:` and `methods:`")
     dataset = raw["dataset"] if isinstance(raw["dataset"], dict) else {"name": raw["dataset"]}
@@ -246,7 +280,9 @@ def parse_grid(raw: dict) -> GridSpec:
     train_raw = dict(raw.get("train") or {})
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     if set(train_raw) - fields:
-        raise FsbenchError(f"train: unknown key(s) {sorted(set(train_raw) - fields)}; known: {sorted(fields)}")
+        raise FsbenchError(
+            f"train: unknown key(s) {sorted(set(train_raw) - fields)}; known: {sorted(fields)}"
+        )
     if "lr_milestones" in train_raw:
         train_raw["lr_milestones"] = tuple(train_raw["lr_milestones"])
     annotation = raw.get("annotation", ["mask"])

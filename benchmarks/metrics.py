@@ -74,14 +74,21 @@ class EpisodeCounts:
         return float(fb_iou_from(self.background.sum(0), self.foreground.sum(0)))
 
     def to_json(self) -> dict:
-        return {"classes": self.classes, "per_class": self.per_class.tolist(),
-                "background": self.background.tolist(), "foreground": self.foreground.tolist()}
+        return {
+            "classes": self.classes,
+            "per_class": self.per_class.tolist(),
+            "background": self.background.tolist(),
+            "foreground": self.foreground.tolist(),
+        }
 
     @classmethod
     def from_json(cls, raw: dict) -> EpisodeCounts:
-        return cls(list(raw["classes"]), np.asarray(raw["per_class"], dtype=np.int64).reshape(
-            -1, len(raw["classes"]), 3), np.asarray(raw["background"], dtype=np.int64).reshape(-1, 3),
-            np.asarray(raw["foreground"], dtype=np.int64).reshape(-1, 3))
+        return cls(
+            list(raw["classes"]),
+            np.asarray(raw["per_class"], dtype=np.int64).reshape(-1, len(raw["classes"]), 3),
+            np.asarray(raw["background"], dtype=np.int64).reshape(-1, 3),
+            np.asarray(raw["foreground"], dtype=np.int64).reshape(-1, 3),
+        )
 
 
 class SegmentationMeter:
@@ -100,7 +107,9 @@ class SegmentationMeter:
         per_class = np.zeros((len(self.classes), 3), dtype=np.int64)
         for index, class_id in enumerate(episode_class_ids, start=1):
             if int(class_id) not in self._column:
-                raise ValueError(f"class {class_id} is not one of the meter's classes {self.classes}")
+                raise ValueError(
+                    f"class {class_id} is not one of the meter's classes {self.classes}"
+                )
             per_class[self._column[int(class_id)]] += rows[index]
         key = len(self._episodes) if episode is None else int(episode)
         record = [per_class, rows[0].astype(np.int64), foreground.astype(np.int64)]
@@ -113,8 +122,12 @@ class SegmentationMeter:
         keys = sorted(self._episodes)
         if not keys:
             empty = np.zeros((0, 3), np.int64)
-            return EpisodeCounts(self.classes, np.zeros((0, len(self.classes), 3), np.int64), empty, empty)
-        return EpisodeCounts(self.classes, *(np.stack([self._episodes[k][i] for k in keys]) for i in range(3)))
+            return EpisodeCounts(
+                self.classes, np.zeros((0, len(self.classes), 3), np.int64), empty, empty
+            )
+        return EpisodeCounts(
+            self.classes, *(np.stack([self._episodes[k][i] for k in keys]) for i in range(3))
+        )
 
     def class_iou(self) -> dict[int, float]:
         return self.counts().class_iou()
@@ -149,8 +162,9 @@ def bootstrap_ci(counts: EpisodeCounts, metric="miou", n_boot=1000, level=0.95, 
     return float(np.nanpercentile(samples, tail)), float(np.nanpercentile(samples, 100 - tail))
 
 
-def paired_bootstrap(a: EpisodeCounts, b: EpisodeCounts, metric="miou", n_boot=1000, level=0.95,
-                     seed=0) -> dict:
+def paired_bootstrap(
+    a: EpisodeCounts, b: EpisodeCounts, metric="miou", n_boot=1000, level=0.95, seed=0
+) -> dict:
     """CI of metric(a) − metric(b) on the same episodes (same resampling applied to both)."""
     if a.per_class.shape != b.per_class.shape or a.classes != b.classes:
         raise ValueError("paired bootstrap needs counts from the same manifest (same episodes)")

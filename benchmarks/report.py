@@ -31,15 +31,26 @@ def seed_frame(cells: list[dict]) -> pd.DataFrame:
     for cell in cells:
         config = cell["config"]
         for seed in cell["seeds"]:
-            rows.append({
-                "row": config["row"], "method": config["method"], "dataset": config["dataset"]["name"],
-                "fold": config["fold"], "way": config["way"], "shot": config["shot"],
-                "annotation": config["annotation"], "protocol": config["protocol"],
-                "alpha": config["method_kwargs"].get("alpha"), "seed": seed["seed"],
-                "miou": 100 * seed["miou"], "fb_iou": 100 * seed["fb_iou"],
-                "episodes": seed["episodes"], "fingerprint": seed["manifest_fingerprint"][:12],
-                "cell_id": cell["cell_id"],
-            })
+            rows.append(
+                {
+                    "row": config["row"],
+                    "method": config["method"],
+                    "dataset": config["dataset"]["name"],
+                    "fold": config["fold"],
+                    "way": config["way"],
+                    "shot": config["shot"],
+                    "annotation": config["annotation"],
+                    "protocol": config["protocol"],
+                    "alpha": config["method_kwargs"].get("alpha"),
+                    "seed": seed["seed"],
+                    "miou": 100 * seed["miou"],
+                    "fb_iou": 100 * seed["fb_iou"],
+                    "episodes": seed["episodes"],
+                    "fingerprint": seed["manifest_fingerprint"][:12],
+                    "cell_id": cell["cell_id"],
+                    "row_index": cell.get("row_index", 0),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -48,7 +59,7 @@ def paper_table(frame: pd.DataFrame, metric: str = "miou", rows=None) -> pd.Data
 
     Returns a frame of [mean, std] pairs; the Mean column averages the folds per seed first, so
     its std is over seeds of the fold-mean (NaN when a fold is missing)."""
-    rows = rows or list(dict.fromkeys(frame["row"]))
+    rows = rows or _rows_in_grid_order(frame)
     folds = sorted(frame["fold"].unique())
     columns, data = [], {}
     for shot in sorted(frame["shot"].unique()):
@@ -61,16 +72,27 @@ def paper_table(frame: pd.DataFrame, metric: str = "miou", rows=None) -> pd.Data
             for fold in folds:
                 values = cells[cells["fold"] == fold][metric]
                 data[(row, (f"{shot}-shot", f"Fold-{fold}"))] = (
-                    (values.mean(), values.std(ddof=0)) if len(values) else (np.nan, np.nan))
+                    (values.mean(), values.std(ddof=0)) if len(values) else (np.nan, np.nan)
+                )
             per_seed = cells.pivot_table(index="seed", columns="fold", values=metric)
             complete = len(per_seed.columns) == len(folds) and len(per_seed)
             fold_means = per_seed.mean(axis=1) if complete else pd.Series(dtype=float)
             data[(row, (f"{shot}-shot", "Mean"))] = (
-                (fold_means.mean(), fold_means.std(ddof=0)) if complete else (np.nan, np.nan))
+                (fold_means.mean(), fold_means.std(ddof=0)) if complete else (np.nan, np.nan)
+            )
     index = pd.MultiIndex.from_tuples(columns)
-    means = pd.DataFrame([[data[(r, c)][0] for c in columns] for r in rows], index=rows, columns=index)
-    stds = pd.DataFrame([[data[(r, c)][1] for c in columns] for r in rows], index=rows, columns=index)
+    means = pd.DataFrame(
+        [[data[(r, c)][0] for c in columns] for r in rows], index=rows, columns=index
+    )
+    stds = pd.DataFrame(
+        [[data[(r, c)][1] for c in columns] for r in rows], index=rows, columns=index
+    )
     return pd.concat({"mean": means, "std": stds}, axis=1)
+
+
+def _rows_in_grid_order(frame: pd.DataFrame) -> list[str]:
+    order = frame.groupby("row")["row_index"].min().sort_values(kind="stable")
+    return list(order.index)
 
 
 def _cell_text(mean, std, bold, latex):
@@ -90,11 +112,20 @@ def _best(table: pd.DataFrame) -> dict:
 def to_markdown(table: pd.DataFrame, footnote: str = "") -> str:
     means, stds, best = table["mean"], table["std"], _best(table)
     header = ["Method"] + [f"{s} {f}" for s, f in means.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * len(means.columns)) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + [":-:"] * len(means.columns)) + "|",
+    ]
     for row in means.index:
-        cells = [_cell_text(means.at[row, c], stds.at[row, c],
-                            means.at[row, c] == best[c] and best[c] == best[c], False)
-                 for c in means.columns]
+        cells = [
+            _cell_text(
+                means.at[row, c],
+                stds.at[row, c],
+                means.at[row, c] == best[c] and best[c] == best[c],
+                False,
+            )
+            for c in means.columns
+        ]
         lines.append("| " + " | ".join([row] + cells) + " |")
     return "\n".join(lines) + (f"\n\n{footnote}\n" if footnote else "\n")
 
@@ -103,17 +134,33 @@ def to_latex(table: pd.DataFrame, footnote: str = "", caption: str = "") -> str:
     means, stds, best = table["mean"], table["std"], _best(table)
     shots = list(dict.fromkeys(s for s, _ in means.columns))
     spec = "l" + "|".join("c" * sum(1 for s2, _ in means.columns if s2 == s) for s in shots)
-    lines = ["\\begin{table}[t]", "\\centering", "\\small", f"\\begin{{tabular}}{{{spec}}}",
-             "\\toprule"]
-    lines.append(" & " + " & ".join(
-        f"\\multicolumn{{{sum(1 for s2, _ in means.columns if s2 == s)}}}{{c}}{{{s}}}" for s in shots)
-        + " \\\\")
+    lines = [
+        "\\begin{table}[t]",
+        "\\centering",
+        "\\small",
+        f"\\begin{{tabular}}{{{spec}}}",
+        "\\toprule",
+    ]
+    lines.append(
+        " & "
+        + " & ".join(
+            f"\\multicolumn{{{sum(1 for s2, _ in means.columns if s2 == s)}}}{{c}}{{{s}}}"
+            for s in shots
+        )
+        + " \\\\"
+    )
     lines.append("Method & " + " & ".join(f for _, f in means.columns) + " \\\\")
     lines.append("\\midrule")
     for row in means.index:
-        cells = [_cell_text(means.at[row, c], stds.at[row, c],
-                            means.at[row, c] == best[c] and best[c] == best[c], True)
-                 for c in means.columns]
+        cells = [
+            _cell_text(
+                means.at[row, c],
+                stds.at[row, c],
+                means.at[row, c] == best[c] and best[c] == best[c],
+                True,
+            )
+            for c in means.columns
+        ]
         lines.append(_latex_escape(row) + " & " + " & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     if caption or footnote:
@@ -123,8 +170,13 @@ def to_latex(table: pd.DataFrame, footnote: str = "", caption: str = "") -> str:
 
 
 def _latex_escape(text: str) -> str:
-    for char, escaped in (("\\", "\\textbackslash{}"), ("_", "\\_"), ("%", "\\%"), ("&", "\\&"),
-                          ("#", "\\#")):
+    for char, escaped in (
+        ("\\", "\\textbackslash{}"),
+        ("_", "\\_"),
+        ("%", "\\%"),
+        ("&", "\\&"),
+        ("#", "\\#"),
+    ):
         text = text.replace(char, escaped)
     return text
 
@@ -143,8 +195,10 @@ def footnote(frame: pd.DataFrame) -> str:
     seeds = ", ".join(str(s) for s in sorted(frame["seed"].unique()))
     prints = frame.groupby(["shot", "fold"])["fingerprint"].agg(lambda s: "/".join(sorted(set(s))))
     manifest = "; ".join(f"{shot}-shot fold {fold}: {fp}" for (shot, fold), fp in prints.items())
-    return (f"mIoU % (mean ± population std over seeds). Protocol: {protocols}; {episodes} episodes "
-            f"per fold and seed; seeds {seeds}. Manifest fingerprints — {manifest}.")
+    return (
+        f"mIoU % (mean ± population std over seeds). Protocol: {protocols}; {episodes} episodes "
+        f"per fold and seed; seeds {seeds}. Manifest fingerprints — {manifest}."
+    )
 
 
 def statistics(cells: list[dict], n_boot: int = 1000) -> pd.DataFrame:
@@ -156,11 +210,28 @@ def statistics(cells: list[dict], n_boot: int = 1000) -> pd.DataFrame:
         for seed in cell["seeds"]:
             counts = EpisodeCounts.from_json(seed["counts"])
             low, high = bootstrap_ci(counts, n_boot=n_boot, seed=seed["seed"])
-            key = (config["fold"], config["way"], config["shot"], config["annotation"], seed["seed"])
+            key = (
+                config["fold"],
+                config["way"],
+                config["shot"],
+                config["annotation"],
+                seed["seed"],
+            )
             by_key[(config["row"], *key)] = (counts, seed["manifest_fingerprint"])
-            rows.append({"kind": "ci", "row": config["row"], "fold": config["fold"],
-                         "shot": config["shot"], "seed": seed["seed"], "value": 100 * counts.miou(),
-                         "low": 100 * low, "high": 100 * high, "versus": "", "significant": ""})
+            rows.append(
+                {
+                    "kind": "ci",
+                    "row": config["row"],
+                    "fold": config["fold"],
+                    "shot": config["shot"],
+                    "seed": seed["seed"],
+                    "value": 100 * counts.miou(),
+                    "low": 100 * low,
+                    "high": 100 * high,
+                    "versus": "",
+                    "significant": "",
+                }
+            )
     for (row, *key), (counts, fingerprint) in sorted(by_key.items(), key=str):
         method = row.split("[")[0]
         base = BASE_PAIRS.get(method)
@@ -171,10 +242,20 @@ def statistics(cells: list[dict], n_boot: int = 1000) -> pd.DataFrame:
         if other is None or other[1] != fingerprint:
             continue
         diff = paired_bootstrap(counts, other[0], n_boot=n_boot, seed=key[-1])
-        rows.append({"kind": "paired", "row": row, "fold": key[0], "shot": key[2], "seed": key[-1],
-                     "value": 100 * diff["difference"], "low": 100 * diff["low"],
-                     "high": 100 * diff["high"], "versus": base_row,
-                     "significant": "yes" if diff["significant"] else "no (inside the noise)"})
+        rows.append(
+            {
+                "kind": "paired",
+                "row": row,
+                "fold": key[0],
+                "shot": key[2],
+                "seed": key[-1],
+                "value": 100 * diff["difference"],
+                "low": 100 * diff["low"],
+                "high": 100 * diff["high"],
+                "versus": base_row,
+                "significant": "yes" if diff["significant"] else "no (inside the noise)",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -185,8 +266,16 @@ def _style():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"figure.dpi": 120, "font.size": 9, "axes.spines.top": False,
-                         "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3})
+    plt.rcParams.update(
+        {
+            "figure.dpi": 120,
+            "font.size": 9,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+        }
+    )
     return plt
 
 
@@ -220,9 +309,18 @@ def grouped_bars(frame, out_dir, name, rows, title, group="fold", metric="miou")
     for i, row in enumerate(rows):
         means = [stats["mean"].get((row, g), np.nan) for g in groups]
         errors = [stats["std"].get((row, g), np.nan) for g in groups]
-        ax.bar(np.arange(len(groups)) + (i - (len(rows) - 1) / 2) * width, means, width,
-               yerr=errors, capsize=2, label=row, color=GREYS[i % len(GREYS)],
-               hatch=HATCHES[i % len(HATCHES)], edgecolor="black", linewidth=0.6)
+        ax.bar(
+            np.arange(len(groups)) + (i - (len(rows) - 1) / 2) * width,
+            means,
+            width,
+            yerr=errors,
+            capsize=2,
+            label=row,
+            color=GREYS[i % len(GREYS)],
+            hatch=HATCHES[i % len(HATCHES)],
+            edgecolor="black",
+            linewidth=0.6,
+        )
     ax.set_xticks(np.arange(len(groups)), [f"{group.title()} {g}" for g in groups])
     ax.set_ylabel(f"{'mIoU' if metric == 'miou' else 'FB-IoU'} (%)")
     ax.set_title(title)
@@ -240,9 +338,15 @@ def training_curves(cells, out_dir, name="training_curves"):
     for i, row in enumerate(dict.fromkeys(c["config"]["row"] for c in trained)):
         for j, cell in enumerate(c for c in trained if c["config"]["row"] == row):
             curve = cell["train"]["curve"]
-            ax.plot([p["step"] for p in curve], [p["total"] for p in curve],
-                    styles[i % len(styles)], color=GREYS[i % len(GREYS)], linewidth=0.8, alpha=0.8,
-                    label=row if j == 0 else None)
+            ax.plot(
+                [p["step"] for p in curve],
+                [p["total"] for p in curve],
+                styles[i % len(styles)],
+                color=GREYS[i % len(GREYS)],
+                linewidth=0.8,
+                alpha=0.8,
+                label=row if j == 0 else None,
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("Training loss (every cell)")
@@ -264,9 +368,16 @@ def per_class_figure(cells, out_dir, name="per_class_iou"):
     width = 0.8 / len(rows)
     for i, row in enumerate(rows):
         means = [100 * np.nanmean(values.get(row, {}).get(c, [np.nan])) for c in classes]
-        ax.bar(np.arange(len(classes)) + (i - (len(rows) - 1) / 2) * width, means, width, label=row,
-               color=GREYS[i % len(GREYS)], hatch=HATCHES[i % len(HATCHES)], edgecolor="black",
-               linewidth=0.4)
+        ax.bar(
+            np.arange(len(classes)) + (i - (len(rows) - 1) / 2) * width,
+            means,
+            width,
+            label=row,
+            color=GREYS[i % len(GREYS)],
+            hatch=HATCHES[i % len(HATCHES)],
+            edgecolor="black",
+            linewidth=0.4,
+        )
     ax.set_xticks(np.arange(len(classes)), [str(c) for c in classes])
     ax.set_xlabel("class")
     ax.set_ylabel("IoU (%)")
@@ -283,8 +394,15 @@ def alpha_figure(frame, out_dir, name="miou_vs_alpha"):
     fig, ax = plt.subplots(figsize=(4, 3))
     for i, shot in enumerate(sorted(part["shot"].unique())):
         stats = part[part["shot"] == shot].groupby("alpha")["miou"].agg(["mean", "std"])
-        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="os^"[i % 3],
-                    color=GREYS[i], capsize=2, label=f"{shot}-shot")
+        ax.errorbar(
+            stats.index,
+            stats["mean"],
+            yerr=stats["std"],
+            marker="os^"[i % 3],
+            color=GREYS[i],
+            capsize=2,
+            label=f"{shot}-shot",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("α")
     ax.set_ylabel("mIoU (%)")
@@ -305,25 +423,37 @@ def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
     plt = _style()
     config = result["config"]
     dataset = DATASETS.get(config["dataset"]["name"])(
-        **{k: v for k, v in config["dataset"].items() if k != "name"})
+        **{k: v for k, v in config["dataset"].items() if k != "name"}
+    )
     seed = next(s for s in result["seeds"] if s["seed"] == kept[0]["seed"])
-    manifest = json.loads((Path(store.manifests_dir) / f"{seed['manifest_fingerprint'][:16]}.json")
-                          .read_text())
+    manifest = json.loads(
+        (Path(store.manifests_dir) / f"{seed['manifest_fingerprint'][:16]}.json").read_text()
+    )
     size = (config["input_size"], config["input_size"])
     shown = kept[:max_episodes]
     fig, axes = plt.subplots(len(shown), 3, figsize=(7, 2.4 * len(shown)), squeeze=False)
     for row, item in enumerate(shown):
         spec = manifest["episodes"][item["episode"]]
         support_id, query_id = spec["support"][0][0], spec["query"][0]
-        support = np.asarray(Image.fromarray(dataset.load_image(support_id)).resize(size, Image.BILINEAR))
-        support_label = np.asarray(Image.fromarray(dataset.load_label(support_id)).resize(size, Image.NEAREST))
-        query = np.asarray(Image.fromarray(dataset.load_image(query_id)).resize(size, Image.BILINEAR))
-        query_label = np.asarray(Image.fromarray(dataset.load_label(query_id)).resize(size, Image.NEAREST))
+        support = np.asarray(
+            Image.fromarray(dataset.load_image(support_id)).resize(size, Image.BILINEAR)
+        )
+        support_label = np.asarray(
+            Image.fromarray(dataset.load_label(support_id)).resize(size, Image.NEAREST)
+        )
+        query = np.asarray(
+            Image.fromarray(dataset.load_image(query_id)).resize(size, Image.BILINEAR)
+        )
+        query_label = np.asarray(
+            Image.fromarray(dataset.load_label(query_id)).resize(size, Image.NEAREST)
+        )
         prediction = np.asarray(item["prediction"])
         truth = np.isin(query_label, spec["classes"][:1])
-        panels = [(support, support_label == spec["classes"][0], "support + mask"),
-                  (query, prediction == 1, "query + prediction"),
-                  (query, truth, "query + ground truth")]
+        panels = [
+            (support, support_label == spec["classes"][0], "support + mask"),
+            (query, prediction == 1, "query + prediction"),
+            (query, truth, "query + ground truth"),
+        ]
         for col, (image, mask, title) in enumerate(panels):
             ax = axes[row][col]
             ax.imshow(image)
@@ -355,22 +485,33 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
         table = paper_table(frame, metric)
         text_note = note if metric == "miou" else note.replace("mIoU %", "FB-IoU %")
         (out / f"table_{label}.md").write_text(to_markdown(table, text_note))
-        (out / f"table_{label}.tex").write_text(to_latex(table, text_note, caption=f"{label} on {grid_dir.name}."))
+        (out / f"table_{label}.tex").write_text(
+            to_latex(table, text_note, caption=f"{label} on {grid_dir.name}.")
+        )
         to_csv_frame(table).to_csv(out / f"table_{label}.csv")
         written["tables"] += [out / f"table_{label}.{s}" for s in ("md", "tex", "csv")]
-    class_table = pd.DataFrame({
-        (c["config"]["row"], c["config"]["shot"], c["config"]["fold"]):
-            {int(k): 100 * v for k, v in c["summary"]["class_iou_mean"].items()} for c in cells
-    }).T.sort_index()
+    class_table = pd.DataFrame(
+        {
+            (c["config"]["row"], c["config"]["shot"], c["config"]["fold"]): {
+                int(k): 100 * v for k, v in c["summary"]["class_iou_mean"].items()
+            }
+            for c in cells
+        }
+    ).T.sort_index()
     class_table.to_csv(out / "table_class_iou.csv", float_format="%.2f")
     written["tables"].append(out / "table_class_iou.csv")
     stats = statistics(cells, n_boot)
     stats.to_csv(out / "statistics.csv", index=False, float_format="%.3f")
     written["tables"].append(out / "statistics.csv")
-    rows = list(dict.fromkeys(frame["row"]))
+    rows = _rows_in_grid_order(frame)
     par_rows = [r for r in rows if r.split("[")[0] in ("panet", "panet_nopar")]
-    written["figures"] += grouped_bars(frame, out, "par_per_fold", par_rows or rows,
-                                       "PAR on vs off, per fold (mean ± std over seeds)")
+    written["figures"] += grouped_bars(
+        frame,
+        out,
+        "par_per_fold",
+        par_rows or rows,
+        "PAR on vs off, per fold (mean ± std over seeds)",
+    )
     written["figures"] += grouped_bars(frame, out, "shots", rows, "1-shot vs 5-shot", group="shot")
     written["figures"] += per_class_figure(cells, out)
     written["figures"] += training_curves(cells, out)
@@ -378,8 +519,11 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     from fsbench.benchmarks.results import ResultStore
 
     store = ResultStore(grid_dir.parent, grid_dir.name)
-    best = max((c for c in cells if c.get("qualitative")), key=lambda c: c["summary"]["miou_mean"],
-               default=None)
+    best = max(
+        (c for c in cells if c.get("qualitative")),
+        key=lambda c: c["summary"]["miou_mean"],
+        default=None,
+    )
     if best is not None:
         figure = qualitative_figure(best, store, out / "qualitative.png", max_episodes=3)
         if figure is not None:

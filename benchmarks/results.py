@@ -39,10 +39,24 @@ def environment() -> dict:
     """Code version and package versions, recorded with every result."""
     source = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain"],
-                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+        sha = (
+            subprocess.run(
+                ["git", "-C", str(source), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or "unknown"
+        )
+        dirty = (
+            subprocess.run(
+                ["git", "-C", str(source), "status", "--porcelain"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            != ""
+        )
     except (OSError, subprocess.SubprocessError):
         sha, dirty = "unknown", False
     versions = {}
@@ -51,8 +65,13 @@ def environment() -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return {"git_sha": sha, "git_dirty": dirty, "python": platform.python_version(),
-            "platform": platform.platform(), "versions": versions}
+    return {
+        "git_sha": sha,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+    }
 
 
 def summarise(seed_results: list[dict]) -> dict:
@@ -62,8 +81,10 @@ def summarise(seed_results: list[dict]) -> dict:
     classes = list(seed_results[0]["class_iou"])
     per_class = np.array([[s["class_iou"][c] for c in classes] for s in seed_results], dtype=float)
     return {
-        "miou_mean": float(mious.mean()), "miou_std": float(mious.std()),
-        "fb_iou_mean": float(fbs.mean()), "fb_iou_std": float(fbs.std()),
+        "miou_mean": float(mious.mean()),
+        "miou_std": float(mious.std()),
+        "fb_iou_mean": float(fbs.mean()),
+        "fb_iou_std": float(fbs.std()),
         "class_iou_mean": dict(zip(classes, per_class.mean(0).tolist())),
         "seeds": len(seed_results),
     }

@@ -39,7 +39,9 @@ class Plan:
     manifests: dict  # (cell id, seed) → EpisodeManifest
 
 
-def plan_grid(grid: GridSpec, store: ResultStore, rerun: bool = False, build_manifests=True) -> Plan:
+def plan_grid(
+    grid: GridSpec, store: ResultStore, rerun: bool = False, build_manifests=True
+) -> Plan:
     """Cells, the ones still to do, their jobs and their (deterministic) manifests."""
     cells = grid.expand()
     done = set() if rerun else store.finished_ids()
@@ -54,19 +56,29 @@ def plan_grid(grid: GridSpec, store: ResultStore, rerun: bool = False, build_man
                 key = (cell.fold, cell.way, cell.shot, cell.episodes, seed, cell.protocol)
                 if key not in by_setting:
                     by_setting[key] = EpisodeManifest.build(
-                        dataset, protocol, cell.fold, cell.way, cell.shot, cell.episodes, seed)
+                        dataset, protocol, cell.fold, cell.way, cell.shot, cell.episodes, seed
+                    )
                     store.save_manifest(by_setting[key])
                 manifests[(cell.id, seed)] = by_setting[key]
     jobs: dict[str, Job] = {}
     for cell in todo:
-        job = jobs.setdefault(cell.model_key(), Job(cell.model_key(), cell.config(),
-                                                    cell.train is not None, []))
+        job = jobs.setdefault(
+            cell.model_key(), Job(cell.model_key(), cell.config(), cell.train is not None, [])
+        )
         job.cells.append(cell)
         for seed in cell.seeds:
             if (cell.id, seed) in manifests:
-                job.items.append({"cell_id": cell.id, "seed": seed, "protocol": cell.protocol,
-                                  "manifest": manifests[(cell.id, seed)].to_json()})
-    return Plan(cells, todo, list(jobs.values()), manifests)
+                job.items.append(
+                    {
+                        "cell_id": cell.id,
+                        "seed": seed,
+                        "protocol": cell.protocol,
+                        "manifest": manifests[(cell.id, seed)].to_json(),
+                    }
+                )
+    # Longest jobs first (training, more shots): fewer idle workers at the end of a grid.
+    ordered = sorted(jobs.values(), key=lambda j: (not j.trainable, -max(c.shot for c in j.cells)))
+    return Plan(cells, todo, ordered, manifests)
 
 
 class Driver:
@@ -85,8 +97,13 @@ class Driver:
         if progress and plan.todo:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=len(plan.todo), unit="cell", desc=grid.name, file=sys.stderr,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=len(plan.todo),
+                unit="cell",
+                desc=grid.name,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
 
     def on_train(self, job: Job, info: dict, state_dict) -> None:
         path = self.store.save_checkpoint(job.key, state_dict)
@@ -116,6 +133,7 @@ class Driver:
             "version": 1,
             "cell_id": cell.id,
             "grid": self.grid.name,
+            "row_index": [m.row() for m in self.grid.methods].index(cell.method.row()),
             "title": cell.title,
             "config": cell.config(),
             "protocol": get_protocol(cell.protocol).to_dict(),
@@ -124,15 +142,23 @@ class Driver:
             "train": train,
             "checkpoint": self.checkpoints.get(job.key),
             "model_key": job.key,
-            "qualitative": [{"seed": outputs[0]["seed"], "episode": p["episode"],
-                             "prediction": p["prediction"].tolist()}
-                            for p in outputs[0]["predictions"]],
+            "qualitative": [
+                {
+                    "seed": outputs[0]["seed"],
+                    "episode": p["episode"],
+                    "prediction": p["prediction"].tolist(),
+                }
+                for p in outputs[0]["predictions"]
+            ],
             "timings": {
                 "train_seconds": train["seconds"] if train else 0.0,
                 "eval_seconds": sum(o["eval_seconds"] for o in outputs),
             },
-            "environment": {**environment(), "device": outputs[0]["device"],
-                            "hosts": sorted({o["host"] for o in outputs})},
+            "environment": {
+                **environment(),
+                "device": outputs[0]["device"],
+                "hosts": sorted({o["host"] for o in outputs}),
+            },
             "finished_at": now_iso(),
         }
         self.store.write_cell(result)
@@ -140,10 +166,12 @@ class Driver:
         if self.tracker is not None:
             self.tracker.log_cell(result, self.store)
         summary = result["summary"]
-        self._say(f"done {cell.title}: mIoU {100 * summary['miou_mean']:.1f} ± "
-                  f"{100 * summary['miou_std']:.1f}, FB-IoU {100 * summary['fb_iou_mean']:.1f} "
-                  f"({result['timings']['train_seconds']:.0f}s train, "
-                  f"{result['timings']['eval_seconds']:.1f}s eval)")
+        self._say(
+            f"done {cell.title}: mIoU {100 * summary['miou_mean']:.1f} ± "
+            f"{100 * summary['miou_std']:.1f}, FB-IoU {100 * summary['fb_iou_mean']:.1f} "
+            f"({result['timings']['train_seconds']:.0f}s train, "
+            f"{result['timings']['eval_seconds']:.1f}s eval)"
+        )
         if self.bar:
             self.bar.update(1)
 
@@ -177,8 +205,15 @@ class SerialExecutor:
                         info = train_task(job.config, self.device, self.threads)
                         state = info["state_dict"]
                         driver.on_train(job, info, state)
-                    for output in eval_task(job.config, state, job.items, self.device, self.threads,
-                                            self.cache_bytes, self.batch_size):
+                    for output in eval_task(
+                        job.config,
+                        state,
+                        job.items,
+                        self.device,
+                        self.threads,
+                        self.cache_bytes,
+                        self.batch_size,
+                    ):
                         driver.on_eval(job, output)
                 except FsbenchError:
                     raise
@@ -207,10 +242,24 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address=None, num_cpus=None, device="auto", threads=1, max_retries=3,
-                 eval_gpu_fraction=0.5, eval_group="seed", cache_bytes=2 << 30, batch_size=16):
+    def __init__(
+        self,
+        address=None,
+        num_cpus=None,
+        device="auto",
+        threads=1,
+        max_retries=3,
+        eval_gpu_fraction=0.5,
+        eval_group="seed",
+        cache_bytes=2 << 30,
+        batch_size=16,
+    ):
         self.address, self.num_cpus, self.device, self.threads = address, num_cpus, device, threads
-        self.max_retries, self.eval_gpu_fraction, self.eval_group = max_retries, eval_gpu_fraction, eval_group
+        self.max_retries, self.eval_gpu_fraction, self.eval_group = (
+            max_retries,
+            eval_gpu_fraction,
+            eval_group,
+        )
         self.cache_bytes, self.batch_size = cache_bytes, batch_size
         self._started_here = False
 
@@ -218,12 +267,18 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            raise FsbenchError("the Ray runner needs ray: pip install 'ray>=2.9' (or use --serial)") from None
+            raise FsbenchError(
+                "the Ray runner needs ray: pip install 'ray>=2.9' (or use --serial)"
+            ) from None
         self.ray = ray
         if not ray.is_initialized():
             address = self.address or os.environ.get("RAY_ADDRESS")
-            kwargs = {"include_dashboard": False, "logging_level": "WARNING",
-                      "log_to_driver": True, "configure_logging": True}
+            kwargs = {
+                "include_dashboard": False,
+                "logging_level": "WARNING",
+                "log_to_driver": True,
+                "configure_logging": True,
+            }
             try:
                 if address:
                     ray.init(address=address, **kwargs)
@@ -239,16 +294,21 @@ class RayExecutor:
         """What each task asks for: one GPU to train when the cluster has GPUs, else CPUs."""
         gpus = self.ray.cluster_resources().get("GPU", 0) if hasattr(self, "ray") else 0
         if gpus and self.device != "cpu":
-            return {"train": {"num_gpus": 1, "num_cpus": 1},
-                    "eval": {"num_gpus": self.eval_gpu_fraction, "num_cpus": 1}}
+            return {
+                "train": {"num_gpus": 1, "num_cpus": 1},
+                "eval": {"num_gpus": self.eval_gpu_fraction, "num_cpus": 1},
+            }
         return {"train": {"num_cpus": self.threads}, "eval": {"num_cpus": self.threads}}
 
     def run(self, jobs: list[Job], driver: Driver) -> None:
         ray = self.ray
         resources = self.resources()
         train_remote = ray.remote(_train_with_state).options(
-            num_returns=2, max_retries=self.max_retries, **resources["train"])
-        eval_remote = ray.remote(eval_task).options(max_retries=self.max_retries, **resources["eval"])
+            num_returns=2, max_retries=self.max_retries, **resources["train"]
+        )
+        eval_remote = ray.remote(eval_task).options(
+            max_retries=self.max_retries, **resources["eval"]
+        )
         pending = {}
         for job in jobs:
             state_ref = None
@@ -257,8 +317,15 @@ class RayExecutor:
                 pending[info_ref] = ("train", job, state_ref)
             groups = [[item] for item in job.items] if self.eval_group == "seed" else [job.items]
             for group in groups:
-                ref = eval_remote.remote(job.config, state_ref, group, self.device, self.threads,
-                                         self.cache_bytes, self.batch_size)
+                ref = eval_remote.remote(
+                    job.config,
+                    state_ref,
+                    group,
+                    self.device,
+                    self.threads,
+                    self.cache_bytes,
+                    self.batch_size,
+                )
                 pending[ref] = ("eval", job, None)
         failed_jobs = set()
         while pending:
@@ -288,8 +355,9 @@ def _short_error(error: Exception) -> str:
     return f"{type(cause).__name__}: {text[-1] if text else ''}"
 
 
-def run_grid(grid: GridSpec, store: ResultStore, executor, tracker=None, rerun=False,
-             progress=True) -> Driver:
+def run_grid(
+    grid: GridSpec, store: ResultStore, executor, tracker=None, rerun=False, progress=True
+) -> Driver:
     """Plan, execute and record a grid; returns the driver (written and failed cells)."""
     plan = plan_grid(grid, store, rerun)
     driver = Driver(grid, store, plan, tracker, progress)

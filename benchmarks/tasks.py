@@ -56,9 +56,20 @@ def train_task(config: dict, device: str = "auto", threads: int | None = None) -
     device = resolve_device(device)
     protocol = get_protocol(config["protocol"])
     model = build_model(config)
-    cfg = TrainConfig(**{**config["train"], "lr_milestones": tuple(config["train"]["lr_milestones"])})
-    result = train(model, open_dataset(config["dataset"]), protocol, config["fold"], config["way"],
-                   config["shot"], cfg, config["input_size"], device)
+    cfg = TrainConfig(
+        **{**config["train"], "lr_milestones": tuple(config["train"]["lr_milestones"])}
+    )
+    result = train(
+        model,
+        open_dataset(config["dataset"]),
+        protocol,
+        config["fold"],
+        config["way"],
+        config["shot"],
+        cfg,
+        config["input_size"],
+        device,
+    )
     return {
         "state_dict": result.state_dict,
         "curve": result.curve,
@@ -73,9 +84,16 @@ def train_task(config: dict, device: str = "auto", threads: int | None = None) -
     }
 
 
-def eval_task(model_config: dict, state_dict, items: list[dict], device: str = "auto",
-              threads: int | None = None, cache_bytes: int = 2 << 30, batch_size: int = 16,
-              keep_predictions: int = 2) -> list[dict]:
+def eval_task(
+    model_config: dict,
+    state_dict,
+    items: list[dict],
+    device: str = "auto",
+    threads: int | None = None,
+    cache_bytes: int = 2 << 30,
+    batch_size: int = 16,
+    keep_predictions: int = 2,
+) -> list[dict]:
     """Evaluate one model on several (cell, seed) manifests with one shared feature cache.
 
     items: [{"cell_id", "seed", "manifest": manifest JSON, "protocol", "input_size"}].
@@ -94,20 +112,25 @@ def eval_task(model_config: dict, state_dict, items: list[dict], device: str = "
         started = time.perf_counter()
         manifest = EpisodeManifest.from_json(item["manifest"])
         protocol = get_protocol(item["protocol"])
-        counts, seconds, kept = evaluate(model, loader, manifest, protocol, device, cache,
-                                         keep_predictions=keep_predictions)
-        outputs.append({
-            "cell_id": item["cell_id"],
-            "seed": item["seed"],
-            "manifest_fingerprint": manifest.fingerprint,
-            "counts": counts.to_json(),
-            "eval_seconds": seconds,
-            "wall_seconds": time.perf_counter() - started,
-            "encoded_images": cache.encoded,
-            "predictions": [{"episode": k["episode"], "prediction": k["prediction"].to(torch.uint8)}
-                            for k in kept],
-            "device": device_label(device),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-        })
+        counts, seconds, kept = evaluate(
+            model, loader, manifest, protocol, device, cache, keep_predictions=keep_predictions
+        )
+        outputs.append(
+            {
+                "cell_id": item["cell_id"],
+                "seed": item["seed"],
+                "manifest_fingerprint": manifest.fingerprint,
+                "counts": counts.to_json(),
+                "eval_seconds": seconds,
+                "wall_seconds": time.perf_counter() - started,
+                "encoded_images": cache.encoded,
+                "predictions": [
+                    {"episode": k["episode"], "prediction": k["prediction"].to(torch.uint8)}
+                    for k in kept
+                ],
+                "device": device_label(device),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            }
+        )
     return outputs

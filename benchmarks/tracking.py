@@ -18,7 +18,10 @@ KIND_TAG = "fsbench.kind"
 
 
 def default_tracking_uri(results_root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(results_root).resolve()}/mlflow.db"
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{Path(results_root).resolve()}/mlflow.db"
+    )
 
 
 def flatten(prefix: str, value, out: dict) -> dict:
@@ -36,16 +39,27 @@ def episode_rows(result: dict, manifests_dir: Path) -> list[dict]:
     for seed in result["seeds"]:
         counts = seed["counts"]
         manifest_file = manifests_dir / f"{seed['manifest_fingerprint'][:16]}.json"
-        episodes = json.loads(manifest_file.read_text())["episodes"] if manifest_file.exists() else []
+        episodes = (
+            json.loads(manifest_file.read_text())["episodes"] if manifest_file.exists() else []
+        )
         for index, per_class in enumerate(counts["per_class"]):
             spec = episodes[index] if index < len(episodes) else {}
             for class_id, (tp, fp, fn) in zip(counts["classes"], per_class):
                 if tp + fp + fn == 0:
                     continue
-                rows.append({"seed": seed["seed"], "episode": index, "class": class_id,
-                             "query": " ".join(spec.get("query", [])),
-                             "support": " ".join(sum(spec.get("support", []), [])),
-                             "tp": tp, "fp": fp, "fn": fn, "iou": tp / (tp + fp + fn)})
+                rows.append(
+                    {
+                        "seed": seed["seed"],
+                        "episode": index,
+                        "class": class_id,
+                        "query": " ".join(spec.get("query", [])),
+                        "support": " ".join(sum(spec.get("support", []), [])),
+                        "tp": tp,
+                        "fp": fp,
+                        "fn": fn,
+                        "iou": tp / (tp + fp + fn),
+                    }
+                )
     return rows
 
 
@@ -58,7 +72,9 @@ class Tracker:
         try:
             from mlflow.tracking import MlflowClient
         except ImportError:
-            raise FsbenchError("tracking needs mlflow: pip install 'mlflow>=2.14' (or --no-tracking)") from None
+            raise FsbenchError(
+                "tracking needs mlflow: pip install 'mlflow>=2.14' (or --no-tracking)"
+            ) from None
         self.uri = uri
         self.results_root = Path(results_root).resolve()
         self.client = MlflowClient(tracking_uri=uri)
@@ -70,8 +86,11 @@ class Tracker:
 
     def _warn(self, error: Exception) -> None:
         if self.available:
-            print(f"fsbench: MLflow at {self.uri} unreachable ({type(error).__name__}); results "
-                  "still go to results/; run `run_benchmark.py sync` later", file=sys.stderr)
+            print(
+                f"fsbench: MLflow at {self.uri} unreachable ({type(error).__name__}); results "
+                "still go to results/; run `run_benchmark.py sync` later",
+                file=sys.stderr,
+            )
         self.available = False
 
     def _experiment(self, name: str) -> str:
@@ -87,11 +106,19 @@ class Tracker:
         self.experiment_name = self.experiment_name or grid.name
         try:
             self.experiment_id = self._experiment(self.experiment_name)
-            run = self.client.create_run(self.experiment_id, run_name=f"{grid.name} invocation",
-                                         tags={KIND_TAG: "invocation"})
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{grid.name} invocation",
+                tags={KIND_TAG: "invocation"},
+            )
             self.parent_run_id = run.info.run_id
-            self.client.log_batch(self.parent_run_id, params=[
-                _param("cells_total", len(plan.cells)), _param("cells_todo", len(plan.todo))])
+            self.client.log_batch(
+                self.parent_run_id,
+                params=[
+                    _param("cells_total", len(plan.cells)),
+                    _param("cells_todo", len(plan.todo)),
+                ],
+            )
         except Exception as error:  # noqa: BLE001 - any failure means "log later"
             self._warn(error)
 
@@ -106,8 +133,12 @@ class Tracker:
         """cell id → run id of every FINISHED child run of this experiment."""
         found, token = {}, None
         while True:
-            page = self.client.search_runs([self.experiment_id], f"tags.{KIND_TAG} = 'cell'",
-                                           max_results=1000, page_token=token)
+            page = self.client.search_runs(
+                [self.experiment_id],
+                f"tags.{KIND_TAG} = 'cell'",
+                max_results=1000,
+                page_token=token,
+            )
             for run in page:
                 if run.info.status == "FINISHED":
                     found[run.data.tags[CELL_TAG]] = run.info.run_id
@@ -133,29 +164,44 @@ class Tracker:
 
         client = self.client
         cell_id = result["cell_id"]
-        previous = client.search_runs([self.experiment_id],
-                                      f"tags.{CELL_TAG} = '{cell_id}'", max_results=100)
+        previous = client.search_runs(
+            [self.experiment_id], f"tags.{CELL_TAG} = '{cell_id}'", max_results=100
+        )
         if any(r.info.status == "FINISHED" for r in previous):
             return  # already logged (e.g. by an earlier sync): never twice
         for stale in previous:  # a driver killed mid-log left it unfinished: it must not count
             client.delete_run(stale.info.run_id)
         config = result["config"]
-        tags = {KIND_TAG: "cell", CELL_TAG: cell_id, "method": config["method"],
-                "row": config["row"], "dataset": config["dataset"]["name"],
-                "fold": str(config["fold"]), "way": str(config["way"]), "shot": str(config["shot"]),
-                "protocol": config["protocol"], "git_sha": result["environment"]["git_sha"],
-                "device": result["environment"]["device"],
-                "manifest_fingerprints": ",".join(s["manifest_fingerprint"][:16] for s in result["seeds"])}
+        tags = {
+            KIND_TAG: "cell",
+            CELL_TAG: cell_id,
+            "method": config["method"],
+            "row": config["row"],
+            "dataset": config["dataset"]["name"],
+            "fold": str(config["fold"]),
+            "way": str(config["way"]),
+            "shot": str(config["shot"]),
+            "protocol": config["protocol"],
+            "git_sha": result["environment"]["git_sha"],
+            "device": result["environment"]["device"],
+            "manifest_fingerprints": ",".join(
+                s["manifest_fingerprint"][:16] for s in result["seeds"]
+            ),
+        }
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         run = client.create_run(self.experiment_id, run_name=result["title"], tags=tags)
         run_id = run.info.run_id
         params = [_param(k, v) for k, v in sorted(flatten("", config, {}).items())]
         summary = result["summary"]
-        metrics = {"miou": summary["miou_mean"], "miou_std": summary["miou_std"],
-                   "fb_iou": summary["fb_iou_mean"], "fb_iou_std": summary["fb_iou_std"],
-                   "train_seconds": result["timings"]["train_seconds"],
-                   "eval_seconds": result["timings"]["eval_seconds"]}
+        metrics = {
+            "miou": summary["miou_mean"],
+            "miou_std": summary["miou_std"],
+            "fb_iou": summary["fb_iou_mean"],
+            "fb_iou_std": summary["fb_iou_std"],
+            "train_seconds": result["timings"]["train_seconds"],
+            "eval_seconds": result["timings"]["eval_seconds"],
+        }
         for seed in result["seeds"]:
             metrics[f"miou_seed_{seed['seed']}"] = seed["miou"]
             metrics[f"fb_iou_seed_{seed['seed']}"] = seed["fb_iou"]
@@ -169,9 +215,12 @@ class Tracker:
                 if name != "step":
                     entries.append(Metric(f"train_{name}", float(value), stamp, point["step"]))
         for start in range(0, max(len(entries), len(params)), 500):
-            client.log_batch(run_id, metrics=entries[start : start + 500],
-                             params=params[start : start + 100] if start == 0 else [],
-                             tags=[RunTag(k, v) for k, v in tags.items()] if start == 0 else [])
+            client.log_batch(
+                run_id,
+                metrics=entries[start : start + 500],
+                params=params[start : start + 100] if start == 0 else [],
+                tags=[RunTag(k, v) for k, v in tags.items()] if start == 0 else [],
+            )
         for start in range(100, len(params), 100):
             client.log_batch(run_id, params=params[start : start + 100])
         with tempfile.TemporaryDirectory() as folder:
@@ -199,8 +248,11 @@ class Tracker:
         logged = self.logged_cells()
         missing = [c for c in cells if c["cell_id"] not in logged]
         if missing:
-            run = self.client.create_run(self.experiment_id, run_name=f"{self.experiment_name} sync",
-                                         tags={KIND_TAG: "invocation"})
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{self.experiment_name} sync",
+                tags={KIND_TAG: "invocation"},
+            )
             self.parent_run_id = run.info.run_id
         pushed = sum(self.log_cell(c, store) for c in missing)
         if missing:

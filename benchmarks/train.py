@@ -47,7 +47,9 @@ class TrainConfig:
             raise FsbenchError("impossible training setting: " + "; ".join(problems))
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
 
 @dataclass
@@ -65,15 +67,26 @@ def split_validation_classes(train_classes, cfg: TrainConfig, fold: int):
     """Deterministically hold `cfg.val_classes` of the training classes out for validation."""
     if cfg.val_classes >= len(train_classes):
         raise FsbenchError(
-            f"val_classes={cfg.val_classes} leaves no training class (fold has {len(train_classes)})"
+            f"val_classes={cfg.val_classes} leaves no training class "
+            f"(the fold has {len(train_classes)})"
         )
     order = seeded_rng("validation-classes", cfg.seed, fold).permutation(len(train_classes))
     held = sorted(train_classes[i] for i in order[: cfg.val_classes])
     return [c for c in train_classes if c not in held], held
 
 
-def train(model, dataset, protocol, fold, way, shot, cfg: TrainConfig, input_size, device="cpu",
-          progress=None) -> TrainResult:
+def train(
+    model,
+    dataset,
+    protocol,
+    fold,
+    way,
+    shot,
+    cfg: TrainConfig,
+    input_size,
+    device="cpu",
+    progress=None,
+) -> TrainResult:
     """Train `model` on episodes of the fold's training classes; returns the selected weights."""
     if not model.trainable:
         raise FsbenchError(f"{type(model).__name__} does not train")
@@ -84,15 +97,26 @@ def train(model, dataset, protocol, fold, way, shot, cfg: TrainConfig, input_siz
     rng = seeded_rng("train-episodes", cfg.seed, dataset.name, fold, way, shot)
     flip_rng = seeded_rng("train-flips", cfg.seed) if cfg.flip else None
     model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.lr_milestones), cfg.lr_gamma)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, list(cfg.lr_milestones), cfg.lr_gamma
+    )
     result = TrainResult(state_dict={}, train_classes=train_classes, val_classes=val_classes)
     best = -np.inf
     running: dict[str, float] = {}
     for step in range(1, cfg.steps + 1):
-        spec = sample_episode(rng, dataset, split, train_classes, way, shot, cfg.queries_per_way,
-                              protocol.min_object_pixels)
+        spec = sample_episode(
+            rng,
+            dataset,
+            split,
+            train_classes,
+            way,
+            shot,
+            cfg.queries_per_way,
+            protocol.min_object_pixels,
+        )
         episode = loader.load(spec, flip_rng).to(device)
         losses = model.loss(episode)
         optimizer.zero_grad(set_to_none=True)
@@ -103,8 +127,13 @@ def train(model, dataset, protocol, fold, way, shot, cfg: TrainConfig, input_siz
             running[name] = running.get(name, 0.0) + float(value.detach())
         if step % cfg.log_every == 0 or step == cfg.steps:
             count = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-            result.curve.append({"step": step, "lr": scheduler.get_last_lr()[0],
-                                 **{k: v / count for k, v in running.items()}})
+            result.curve.append(
+                {
+                    "step": step,
+                    "lr": scheduler.get_last_lr()[0],
+                    **{k: v / count for k, v in running.items()},
+                }
+            )
             running = {}
         if val_classes and (step % cfg.val_every == 0 or step == cfg.steps):
             score = validate(model, loader, dataset, protocol, val_classes, way, shot, cfg, device)
@@ -132,8 +161,16 @@ def validate(model, loader, dataset, protocol, val_classes, way, shot, cfg, devi
     rng = seeded_rng("validation-episodes", cfg.seed, val_classes, way, shot)
     meter = SegmentationMeter(val_classes)
     for index in range(cfg.val_episodes):
-        spec = sample_episode(rng, dataset, protocol.pascal_train_list, val_classes,
-                              min(way, len(val_classes)), shot, 1, protocol.min_object_pixels)
+        spec = sample_episode(
+            rng,
+            dataset,
+            protocol.pascal_train_list,
+            val_classes,
+            min(way, len(val_classes)),
+            shot,
+            1,
+            protocol.min_object_pixels,
+        )
         episode = loader.load(spec).to(device)
         prediction = model(episode).argmax(1)
         for query in range(prediction.shape[0]):

@@ -21,7 +21,9 @@ MANIFEST_VERSION = 1
 
 
 def canonical_sha256(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def seeded_rng(*material) -> np.random.Generator:
@@ -52,7 +54,9 @@ class Episode:
         return self.support_images.shape[1]
 
     def to(self, device) -> Episode:
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        moved = {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()
+        }
         return Episode(**moved)
 
 
@@ -65,8 +69,11 @@ class EpisodeSpec:
     query: tuple[str, ...]
 
     def to_json(self) -> dict:
-        return {"classes": list(self.classes), "support": [list(s) for s in self.support],
-                "query": list(self.query)}
+        return {
+            "classes": list(self.classes),
+            "support": [list(s) for s in self.support],
+            "query": list(self.query),
+        }
 
 
 def sample_episode(rng, dataset, split, classes_pool, way, shot, queries_per_way, min_pixels=1):
@@ -75,7 +82,9 @@ def sample_episode(rng, dataset, split, classes_pool, way, shot, queries_per_way
     Every image of an episode is distinct, so supports never repeat and never contain the query.
     """
     if way > len(classes_pool):
-        raise FsbenchError(f"{way}-way episodes need {way} classes; the fold has {len(classes_pool)}")
+        raise FsbenchError(
+            f"{way}-way episodes need {way} classes; the fold has {len(classes_pool)}"
+        )
     classes = [int(c) for c in rng.choice(np.asarray(classes_pool), size=way, replace=False)]
     used: set[str] = set()
     supports, query = [], []
@@ -96,7 +105,7 @@ def sample_episode(rng, dataset, split, classes_pool, way, shot, queries_per_way
 
 @dataclass(frozen=True)
 class EpisodeManifest:
-    """A fixed list of episodes for one (dataset, split, fold, way, shot, episodes, seed, protocol)."""
+    """The fixed episodes of one (dataset, split, fold, way, shot, count, seed, protocol)."""
 
     spec: dict
     episodes: tuple[EpisodeSpec, ...]
@@ -119,7 +128,9 @@ class EpisodeManifest:
             "protocol": protocol.name,
         }
         if shot < 1 or way < 1 or n_episodes < 1 or queries_per_way < 1:
-            raise FsbenchError(f"impossible episode setting {spec}: way, shot, episodes must be ≥ 1")
+            raise FsbenchError(
+                f"impossible episode setting {spec}: way, shot, episodes must be ≥ 1"
+            )
         rng = seeded_rng(spec)
         pool = dataset.fold_classes(fold)
         episodes = tuple(
@@ -130,11 +141,16 @@ class EpisodeManifest:
 
     @property
     def fingerprint(self) -> str:
-        return canonical_sha256({"spec": self.spec, "episodes": [e.to_json() for e in self.episodes]})
+        return canonical_sha256(
+            {"spec": self.spec, "episodes": [e.to_json() for e in self.episodes]}
+        )
 
     def to_json(self) -> dict:
-        return {"fingerprint": self.fingerprint, **self.spec,
-                "episodes": [e.to_json() for e in self.episodes]}
+        return {
+            "fingerprint": self.fingerprint,
+            **self.spec,
+            "episodes": [e.to_json() for e in self.episodes],
+        }
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -149,9 +165,11 @@ class EpisodeManifest:
         """A manifest from its JSON form; a fingerprint that does not match is an error."""
         try:
             episodes = tuple(
-                EpisodeSpec(tuple(int(c) for c in e["classes"]),
-                            tuple(tuple(str(i) for i in s) for s in e["support"]),
-                            tuple(str(i) for i in e["query"]))
+                EpisodeSpec(
+                    tuple(int(c) for c in e["classes"]),
+                    tuple(tuple(str(i) for i in s) for s in e["support"]),
+                    tuple(str(i) for i in e["query"]),
+                )
                 for e in raw["episodes"]
             )
             spec = {k: v for k, v in raw.items() if k not in ("fingerprint", "episodes")}
@@ -159,7 +177,9 @@ class EpisodeManifest:
             raise FsbenchError(f"{source}: not a valid episode manifest ({error!r})") from None
         manifest = cls(spec, episodes)
         if raw.get("fingerprint") and raw["fingerprint"] != manifest.fingerprint:
-            raise FsbenchError(f"{source}: fingerprint does not match its episodes (file was edited)")
+            raise FsbenchError(
+                f"{source}: fingerprint does not match its episodes (file was edited)"
+            )
         return manifest
 
     @classmethod

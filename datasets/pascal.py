@@ -13,8 +13,25 @@ from PIL import Image
 from fsbench.datasets.registry import DATASETS, FsbenchError
 
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
     "tvmonitor",
 )
 EXPECTED_LAYOUT = (
@@ -29,7 +46,9 @@ class DatasetError(FsbenchError):
 
 
 def _sha256(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -40,7 +59,9 @@ def read_rgb(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file is missing") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise DatasetError(f"{path}: unreadable or truncated image ({error}); re-extract it") from None
+        raise DatasetError(
+            f"{path}: unreadable or truncated image ({error}); re-extract it"
+        ) from None
 
 
 class Pascal5i:
@@ -128,17 +149,23 @@ class Pascal5i:
         if split in self._index:
             return self._index[split]
         ids = self.list_ids(split)
-        missing = [i for i in ids if not self.image_path(i).is_file() or not self.mask_path(i).is_file()]
+        missing = [
+            i for i in ids if not self.image_path(i).is_file() or not self.mask_path(i).is_file()
+        ]
         if missing:
-            which = self.image_path(missing[0]) if not self.image_path(missing[0]).is_file() else (
-                self.mask_path(missing[0]))
+            which = (
+                self.image_path(missing[0])
+                if not self.image_path(missing[0]).is_file()
+                else (self.mask_path(missing[0]))
+            )
             raise DatasetError(
                 f"{which}: listed in ImageSets/Segmentation/{split}.txt but missing "
                 f"({len(missing)} ids in all); {EXPECTED_LAYOUT}"
             )
         sizes = [self.mask_path(i).stat().st_size for i in ids]
-        key = _sha256({"v": INDEX_VERSION, "root": str(self.root), "split": split, "ids": ids,
-                       "sizes": sizes})
+        key = _sha256(
+            {"v": INDEX_VERSION, "root": str(self.root), "split": split, "ids": ids, "sizes": sizes}
+        )
         cache_file = self.cache_dir / f"{self.name}-{split}-{key[:16]}.json"
         if cache_file.is_file():
             raw = json.loads(cache_file.read_text())
@@ -175,7 +202,11 @@ def pascal5i(data_root: str, **kwargs) -> Pascal5i:
 
 @DATASETS.register("synthetic_pascal5i")
 def synthetic_pascal5i(
-    data_root: str | None = None, n_images: int = 600, image_size: int = 128, seed: int = 0, **kwargs
+    data_root: str | None = None,
+    n_images: int = 600,
+    image_size: int = 128,
+    seed: int = 0,
+    **kwargs,
 ) -> Pascal5i:
     """Generated PASCAL-format data (datasets/synthetic.py), written once into the cache folder."""
     from fsbench.datasets.synthetic import ensure_synthetic_voc

@@ -79,8 +79,20 @@ def _shape_polygons(shape, centre, radius, aspect, angle):
         return [transform([(0.0, -1.0), (0.95, 0.75), (-0.95, 0.75)])], []
     if shape == "cross":
         arm = 0.33
-        points = [(-arm, -1), (arm, -1), (arm, -arm), (1, -arm), (1, arm), (arm, arm), (arm, 1),
-                  (-arm, 1), (-arm, arm), (-1, arm), (-1, -arm), (-arm, -arm)]
+        points = [
+            (-arm, -1),
+            (arm, -1),
+            (arm, -arm),
+            (1, -arm),
+            (1, arm),
+            (arm, arm),
+            (arm, 1),
+            (-arm, 1),
+            (-arm, arm),
+            (-1, arm),
+            (-1, -arm),
+            (-arm, -arm),
+        ]
         return [transform(points)], []
     raise ValueError(shape)
 
@@ -139,14 +151,18 @@ def render_image(index: int, image_size: int, seed: int, num_classes: int = NUM_
         centre = rng.uniform(0, 1, 2) * (width, height)
         angles = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(5, 8)))
         radii = rng.uniform(0.04, 0.12, len(angles)) * image_size
-        polygon = [(centre[0] + r * np.cos(a), centre[1] + r * np.sin(a)) for a, r in zip(angles, radii)]
+        polygon = [
+            (centre[0] + r * np.cos(a), centre[1] + r * np.sin(a)) for a, r in zip(angles, radii)
+        ]
         blob = _rasterize(size_hw, [polygon])
         colour = COLOURS[rng.integers(len(COLOURS))]
         fill = _texture(size_hw, TEXTURES[rng.integers(len(TEXTURES))], colour, rng)
         image[blob] = fill[blob]
     # Objects: the first class cycles through all classes so each has enough images.
     n_objects = int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
-    classes = [1 + index % num_classes] + [int(c) for c in rng.integers(1, num_classes + 1, n_objects - 1)]
+    classes = [1 + index % num_classes] + [
+        int(c) for c in rng.integers(1, num_classes + 1, n_objects - 1)
+    ]
     for class_id in classes:
         shape, texture, colour = class_style(class_id)
         radius = rng.uniform(0.12, 0.24) * image_size
@@ -206,7 +222,12 @@ def ensure_synthetic_voc(
 ) -> Path:
     """The root of a generated VOC dataset (contains VOCdevkit/), generated once and cached."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    params = {"version": GENERATOR_VERSION, "n_images": n_images, "image_size": image_size, "seed": seed}
+    params = {
+        "version": GENERATOR_VERSION,
+        "n_images": n_images,
+        "image_size": image_size,
+        "seed": seed,
+    }
     root = cache_dir / f"synthetic-voc-v{GENERATOR_VERSION}-n{n_images}-s{image_size}-seed{seed}"
     marker = root / "fsbench_synthetic.json"
     if marker.exists():

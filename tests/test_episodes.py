@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,7 +53,9 @@ def test_episode_tensors_and_masks(dataset):
     assert episode.query_labels.dtype == torch.long
     assert set(episode.query_labels.unique().tolist()) <= {0, 1, 2, 255}
     assert not (episode.support_fg * episode.support_bg).any()  # disjoint
-    label = torch.from_numpy(EpisodeLoader(dataset, 40).image_and_label(episode.support_ids[0][0])[1])
+    label = torch.from_numpy(
+        np.array(EpisodeLoader(dataset, 40).image_and_label(episode.support_ids[0][0])[1])
+    )
     # the 255 outline counts as background for the support masks (PANet's getMask)
     assert (episode.support_bg[0, 0][label == 255] == 1).all()
 

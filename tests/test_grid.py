@@ -18,8 +18,11 @@ def test_expand_and_stable_ids(small_grid_dict):
 
 
 def test_sweeps_labels_and_model_sharing(small_grid_dict):
-    raw = dict(small_grid_dict, shots=[1, 2],
-               methods=[{"name": "test_panet", "sweep": {"alpha": [10, 20]}}, "test_prototype_notrain"])
+    raw = dict(
+        small_grid_dict,
+        shots=[1, 2],
+        methods=[{"name": "test_panet", "sweep": {"alpha": [10, 20]}}, "test_prototype_notrain"],
+    )
     cells = parse_grid(raw).expand()
     assert [c.method.row() for c in cells][:4:2] == ["test_panet[alpha=10]", "test_panet[alpha=20]"]
     notrain = [c for c in cells if c.method.name == "test_prototype_notrain"]
@@ -34,15 +37,18 @@ def test_include_and_command_line_overrides(tmp_path, small_grid_dict):
     assert grid.shots == (1, 2) and grid.seeds == (5,)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("shots=[0]", "shots: 0 is impossible"),
-    ("folds=[7]", "folds: 7 is impossible"),
-    ("methods=[panettt]", "unknown method 'panettt'; did you mean panet"),
-    ("epochs=3", "unknown grid key"),
-    ("train.stepz=3", "train: unknown key"),
-    ("protocol=foo", "protocol: unknown 'foo'"),
-    ("dataset.name=voc", "unknown dataset 'voc'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("shots=[0]", "shots: 0 is impossible"),
+        ("folds=[7]", "folds: 7 is impossible"),
+        ("methods=[panettt]", "unknown method 'panettt'; did you mean panet"),
+        ("epochs=3", "unknown grid key"),
+        ("train.stepz=3", "train: unknown key"),
+        ("protocol=foo", "protocol: unknown 'foo'"),
+        ("dataset.name=voc", "unknown dataset 'voc'"),
+    ],
+)
 def test_bad_grid_values_are_one_clear_error(small_grid_dict, override, message):
     with pytest.raises(FsbenchError, match=message):
         parse_grid(apply_overrides(small_grid_dict, [override])).expand()

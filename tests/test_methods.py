@@ -17,7 +17,8 @@ def make_episode(way=1, shot=1, size=32, queries=1, seed=0):
     return Episode(
         class_ids=list(range(1, way + 1)),
         support_images=torch.randn(way, shot, 3, size, size, generator=generator),
-        support_fg=fg, support_bg=1 - fg,
+        support_fg=fg,
+        support_bg=1 - fg,
         query_images=torch.randn(queries, 3, size, size, generator=generator),
         query_labels=labels,
     )
@@ -106,8 +107,12 @@ def test_par_loss_equals_hand_computation_one_way():
     protos = torch.stack([query[0, :, 0, 0], query[0].flatten(1)[:, 1:].mean(1)])
     expected = 0
     for shot in range(2):
-        logits = F.interpolate(cosine_scores(support[0, shot : shot + 1], protos, 20),
-                               size=(4, 4), mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            cosine_scores(support[0, shot : shot + 1], protos, 20),
+            size=(4, 4),
+            mode="bilinear",
+            align_corners=False,
+        )
         expected += F.cross_entropy(logits, fg[0, shot : shot + 1].long()) / 2
     loss = model.alignment_loss(query, scores, support, fg, bg)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)

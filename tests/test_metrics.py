@@ -81,6 +81,6 @@ def test_bootstrap_interval_brackets_the_estimate_and_json_roundtrip():
     same = paired_bootstrap(counts, counts, n_boot=200)
     assert same["difference"] == 0 and not same["significant"]
     worse = SegmentationMeter([1])
-    for index, row in enumerate(counts.per_class):
+    for index in range(len(counts.per_class)):
         worse.update(np.zeros((8, 8), int), np.ones((8, 8), int), [1], index)
     assert paired_bootstrap(counts, worse.counts(), n_boot=200)["significant"]

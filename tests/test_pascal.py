@@ -26,7 +26,9 @@ def test_class_index_matches_masks(dataset):
     for class_id in (1, 7, 20):
         listed = dataset.class_images("trainaug", class_id)
         assert listed == sorted(listed) and listed
-        truth = [i for i in dataset.list_ids("trainaug") if (dataset.load_label(i) == class_id).any()]
+        truth = [
+            i for i in dataset.list_ids("trainaug") if (dataset.load_label(i) == class_id).any()
+        ]
         assert listed == truth
 
 
@@ -90,14 +92,17 @@ def test_mask_label_out_of_range(broken_root, tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "fsbench.benchmarks.cli", *args],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "fsbench.benchmarks.cli", *args], capture_output=True, text=True
+    )
 
 
 def test_cli_bad_input_is_one_line_and_status_2(broken_root, tmp_path):
     root, voc = broken_root
     out = tmp_path / "m.json"
-    missing = _cli("manifest", "--data-root", str(tmp_path / "nope"), "--fold", "0", "--output", str(out))
+    missing = _cli(
+        "manifest", "--data-root", str(tmp_path / "nope"), "--fold", "0", "--output", str(out)
+    )
     bad_fold = _cli("manifest", "--data-root", str(root), "--fold", "7", "--output", str(out))
     for result, text in ((missing, "does not exist"), (bad_fold, "fold 7 is outside 0…3")):
         assert result.returncode == 2, result.stderr

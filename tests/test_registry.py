@@ -19,8 +19,9 @@ def test_unknown_name_lists_close_matches():
 
 def test_list_filters_by_pattern():
     assert METHODS.list("test_*") == sorted(n for n in METHODS.list() if n.startswith("test_"))
-    assert {"panet", "panet_nopar", "prototype_notrain", "all_background",
-            "all_foreground"} <= set(METHODS.list())
+    assert {"panet", "panet_nopar", "prototype_notrain", "all_background", "all_foreground"} <= set(
+        METHODS.list()
+    )
     assert {"pascal5i", "synthetic_pascal5i"} <= set(DATASETS.list())
 
 
