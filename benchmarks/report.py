@@ -90,6 +90,11 @@ def paper_table(frame: pd.DataFrame, metric: str = "miou", rows=None) -> pd.Data
     return pd.concat({"mean": means, "std": stds}, axis=1)
 
 
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=float)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else np.nan
+
+
 def _rows_in_grid_order(frame: pd.DataFrame) -> list[str]:
     order = frame.groupby("row")["row_index"].min().sort_values(kind="stable")
     return list(order.index)
@@ -356,18 +361,20 @@ def training_curves(cells, out_dir, name="training_curves"):
 
 def per_class_figure(cells, out_dir, name="per_class_iou"):
     plt = _style()
-    rows = list(dict.fromkeys(c["config"]["row"] for c in cells))
+    rows = _rows_in_grid_order(seed_frame(cells))
     values: dict = {}
     for cell in cells:
         for class_id, value in cell["summary"]["class_iou_mean"].items():
-            values.setdefault(cell["config"]["row"], {}).setdefault(int(class_id), []).append(value)
+            values.setdefault(cell["config"]["row"], {}).setdefault(int(class_id), []).append(
+                np.nan if value is None else value
+            )
     classes = sorted({c for v in values.values() for c in v})
     if not classes:
         return []
     fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(classes) * len(rows) / 2), 3))
     width = 0.8 / len(rows)
     for i, row in enumerate(rows):
-        means = [100 * np.nanmean(values.get(row, {}).get(c, [np.nan])) for c in classes]
+        means = [100 * _nanmean(values.get(row, {}).get(c, [np.nan])) for c in classes]
         ax.bar(
             np.arange(len(classes)) + (i - (len(rows) - 1) / 2) * width,
             means,
@@ -493,7 +500,8 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     class_table = pd.DataFrame(
         {
             (c["config"]["row"], c["config"]["shot"], c["config"]["fold"]): {
-                int(k): 100 * v for k, v in c["summary"]["class_iou_mean"].items()
+                int(k): np.nan if v is None else 100 * v
+                for k, v in c["summary"]["class_iou_mean"].items()
             }
             for c in cells
         }

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import subprocess
+import warnings
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -74,18 +75,36 @@ def environment() -> dict:
     }
 
 
+def finite_or_none(value):
+    """JSON has no NaN: an undefined IoU (class never in an episode) is written as null."""
+    return None if value is None or value != value else float(value)
+
+
+def _nanmean(values: np.ndarray) -> list:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=0).tolist()
+
+
 def summarise(seed_results: list[dict]) -> dict:
     """Mean and population std over seeds (PANet's convention) of mIoU, FB-IoU, class IoU."""
     mious = np.array([s["miou"] for s in seed_results])
     fbs = np.array([s["fb_iou"] for s in seed_results])
     classes = list(seed_results[0]["class_iou"])
-    per_class = np.array([[s["class_iou"][c] for c in classes] for s in seed_results], dtype=float)
+    per_class = np.array(
+        [
+            [np.nan if s["class_iou"][c] is None else s["class_iou"][c] for c in classes]
+            for s in seed_results
+        ],
+        dtype=float,
+    )
     return {
         "miou_mean": float(mious.mean()),
         "miou_std": float(mious.std()),
         "fb_iou_mean": float(fbs.mean()),
         "fb_iou_std": float(fbs.std()),
-        "class_iou_mean": dict(zip(classes, per_class.mean(0).tolist())),
+        # over the seeds in which the class occurred; None when it never did
+        "class_iou_mean": {c: finite_or_none(v) for c, v in zip(classes, _nanmean(per_class))},
         "seeds": len(seed_results),
     }
 
@@ -98,7 +117,7 @@ def seed_result(raw: dict) -> dict:
         "manifest_fingerprint": raw["manifest_fingerprint"],
         "miou": counts.miou(),
         "fb_iou": counts.fb_iou(),
-        "class_iou": {str(c): v for c, v in counts.class_iou().items()},
+        "class_iou": {str(c): finite_or_none(v) for c, v in counts.class_iou().items()},
         "episodes": len(counts.per_class),
         "eval_seconds": raw["eval_seconds"],
         "encoded_images": raw["encoded_images"],

@@ -206,7 +206,7 @@ class Tracker:
             metrics[f"miou_seed_{seed['seed']}"] = seed["miou"]
             metrics[f"fb_iou_seed_{seed['seed']}"] = seed["fb_iou"]
         for class_id, value in summary["class_iou_mean"].items():
-            if value == value:  # NaN: the class never occurred
+            if value is not None:  # None: the class never occurred
                 metrics[f"class_iou_{class_id}"] = value
         stamp = 0
         entries = [Metric(k, float(v), stamp, 0) for k, v in metrics.items()]

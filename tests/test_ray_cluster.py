@@ -1,0 +1,410 @@
+"""Real components: a Ray head + worker node started with `ray start` (token auth, 127.0.0.1),
+a real `mlflow server`, and killed processes. Every server is started and stopped here."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+# Execution facts, not results: times, hosts, and how many images a task's cache had to encode.
+VOLATILE = {
+    "timings",
+    "finished_at",
+    "environment",
+    "eval_seconds",
+    "seconds",
+    "host",
+    "pid",
+    "device",
+    "encoded_images",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill_group(process):
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Head (1 CPU) + a second node (1 CPU) on this machine, token-authenticated."""
+    if not shutil.which("ray"):
+        pytest.fail("the `ray` command is missing: pip install -e .")
+    temp = tempfile.mkdtemp(prefix="fsr", dir="/tmp")  # short: Ray's socket paths must fit
+    port = free_port()
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    logs = Path(temp)
+    started = []
+    try:
+        head = subprocess.Popen(
+            [
+                "ray",
+                "start",
+                "--head",
+                "--block",
+                f"--port={port}",
+                "--num-cpus=1",
+                "--include-dashboard=false",
+                f"--temp-dir={temp}",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            stdout=open(logs / "head.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        started.append(head)
+        wait_for(lambda: "Ray runtime started" in (logs / "head.log").read_text(), 120, "Ray head")
+        worker = subprocess.Popen(
+            ["ray", "start", "--block", f"--address=127.0.0.1:{port}", "--num-cpus=1"],
+            env=env,
+            stdout=open(logs / "worker.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        started.append(worker)
+        wait_for(
+            lambda: "Ray runtime started" in (logs / "worker.log").read_text(),
+            120,
+            "Ray worker node",
+        )
+        yield {"address": f"127.0.0.1:{port}", "env": env}
+    finally:
+        for process in reversed(started):
+            _kill_group(process)
+        # Ray's daemons outlive `ray start --block` on SIGTERM: end everything under our temp dir.
+        subprocess.run(["pkill", "-9", "-f", temp], check=False)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def grid_file(tmp_path_factory, voc_root):
+    folder = tmp_path_factory.mktemp("grid")
+    grid = {
+        "name": "faults",
+        "dataset": {"name": "pascal5i", "data_root": str(voc_root)},
+        "protocol": "panet",
+        "input_size": 32,
+        "episodes": 6,
+        "seeds": [1, 2],
+        "folds": [0, 1],
+        "shots": [1],
+        "methods": [{"name": "test_panet"}, {"name": "test_prototype_notrain"}],
+        "train": {"steps": 150, "lr_milestones": [100], "log_every": 50},
+    }
+    path = folder / "faults.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def run_cli(args, env=None, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "fsbench.benchmarks.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
+
+
+def scientific_content(results: Path) -> dict:
+    """Every cell file without the fields that may differ between equal runs (times, hosts)."""
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in VOLATILE}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return {
+        p.name: strip(json.loads(p.read_text()))
+        for p in sorted((results / "faults" / "cells").glob("*.json"))
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(grid_file, tmp_path_factory):
+    results = tmp_path_factory.mktemp("reference")
+    done = run_cli(
+        [
+            "run",
+            str(grid_file),
+            "--serial",
+            "--results",
+            str(results),
+            "--no-report",
+            "--no-tracking",
+        ]
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    content = scientific_content(results)
+    assert len(content) == 4
+    return content
+
+
+def test_one_worker_and_two_node_cluster_give_identical_results(
+    ray_cluster, grid_file, reference, tmp_path
+):
+    one = tmp_path / "one"
+    local = run_cli(
+        [
+            "run",
+            str(grid_file),
+            "--num-cpus",
+            "1",
+            "--results",
+            str(one),
+            "--no-report",
+            "--no-tracking",
+        ]
+    )
+    assert local.returncode == 0, local.stderr[-2000:]
+    two = tmp_path / "two"
+    cluster = run_cli(
+        [
+            "run",
+            str(grid_file),
+            "--ray-address",
+            ray_cluster["address"],
+            "--results",
+            str(two),
+            "--no-report",
+        ],
+        env=ray_cluster["env"],
+    )
+    assert cluster.returncode == 0, cluster.stderr[-2000:]
+    hosts = {
+        h
+        for p in (two / "faults" / "cells").glob("*.json")
+        for h in json.loads(p.read_text())["environment"]["hosts"]
+    }
+    assert hosts  # recorded where each cell ran
+    assert scientific_content(one) == reference
+    assert scientific_content(two) == reference
+
+
+def test_worker_killed_mid_cell_is_retried_with_equal_results(
+    ray_cluster, grid_file, reference, tmp_path
+):
+    from mlflow.tracking import MlflowClient
+
+    results = tmp_path / "killed"
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fsbench.benchmarks.cli",
+            "run",
+            str(grid_file),
+            "--ray-address",
+            ray_cluster["address"],
+            "--results",
+            str(results),
+            "--no-report",
+            "--quiet",
+        ],
+        env=ray_cluster["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def training_pid():
+        found = subprocess.run(
+            ["pgrep", "-f", "ray::_train_with_state"], capture_output=True, text=True
+        ).stdout.split()
+        return int(found[0]) if found else None
+
+    wait_for(lambda: training_pid() is not None, 120, "a training task to start")
+    time.sleep(0.5)  # well inside the cell: training runs for seconds
+    victim = training_pid()
+    os.kill(victim, signal.SIGKILL)
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, output[-3000:]
+    assert scientific_content(results) == reference
+    client = MlflowClient(f"sqlite:///{results}/mlflow.db")
+    experiment = client.get_experiment_by_name("faults")
+    runs = client.search_runs([experiment.experiment_id], "tags.`fsbench.kind` = 'cell'")
+    assert len(runs) == 4 and len({r.data.tags["fsbench.cell_id"] for r in runs}) == 4
+
+
+def test_driver_killed_mid_grid_then_rerun_finishes_only_missing_cells(
+    ray_cluster, grid_file, reference, tmp_path
+):
+    results = tmp_path / "driver"
+    command = [
+        "run",
+        str(grid_file),
+        "--ray-address",
+        ray_cluster["address"],
+        "--results",
+        str(results),
+        "--no-report",
+        "--quiet",
+    ]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "fsbench.benchmarks.cli", *command],
+        env=ray_cluster["env"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    cells = results / "faults" / "cells"
+    wait_for(lambda: len(list(cells.glob("*.json"))) >= 1, 300, "a first finished cell")
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    survivors = {p.name: p.stat().st_mtime_ns for p in cells.glob("*.json")}
+    assert 1 <= len(survivors) < 4
+    rerun = run_cli(command, env=ray_cluster["env"])
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{4 - len(survivors)} cells written, {len(survivors)} already done" in rerun.stdout
+    assert {
+        n: t
+        for n, t in ((p.name, p.stat().st_mtime_ns) for p in cells.glob("*.json"))
+        if n in survivors
+    } == survivors  # finished cells untouched
+    assert scientific_content(results) == reference
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend; restartable on the same store."""
+    port = free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    state = {"process": None, "uri": f"http://127.0.0.1:{port}"}
+
+    def start():
+        state["process"] = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                f"sqlite:///{store}/mlflow.db",
+                "--artifacts-destination",
+                (store / "artifacts").as_uri(),
+                "--workers",
+                "1",
+            ],
+            stdout=open(store / "server.log", "a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+        def up():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(up, 120, "mlflow server")
+
+    def stop():
+        _kill_group(state["process"])
+
+    state.update(start=start, stop=stop)
+    start()
+    yield state
+    stop()
+
+
+def test_tracking_server_down_mid_grid_then_sync(mlflow_server, grid_file, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    results = tmp_path / "tracked"
+    uri = mlflow_server["uri"]
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fsbench.benchmarks.cli",
+            "run",
+            str(grid_file),
+            "--serial",
+            "--results",
+            str(results),
+            "--tracking-uri",
+            uri,
+            "--no-report",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    client = MlflowClient(uri)
+
+    def cell_runs():
+        experiment = client.get_experiment_by_name("faults")
+        if experiment is None:
+            return []
+        return client.search_runs([experiment.experiment_id], "tags.`fsbench.kind` = 'cell'")
+
+    wait_for(
+        lambda: len([r for r in cell_runs() if r.info.status == "FINISHED"]) >= 1,
+        300,
+        "a first logged cell",
+    )
+    mlflow_server["stop"]()
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, output[-3000:]
+    assert "unreachable" in output and "sync" in output
+    assert len(list((results / "faults" / "cells").glob("*.json"))) == 4  # nothing lost
+
+    mlflow_server["start"]()
+    logged_before = len([r for r in cell_runs() if r.info.status == "FINISHED"])
+    assert logged_before < 4
+    sync = run_cli(["sync", "faults", "--results", str(results), "--tracking-uri", uri])
+    assert sync.returncode == 0, sync.stderr[-2000:]
+    assert f"pushed {4 - logged_before} of 4" in sync.stdout
+    runs = [r for r in cell_runs() if r.info.status == "FINISHED"]
+    assert len(runs) == 4 and len({r.data.tags["fsbench.cell_id"] for r in runs}) == 4
+    again = run_cli(["sync", "faults", "--results", str(results), "--tracking-uri", uri])
+    assert "pushed 0 of 4" in again.stdout
