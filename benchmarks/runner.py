@@ -93,6 +93,8 @@ class Driver:
         self.written: list[str] = []
         self.failed: dict[str, str] = {}
         self.started = time.perf_counter()
+        self.record_seconds = 0.0  # driver time spent writing results and logging to MLflow
+        self.task_seconds = 0.0  # compute time reported by the tasks (train + evaluation)
         self.bar = None
         if progress and plan.todo:
             from tqdm.auto import tqdm
@@ -126,6 +128,7 @@ class Driver:
                     self.bar.update(1)
 
     def _finish(self, job: Job, cell: Cell) -> None:
+        started = time.perf_counter()
         outputs = sorted(self.seed_outputs.pop(cell.id), key=lambda o: cell.seeds.index(o["seed"]))
         seeds = [seed_result(o) for o in outputs]
         train = self.train_info.get(job.key)
@@ -165,6 +168,8 @@ class Driver:
         self.written.append(cell.id)
         if self.tracker is not None:
             self.tracker.log_cell(result, self.store)
+        self.record_seconds += time.perf_counter() - started
+        self.task_seconds += result["timings"]["train_seconds"] + result["timings"]["eval_seconds"]
         summary = result["summary"]
         self._say(
             f"done {cell.title}: mIoU {100 * summary['miou_mean']:.1f} ± "

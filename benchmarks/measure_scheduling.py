@@ -1,0 +1,79 @@
+"""Scheduling and logging overhead per cell, and the speed-up of 2 Ray workers over 1.
+
+    python -m fsbench.benchmarks.measure_scheduling [--cells 8] [--steps 150]
+
+Runs a grid of equal cells (narrow PANet on generated data, one fold each) three ways: in-process
+(serial), local Ray with 1 worker and with 2 workers, each logging to its own MLflow sqlite store.
+Prints wall times, the driver's recording time (results + MLflow), and the overhead per cell as a
+share of the cell's compute time. Figures only: no assertion on speed here (see tests for behaviour).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from fsbench.benchmarks.grid import parse_grid
+from fsbench.benchmarks.results import ResultStore
+from fsbench.benchmarks.runner import RayExecutor, SerialExecutor, run_grid
+from fsbench.benchmarks.tracking import Tracker, default_tracking_uri
+
+
+def equal_cells_grid(cells: int, steps: int) -> dict:
+    # Equal cost per cell: the same model with different α (an ablation axis) on each fold.
+    alphas = [10.0 * (i + 1) for i in range(max(1, cells // 4))]
+    methods = [{"name": "panet", "kwargs": {"width": 0.125}, "sweep": {"alpha": alphas}}]
+    return {
+        "name": "equal_cells",
+        "dataset": {"name": "synthetic_pascal5i", "n_images": 600, "image_size": 128},
+        "input_size": 64, "episodes": 100, "seeds": [1234], "folds": [0, 1, 2, 3], "shots": [1],
+        "methods": methods,
+        "train": {"steps": steps, "lr_milestones": [steps], "log_every": 10},
+    }
+
+
+def measure(executor, grid, root: Path) -> dict:
+    store = ResultStore(root, grid.name)
+    tracker = Tracker(default_tracking_uri(root), root, grid.name)
+    started = time.perf_counter()
+    driver = run_grid(grid, store, executor, tracker, rerun=True, progress=False)
+    wall = time.perf_counter() - started
+    if hasattr(executor, "stop"):
+        executor.stop()
+    n = len(driver.written)
+    return {"wall": wall, "cells": n, "task": driver.task_seconds, "record": driver.record_seconds,
+            "failed": len(driver.failed)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=8, help="equal cells (multiple of 4)")
+    parser.add_argument("--steps", type=int, default=150, help="training steps per cell")
+    args = parser.parse_args(argv)
+    grid = parse_grid(equal_cells_grid(args.cells, args.steps))
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        runs = {
+            "serial (in-process)": measure(SerialExecutor(), grid, root / "serial"),
+            "ray, 1 worker": measure(RayExecutor(num_cpus=1).start(), grid, root / "ray1"),
+            "ray, 2 workers": measure(RayExecutor(num_cpus=2).start(), grid, root / "ray2"),
+        }
+    print(f"{len(grid.expand())} equal cells (narrow PANet, {args.steps} steps + 100 episodes each)")
+    print(f"{'run':<22}{'wall s':>9}{'compute s':>11}{'record s':>10}{'overhead/cell s':>17}"
+          f"{'share':>8}")
+    for name, run in runs.items():
+        workers = 2 if "2 workers" in name else 1
+        overhead = (run["wall"] * workers - run["task"]) / max(run["cells"], 1)
+        share = overhead / (run["task"] / max(run["cells"], 1))
+        print(f"{name:<22}{run['wall']:>9.1f}{run['task']:>11.1f}{run['record']:>10.2f}"
+              f"{overhead:>17.2f}{share:>8.1%}")
+    speedup = runs["ray, 1 worker"]["wall"] / runs["ray, 2 workers"]["wall"]
+    print(f"speed-up of 2 workers over 1: {speedup:.2f}x (ideal 2.00x on 2 cores)")
+    print("overhead/cell = (wall × workers − task compute) / cells; 'record' = driver time writing "
+          "results JSON + MLflow child runs")
+
+
+if __name__ == "__main__":
+    main()
