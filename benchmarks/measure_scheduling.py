@@ -5,7 +5,7 @@
 Runs a grid of equal cells (narrow PANet on generated data, one fold each) three ways: in-process
 (serial), local Ray with 1 worker and with 2 workers, each logging to its own MLflow sqlite store.
 Prints wall times, the driver's recording time (results + MLflow), and the overhead per cell as a
-share of the cell's compute time. Figures only: no assertion on speed here (see tests for behaviour).
+share of the cell's compute time. Figures only: no assertion on speed (tests check behaviour).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
             "ray, 1 worker": measure(RayExecutor(num_cpus=1).start(), grid, root / "ray1"),
             "ray, 2 workers": measure(RayExecutor(num_cpus=2).start(), grid, root / "ray2"),
         }
-    print(f"{len(grid.expand())} equal cells (narrow PANet, {args.steps} steps + 100 episodes each)")
+    print(f"{len(grid.expand())} equal cells (narrow PANet, {args.steps} steps, 100 episodes)")
     print(f"{'run':<22}{'wall s':>9}{'compute s':>11}{'record s':>10}{'overhead/cell s':>17}"
           f"{'share':>8}")
     for name, run in runs.items():
