@@ -300,25 +300,14 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-def grouped_bars(frame, out_dir, name, rows, title, group="fold", metric="miou"):
-    """Bars of mean ± std over seeds per `group` for each row (greyscale-safe hatching)."""
-    plt = _style()
-    part = frame[frame["row"].isin(rows)]
-    if part.empty:
-        return []
-    stats = part.groupby(["row", group])[metric].agg(["mean", lambda s: s.std(ddof=0)])
-    stats.columns = ["mean", "std"]
-    groups = sorted(part[group].unique())
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(groups) * max(1, len(rows)) / 2, 3))
+def _bars(ax, groups, rows, means, errors, labels):
     width = 0.8 / len(rows)
     for i, row in enumerate(rows):
-        means = [stats["mean"].get((row, g), np.nan) for g in groups]
-        errors = [stats["std"].get((row, g), np.nan) for g in groups]
         ax.bar(
             np.arange(len(groups)) + (i - (len(rows) - 1) / 2) * width,
-            means,
+            means[i],
             width,
-            yerr=errors,
+            yerr=errors[i] if errors is not None else None,
             capsize=2,
             label=row,
             color=GREYS[i % len(GREYS)],
@@ -326,36 +315,96 @@ def grouped_bars(frame, out_dir, name, rows, title, group="fold", metric="miou")
             edgecolor="black",
             linewidth=0.6,
         )
-    ax.set_xticks(np.arange(len(groups)), [f"{group.title()} {g}" for g in groups])
-    ax.set_ylabel(f"{'mIoU' if metric == 'miou' else 'FB-IoU'} (%)")
-    ax.set_title(title)
-    ax.legend(frameon=False, fontsize=8)
+    ax.set_xticks(np.arange(len(groups)), labels)
+
+
+def grouped_bars(frame, out_dir, name, rows, title, group="fold", metric="miou", panel="shot"):
+    """Bars of mean ± std over seeds per `group` for each row, one panel per `panel` value.
+
+    Greyscale-safe (grey levels plus hatching); seeds are never pooled across panels."""
+    plt = _style()
+    part = frame[frame["row"].isin(rows)]
+    if part.empty:
+        return []
+    keys = ["row", group] + ([panel] if panel else [])
+    stats = part.groupby(keys)[metric].agg(["mean", lambda s: s.std(ddof=0)])
+    stats.columns = ["mean", "std"]
+    groups = sorted(part[group].unique())
+    panels = sorted(part[panel].unique()) if panel else [None]
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        squeeze=False,
+        sharey=True,
+        figsize=(0.6 + len(panels) * (0.5 + 0.35 * len(groups) * len(rows)), 3),
+    )
+    for ax, value in zip(axes[0], panels):
+        keys = [[(r, g, value) if panel else (r, g) for g in groups] for r in rows]
+        means = [[stats["mean"].get(k, np.nan) for k in row_keys] for row_keys in keys]
+        errors = [[stats["std"].get(k, np.nan) for k in row_keys] for row_keys in keys]
+        labels = [f"{g}-shot" if group == "shot" else f"{group.title()} {g}" for g in groups]
+        _bars(ax, groups, rows, means, errors, labels)
+        if panel:
+            ax.set_title(f"{value}-shot" if panel == "shot" else f"{panel} {value}", fontsize=9)
+    axes[0][0].set_ylabel(f"{'mIoU' if metric == 'miou' else 'FB-IoU'} (%)")
+    fig.suptitle(title, fontsize=10, y=1.04)
+    axes[0][-1].legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, out_dir, name)
 
 
+def _smooth(values, window=5):
+    values = np.asarray(values, dtype=float)
+    if len(values) < window:
+        return values
+    kernel = np.ones(window) / window
+    padded = np.concatenate(
+        [np.full(window // 2, values[0]), values, np.full(window // 2, values[-1])]
+    )
+    return np.convolve(padded, kernel, mode="valid")[: len(values)]
+
+
 def training_curves(cells, out_dir, name="training_curves"):
+    """Segmentation loss (the term every variant shares; PAR's term is plotted apart), smoothed."""
     plt = _style()
     trained = [c for c in cells if c.get("train") and c["train"].get("curve")]
     if not trained:
         return []
-    fig, ax = plt.subplots(figsize=(5, 3))
+    rows = [
+        r
+        for r in _rows_in_grid_order(seed_frame(cells))
+        if any(c["config"]["row"] == r for c in trained)
+    ]
+    has_par = any("par" in c["train"]["curve"][0] for c in trained)
+    fig, axes = plt.subplots(
+        1, 2 if has_par else 1, squeeze=False, figsize=(9 if has_par else 5, 3)
+    )
     styles = ["-", "--", ":", "-."]
-    for i, row in enumerate(dict.fromkeys(c["config"]["row"] for c in trained)):
-        for j, cell in enumerate(c for c in trained if c["config"]["row"] == row):
-            curve = cell["train"]["curve"]
-            ax.plot(
-                [p["step"] for p in curve],
-                [p["total"] for p in curve],
-                styles[i % len(styles)],
-                color=GREYS[i % len(GREYS)],
-                linewidth=0.8,
-                alpha=0.8,
-                label=row if j == 0 else None,
-            )
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("Training loss (every cell)")
-    ax.legend(frameon=False, fontsize=8)
+    for i, row in enumerate(rows):
+        for term, ax in zip(("segmentation", "par"), axes[0]):
+            curves = [
+                c["train"]["curve"]
+                for c in trained
+                if c["config"]["row"] == row and term in c["train"]["curve"][0]
+            ]
+            if not curves:
+                continue
+            for j, curve in enumerate(curves):
+                ax.plot(
+                    [p["step"] for p in curve],
+                    _smooth([p[term] for p in curve]),
+                    styles[i % len(styles)],
+                    color=GREYS[i % len(GREYS)],
+                    linewidth=0.8,
+                    alpha=0.8,
+                    label=row if j == 0 else None,
+                )
+    axes[0][0].set_title("query segmentation loss (every cell, smoothed)", fontsize=9)
+    if has_par:
+        axes[0][1].set_title("PAR loss (support segmentation from the query)", fontsize=9)
+    for ax in axes[0]:
+        ax.set_xlabel("step")
+        ax.legend(frameon=False, fontsize=8)
+    axes[0][0].set_ylabel("cross-entropy")
     return _save(fig, out_dir, name)
 
 
@@ -371,7 +420,7 @@ def per_class_figure(cells, out_dir, name="per_class_iou"):
     classes = sorted({c for v in values.values() for c in v})
     if not classes:
         return []
-    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(classes) * len(rows) / 2), 3))
+    fig, ax = plt.subplots(figsize=(min(12, max(5, 0.12 * len(classes) * len(rows))), 3))
     width = 0.8 / len(rows)
     for i, row in enumerate(rows):
         means = [100 * _nanmean(values.get(row, {}).get(c, [np.nan])) for c in classes]
@@ -466,7 +515,7 @@ def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
             ax.imshow(image)
             ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.5)
             ax.contour(mask.astype(float), levels=[0.5], colors="black", linewidths=0.6)
-            ax.imshow(np.ma.masked_where(~mask, mask), alpha=0.35, cmap="gray_r")
+            ax.imshow(np.ma.masked_where(~mask, mask), alpha=0.55, cmap="gray", vmin=0, vmax=1)
             ax.set_title(f"{title} (class {spec['classes'][0]})" if col == 0 else title, fontsize=8)
             ax.axis("off")
     fig.suptitle(result["title"], fontsize=9)
@@ -520,7 +569,15 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
         par_rows or rows,
         "PAR on vs off, per fold (mean ± std over seeds)",
     )
-    written["figures"] += grouped_bars(frame, out, "shots", rows, "1-shot vs 5-shot", group="shot")
+    written["figures"] += grouped_bars(
+        frame,
+        out,
+        "shots",
+        rows,
+        "1-shot vs 5-shot (mean ± std over folds and seeds)",
+        group="shot",
+        panel=None,
+    )
     written["figures"] += per_class_figure(cells, out)
     written["figures"] += training_curves(cells, out)
     written["figures"] += alpha_figure(frame, out)
