@@ -21,5 +21,5 @@ def computed_packages():
 setup(
     packages=computed_packages(),
     package_dir={f"fsbench.{root}": root for root in FOLDERS},
-    package_data={"fsbench.benchmarks": ["configs/*.yaml"]},
+    package_data={"fsbench.benchmarks": ["configs/*.yaml", "reported.yaml"]},
 )

@@ -62,6 +62,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _add_run_options(parser):
     parser.add_argument("--dry-run", action="store_true", help="print cells, done state, resources")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="apply the grid's `smoke:` section (tiny, generated data) for a quick check",
+    )
     parser.add_argument("--rerun", action="store_true", help="run finished cells again")
     parser.add_argument("--serial", action="store_true", help="run in-process without Ray")
     parser.add_argument("--ray-address", help="join an existing Ray cluster (or set RAY_ADDRESS)")
@@ -128,7 +133,7 @@ def cmd_run(args) -> int:
     overrides = list(args.overrides)
     if args.data_root:
         overrides.append(f"dataset.data_root={Path(args.data_root).expanduser().resolve()}")
-    grid = load_grid(args.grid, overrides)
+    grid = load_grid(args.grid, overrides, smoke=args.smoke)
     root = _results_root(args)
     store = ResultStore(root, grid.name)
     if args.dry_run:

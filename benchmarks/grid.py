@@ -31,6 +31,7 @@ GRID_KEYS = {
     "device",
     "eval_batch_size",
     "cache_bytes",
+    "smoke",
 }
 ANNOTATIONS = ("mask",)
 
@@ -268,6 +269,7 @@ def parse_grid(raw: dict) -> GridSpec:
     """Validate a grid dict into a GridSpec: unknown keys and impossible values are errors."""
     raw = dict(raw)
     raw.pop("include", None)
+    raw.pop("smoke", None)
     unknown = set(raw) - GRID_KEYS
     if unknown:
         raise FsbenchError(
@@ -316,5 +318,12 @@ def parse_grid(raw: dict) -> GridSpec:
     return spec
 
 
-def load_grid(path, overrides=()) -> GridSpec:
-    return parse_grid(apply_overrides(read_grid_file(Path(path)), list(overrides)))
+def load_grid(path, overrides=(), smoke: bool = False) -> GridSpec:
+    """A grid file (+ its `smoke:` section when `smoke`) with `key=value` overrides on top."""
+    raw = read_grid_file(Path(path))
+    if smoke:
+        if not raw.get("smoke"):
+            raise FsbenchError(f"{path}: has no `smoke:` section to run a smoke-sized version")
+        raw = _merge(raw, raw["smoke"])
+        raw["name"] = f"{raw['name']}_smoke"
+    return parse_grid(apply_overrides(raw, list(overrides)))

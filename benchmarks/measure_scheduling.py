@@ -28,7 +28,11 @@ def equal_cells_grid(cells: int, steps: int) -> dict:
     return {
         "name": "equal_cells",
         "dataset": {"name": "synthetic_pascal5i", "n_images": 600, "image_size": 128},
-        "input_size": 64, "episodes": 100, "seeds": [1234], "folds": [0, 1, 2, 3], "shots": [1],
+        "input_size": 64,
+        "episodes": 100,
+        "seeds": [1234],
+        "folds": [0, 1, 2, 3],
+        "shots": [1],
         "methods": methods,
         "train": {"steps": steps, "lr_milestones": [steps], "log_every": 10},
     }
@@ -43,8 +47,13 @@ def measure(executor, grid, root: Path) -> dict:
     if hasattr(executor, "stop"):
         executor.stop()
     n = len(driver.written)
-    return {"wall": wall, "cells": n, "task": driver.task_seconds, "record": driver.record_seconds,
-            "failed": len(driver.failed)}
+    return {
+        "wall": wall,
+        "cells": n,
+        "task": driver.task_seconds,
+        "record": driver.record_seconds,
+        "failed": len(driver.failed),
+    }
 
 
 def main(argv=None) -> None:
@@ -61,18 +70,24 @@ def main(argv=None) -> None:
             "ray, 2 workers": measure(RayExecutor(num_cpus=2).start(), grid, root / "ray2"),
         }
     print(f"{len(grid.expand())} equal cells (narrow PANet, {args.steps} steps, 100 episodes)")
-    print(f"{'run':<22}{'wall s':>9}{'compute s':>11}{'record s':>10}{'overhead/cell s':>17}"
-          f"{'share':>8}")
+    print(
+        f"{'run':<22}{'wall s':>9}{'compute s':>11}{'record s':>10}{'overhead/cell s':>17}"
+        f"{'share':>8}"
+    )
     for name, run in runs.items():
         workers = 2 if "2 workers" in name else 1
         overhead = (run["wall"] * workers - run["task"]) / max(run["cells"], 1)
         share = overhead / (run["task"] / max(run["cells"], 1))
-        print(f"{name:<22}{run['wall']:>9.1f}{run['task']:>11.1f}{run['record']:>10.2f}"
-              f"{overhead:>17.2f}{share:>8.1%}")
+        print(
+            f"{name:<22}{run['wall']:>9.1f}{run['task']:>11.1f}{run['record']:>10.2f}"
+            f"{overhead:>17.2f}{share:>8.1%}"
+        )
     speedup = runs["ray, 1 worker"]["wall"] / runs["ray, 2 workers"]["wall"]
     print(f"speed-up of 2 workers over 1: {speedup:.2f}x (ideal 2.00x on 2 cores)")
-    print("overhead/cell = (wall × workers − task compute) / cells; 'record' = driver time writing "
-          "results JSON + MLflow child runs")
+    print(
+        "overhead/cell = (wall × workers − task compute) / cells; 'record' = driver time writing "
+        "results JSON + MLflow child runs"
+    )
 
 
 if __name__ == "__main__":

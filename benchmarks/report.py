@@ -114,7 +114,48 @@ def _best(table: pd.DataFrame) -> dict:
     return {c: means[c].max() for c in means.columns}
 
 
-def to_markdown(table: pd.DataFrame, footnote: str = "") -> str:
+def reported_rows(frame: pd.DataFrame, metric: str, columns) -> pd.DataFrame:
+    """Published numbers matching the frame's dataset/protocol/annotation, as table strings.
+
+    Unverified values carry a dagger; rows are labelled by their source."""
+    import yaml
+
+    entries = yaml.safe_load((Path(__file__).parent / "reported.yaml").read_text()) or []
+    datasets, protocols = set(frame["dataset"]), set(frame["protocol"])
+    annotations, ways = set(frame["annotation"]), set(frame["way"])
+    rows = {}
+    for entry in entries:
+        if (
+            entry["metric"] != metric
+            or entry["dataset"] not in datasets
+            or entry["protocol"] not in protocols
+            or ways != {1}
+            or entry.get("annotation", "mask") not in annotations
+        ):
+            continue
+        label = f"{entry['label']} [{entry['source']}]"
+        cells = {}
+        for shot, values in entry["shots"].items():
+            dagger = {
+                "mean": "" if values.get("mean_status") == "read" else "†",
+                "folds": "" if values.get("folds_status") == "read" else "†",
+            }
+            cells[(f"{shot}-shot", "Mean")] = f"{values['mean']:.1f}{dagger['mean']}"
+            for fold, value in enumerate(values.get("folds", [])):
+                cells[(f"{shot}-shot", f"Fold-{fold}")] = f"{value:.1f}{dagger['folds']}"
+        rows[label] = [cells.get(c, MISSING) for c in columns]
+    return pd.DataFrame.from_dict(rows, orient="index", columns=pd.MultiIndex.from_tuples(columns))
+
+
+REPORTED_NOTE = (
+    "Rows marked [source] are published numbers, not reproduced here; † = not yet "
+    "checked against the paper."
+)
+
+
+def to_markdown(
+    table: pd.DataFrame, footnote: str = "", reported: pd.DataFrame | None = None
+) -> str:
     means, stds, best = table["mean"], table["std"], _best(table)
     header = ["Method"] + [f"{s} {f}" for s, f in means.columns]
     lines = [
@@ -132,10 +173,16 @@ def to_markdown(table: pd.DataFrame, footnote: str = "") -> str:
             for c in means.columns
         ]
         lines.append("| " + " | ".join([row] + cells) + " |")
+    if reported is not None and len(reported):
+        for label, values in reported.iterrows():
+            lines.append("| " + " | ".join([f"*{label}*"] + [str(v) for v in values]) + " |")
+        footnote = f"{footnote} {REPORTED_NOTE}".strip()
     return "\n".join(lines) + (f"\n\n{footnote}\n" if footnote else "\n")
 
 
-def to_latex(table: pd.DataFrame, footnote: str = "", caption: str = "") -> str:
+def to_latex(
+    table: pd.DataFrame, footnote: str = "", caption: str = "", reported: pd.DataFrame | None = None
+) -> str:
     means, stds, best = table["mean"], table["std"], _best(table)
     shots = list(dict.fromkeys(s for s, _ in means.columns))
     spec = "l" + "|".join("c" * sum(1 for s2, _ in means.columns if s2 == s) for s in shots)
@@ -167,6 +214,12 @@ def to_latex(table: pd.DataFrame, footnote: str = "", caption: str = "") -> str:
             for c in means.columns
         ]
         lines.append(_latex_escape(row) + " & " + " & ".join(cells) + " \\\\")
+    if reported is not None and len(reported):
+        lines.append("\\midrule")
+        for label, values in reported.iterrows():
+            cells = [str(v).replace("†", "$^\\dagger$") for v in values]
+            lines.append("\\textit{" + _latex_escape(label) + "} & " + " & ".join(cells) + " \\\\")
+        footnote = f"{footnote} {REPORTED_NOTE}".strip()
     lines += ["\\bottomrule", "\\end{tabular}"]
     if caption or footnote:
         lines.append(f"\\caption{{{_latex_escape(caption)} {_latex_escape(footnote)}}}")
@@ -262,6 +315,30 @@ def statistics(cells: list[dict], n_boot: int = 1000) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def statistics_markdown(stats: pd.DataFrame) -> str:
+    """Paired differences (variant − base) with their 95% CIs; CIs per cell stay in the CSV."""
+    lines = ["# Paired comparisons (same manifests, 95% paired bootstrap over episodes)", ""]
+    paired = stats[stats["kind"] == "paired"] if len(stats) else stats
+    if not len(paired):
+        return "\n".join(lines + ["No variant/base pair in this grid.", ""])
+    lines += [
+        "| Variant | vs | Shot | Fold | Seed | Δ mIoU | 95% CI | Verdict |",
+        "|---|---|:-:|:-:|:-:|:-:|:-:|---|",
+    ]
+    for _, r in paired.iterrows():
+        lines.append(
+            f"| {r['row']} | {r['versus']} | {r['shot']} | {r['fold']} | {r['seed']} | "
+            f"{r['value']:+.1f} | [{r['low']:+.1f}, {r['high']:+.1f}] | {r['significant']} |"
+        )
+    inside = (paired["significant"] != "yes").sum()
+    lines += [
+        "",
+        f"{inside} of {len(paired)} differences lie inside the noise (CI contains 0).",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 # -- figures ---------------------------------------------------------------------------------
@@ -540,7 +617,8 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     for metric, label in (("miou", "miou"), ("fb_iou", "fb_iou")):
         table = paper_table(frame, metric)
         text_note = note if metric == "miou" else note.replace("mIoU %", "FB-IoU %")
-        (out / f"table_{label}.md").write_text(to_markdown(table, text_note))
+        reported = reported_rows(frame, metric, list(table["mean"].columns))
+        (out / f"table_{label}.md").write_text(to_markdown(table, text_note, reported))
         (out / f"table_{label}.tex").write_text(
             to_latex(table, text_note, caption=f"{label} on {grid_dir.name}.")
         )
@@ -559,7 +637,8 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     written["tables"].append(out / "table_class_iou.csv")
     stats = statistics(cells, n_boot)
     stats.to_csv(out / "statistics.csv", index=False, float_format="%.3f")
-    written["tables"].append(out / "statistics.csv")
+    (out / "statistics.md").write_text(statistics_markdown(stats))
+    written["tables"] += [out / "statistics.csv", out / "statistics.md"]
     rows = _rows_in_grid_order(frame)
     par_rows = [r for r in rows if r.split("[")[0] in ("panet", "panet_nopar")]
     written["figures"] += grouped_bars(
@@ -594,3 +673,30 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
         if figure is not None:
             written["figures"].append(figure)
     return written
+
+
+# -- notebook API ----------------------------------------------------------------------------
+def grid_folder(grid: str | Path = "quickstart", results: str | Path | None = None) -> Path:
+    folder = Path(grid)
+    if folder.is_dir():
+        return folder
+    from fsbench.benchmarks.results import default_results_root
+
+    folder = (Path(results) if results else default_results_root()) / str(grid)
+    if not folder.is_dir():
+        raise FsbenchError(f"{folder}: no results for grid {grid!r} (run it first)")
+    return folder
+
+
+def results_frame(
+    grid: str | Path = "quickstart", results: str | Path | None = None
+) -> pd.DataFrame:
+    """One row per (cell, seed) of a grid's results: mIoU, FB-IoU, fold, shot, fingerprint, …"""
+    return seed_frame(load_cells(grid_folder(grid, results)))
+
+
+def results_table(
+    grid: str | Path = "quickstart", metric: str = "miou", results: str | Path | None = None
+) -> pd.DataFrame:
+    """The paper-layout table (columns `mean` and `std` × (shot, fold)) as a DataFrame."""
+    return paper_table(results_frame(grid, results), metric)

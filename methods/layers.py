@@ -15,8 +15,19 @@ from fsbench.datasets.registry import FsbenchError
 log = logging.getLogger("fsbench")
 
 # (convs, out channels, dilation) per VGG-16 stage; pools between them as in PANet's vgg.py.
+VGG16_FILE = "vgg16-397923af.pth"
 VGG16_STAGES = ((2, 64, 1), (2, 128, 1), (3, 256, 1), (3, 512, 1), (3, 512, 2))
 MAP_EPS = 1e-5
+
+
+def imagenet_weights_path(filename: str) -> Path:
+    """Where named ImageNet weights live: $FSBENCH_WEIGHTS, else the fsbench cache's weights/."""
+    import os
+
+    from fsbench.datasets.synthetic import default_cache_dir
+
+    folder = os.environ.get("FSBENCH_WEIGHTS")
+    return (Path(folder).expanduser() if folder else default_cache_dir() / "weights") / filename
 
 
 class FewShotMethod(nn.Module):
@@ -69,12 +80,16 @@ class VGG16Encoder(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def load_torchvision_vgg16(self, path: str) -> None:
-        """Copy the 26 conv tensors (13 weights + biases) of a torchvision VGG-16 file, in order."""
-        file = Path(path).expanduser()
+        """Copy the 26 conv tensors (13 weights + biases) of a torchvision VGG-16 file, in order.
+
+        `path` "imagenet" means torchvision's vgg16-397923af.pth in $FSBENCH_WEIGHTS (default:
+        <fsbench cache>/weights), so grid files need no machine-specific path."""
+        file = imagenet_weights_path(VGG16_FILE) if path == "imagenet" else Path(path).expanduser()
         if not file.is_file():
             raise FsbenchError(
-                f"{file}: pretrained VGG-16 file not found; pass the path of a torchvision "
-                "vgg16 state dict (e.g. vgg16-397923af.pth) or leave `pretrained` unset"
+                f"{file}: pretrained VGG-16 file not found; put torchvision's {VGG16_FILE} there "
+                "(or set FSBENCH_WEIGHTS to its folder, or give its path as `pretrained`), or "
+                "leave `pretrained` unset for random initialisation"
             )
         try:
             source = torch.load(file, map_location="cpu", weights_only=True)

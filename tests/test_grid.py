@@ -47,7 +47,7 @@ def test_include_and_command_line_overrides(tmp_path, small_grid_dict):
         ("train.stepz=3", "train: unknown key"),
         ("protocol=foo", "protocol: unknown 'foo'"),
         ("dataset.name=voc", "unknown dataset 'voc'"),
-    ("methods=[test_panet, test_panet]", "listed twice"),
+        ("methods=[test_panet, test_panet]", "listed twice"),
     ],
 )
 def test_bad_grid_values_are_one_clear_error(small_grid_dict, override, message):
