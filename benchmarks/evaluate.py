@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +28,7 @@ class FeatureCache:
         missing = list(dict.fromkeys(i for i in image_ids if i not in self._items))
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
-            images = torch.stack([self.loader.image_and_label(i)[0] for i in chunk])
+            images = torch.stack([self.loader.image(i) for i in chunk])
             features = self.model.encode(images.to(self.device))
             for image_id, feature in zip(chunk, features):
                 self._store(image_id, feature.clone())
@@ -51,11 +50,11 @@ class FeatureCache:
 
 def _scoring_label(dataset, image_id, classes) -> torch.Tensor:
     """The query's label at original resolution, in episode indices (protocols scoring there)."""
-    raw = torch.from_numpy(dataset.load_label(image_id).astype(np.int64))
-    target = torch.zeros_like(raw)
-    target[raw == 255] = 255
-    for index, class_id in enumerate(classes, start=1):
-        target[raw == class_id] = index
+    masks, void = dataset.load_masks(image_id, list(classes))
+    target = torch.zeros(void.shape, dtype=torch.long)
+    target[torch.from_numpy(void)] = 255
+    for index, mask in enumerate(masks, start=1):
+        target[torch.from_numpy(mask)] = index
     return target
 
 

@@ -33,7 +33,7 @@ GRID_KEYS = {
     "cache_bytes",
     "smoke",
 }
-ANNOTATIONS = ("mask",)
+ANNOTATIONS = ("mask", "scribble", "bbox")
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,10 @@ class Cell:
         return f"{self.method.row()} fold{self.fold} {self.way}w{self.shot}s"
 
     def model_key(self) -> str:
-        """Cells with the same key share one model (untrained methods: every shot and seed)."""
-        if self.train is not None:
-            return self.id
-        identity = {k: v for k, v in self.config().items() if k not in ("shot", "seeds", "row")}
+        """Cells with the same key share one model: a trained model serves every annotation
+        (PANet trains on dense masks and tests with weak ones); an untrained one also every shot."""
+        shared = ("seeds", "row", "annotation") + (() if self.train is not None else ("shot",))
+        identity = {k: v for k, v in self.config().items() if k not in shared}
         return canonical_sha256(identity)[:16]
 
 

@@ -556,7 +556,7 @@ def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
     plt = _style()
     config = result["config"]
     dataset = DATASETS.get(config["dataset"]["name"])(
-        **{k: v for k, v in config["dataset"].items() if k != "name"}
+        protocol=config["protocol"], **{k: v for k, v in config["dataset"].items() if k != "name"}
     )
     seed = next(s for s in result["seeds"] if s["seed"] == kept[0]["seed"])
     manifest = json.loads(
@@ -572,18 +572,22 @@ def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
             Image.fromarray(dataset.load_image(support_id)).resize(size, Image.BILINEAR)
         )
         support_label = np.asarray(
-            Image.fromarray(dataset.load_label(support_id)).resize(size, Image.NEAREST)
+            Image.fromarray(
+                dataset.load_masks(support_id, spec["classes"])[0][0].astype(np.uint8)
+            ).resize(size, Image.NEAREST)
         )
         query = np.asarray(
             Image.fromarray(dataset.load_image(query_id)).resize(size, Image.BILINEAR)
         )
         query_label = np.asarray(
-            Image.fromarray(dataset.load_label(query_id)).resize(size, Image.NEAREST)
+            Image.fromarray(
+                dataset.load_masks(query_id, spec["classes"])[0][0].astype(np.uint8)
+            ).resize(size, Image.NEAREST)
         )
         prediction = np.asarray(item["prediction"])
-        truth = np.isin(query_label, spec["classes"][:1])
+        truth = query_label > 0
         panels = [
-            (support, support_label == spec["classes"][0], "support + mask"),
+            (support, support_label > 0, "support + mask"),
             (query, prediction == 1, "query + prediction"),
             (query, truth, "query + ground truth"),
         ]

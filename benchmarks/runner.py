@@ -48,7 +48,7 @@ def plan_grid(
     todo = [c for c in cells if c.id not in done]
     manifests = {}
     if build_manifests and todo:
-        dataset = open_dataset(grid.dataset)
+        dataset = open_dataset(grid.dataset, grid.protocol)
         by_setting = {}
         for cell in todo:
             protocol = get_protocol(cell.protocol)
@@ -73,6 +73,7 @@ def plan_grid(
                         "cell_id": cell.id,
                         "seed": seed,
                         "protocol": cell.protocol,
+                        "annotation": cell.annotation,
                         "manifest": manifests[(cell.id, seed)].to_json(),
                     }
                 )

@@ -26,9 +26,10 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def open_dataset(dataset_cfg: dict):
+def open_dataset(dataset_cfg: dict, protocol: str = "panet"):
+    """The dataset of a config; the protocol sets its defaults (COCO fold convention, crowds)."""
     kwargs = {k: v for k, v in dataset_cfg.items() if k != "name"}
-    return DATASETS.get(dataset_cfg["name"])(**kwargs)
+    return DATASETS.get(dataset_cfg["name"])(protocol=protocol, **kwargs)
 
 
 def build_model(config: dict):
@@ -61,7 +62,7 @@ def train_task(config: dict, device: str = "auto", threads: int | None = None) -
     )
     result = train(
         model,
-        open_dataset(config["dataset"]),
+        open_dataset(config["dataset"], config["protocol"]),
         protocol,
         config["fold"],
         config["way"],
@@ -104,12 +105,15 @@ def eval_task(
     if state_dict is not None:
         model.load_state_dict(state_dict)
     model.to(device).eval()
-    dataset = open_dataset(model_config["dataset"])
-    loader = EpisodeLoader(dataset, model_config["input_size"])
-    cache = FeatureCache(model, loader, device, cache_bytes, batch_size)
+    dataset = open_dataset(model_config["dataset"], model_config["protocol"])
+    # One encoder cache for every item: annotations change the support masks, not the images.
+    cache = FeatureCache(
+        model, EpisodeLoader(dataset, model_config["input_size"]), device, cache_bytes, batch_size
+    )
     outputs = []
     for item in items:
         started = time.perf_counter()
+        loader = cache.loader.annotated(item.get("annotation", "mask"), weak_seed=item["seed"])
         manifest = EpisodeManifest.from_json(item["manifest"])
         protocol = get_protocol(item["protocol"])
         counts, seconds, kept = evaluate(

@@ -91,7 +91,7 @@ def train(
     if not model.trainable:
         raise FsbenchError(f"{type(model).__name__} does not train")
     started = time.perf_counter()
-    split = protocol.pascal_train_list
+    split = dataset.train_split(protocol)
     train_classes, val_classes = split_validation_classes(dataset.train_classes(fold), cfg, fold)
     loader = EpisodeLoader(dataset, input_size)
     rng = seeded_rng("train-episodes", cfg.seed, dataset.name, fold, way, shot)
@@ -164,7 +164,7 @@ def validate(model, loader, dataset, protocol, val_classes, way, shot, cfg, devi
         spec = sample_episode(
             rng,
             dataset,
-            protocol.pascal_train_list,
+            dataset.train_split(protocol),
             val_classes,
             min(way, len(val_classes)),
             shot,

@@ -112,7 +112,7 @@ class EpisodeManifest:
 
     @classmethod
     def build(cls, dataset, protocol, fold, way, shot, n_episodes, seed, queries_per_way=1):
-        split = protocol.pascal_test_list if dataset.name.endswith("pascal5i") else "test"
+        split = dataset.test_split(protocol)
         min_pixels = protocol.min_object_pixels
         spec = {
             "version": MANIFEST_VERSION,
@@ -211,67 +211,133 @@ def normalise(image: np.ndarray) -> torch.Tensor:
     return (tensor - mean) / std
 
 
-class EpisodeLoader:
-    """Turns episode specs into `Episode` tensors; decodes and resizes each image once (LRU)."""
+ANNOTATIONS = ("mask", "scribble", "bbox")
 
-    def __init__(self, dataset, input_size: int, cache_items: int = 4096):
+
+class EpisodeLoader:
+    """Turns episode specs into `Episode` tensors at the input size; each image is decoded and
+    resized once (LRU). `annotation` decides what the support masks are: dense masks, scribbles
+    or boxes derived from them (weak supports, seeded by `weak_seed`)."""
+
+    def __init__(
+        self,
+        dataset,
+        input_size: int,
+        annotation: str = "mask",
+        weak_seed: int = 0,
+        cache_items: int = 4096,
+    ):
+        if annotation not in ANNOTATIONS:
+            raise FsbenchError(f"annotation {annotation!r} is not one of {', '.join(ANNOTATIONS)}")
         self.dataset = dataset
         self.input_size = input_size
+        self.annotation = annotation
+        self.weak_seed = weak_seed
         self.cache_items = cache_items
-        self._cache: OrderedDict[str, tuple[torch.Tensor, np.ndarray]] = OrderedDict()
+        self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._masks: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
-    def image_and_label(self, image_id: str) -> tuple[torch.Tensor, np.ndarray]:
-        """Normalised image [3,S,S] and label [S,S] (bilinear / nearest resize, as PANet)."""
-        if image_id in self._cache:
-            self._cache.move_to_end(image_id)
-            return self._cache[image_id]
+    def annotated(self, annotation: str, weak_seed: int = 0) -> EpisodeLoader:
+        """The same loader (sharing decoded images and masks) with another support annotation."""
+        other = EpisodeLoader(
+            self.dataset, self.input_size, annotation, weak_seed, self.cache_items
+        )
+        other._images, other._masks = self._images, self._masks
+        return other
+
+    def _remember(self, cache: OrderedDict, key, make):
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        cache[key] = value = make()
+        if len(cache) > self.cache_items:
+            cache.popitem(last=False)
+        return value
+
+    def _resize_mask(self, mask: np.ndarray) -> np.ndarray:
         size = (self.input_size, self.input_size)
-        image = Image.fromarray(self.dataset.load_image(image_id)).resize(size, Image.BILINEAR)
-        label = Image.fromarray(self.dataset.load_label(image_id)).resize(size, Image.NEAREST)
-        item = (normalise(np.asarray(image)), np.asarray(label))
-        self._cache[image_id] = item
-        if len(self._cache) > self.cache_items:
-            self._cache.popitem(last=False)
-        return item
+        return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(size, Image.NEAREST)) > 0
+
+    def image(self, image_id: str) -> torch.Tensor:
+        """Normalised image [3, S, S] (bilinear resize, as PANet)."""
+
+        def make():
+            size = (self.input_size, self.input_size)
+            return normalise(
+                np.asarray(
+                    Image.fromarray(self.dataset.load_image(image_id)).resize(size, Image.BILINEAR)
+                )
+            )
+
+        return self._remember(self._images, image_id, make)
+
+    def masks(self, image_id: str, classes) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-class masks [N, S, S] and void mask [S, S] (nearest resize), as bool tensors."""
+
+        def make():
+            masks, void = self.dataset.load_masks(image_id, list(classes))
+            return (
+                torch.from_numpy(np.stack([self._resize_mask(m) for m in masks])),
+                torch.from_numpy(self._resize_mask(void)),
+            )
+
+        return self._remember(self._masks, (image_id, tuple(classes)), make)
+
+    def support_masks(
+        self, image_id: str, index: int, classes
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Foreground / background of the support for classes[index] under the annotation."""
+        masks, _ = self.masks(image_id, classes)
+        # Background: pixels of none of the episode's classes (the void outline included).
+        fg, bg = masks[index], ~masks.any(0)
+        if self.annotation == "scribble":
+            from fsbench.datasets.weak import scribble
+
+            rng = seeded_rng("scribble", self.weak_seed, image_id, int(classes[index]))
+            fg = torch.from_numpy(scribble(fg.numpy(), rng))
+            bg = torch.from_numpy(scribble(bg.numpy(), rng))
+        elif self.annotation == "bbox":
+            from fsbench.datasets.weak import box_masks
+
+            instances = [
+                self._resize_mask(m)
+                for m in self.dataset.instance_masks(image_id, int(classes[index]))
+            ]
+            fg, bg = (torch.from_numpy(m) for m in box_masks(instances, tuple(fg.shape)))
+        return fg, bg
+
+    def query_label(self, image_id: str, classes) -> torch.Tensor:
+        """[S, S] long: 0 background, i for the i-th episode class, 255 void."""
+        masks, void = self.masks(image_id, classes)
+        target = torch.zeros(masks.shape[1:], dtype=torch.long)
+        target[void] = 255
+        for index in range(len(classes)):
+            target[masks[index]] = index + 1
+        return target
 
     def load(self, spec: EpisodeSpec, flip_rng: np.random.Generator | None = None) -> Episode:
         """Assemble an episode; `flip_rng` enables PANet's random horizontal flip (training)."""
         classes = list(spec.classes)
 
-        def fetch(image_id):
-            image, label = self.image_and_label(image_id)
-            label = torch.from_numpy(label.astype(np.int64))
+        def maybe_flip(*tensors):
             if flip_rng is not None and flip_rng.random() < 0.5:
-                image, label = image.flip(-1), label.flip(-1)
-            return image, label
+                return tuple(t.flip(-1) for t in tensors)
+            return tensors
 
         support_images, support_fg, support_bg = [], [], []
-        for class_id, ids in zip(classes, spec.support):
-            row = [fetch(i) for i in ids]
-            labels = torch.stack([lbl for _, lbl in row])
-            episode_pixels = torch.isin(labels, torch.tensor(classes))
-            fg = labels == class_id
-            # Background: pixels of none of the episode's classes (the 255 outline included).
-            bg = ~episode_pixels
-            support_images.append(torch.stack([img for img, _ in row]))
-            support_fg.append(fg.float())
-            support_bg.append(bg.float())
-        query_images, query_labels = [], []
-        for image_id in spec.query:
-            image, label = fetch(image_id)
-            target = torch.zeros_like(label)
-            target[label == 255] = 255
-            for index, class_id in enumerate(classes, start=1):
-                target[label == class_id] = index
-            query_images.append(image)
-            query_labels.append(target)
+        for index, ids in enumerate(spec.support):
+            row = [maybe_flip(self.image(i), *self.support_masks(i, index, classes)) for i in ids]
+            support_images.append(torch.stack([image for image, _, _ in row]))
+            support_fg.append(torch.stack([fg for _, fg, _ in row]).float())
+            support_bg.append(torch.stack([bg for _, _, bg in row]).float())
+        queries = [maybe_flip(self.image(i), self.query_label(i, classes)) for i in spec.query]
         return Episode(
             class_ids=classes,
             support_images=torch.stack(support_images),
             support_fg=torch.stack(support_fg),
             support_bg=torch.stack(support_bg),
-            query_images=torch.stack(query_images),
-            query_labels=torch.stack(query_labels),
+            query_images=torch.stack([image for image, _ in queries]),
+            query_labels=torch.stack([label for _, label in queries]),
             support_ids=[list(s) for s in spec.support],
             query_ids=list(spec.query),
         )

@@ -72,7 +72,12 @@ class Pascal5i:
     num_folds = 4
     class_names = VOC_CLASSES
 
-    def __init__(self, data_root: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        data_root: str | os.PathLike,
+        cache_dir: str | os.PathLike | None = None,
+        protocol: str = "panet",
+    ):
         root = Path(data_root).expanduser()
         if not root.exists():
             raise DatasetError(f"{root}: dataset folder does not exist; {EXPECTED_LAYOUT}")
@@ -102,6 +107,32 @@ class Pascal5i:
     def check_fold(self, fold: int) -> None:
         if not isinstance(fold, int) or not 0 <= fold < self.num_folds:
             raise DatasetError(f"fold {fold!r} is outside 0…{self.num_folds - 1} for {self.name}")
+
+    def train_split(self, protocol) -> str:
+        return protocol.pascal_train_list
+
+    def test_split(self, protocol) -> str:
+        return protocol.pascal_test_list
+
+    def load_masks(self, image_id: str, classes) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class masks [N, H, W] (bool) of `classes` and the void (255) mask [H, W]."""
+        label = self.load_label(image_id)
+        return np.stack([label == c for c in classes]), label == 255
+
+    def instance_masks(self, image_id: str, class_id: int) -> list[np.ndarray]:
+        """The instances of a class: from SegmentationObjectAug when present (as PANet's box
+        supports), else the connected components of the class mask."""
+        mask = self.load_label(image_id) == class_id
+        path = self.root / "SegmentationObjectAug" / f"{image_id}.png"
+        if path.is_file():
+            with Image.open(path) as objects:
+                objects = np.asarray(objects)
+            ids = [i for i in np.unique(objects[mask]) if i not in (0, 255)]
+            return [(objects == i) & mask for i in ids]
+        from scipy import ndimage
+
+        components, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        return [components == i for i in range(1, count + 1)]
 
     # -- files ------------------------------------------------------------------------------
     def image_path(self, image_id: str) -> Path:

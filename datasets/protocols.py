@@ -21,6 +21,7 @@ class Protocol:
     pascal_test_list: str  # ... and for the test episodes
     coco_split: str  # "consecutive" (fold i = classes 20i+1..20i+20) or "interleaved"
     coco_test_images: str  # "train" or "val" (the 2014 image set the test episodes draw from)
+    coco_crowd: str  # crowd regions: "keep" (part of the class), "ignore" (255) or "skip"
     min_object_pixels: int  # an image counts for a class only with at least this many pixels
     only_present_classes: bool  # PANet's metric: count a class only where the query label has it
 
@@ -40,6 +41,7 @@ PROTOCOLS: dict[str, Protocol] = {
         pascal_test_list="trainaug",
         coco_split="consecutive",
         coco_test_images="train",
+        coco_crowd="keep",  # PANet's coco.py merges every annotation, crowd included
         min_object_pixels=1,
         only_present_classes=True,
     ),
@@ -54,6 +56,7 @@ PROTOCOLS: dict[str, Protocol] = {
         pascal_test_list="val",
         coco_split="interleaved",
         coco_test_images="val",
+        coco_crowd="ignore",  # our choice: their label PNGs were made offline (see closing note)
         min_object_pixels=2 * 32 * 32,
         only_present_classes=False,
     ),
@@ -68,6 +71,7 @@ PROTOCOLS: dict[str, Protocol] = {
         pascal_test_list="val",
         coco_split="interleaved",
         coco_test_images="val",
+        coco_crowd="ignore",  # our choice: their label PNGs were made offline (see closing note)
         min_object_pixels=1,
         only_present_classes=False,
     ),

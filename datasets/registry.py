@@ -14,9 +14,16 @@ class FsbenchError(Exception):
 class Registry:
     """A named table of builders; registering a name twice is an error, not a silent replace."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, builtins: tuple[str, ...] = ()):
         self.kind = kind
         self._builders: dict[str, Callable] = {}
+        self._builtins = list(builtins)  # modules registering into this table, imported on use
+
+    def _load_builtins(self) -> None:
+        import importlib
+
+        while self._builtins:
+            importlib.import_module(self._builtins.pop(0))
 
     def register(self, name: str | None = None):
         def decorator(builder: Callable) -> Callable:
@@ -29,6 +36,7 @@ class Registry:
         return decorator
 
     def get(self, name: str) -> Callable:
+        self._load_builtins()
         if name not in self._builders:
             close = difflib.get_close_matches(name, list(self._builders), n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -38,18 +46,12 @@ class Registry:
         return self._builders[name]
 
     def list(self, pattern: str = "*") -> list[str]:
+        self._load_builtins()
         return sorted(n for n in self._builders if fnmatch.fnmatchcase(n, pattern))
 
     def __contains__(self, name: str) -> bool:
+        self._load_builtins()
         return name in self._builders
 
 
-DATASETS = Registry("dataset")
-
-
-def _register_builtin_datasets() -> None:
-    # Imported for their @DATASETS.register side effects; kept lazy-safe (no heavy imports there).
-    from fsbench.datasets import pascal  # noqa: F401
-
-
-_register_builtin_datasets()
+DATASETS = Registry("dataset", builtins=("fsbench.datasets.pascal", "fsbench.datasets.coco"))

@@ -28,7 +28,7 @@ COLOURS = (
     (108, 113, 196),
     (42, 161, 152),
 )
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 NUM_VOC_CLASSES = 20
 
 
@@ -136,21 +136,19 @@ def _dilate(mask):
     return out
 
 
-def render_image(index: int, image_size: int, seed: int, num_classes: int = NUM_VOC_CLASSES):
-    """One image and its label map (0 background, 1..num_classes, 255 boundary), deterministic."""
-    rng = np.random.default_rng([seed, index])
-    height, width = (image_size * 3) // 4, image_size
-    size_hw = (height, width)
-    # Background: a soft two-tone gradient with noise.
+def _scene(rng, size_hw, scale, classes, style):
+    """Background gradient, unlabelled clutter, then the objects in drawing order.
+
+    Returns the float image and, per object, (class id, full mask, outer polygons, holes)."""
+    height, width = size_hw
     tones = rng.uniform(60, 200, size=(2, 3)).astype(np.float32)
     ramp = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
     image = tones[0] * (1 - ramp) + tones[1] * ramp + np.zeros((height, 1, 3), np.float32)
-    label = np.zeros(size_hw, dtype=np.uint8)
     # Unlabelled clutter: irregular blobs in the class colours and textures.
     for _ in range(rng.integers(2, 5)):
         centre = rng.uniform(0, 1, 2) * (width, height)
         angles = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(5, 8)))
-        radii = rng.uniform(0.04, 0.12, len(angles)) * image_size
+        radii = rng.uniform(0.04, 0.12, len(angles)) * scale
         polygon = [
             (centre[0] + r * np.cos(a), centre[1] + r * np.sin(a)) for a, r in zip(angles, radii)
         ]
@@ -158,14 +156,10 @@ def render_image(index: int, image_size: int, seed: int, num_classes: int = NUM_
         colour = COLOURS[rng.integers(len(COLOURS))]
         fill = _texture(size_hw, TEXTURES[rng.integers(len(TEXTURES))], colour, rng)
         image[blob] = fill[blob]
-    # Objects: the first class cycles through all classes so each has enough images.
-    n_objects = int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
-    classes = [1 + index % num_classes] + [
-        int(c) for c in rng.integers(1, num_classes + 1, n_objects - 1)
-    ]
+    objects = []
     for class_id in classes:
-        shape, texture, colour = class_style(class_id)
-        radius = rng.uniform(0.12, 0.24) * image_size
+        shape, texture, colour = style(class_id)
+        radius = rng.uniform(0.12, 0.24) * scale
         centre = rng.uniform(0.2, 0.8, 2) * (width, height)
         outers, holes = _shape_polygons(
             shape, centre, radius, rng.uniform(0.8, 1.25), rng.uniform(-0.4, 0.4)
@@ -175,12 +169,163 @@ def render_image(index: int, image_size: int, seed: int, num_classes: int = NUM_
             continue
         fill = _texture(size_hw, texture, colour, rng) * rng.uniform(0.85, 1.15)
         image[mask] = fill[mask]
+        objects.append((class_id, mask, outers, holes))
+    return image, objects
+
+
+def _finish(image, rng):
+    image = image + rng.normal(0, 6, size=image.shape).astype(np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def render_image(index: int, image_size: int, seed: int, num_classes: int = NUM_VOC_CLASSES):
+    """One VOC image, its class label map and its instance map (0 background, 255 outline)."""
+    rng = np.random.default_rng([seed, index])
+    size_hw = ((image_size * 3) // 4, image_size)
+    # The first class cycles through all classes so each has enough images.
+    n_objects = int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
+    classes = [1 + index % num_classes] + [
+        int(c) for c in rng.integers(1, num_classes + 1, n_objects - 1)
+    ]
+    image, objects = _scene(rng, size_hw, image_size, classes, class_style)
+    label = np.zeros(size_hw, dtype=np.uint8)
+    instances = np.zeros(size_hw, dtype=np.uint8)
+    for instance, (class_id, mask, _, _) in enumerate(objects, start=1):
         label[mask] = class_id
+        instances[mask] = instance
         # VOC marks object outlines with 255 ("void"): a band on both sides of the edge.
         edge = _dilate(mask) & _dilate(~mask)
         label[edge] = 255
-    image += rng.normal(0, 6, size=image.shape).astype(np.float32)
-    return np.clip(image, 0, 255).astype(np.uint8), label
+        instances[edge] = 255
+    return _finish(image, rng), label, instances
+
+
+# -- COCO format -----------------------------------------------------------------------------
+# The real COCO category ids (1…90 with ten gaps), so loaders must map them to 1…80 themselves.
+COCO_CATEGORY_IDS = tuple(
+    i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+)
+
+
+def coco_class_style(class_index: int):
+    """(shape, texture, colour) of a contiguous class index 1…80."""
+    k = class_index - 1
+    return SHAPES[k % 5], TEXTURES[(k // 5) % 4], COLOURS[(k // 20 + k // 5) % len(COLOURS)]
+
+
+def render_coco_image(index: int, image_size: int, seed: int):
+    """A non-square (sometimes grayscale) image and its annotations: (class index 1…80, visible
+    mask, is_crowd, polygon or None) with occlusion, repeated classes and crowd regions."""
+    rng = np.random.default_rng([seed, index, 80])
+    size_hw = (int(image_size * rng.uniform(0.6, 0.95)), int(image_size * rng.uniform(0.8, 1.25)))
+    n_objects = int(rng.choice([1, 2, 3, 4], p=[0.25, 0.35, 0.25, 0.15]))
+    classes = [1 + index % 80] + [int(c) for c in rng.integers(1, 81, n_objects - 1)]
+    if rng.random() < 0.3:
+        classes.append(classes[0])  # several instances of one class
+    image, objects = _scene(rng, size_hw, image_size, classes, coco_class_style)
+    annotations = []
+    for position, (class_index, mask, outers, holes) in enumerate(objects):
+        hidden = np.zeros_like(mask)
+        for _, later, _, _ in objects[position + 1 :]:
+            hidden |= later
+        visible = mask & ~hidden
+        if visible.sum() < 4:
+            continue
+        polygon = outers[0] if not holes and not (mask & hidden).any() else None
+        annotations.append((class_index, visible, False, polygon))
+    if rng.random() < 0.2:  # a crowd: a cluster of small blobs of one class, one RLE annotation
+        class_index = int(rng.integers(1, 81))
+        shape, texture, colour = coco_class_style(class_index)
+        crowd = np.zeros(size_hw, dtype=bool)
+        centre = rng.uniform(0.25, 0.75, 2) * (size_hw[1], size_hw[0])
+        for _ in range(rng.integers(3, 6)):
+            offset = centre + rng.normal(0, 0.08 * image_size, 2)
+            outers, holes = _shape_polygons(shape, offset, 0.05 * image_size, 1.0, 0.0)
+            crowd |= _rasterize(size_hw, outers, holes)
+        taken = np.zeros_like(crowd)
+        for _, visible, _, _ in annotations:
+            taken |= visible
+        crowd &= ~taken
+        if crowd.sum() >= 4:
+            fill = _texture(size_hw, texture, colour, rng)
+            image[crowd] = fill[crowd]
+            annotations.append((class_index, crowd, True, None))
+    pixels = _finish(image, rng)
+    if rng.random() < 0.2:
+        pixels = np.asarray(Image.fromarray(pixels).convert("L"))  # COCO has grayscale images
+    return pixels, annotations
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's crowd format: run lengths over the column-major pixels, starting with zeros."""
+    flat = mask.flatten(order="F").astype(np.uint8)
+    changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    counts = np.diff(np.concatenate([[0], changes])).tolist()
+    return {"counts": counts, "size": list(mask.shape)}
+
+
+def write_coco(root: Path, n_images: int, image_size: int, seed: int) -> Path:
+    """Write annotations/instances_{train,val}2014.json and train2014/, val2014/ images."""
+    from pycocotools import mask as mask_utils
+
+    from fsbench.datasets.coco import COCO_CLASSES
+
+    root = Path(root)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    categories = [
+        {"id": cid, "name": name, "supercategory": "synthetic"}
+        for cid, name in zip(COCO_CATEGORY_IDS, COCO_CLASSES)
+    ]
+    splits = {"train": {"images": [], "annotations": []}, "val": {"images": [], "annotations": []}}
+    annotation_id = 1
+    for index in range(n_images):
+        # A seeded 80/20 split independent of the class cycle (index mod 80).
+        split = "val" if np.random.default_rng([seed, index, 5]).random() < 0.2 else "train"
+        image_id = index + 1
+        file_name = f"COCO_{split}2014_{image_id:012d}.jpg"
+        (root / f"{split}2014").mkdir(exist_ok=True)
+        pixels, annotations = render_coco_image(index, image_size, seed)
+        Image.fromarray(pixels).save(root / f"{split}2014" / file_name, quality=92)
+        height, width = pixels.shape[:2]
+        splits[split]["images"].append(
+            {"id": image_id, "file_name": file_name, "height": height, "width": width}
+        )
+        for class_index, mask, crowd, polygon in annotations:
+            if crowd:
+                segmentation = _uncompressed_rle(mask)
+            elif polygon is not None:
+                segmentation = [[round(float(v), 2) for point in polygon for v in point]]
+            else:
+                encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+                segmentation = {"size": encoded["size"], "counts": encoded["counts"].decode()}
+            ys, xs = np.nonzero(mask)
+            splits[split]["annotations"].append(
+                {
+                    "id": annotation_id,
+                    "image_id": image_id,
+                    "category_id": COCO_CATEGORY_IDS[class_index - 1],
+                    "segmentation": segmentation,
+                    "area": float(mask.sum()),
+                    "iscrowd": int(crowd),
+                    "bbox": [
+                        float(xs.min()),
+                        float(ys.min()),
+                        float(xs.max() - xs.min() + 1),
+                        float(ys.max() - ys.min() + 1),
+                    ],
+                }
+            )
+            annotation_id += 1
+    for split, content in splits.items():
+        (root / f"{split}2014").mkdir(exist_ok=True)
+        document = {
+            "info": {"description": "fsbench synthetic COCO-format data"},
+            "licenses": [],
+            "categories": categories,
+            **content,
+        }
+        (root / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(document))
+    return root
 
 
 def default_cache_dir() -> Path:
@@ -192,19 +337,25 @@ def default_cache_dir() -> Path:
 
 
 def write_voc(root: Path, n_images: int, image_size: int, seed: int) -> Path:
-    """Write `root/VOCdevkit/VOC2012` with JPEGImages, SegmentationClassAug and ImageSets lists."""
+    """Write `root/VOCdevkit/VOC2012`: JPEGImages, SegmentationClassAug, SegmentationObjectAug
+    (instance ids, as SBD-aug ships them) and the ImageSets/Segmentation lists."""
     voc = Path(root) / "VOCdevkit" / "VOC2012"
     (voc / "JPEGImages").mkdir(parents=True, exist_ok=True)
     (voc / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
+    (voc / "SegmentationObjectAug").mkdir(parents=True, exist_ok=True)
     (voc / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
     palette = voc_palette()
     ids = [f"2008_{index:06d}" for index in range(n_images)]
     for index, image_id in enumerate(ids):
-        image, label = render_image(index, image_size, seed)
+        image, label, instances = render_image(index, image_size, seed)
         Image.fromarray(image).save(voc / "JPEGImages" / f"{image_id}.jpg", quality=92)
-        label_png = Image.fromarray(label, mode="P")
-        label_png.putpalette(palette)
-        label_png.save(voc / "SegmentationClassAug" / f"{image_id}.png")
+        for folder, values in (
+            ("SegmentationClassAug", label),
+            ("SegmentationObjectAug", instances),
+        ):
+            png = Image.fromarray(values, mode="P")
+            png.putpalette(palette)
+            png.save(voc / folder / f"{image_id}.png")
     # As in SBD-aug: val is disjoint from trainaug; train (VOC's own) is a subset of trainaug.
     # Split by blocks of NUM_VOC_CLASSES images: each block cycles once through every class, so
     # every class keeps the same share of images in every list.
@@ -217,26 +368,26 @@ def write_voc(root: Path, n_images: int, image_size: int, seed: int) -> Path:
     return voc
 
 
-def ensure_synthetic_voc(
-    n_images: int = 600, image_size: int = 128, seed: int = 0, cache_dir: Path | None = None
+def _ensure(
+    kind: str, writer, n_images: int, image_size: int, seed: int, cache_dir: Path | None
 ) -> Path:
-    """The root of a generated VOC dataset (contains VOCdevkit/), generated once and cached."""
+    """Generate a dataset once into the cache (atomic rename: racing workers are safe)."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     params = {
         "version": GENERATOR_VERSION,
+        "kind": kind,
         "n_images": n_images,
         "image_size": image_size,
         "seed": seed,
     }
-    root = cache_dir / f"synthetic-voc-v{GENERATOR_VERSION}-n{n_images}-s{image_size}-seed{seed}"
+    root = cache_dir / f"synthetic-{kind}-v{GENERATOR_VERSION}-n{n_images}-s{image_size}-seed{seed}"
     marker = root / "fsbench_synthetic.json"
     if marker.exists():
         return root
     cache_dir.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent workers never see a half-written dataset.
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache_dir))
     try:
-        write_voc(staging, n_images, image_size, seed)
+        writer(staging, n_images, image_size, seed)
         (staging / "fsbench_synthetic.json").write_text(json.dumps(params, indent=1))
         try:
             staging.rename(root)
@@ -247,3 +398,17 @@ def ensure_synthetic_voc(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+def ensure_synthetic_voc(
+    n_images: int = 600, image_size: int = 128, seed: int = 0, cache_dir: Path | None = None
+) -> Path:
+    """The root of a generated VOC dataset (contains VOCdevkit/), generated once and cached."""
+    return _ensure("voc", write_voc, n_images, image_size, seed, cache_dir)
+
+
+def ensure_synthetic_coco(
+    n_images: int = 1200, image_size: int = 128, seed: int = 0, cache_dir: Path | None = None
+) -> Path:
+    """The root of a generated COCO dataset (annotations/, train2014/, val2014/), cached."""
+    return _ensure("coco", write_coco, n_images, image_size, seed, cache_dir)

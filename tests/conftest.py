@@ -9,7 +9,7 @@ import pytest
 from fsbench.datasets.pascal import Pascal5i
 from fsbench.datasets.synthetic import write_voc
 
-TEST_IMAGES = 160
+TEST_IMAGES = 200
 TEST_SIZE = 64
 
 
