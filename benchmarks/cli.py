@@ -43,6 +43,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list methods, datasets, protocols, fold classes")
     listing.add_argument("--dataset", help="print this dataset's classes per fold")
     listing.add_argument("--data-root")
+    listing.add_argument(
+        "--split-style",
+        choices=("consecutive", "interleaved"),
+        help="COCO-20i fold convention (default: the protocol's)",
+    )
+    listing.add_argument("--protocol", default="panet")
 
     report = commands.add_parser("report", help="tables and figures of a grid's results")
     report.add_argument("grid", nargs="?", default="quickstart", help="grid name or results folder")
@@ -239,10 +245,10 @@ def cmd_manifest(args) -> int:
     from fsbench.datasets.registry import DATASETS
 
     protocol = get_protocol(args.protocol)
-    if args.dataset == "pascal5i" and not args.data_root:
-        raise FsbenchError("--data-root is required for pascal5i (the folder holding VOCdevkit/)")
+    if args.dataset in ("pascal5i", "coco20i") and not args.data_root:
+        raise FsbenchError(f"--data-root is required for {args.dataset} (the dataset folder)")
     kwargs = {"data_root": args.data_root} if args.data_root else {}
-    dataset = DATASETS.get(args.dataset)(**kwargs)
+    dataset = DATASETS.get(args.dataset)(protocol=args.protocol, **kwargs)
     dataset.check_fold(args.fold)
     manifest = EpisodeManifest.build(
         dataset,
@@ -264,13 +270,23 @@ def cmd_list(args) -> int:
     from fsbench.methods import METHODS
 
     if args.dataset:
-        kwargs = {"data_root": args.data_root} if args.data_root else {}
-        if args.dataset == "pascal5i" and not args.data_root:
-            from fsbench.datasets.pascal import VOC_CLASSES as names
+        if args.dataset == "pascal5i" or args.dataset == "coco20i" and not args.data_root:
+            # Fold definitions are fixed by the benchmark: no data needed to list them.
+            from fsbench.datasets.coco import COCO_CLASSES, fold_classes
+            from fsbench.datasets.pascal import VOC_CLASSES
+            from fsbench.datasets.protocols import get_protocol
 
-            folds = [list(range(5 * f + 1, 5 * f + 6)) for f in range(4)]
+            if args.dataset == "pascal5i":
+                names, folds = VOC_CLASSES, [list(range(5 * f + 1, 5 * f + 6)) for f in range(4)]
+            else:
+                style = args.split_style or get_protocol(args.protocol).coco_split
+                names, folds = COCO_CLASSES, [fold_classes(f, style) for f in range(4)]
+                print(f"COCO-20i folds, {style} convention:")
         else:
-            dataset = DATASETS.get(args.dataset)(**kwargs)
+            kwargs = {"data_root": args.data_root} if args.data_root else {}
+            if args.split_style:
+                kwargs["split_style"] = args.split_style
+            dataset = DATASETS.get(args.dataset)(protocol=args.protocol, **kwargs)
             names = dataset.class_names
             folds = [dataset.fold_classes(f) for f in range(dataset.num_folds)]
         for fold, classes in enumerate(folds):

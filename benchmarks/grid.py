@@ -89,7 +89,8 @@ class Cell:
 
     @property
     def title(self) -> str:
-        return f"{self.method.row()} fold{self.fold} {self.way}w{self.shot}s"
+        weak = "" if self.annotation == "mask" else f" {self.annotation}"
+        return f"{self.method.row()} fold{self.fold} {self.way}w{self.shot}s{weak}"
 
     def model_key(self) -> str:
         """Cells with the same key share one model: a trained model serves every annotation

@@ -25,6 +25,16 @@ def load_cells(grid_dir: Path) -> list[dict]:
     return cells
 
 
+def row_label(config: dict) -> str:
+    """The table row of a cell: its variant, plus way and annotation where they are not 1/mask."""
+    label = config["row"]
+    if config.get("way", 1) != 1:
+        label += f" {config['way']}-way"
+    if config.get("annotation", "mask") != "mask":
+        label += f" ({config['annotation']})"
+    return label
+
+
 def seed_frame(cells: list[dict]) -> pd.DataFrame:
     """One row per (cell, seed): the tidy data every table and figure is computed from."""
     rows = []
@@ -33,7 +43,7 @@ def seed_frame(cells: list[dict]) -> pd.DataFrame:
         for seed in cell["seeds"]:
             rows.append(
                 {
-                    "row": config["row"],
+                    "row": row_label(config),
                     "method": config["method"],
                     "dataset": config["dataset"]["name"],
                     "fold": config["fold"],
@@ -275,11 +285,11 @@ def statistics(cells: list[dict], n_boot: int = 1000) -> pd.DataFrame:
                 config["annotation"],
                 seed["seed"],
             )
-            by_key[(config["row"], *key)] = (counts, seed["manifest_fingerprint"])
+            by_key[(row_label(config), *key)] = (counts, seed["manifest_fingerprint"])
             rows.append(
                 {
                     "kind": "ci",
-                    "row": config["row"],
+                    "row": row_label(config),
                     "fold": config["fold"],
                     "shot": config["shot"],
                     "seed": seed["seed"],
@@ -449,7 +459,7 @@ def training_curves(cells, out_dir, name="training_curves"):
     rows = [
         r
         for r in _rows_in_grid_order(seed_frame(cells))
-        if any(c["config"]["row"] == r for c in trained)
+        if any(row_label(c["config"]) == r for c in trained)
     ]
     has_par = any("par" in c["train"]["curve"][0] for c in trained)
     fig, axes = plt.subplots(
@@ -461,7 +471,7 @@ def training_curves(cells, out_dir, name="training_curves"):
             curves = [
                 c["train"]["curve"]
                 for c in trained
-                if c["config"]["row"] == row and term in c["train"]["curve"][0]
+                if row_label(c["config"]) == row and term in c["train"]["curve"][0]
             ]
             if not curves:
                 continue
@@ -491,7 +501,7 @@ def per_class_figure(cells, out_dir, name="per_class_iou"):
     values: dict = {}
     for cell in cells:
         for class_id, value in cell["summary"]["class_iou_mean"].items():
-            values.setdefault(cell["config"]["row"], {}).setdefault(int(class_id), []).append(
+            values.setdefault(row_label(cell["config"]), {}).setdefault(int(class_id), []).append(
                 np.nan if value is None else value
             )
     classes = sorted({c for v in values.values() for c in v})
@@ -630,7 +640,7 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
         written["tables"] += [out / f"table_{label}.{s}" for s in ("md", "tex", "csv")]
     class_table = pd.DataFrame(
         {
-            (c["config"]["row"], c["config"]["shot"], c["config"]["fold"]): {
+            (row_label(c["config"]), c["config"]["shot"], c["config"]["fold"]): {
                 int(k): np.nan if v is None else 100 * v
                 for k, v in c["summary"]["class_iou_mean"].items()
             }

@@ -172,7 +172,14 @@ def test_every_figure_kind_from_a_real_run(tmp_path, small_grid_dict):
 
 
 @pytest.mark.parametrize(
-    "grid", ["panet_pascal.yaml", "panet_par_ablation.yaml", "panet_alpha_sweep.yaml"]
+    "grid",
+    [
+        "panet_pascal.yaml",
+        "panet_par_ablation.yaml",
+        "panet_alpha_sweep.yaml",
+        "panet_coco.yaml",
+        "panet_weak_supports.yaml",
+    ],
 )
 def test_paper_grids_run_at_smoke_size(grid, tmp_path):
     done = subprocess.run(
