@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     except FsbenchError as error:
         print(f"fsbench: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        return 0
     except KeyboardInterrupt:
         print(
             "fsbench: interrupted; finished cells are saved, rerun the same command to resume",

@@ -41,6 +41,7 @@ class MethodSpec:
     name: str
     kwargs: dict = field(default_factory=dict)
     label: str = ""  # the row name in tables; defaults to name + swept values
+    train: tuple = ()  # (key, value) overrides of the grid's training settings (its recipe)
 
     def row(self) -> str:
         return self.label or self.name
@@ -141,7 +142,9 @@ class GridSpec:
                     input_size=self.input_size or protocol.input_size,
                     episodes=self.episodes or protocol.episodes,
                     seeds=tuple(self.seeds or protocol.seeds),
-                    train=self.train if trainable[method.row()] else None,
+                    train=dataclasses.replace(self.train, **dict(method.train))
+                    if trainable[method.row()]
+                    else None,
                 )
             )
         return cells
@@ -230,6 +233,16 @@ def _tuple_of_ints(raw, key, low=None, high=None):
     return tuple(values)
 
 
+def _train_overrides(raw: dict, where: str) -> tuple:
+    """Validated training keys as a sorted (key, value) tuple (lists become tuples)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if set(raw) - fields:
+        raise FsbenchError(
+            f"{where}: unknown key(s) {sorted(set(raw) - fields)}; known: {sorted(fields)}"
+        )
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in raw.items()))
+
+
 def _methods(raw_methods) -> tuple[MethodSpec, ...]:
     from fsbench.methods import METHODS
 
@@ -238,11 +251,12 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
     specs = []
     for entry in raw_methods:
         entry = {"name": entry} if isinstance(entry, str) else dict(entry)
-        unknown = set(entry) - {"name", "kwargs", "sweep", "label"}
+        unknown = set(entry) - {"name", "kwargs", "sweep", "label", "train"}
         if unknown:
             raise FsbenchError(
-                f"methods: unknown key(s) {sorted(unknown)} (use name, kwargs, sweep, label)"
+                f"methods: unknown key(s) {sorted(unknown)} (use name, kwargs, sweep, label, train)"
             )
+        recipe = _train_overrides(entry.get("train") or {}, f"methods: {entry['name']}: train")
         METHODS.get(entry["name"])  # unknown method: one clear error listing close names
         kwargs, sweep = dict(entry.get("kwargs") or {}), dict(entry.get("sweep") or {})
         names = sorted(sweep)
@@ -254,7 +268,10 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
             label = entry.get("label") or entry["name"]
             specs.append(
                 MethodSpec(
-                    entry["name"], {**kwargs, **swept}, f"{label}[{suffix}]" if suffix else label
+                    entry["name"],
+                    {**kwargs, **swept},
+                    f"{label}[{suffix}]" if suffix else label,
+                    recipe,
                 )
             )
     variants = [(s.name, sorted(s.kwargs.items())) for s in specs]
@@ -283,14 +300,7 @@ def parse_grid(raw: dict) -> GridSpec:
     protocol = raw.get("protocol", "panet")
     if protocol not in PROTOCOLS:
         raise FsbenchError(f"protocol: unknown {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    train_raw = dict(raw.get("train") or {})
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    if set(train_raw) - fields:
-        raise FsbenchError(
-            f"train: unknown key(s) {sorted(set(train_raw) - fields)}; known: {sorted(fields)}"
-        )
-    if "lr_milestones" in train_raw:
-        train_raw["lr_milestones"] = tuple(train_raw["lr_milestones"])
+    train_raw = dict(_train_overrides(raw.get("train") or {}, "train"))
     annotation = raw.get("annotation", ["mask"])
     annotation = tuple(annotation if isinstance(annotation, list) else [annotation])
     bad = [a for a in annotation if a not in ANNOTATIONS]

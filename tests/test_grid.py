@@ -55,6 +55,21 @@ def test_bad_grid_values_are_one_clear_error(small_grid_dict, override, message)
         parse_grid(apply_overrides(small_grid_dict, [override])).expand()
 
 
+def test_method_recipe_overrides_grid_training(small_grid_dict):
+    raw = dict(
+        small_grid_dict,
+        methods=[
+            {"name": "test_panet"},
+            {"name": "test_sgone", "train": {"lr": 1e-5, "lr_milestones": [2]}},
+        ],
+    )
+    panet, sgone = parse_grid(raw).expand()
+    assert panet.train.lr == 1e-3 and sgone.train.lr == 1e-5 and sgone.train.lr_milestones == (2,)
+    assert sgone.train.steps == panet.train.steps == 4
+    with pytest.raises(FsbenchError, match="test_sgone: train: unknown key"):
+        parse_grid(dict(raw, methods=[{"name": "test_sgone", "train": {"epochs": 3}}]))
+
+
 def test_bundled_quickstart_parses():
     grid = load_grid("quickstart.yaml")
     cells = grid.expand()
