@@ -106,8 +106,9 @@ def evaluate(
             for query, query_id in enumerate(spec.query):
                 if protocol.score_resolution == "original":
                     label = _scoring_label(loader.dataset, query_id, spec.classes)
+                    height, width = loader.content_size(*label.shape)  # drop any padding
                     scores = F.interpolate(
-                        logits[query : query + 1],
+                        logits[query : query + 1, :, :height, :width],
                         size=label.shape,
                         mode="bilinear",
                         align_corners=False,

@@ -108,7 +108,15 @@ def eval_task(
     dataset = open_dataset(model_config["dataset"], model_config["protocol"])
     # One encoder cache for every item: annotations change the support masks, not the images.
     cache = FeatureCache(
-        model, EpisodeLoader(dataset, model_config["input_size"]), device, cache_bytes, batch_size
+        model,
+        EpisodeLoader(
+            dataset,
+            model_config["input_size"],
+            resize=get_protocol(model_config["protocol"]).resize,
+        ),
+        device,
+        cache_bytes,
+        batch_size,
     )
     outputs = []
     for item in items:

@@ -93,7 +93,7 @@ def train(
     started = time.perf_counter()
     split = dataset.train_split(protocol)
     train_classes, val_classes = split_validation_classes(dataset.train_classes(fold), cfg, fold)
-    loader = EpisodeLoader(dataset, input_size)
+    loader = EpisodeLoader(dataset, input_size, resize=protocol.resize)
     rng = seeded_rng("train-episodes", cfg.seed, dataset.name, fold, way, shot)
     flip_rng = seeded_rng("train-flips", cfg.seed) if cfg.flip else None
     model.to(device).train()

@@ -226,21 +226,25 @@ class EpisodeLoader:
         annotation: str = "mask",
         weak_seed: int = 0,
         cache_items: int = 4096,
+        resize: str = "square",
     ):
         if annotation not in ANNOTATIONS:
             raise FsbenchError(f"annotation {annotation!r} is not one of {', '.join(ANNOTATIONS)}")
+        if resize not in ("square", "keep_ratio_pad"):
+            raise FsbenchError(f"resize {resize!r} is not square or keep_ratio_pad")
         self.dataset = dataset
         self.input_size = input_size
         self.annotation = annotation
         self.weak_seed = weak_seed
         self.cache_items = cache_items
+        self.resize = resize
         self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._masks: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def annotated(self, annotation: str, weak_seed: int = 0) -> EpisodeLoader:
         """The same loader (sharing decoded images and masks) with another support annotation."""
         other = EpisodeLoader(
-            self.dataset, self.input_size, annotation, weak_seed, self.cache_items
+            self.dataset, self.input_size, annotation, weak_seed, self.cache_items, self.resize
         )
         other._images, other._masks = self._images, self._masks
         return other
@@ -254,31 +258,47 @@ class EpisodeLoader:
             cache.popitem(last=False)
         return value
 
-    def _resize_mask(self, mask: np.ndarray) -> np.ndarray:
-        size = (self.input_size, self.input_size)
-        return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(size, Image.NEAREST)) > 0
+    def content_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the image content inside the S×S input; the rest is padding."""
+        if self.resize == "square":
+            return self.input_size, self.input_size
+        scale = self.input_size / max(height, width)
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+    def _fit(self, array: np.ndarray, resample, fill) -> np.ndarray:
+        """Stretch to S×S ("square", PANet/HSNet), or fit the longer side and pad with `fill`
+        ("keep_ratio_pad", PFENet's test_Resize)."""
+        height, width = self.content_size(*array.shape[:2])
+        resized = np.asarray(Image.fromarray(array).resize((width, height), resample))
+        if (height, width) == (self.input_size, self.input_size):
+            return resized
+        out = np.full((self.input_size, self.input_size, *resized.shape[2:]), fill, resized.dtype)
+        out[:height, :width] = resized
+        return out
+
+    def _resize_mask(self, mask: np.ndarray, fill: int = 0) -> np.ndarray:
+        return self._fit(mask.astype(np.uint8), Image.NEAREST, fill) > 0
 
     def image(self, image_id: str) -> torch.Tensor:
-        """Normalised image [3, S, S] (bilinear resize, as PANet)."""
+        """Normalised image [3, S, S] (bilinear resize; padding at the mean, i.e. 0)."""
 
         def make():
-            size = (self.input_size, self.input_size)
-            return normalise(
-                np.asarray(
-                    Image.fromarray(self.dataset.load_image(image_id)).resize(size, Image.BILINEAR)
-                )
-            )
+            pixels = self.dataset.load_image(image_id)
+            tensor = normalise(self._fit(pixels, Image.BILINEAR, 0))
+            height, width = self.content_size(*pixels.shape[:2])
+            tensor[:, height:], tensor[:, :, width:] = 0, 0
+            return tensor
 
         return self._remember(self._images, image_id, make)
 
     def masks(self, image_id: str, classes) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-class masks [N, S, S] and void mask [S, S] (nearest resize), as bool tensors."""
+        """Per-class masks [N, S, S] and void mask [S, S] (nearest resize; padding is void)."""
 
         def make():
             masks, void = self.dataset.load_masks(image_id, list(classes))
             return (
                 torch.from_numpy(np.stack([self._resize_mask(m) for m in masks])),
-                torch.from_numpy(self._resize_mask(void)),
+                torch.from_numpy(self._resize_mask(void, fill=1)),
             )
 
         return self._remember(self._masks, (image_id, tuple(classes)), make)

@@ -13,7 +13,8 @@ class Protocol:
     """The switches on which few-shot segmentation codebases disagree."""
 
     name: str
-    input_size: int  # square side the images are resized to
+    input_size: int  # square side of the network input
+    resize: str  # "square": stretch to input_size²; "keep_ratio_pad": longer side, then pad
     score_resolution: str  # "input": labels resized (nearest) to the input; "original": not
     episodes: int  # test episodes per fold and seed
     seeds: tuple[int, ...]  # test seeds (one manifest each)
@@ -34,6 +35,7 @@ PROTOCOLS: dict[str, Protocol] = {
     "panet": Protocol(
         name="panet",
         input_size=417,
+        resize="square",
         score_resolution="input",
         episodes=1000,
         seeds=(1234, 1235, 1236, 1237, 1238),
@@ -49,6 +51,7 @@ PROTOCOLS: dict[str, Protocol] = {
     "pfenet": Protocol(
         name="pfenet",
         input_size=473,
+        resize="keep_ratio_pad",  # PFENet test_Resize: longer side to 473, pad (label 255)
         score_resolution="original",
         episodes=5000,
         seeds=(321,),
@@ -64,6 +67,7 @@ PROTOCOLS: dict[str, Protocol] = {
     "hsnet": Protocol(
         name="hsnet",
         input_size=400,
+        resize="square",
         score_resolution="input",
         episodes=1000,
         seeds=(0,),

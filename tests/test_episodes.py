@@ -77,3 +77,16 @@ def test_manifest_file_roundtrip_and_tamper_detection(dataset, tmp_path):
 def test_impossible_shot_is_a_clear_error(dataset):
     with pytest.raises(FsbenchError, match="needs"):
         EpisodeManifest.build(dataset, PANET, 0, 1, 500, 1, 0)
+
+
+def test_keep_ratio_pad_resize_pads_image_and_voids_labels(dataset):
+    manifest = EpisodeManifest.build(dataset, PANET, 0, 1, 1, 1, 4)
+    spec = manifest.episodes[0]
+    loader = EpisodeLoader(dataset, 40, resize="keep_ratio_pad")
+    height, width = dataset.load_image(spec.query[0]).shape[:2]  # 48 x 64: landscape
+    assert loader.content_size(height, width) == (30, 40)
+    episode = loader.load(spec)
+    assert (episode.query_images[0, :, 30:] == 0).all()  # padding at the (normalised) mean
+    assert (episode.query_labels[0, 30:] == 255).all()  # padded labels are void
+    assert (episode.query_labels[0, :30] != 255).any()
+    assert not episode.support_fg[0, 0, 30:].any()
