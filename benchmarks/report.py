@@ -119,6 +119,15 @@ def _cell_text(mean, std, bold, latex):
     return text
 
 
+def _row_cells(table: pd.DataFrame, row: str, best: dict, latex: bool) -> list[str]:
+    """A row's "mean ± std" cells, bold where the mean is its column's best (NaN never is)."""
+    means, stds = table["mean"], table["std"]
+    return [
+        _cell_text(means.at[row, c], stds.at[row, c], means.at[row, c] == best[c], latex)
+        for c in means.columns
+    ]
+
+
 def _best(table: pd.DataFrame) -> dict:
     means = table["mean"]
     return {c: means[c].max() for c in means.columns}
@@ -166,23 +175,14 @@ REPORTED_NOTE = (
 def to_markdown(
     table: pd.DataFrame, footnote: str = "", reported: pd.DataFrame | None = None
 ) -> str:
-    means, stds, best = table["mean"], table["std"], _best(table)
+    means, best = table["mean"], _best(table)
     header = ["Method"] + [f"{s} {f}" for s, f in means.columns]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + [":-:"] * len(means.columns)) + "|",
     ]
     for row in means.index:
-        cells = [
-            _cell_text(
-                means.at[row, c],
-                stds.at[row, c],
-                means.at[row, c] == best[c] and best[c] == best[c],
-                False,
-            )
-            for c in means.columns
-        ]
-        lines.append("| " + " | ".join([row] + cells) + " |")
+        lines.append("| " + " | ".join([row] + _row_cells(table, row, best, latex=False)) + " |")
     if reported is not None and len(reported):
         for label, values in reported.iterrows():
             lines.append("| " + " | ".join([f"*{label}*"] + [str(v) for v in values]) + " |")
@@ -193,7 +193,7 @@ def to_markdown(
 def to_latex(
     table: pd.DataFrame, footnote: str = "", caption: str = "", reported: pd.DataFrame | None = None
 ) -> str:
-    means, stds, best = table["mean"], table["std"], _best(table)
+    means, best = table["mean"], _best(table)
     shots = list(dict.fromkeys(s for s, _ in means.columns))
     spec = "l" + "|".join("c" * sum(1 for s2, _ in means.columns if s2 == s) for s in shots)
     lines = [
@@ -214,15 +214,7 @@ def to_latex(
     lines.append("Method & " + " & ".join(f for _, f in means.columns) + " \\\\")
     lines.append("\\midrule")
     for row in means.index:
-        cells = [
-            _cell_text(
-                means.at[row, c],
-                stds.at[row, c],
-                means.at[row, c] == best[c] and best[c] == best[c],
-                True,
-            )
-            for c in means.columns
-        ]
+        cells = _row_cells(table, row, best, latex=True)
         lines.append(_latex_escape(row) + " & " + " & ".join(cells) + " \\\\")
     if reported is not None and len(reported):
         lines.append("\\midrule")

@@ -39,27 +39,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def environment() -> dict:
     """Code version and package versions, recorded with every result."""
     source = Path(__file__).resolve().parent
-    try:
-        sha = (
-            subprocess.run(
-                ["git", "-C", str(source), "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=10,
+
+    def git(*args) -> str | None:
+        try:
+            return subprocess.run(
+                ["git", "-C", str(source), *args], capture_output=True, text=True, timeout=10
             ).stdout.strip()
-            or "unknown"
-        )
-        dirty = (
-            subprocess.run(
-                ["git", "-C", str(source), "status", "--porcelain"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-            != ""
-        )
-    except (OSError, subprocess.SubprocessError):
-        sha, dirty = "unknown", False
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    sha, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
+    sha, dirty = sha or "unknown", bool(status)
     versions = {}
     for package in ("fsbench", "torch", "torchvision", "numpy", "ray", "mlflow", "pillow"):
         try:

@@ -17,7 +17,12 @@ from torch import nn
 
 from fsbench.datasets.episodes import Episode
 from fsbench.datasets.registry import FsbenchError
-from fsbench.methods.layers import FewShotMethod, imagenet_weights_path, masked_average_pool
+from fsbench.methods.layers import (
+    FewShotMethod,
+    combine_binary_heads,
+    imagenet_weights_path,
+    masked_average_pool,
+)
 from fsbench.methods.registry import METHODS
 
 RESNET50_FILE = "resnet50-0676ba61.pth"
@@ -156,30 +161,11 @@ class CANet(FewShotMethod):
             self.binary_logits(support_features[i], support_fg[i], query_features, steps)[-1]
             for i in range(way)
         ]
-        if way == 1:
-            low = heads[0]
-        else:  # N binary heads: class i = log p_i(fg); background = Σ log p_i(bg)
-            log_probs = [F.log_softmax(h, 1) for h in heads]
-            low = torch.cat(
-                [sum(lp[:, :1] for lp in log_probs)] + [lp[:, 1:] for lp in log_probs], 1
-            )
+        low = combine_binary_heads(heads)
         return F.interpolate(low, size=out_size, mode="bilinear", align_corners=False)
 
-    def _features(self, episode):
-        way, shot = episode.support_fg.shape[:2]
-        features = self.encode(
-            torch.cat([episode.support_images.flatten(0, 1), episode.query_images])
-        )
-        return features[: way * shot].unflatten(0, (way, shot)), features[way * shot :]
-
-    def forward(self, episode: Episode) -> torch.Tensor:
-        support, query = self._features(episode)
-        return self.predict(
-            support, episode.support_fg, episode.support_bg, query, episode.query_labels.shape[-2:]
-        )
-
     def loss(self, episode: Episode) -> dict[str, torch.Tensor]:
-        support, query = self._features(episode)
+        support, query = self.encode_episode(episode)
         logits = self.predict(
             support,
             episode.support_fg,

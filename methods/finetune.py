@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fsbench.datasets.episodes import Episode
 from fsbench.methods.layers import FewShotMethod, VGG16Encoder
 from fsbench.methods.registry import METHODS
 
@@ -55,19 +54,6 @@ class FinetuneLinear(FewShotMethod):
         weight, bias = self.fit(support_features, support_fg, support_bg)
         logits = F.conv2d(query_features, weight[:, :, None, None], bias)
         return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-
-    def forward(self, episode: Episode) -> torch.Tensor:
-        way, shot = episode.support_fg.shape[:2]
-        features = self.encode(
-            torch.cat([episode.support_images.flatten(0, 1), episode.query_images])
-        )
-        return self.predict(
-            features[: way * shot].unflatten(0, (way, shot)),
-            episode.support_fg,
-            episode.support_bg,
-            features[way * shot :],
-            episode.query_labels.shape[-2:],
-        )
 
 
 @METHODS.register()

@@ -43,6 +43,30 @@ class FewShotMethod(nn.Module):
     def loss(self, episode: Episode) -> dict[str, torch.Tensor]:
         raise FsbenchError(f"method {type(self).__name__} is not trained; leave it out of training")
 
+    def encode_episode(self, episode: Episode):
+        """Supports and queries through `encode` in one batch: ([N,K,C,h,w], [Q,C,h,w])."""
+        way, shot = episode.support_fg.shape[:2]
+        features = self.encode(
+            torch.cat([episode.support_images.flatten(0, 1), episode.query_images])
+        )
+        return features[: way * shot].unflatten(0, (way, shot)), features[way * shot :]
+
+    def forward(self, episode: Episode) -> torch.Tensor:
+        """Encoder + `predict` methods: the same computation the evaluator's cache path runs."""
+        support, query = self.encode_episode(episode)
+        return self.predict(
+            support, episode.support_fg, episode.support_bg, query, episode.query_labels.shape[-2:]
+        )
+
+
+def combine_binary_heads(heads: list[torch.Tensor]) -> torch.Tensor:
+    """N-way logits [Q, 1+N, h, w] from N binary (bg, fg) heads of 1-way methods: class i scores
+    log p_i(fg); background scores Σ_i log p_i(bg) (every head says background)."""
+    if len(heads) == 1:
+        return heads[0]
+    log_probs = [F.log_softmax(h, 1) for h in heads]
+    return torch.cat([sum(lp[:, :1] for lp in log_probs)] + [lp[:, 1:] for lp in log_probs], 1)
+
 
 class VGG16Encoder(nn.Module):
     """VGG-16 conv1_1…conv5_3 as in PANet: 3×3/2 pools, pool4 stride 1, dilated conv5, stride 8."""

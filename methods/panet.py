@@ -55,27 +55,10 @@ class PANet(FewShotMethod):
         low = self.scores(support_features, support_fg, support_bg, query_features)
         return F.interpolate(low, size=out_size, mode="bilinear", align_corners=False)
 
-    def _encode_episode(self, episode: Episode):
-        way, shot = episode.support_fg.shape[:2]
-        images = torch.cat([episode.support_images.flatten(0, 1), episode.query_images])
-        features = self.encode(images)  # supports and queries in one batch
-        support_features = features[: way * shot].unflatten(0, (way, shot))
-        return support_features, features[way * shot :]
-
-    def forward(self, episode: Episode) -> torch.Tensor:
-        support_features, query_features = self._encode_episode(episode)
-        return self.predict(
-            support_features,
-            episode.support_fg,
-            episode.support_bg,
-            query_features,
-            episode.query_labels.shape[-2:],
-        )
-
     def loss(self, episode: Episode) -> dict[str, torch.Tensor]:
         if not self.trainable:
             return super().loss(episode)
-        support_features, query_features = self._encode_episode(episode)
+        support_features, query_features = self.encode_episode(episode)
         low = self.scores(support_features, episode.support_fg, episode.support_bg, query_features)
         logits = F.interpolate(
             low, size=episode.query_labels.shape[-2:], mode="bilinear", align_corners=False

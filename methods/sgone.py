@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsbench.datasets.episodes import Episode
-from fsbench.methods.layers import FewShotMethod, masked_average_pool
+from fsbench.methods.layers import FewShotMethod, combine_binary_heads, masked_average_pool
 from fsbench.methods.registry import METHODS
 
 # DeepLab VGG-16: (convs, channels) per block; pools 1-3 stride 2, pools 4-5 stride 1 (3×3).
@@ -96,28 +96,8 @@ class SGOne(FewShotMethod):
             self.binary_logits(support_features[i], support_fg[i], query_features)
             for i in range(way)
         ]
-        if way == 1:
-            low = heads[0]
-        else:  # N binary heads: class i = log p_i(fg); background = Σ log p_i(bg)
-            log_probs = [F.log_softmax(h, 1) for h in heads]
-            low = torch.cat(
-                [sum(lp[:, :1] for lp in log_probs)] + [lp[:, 1:] for lp in log_probs], 1
-            )
+        low = combine_binary_heads(heads)
         return F.interpolate(low, size=out_size, mode="bilinear", align_corners=False)
-
-    def forward(self, episode: Episode) -> torch.Tensor:
-        way, shot = episode.support_fg.shape[:2]
-        features = self.encode(
-            torch.cat([episode.support_images.flatten(0, 1), episode.query_images])
-        )
-        support = features[: way * shot].unflatten(0, (way, shot))
-        return self.predict(
-            support,
-            episode.support_fg,
-            episode.support_bg,
-            features[way * shot :],
-            episode.query_labels.shape[-2:],
-        )
 
     def loss(self, episode: Episode) -> dict[str, torch.Tensor]:
         logits = self(episode)
