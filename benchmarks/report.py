@@ -517,7 +517,13 @@ def per_class_figure(cells, out_dir, name="per_class_iou"):
     ax.set_xlabel("class")
     ax.set_ylabel("IoU (%)")
     ax.set_title("Per-class IoU (mean over shots and seeds)")
-    ax.legend(frameon=False, fontsize=7, ncols=min(len(rows), 5))
+    ax.legend(
+        frameon=False,
+        fontsize=7,
+        ncols=min(len(rows), 6),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.2),
+    )
     return _save(fig, out_dir, name)
 
 
