@@ -54,6 +54,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     report.add_argument("grid", nargs="?", default="quickstart", help="grid name or results folder")
     report.add_argument("--results", help="results root (default ./results or $FSBENCH_RESULTS)")
 
+    qualitative = commands.add_parser(
+        "qualitative", help="figure of episodes re-predicted from a cell's saved checkpoint"
+    )
+    qualitative.add_argument("grid", help="grid name or results folder")
+    qualitative.add_argument("--cell", help="cell id (prefix); default: the best trained cell")
+    qualitative.add_argument("--episodes", type=int, nargs="+", default=[0, 1, 2, 3])
+    qualitative.add_argument("--results")
+
     ui = commands.add_parser("ui", help="serve the MLflow UI for the results store on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--results")
@@ -109,6 +117,7 @@ def main(argv=None) -> int:
             "list": cmd_list,
             "report": cmd_report,
             "ui": cmd_ui,
+            "qualitative": cmd_qualitative,
             "sync": cmd_sync,
         }[args.command](args)
     except FsbenchError as error:
@@ -185,7 +194,15 @@ def cmd_run(args) -> int:
     if not args.no_report:
         from fsbench.benchmarks.report import build_report
 
-        written = build_report(store.grid_dir)
+        try:
+            written = build_report(store.grid_dir)
+        except Exception as error:  # noqa: BLE001 - the results are safe; say so in one line
+            print(
+                f"fsbench: report failed ({type(error).__name__}: {error}); results are saved "
+                f"in {store.grid_dir}; retry with: python run_benchmark.py report {grid.name}",
+                file=sys.stderr,
+            )
+            written = {"tables": [], "figures": []}
         print(
             "Tables:  "
             + ", ".join(str(p) for p in written["tables"] if p.suffix in (".md", ".tex"))
@@ -306,14 +323,25 @@ def cmd_list(args) -> int:
 def cmd_report(args) -> int:
     from fsbench.benchmarks.report import build_report
 
+    written = build_report(_grid_folder(args))
+    for kind, paths in written.items():
+        print(f"{kind}: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _grid_folder(args) -> Path:
     folder = Path(args.grid)
     if not folder.is_dir():
         folder = _results_root(args) / args.grid
     if not folder.is_dir():
         raise FsbenchError(f"{folder}: no results for grid {args.grid!r} (run it first)")
-    written = build_report(folder)
-    for kind, paths in written.items():
-        print(f"{kind}: " + ", ".join(str(p) for p in paths))
+    return folder
+
+
+def cmd_qualitative(args) -> int:
+    from fsbench.benchmarks.qualitative import render
+
+    print(render(_grid_folder(args), args.cell, args.episodes))
     return 0
 
 

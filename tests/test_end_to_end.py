@@ -61,3 +61,34 @@ def test_serial_grid_end_to_end_and_resume(tmp_path, small_grid_dict):
     assert {c.name: c.stat().st_mtime_ns for c in cells} == before
     sync = _run(["sync", "tiny", "--results", str(results)], tmp_path)
     assert "pushed 0 of 3" in sync.stdout
+
+
+def test_checkpoint_reproduces_saved_predictions_and_renders(tmp_path, small_grid_dict):
+    from fsbench.benchmarks.qualitative import render, saved_matches_checkpoint
+    from fsbench.benchmarks.results import ResultStore
+
+    grid_file = tmp_path / "tiny.yaml"
+    grid_file.write_text(yaml.safe_dump(dict(small_grid_dict, methods=[{"name": "test_panet"}])))
+    done = _run(
+        [
+            "run",
+            str(grid_file),
+            "--serial",
+            "--no-tracking",
+            "--no-report",
+            "--results",
+            str(tmp_path / "r"),
+        ],
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    store = ResultStore(tmp_path / "r", "tiny")
+    (cell,) = store.load_cells()
+    assert cell["checkpoint"] and cell["qualitative"]
+    assert saved_matches_checkpoint(cell, store)
+    figure = render(store.grid_dir, None, [0, 3])
+    assert figure.name == f"qualitative_{cell['cell_id']}.png" and figure.stat().st_size > 1000
+    shown = _run(
+        ["qualitative", "tiny", "--results", str(tmp_path / "r"), "--episodes", "99"], tmp_path
+    )
+    assert shown.returncode == 2 and "episode 99 is outside 0…5" in shown.stderr

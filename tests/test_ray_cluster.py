@@ -408,3 +408,40 @@ def test_tracking_server_down_mid_grid_then_sync(mlflow_server, grid_file, tmp_p
     assert len(runs) == 4 and len({r.data.tags["fsbench.cell_id"] for r in runs}) == 4
     again = run_cli(["sync", "faults", "--results", str(results), "--tracking-uri", uri])
     assert "pushed 0 of 4" in again.stdout
+
+
+def test_ui_serves_the_results_store(tmp_path):
+    import urllib.request
+
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fsbench.benchmarks.cli",
+            "ui",
+            "--port",
+            str(port),
+            "--results",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+
+        def answers():
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5",
+                    timeout=2,
+                ) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        wait_for(answers, 120, "the MLflow UI")
+        assert (tmp_path / "mlflow.db").is_file()  # the results store's sqlite backend
+    finally:
+        _kill_group(server)

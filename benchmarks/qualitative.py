@@ -1,0 +1,80 @@
+"""Qualitative episodes re-predicted from a saved checkpoint (this module imports torch, so that
+report.py need not): `fsbench qualitative GRID [--cell ID] [--episodes 0 1 2 3]`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fsbench.benchmarks.report import qualitative_figure
+from fsbench.benchmarks.results import ResultStore
+from fsbench.benchmarks.tasks import build_model, open_dataset
+from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
+from fsbench.datasets.protocols import get_protocol
+from fsbench.datasets.registry import FsbenchError
+
+
+@torch.no_grad()
+def predict_episodes(result: dict, store: ResultStore, episodes: list[int]) -> list[dict]:
+    """The cell's model (its checkpoint, or its untrained initialisation) on episodes of its
+    first seed's manifest; predictions in episode indices, as the evaluation saved them."""
+    config = result["config"]
+    model = build_model(config)
+    if result.get("checkpoint"):
+        state = torch.load(
+            store.grid_dir / result["checkpoint"], map_location="cpu", weights_only=True
+        )
+        model.load_state_dict(state)
+    model.eval()
+    seed = result["seeds"][0]
+    manifest = EpisodeManifest.load(
+        store.manifests_dir / f"{seed['manifest_fingerprint'][:16]}.json"
+    )
+    protocol = get_protocol(config["protocol"])
+    loader = EpisodeLoader(
+        open_dataset(config["dataset"], config["protocol"]),
+        config["input_size"],
+        config["annotation"],
+        weak_seed=seed["seed"],
+        resize=protocol.resize,
+    )
+    outputs = []
+    for index in episodes:
+        if not 0 <= index < len(manifest.episodes):
+            raise FsbenchError(f"episode {index} is outside 0…{len(manifest.episodes) - 1}")
+        prediction = model(loader.load(manifest.episodes[index])).argmax(1)[0]
+        outputs.append({"seed": seed["seed"], "episode": index, "prediction": prediction.tolist()})
+    return outputs
+
+
+def render(grid_dir: Path, cell_id: str | None, episodes: list[int]) -> Path:
+    """Write report/qualitative_<cell>.png for a cell (default: the best cell with a checkpoint)."""
+    store = ResultStore(grid_dir.parent, grid_dir.name)
+    cells = store.load_cells()
+    if cell_id:
+        matches = [c for c in cells if c["cell_id"].startswith(cell_id)]
+        if len(matches) != 1:
+            raise FsbenchError(f"cell {cell_id!r} matches {len(matches)} cells in {grid_dir}")
+        result = matches[0]
+    else:
+        trained = [c for c in cells if c.get("checkpoint")]
+        if not trained:
+            raise FsbenchError(f"{grid_dir}: no cell with a checkpoint; pass --cell")
+        result = max(trained, key=lambda c: c["summary"]["miou_mean"])
+    predictions = predict_episodes(result, store, episodes)
+    out = grid_dir / "report" / f"qualitative_{result['cell_id']}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return qualitative_figure(
+        {**result, "qualitative": predictions}, store, out, max_episodes=len(predictions)
+    )
+
+
+def saved_matches_checkpoint(result: dict, store: ResultStore) -> bool:
+    """Whether re-predicting the saved qualitative episodes reproduces them exactly."""
+    kept = result.get("qualitative") or []
+    again = predict_episodes(result, store, [k["episode"] for k in kept])
+    return all(
+        json.dumps(a["prediction"]) == json.dumps(k["prediction"]) for a, k in zip(again, kept)
+    )
