@@ -25,6 +25,19 @@ def load_cells(grid_dir: Path) -> list[dict]:
     return cells
 
 
+def current_cells(cells: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Cells that one table cell would mix (same row label and setting, different configs, e.g.
+    after a grid edit): keep the newest of each, and return the superseded ones apart."""
+    newest: dict[tuple, dict] = {}
+    for cell in sorted(cells, key=lambda c: c.get("finished_at", "")):
+        c = cell["config"]
+        key = (row_label(c), c["dataset"]["name"], c["fold"], c["way"], c["shot"], c["protocol"])
+        newest[key] = cell
+    kept = list(newest.values())
+    ids = {c["cell_id"] for c in kept}
+    return kept, [c for c in cells if c["cell_id"] not in ids]
+
+
 def row_label(config: dict) -> str:
     """The table row of a cell: its variant, plus way and annotation where they are not 1/mask."""
     label = config["row"]
@@ -618,13 +631,18 @@ def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
 def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     """Write tables, statistics and figures under `<grid_dir>/report/`; returns their paths."""
     grid_dir = Path(grid_dir)
-    cells = load_cells(grid_dir)
+    cells, superseded = current_cells(load_cells(grid_dir))
     if not cells:
         raise FsbenchError(f"{grid_dir}: no finished cells to report (run the grid first)")
     out = grid_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     frame = seed_frame(cells)
     note = footnote(frame)
+    if superseded:
+        note += (
+            f" {len(superseded)} older cells with the same rows and settings were left out "
+            f"(superseded: {', '.join(sorted(c['cell_id'] for c in superseded))})."
+        )
     written: dict[str, list[Path]] = {"tables": [], "figures": []}
     for metric, label in (("miou", "miou"), ("fb_iou", "fb_iou")):
         table = paper_table(frame, metric)
@@ -703,8 +721,8 @@ def grid_folder(grid: str | Path = "quickstart", results: str | Path | None = No
 def results_frame(
     grid: str | Path = "quickstart", results: str | Path | None = None
 ) -> pd.DataFrame:
-    """One row per (cell, seed) of a grid's results: mIoU, FB-IoU, fold, shot, fingerprint, …"""
-    return seed_frame(load_cells(grid_folder(grid, results)))
+    """One row per (cell, seed) of a grid's current results (superseded cells left out)."""
+    return seed_frame(current_cells(load_cells(grid_folder(grid, results)))[0])
 
 
 def results_table(

@@ -5,7 +5,8 @@ Embedding: dilated ResNet-50 layer2 and layer3 (output stride 8), concatenated, 
 embedding is masked-average pooled, tiled over the query and compared by a 3×3 conv. IOM: the
 comparison features and the previous prediction (2 channels, zeros at first) pass three residual
 blocks and ASPP to 2-class logits, iterated 4 times at test. k shots: per-shot comparison maps
-fused by softmax attention weights. Training unrolls two IOM steps (the second takes the detached
+fused by softmax attention weights. Dropout2d (0.5, as the paper) follows the embedding, the
+comparison and the IOM input. Training unrolls two IOM steps (the second takes the detached
 first prediction); CANet itself feeds each image's prediction from the previous epoch.
 """
 
@@ -52,7 +53,13 @@ class CANet(FewShotMethod):
     cacheable_encoder = True
 
     def __init__(
-        self, blocks=(3, 4, 6), channels=256, iterations=4, pretrained=None, freeze_backbone=None
+        self,
+        blocks=(3, 4, 6),
+        channels=256,
+        iterations=4,
+        pretrained=None,
+        freeze_backbone=None,
+        dropout=0.5,
     ):
         super().__init__()
         from torchvision.models.resnet import Bottleneck, ResNet
@@ -90,16 +97,16 @@ class CANet(FewShotMethod):
         for parameter in (*self.stem.parameters(), *self.layer3.parameters()):
             parameter.requires_grad_(not self.freeze_backbone)
         self.embed = nn.Sequential(
-            conv(512 + 1024, channels, 3, 2), nn.ReLU(inplace=True), nn.Dropout2d(0.5)
+            conv(512 + 1024, channels, 3, 2), nn.ReLU(inplace=True), nn.Dropout2d(dropout)
         )
         self.compare = nn.Sequential(
-            conv(2 * channels, channels, 3, 2), nn.ReLU(inplace=True), nn.Dropout2d(0.5)
+            conv(2 * channels, channels, 3, 2), nn.ReLU(inplace=True), nn.Dropout2d(dropout)
         )
         self.attention = nn.Sequential(
             conv(channels, channels, 3), nn.ReLU(inplace=True), conv(channels, 1, 1)
         )
         self.merge = nn.Sequential(
-            conv(channels + 2, channels, 3), nn.ReLU(inplace=True), nn.Dropout2d(0.5)
+            conv(channels + 2, channels, 3), nn.ReLU(inplace=True), nn.Dropout2d(dropout)
         )
         self.residuals = nn.ModuleList(
             nn.Sequential(nn.ReLU(), conv(channels, channels), nn.ReLU(), conv(channels, channels))
@@ -179,9 +186,11 @@ class CANet(FewShotMethod):
 
 
 @METHODS.register()
-def canet(blocks=(3, 4, 6), channels=256, iterations=4, pretrained=None, freeze_backbone=None):
+def canet(
+    blocks=(3, 4, 6), channels=256, iterations=4, pretrained=None, freeze_backbone=None, dropout=0.5
+):
     """CANet with a dilated ResNet-50 (ImageNet weights from a local torchvision file)."""
-    return CANet(tuple(blocks), channels, iterations, pretrained, freeze_backbone)
+    return CANet(tuple(blocks), channels, iterations, pretrained, freeze_backbone, dropout)
 
 
 @METHODS.register()

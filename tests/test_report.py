@@ -202,3 +202,20 @@ def test_paper_grids_run_at_smoke_size(grid, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert list((tmp_path / f"{grid[:-5]}_smoke" / "cells").glob("*.json"))
+
+
+def test_superseded_cells_are_left_out_not_mixed(tmp_path):
+    grid = tmp_path / "edited"
+    write_cells(grid, RESULTS)
+    old = json.loads((grid / "cells" / "panet-0-1.json").read_text())
+    newer = dict(
+        old,
+        cell_id="panetnew-0-1",
+        finished_at="2026-12-01T00:00:00+00:00",
+        seeds=[dict(s, miou=0.9) for s in old["seeds"]],
+    )
+    (grid / "cells" / "panetnew-0-1.json").write_text(json.dumps(newer))
+    build_report(grid, n_boot=50)
+    table = (grid / "report" / "table_miou.md").read_text()
+    assert "| panet | **90.0 ± 0.0** |" in table  # the newer cell only, not an average of both
+    assert "superseded: panet-0-1" in table
