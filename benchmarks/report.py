@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from fsbench.benchmarks.metrics import EpisodeCounts, bootstrap_ci, paired_bootstrap
+from fsbench.datasets.protocols import get_protocol
 from fsbench.datasets.registry import FsbenchError
 
 MISSING = "–"
@@ -565,9 +566,29 @@ def alpha_figure(frame, out_dir, name="miou_vs_alpha"):
     return _save(fig, out_dir, name)
 
 
+def _input_view(dataset, image_id, classes, size, resize):
+    """An image and its first class's mask in the network's input frame (as EpisodeLoader: a
+    stretch to size², or the longer side to size plus padding), so predictions line up."""
+    from PIL import Image
+
+    image = dataset.load_image(image_id)
+    mask = dataset.load_masks(image_id, classes)[0][0].astype(np.uint8)
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    shape = (size, size) if resize == "square" else (round(height * scale), round(width * scale))
+    pixels = np.zeros((size, size, 3), np.uint8)
+    labels = np.zeros((size, size), bool)
+    pixels[: shape[0], : shape[1]] = np.asarray(
+        Image.fromarray(image).resize(shape[::-1], Image.BILINEAR)
+    )
+    labels[: shape[0], : shape[1]] = (
+        np.asarray(Image.fromarray(mask).resize(shape[::-1], Image.NEAREST)) > 0
+    )
+    return pixels, labels
+
+
 def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
     """Support (with mask) | query with prediction | query with ground truth, for saved episodes."""
-    from PIL import Image
 
     from fsbench.datasets.registry import DATASETS
 
@@ -583,32 +604,19 @@ def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
     manifest = json.loads(
         (Path(store.manifests_dir) / f"{seed['manifest_fingerprint'][:16]}.json").read_text()
     )
-    size = (config["input_size"], config["input_size"])
+    size = config["input_size"]
+    resize = get_protocol(config["protocol"]).resize
     shown = kept[:max_episodes]
     fig, axes = plt.subplots(len(shown), 3, figsize=(7, 2.4 * len(shown)), squeeze=False)
     for row, item in enumerate(shown):
         spec = manifest["episodes"][item["episode"]]
         support_id, query_id = spec["support"][0][0], spec["query"][0]
-        support = np.asarray(
-            Image.fromarray(dataset.load_image(support_id)).resize(size, Image.BILINEAR)
-        )
-        support_label = np.asarray(
-            Image.fromarray(
-                dataset.load_masks(support_id, spec["classes"])[0][0].astype(np.uint8)
-            ).resize(size, Image.NEAREST)
-        )
-        query = np.asarray(
-            Image.fromarray(dataset.load_image(query_id)).resize(size, Image.BILINEAR)
-        )
-        query_label = np.asarray(
-            Image.fromarray(
-                dataset.load_masks(query_id, spec["classes"])[0][0].astype(np.uint8)
-            ).resize(size, Image.NEAREST)
-        )
+        support, support_label = _input_view(dataset, support_id, spec["classes"], size, resize)
+        query, query_label = _input_view(dataset, query_id, spec["classes"], size, resize)
         prediction = np.asarray(item["prediction"])
-        truth = query_label > 0
+        truth = query_label
         panels = [
-            (support, support_label > 0, "support + mask"),
+            (support, support_label, "support + mask"),
             (query, prediction == 1, "query + prediction"),
             (query, truth, "query + ground truth"),
         ]

@@ -219,3 +219,28 @@ def test_superseded_cells_are_left_out_not_mixed(tmp_path):
     table = (grid / "report" / "table_miou.md").read_text()
     assert "| panet | **90.0 ± 0.0** |" in table  # the newer cell only, not an average of both
     assert "superseded: panet-0-1" in table
+
+
+def test_import_boundaries():
+    """report.py imports neither torch nor ray; only runner.py imports ray, tracking.py mlflow."""
+    check = (
+        "import sys, fsbench.benchmarks.report; "
+        "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "[]"
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for path in [
+        *root.glob("benchmarks/*.py"),
+        *root.glob("methods/*.py"),
+        *root.glob("datasets/*.py"),
+    ]:
+        text = path.read_text()
+        if path.name != "runner.py":
+            assert not re.search(r"^\s*(import ray|from ray)", text, re.M), path
+        if path.name != "tracking.py":
+            assert not re.search(r"^\s*(import mlflow|from mlflow)", text, re.M), path
