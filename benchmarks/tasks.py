@@ -97,7 +97,7 @@ def eval_task(
 ) -> list[dict]:
     """Evaluate one model on several (cell, seed) manifests with one shared feature cache.
 
-    items: [{"cell_id", "seed", "manifest": manifest JSON, "protocol", "input_size"}].
+    items: [{"cell_id", "seed", "protocol", "annotation", "manifest": manifest JSON}].
     """
     _limit_threads(threads)
     device = resolve_device(device)
