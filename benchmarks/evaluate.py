@@ -24,12 +24,22 @@ class FeatureCache:
 
     @torch.no_grad()
     def prefetch(self, image_ids) -> None:
-        """Encode every id not cached yet, in batches."""
+        """Encode every id not cached yet, in batches of exactly `batch_size` (zero-padded).
+
+        Convolution kernels pick their algorithm by input shape, so the same image encoded in a
+        batch of 3 and in a batch of 16 differs in the last bits, and an argmax can flip. Which
+        images are still missing depends on what the cache already holds, i.e. on how a scheduler
+        grouped the evaluations; a fixed batch shape makes each image's features independent of
+        that (per-sample results do not depend on the batch's other members or their order).
+        """
         missing = list(dict.fromkeys(i for i in image_ids if i not in self._items))
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             images = torch.stack([self.loader.image(i) for i in chunk])
-            features = self.model.encode(images.to(self.device))
+            if len(chunk) < self.batch_size:
+                padding = images.new_zeros((self.batch_size - len(chunk), *images.shape[1:]))
+                images = torch.cat([images, padding])
+            features = self.model.encode(images.to(self.device))[: len(chunk)]
             for image_id, feature in zip(chunk, features):
                 self._store(image_id, feature.clone())
             self.encoded += len(chunk)

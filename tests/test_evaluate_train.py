@@ -31,6 +31,24 @@ def test_cached_features_give_identical_metrics(dataset, shot):
     assert cache.encoded == len(distinct) and again.miou() == cached.miou()
 
 
+def test_cached_features_do_not_depend_on_what_was_cached_before(dataset):
+    # Ray evaluates each seed in its own task, the serial runner shares one cache across seeds: an
+    # image must get bit-identical features whichever images shared its encoder batch.
+    torch.manual_seed(0)
+    model = METHODS.get("test_panet")().eval()
+    loader = EpisodeLoader(dataset, 32)
+    ids = dataset.class_images("val", 1)[:7]
+    cold = FeatureCache(model, loader, "cpu", batch_size=8)
+    cold.prefetch(ids)
+    warm = FeatureCache(model, loader, "cpu", batch_size=8)
+    warm.prefetch(ids[:1])
+    warm.prefetch(ids[3:5])
+    warm.prefetch(ids)  # the other four in a batch of their own
+    assert warm.encoded == cold.encoded == len(ids)
+    for image_id in ids:
+        assert torch.equal(cold.get([image_id]), warm.get([image_id])), image_id
+
+
 def test_cache_bound_evicts_but_stays_exact(dataset):
     torch.manual_seed(0)
     model = METHODS.get("test_panet")()
