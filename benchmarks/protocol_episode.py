@@ -15,9 +15,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
 from fsbench.benchmarks.evaluate import evaluate
+from fsbench.benchmarks.qualitative import cell_model
 from fsbench.benchmarks.tasks import build_model, open_dataset
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import PROTOCOLS
@@ -36,15 +35,12 @@ def main(argv=None) -> None:
     }
     model = build_model(config)
     source = "untrained narrow PANet"
-    for path in sorted(Path(args.results, args.grid, "cells").glob("*.json")):
+    grid_dir = Path(args.results, args.grid)
+    for path in sorted((grid_dir / "cells").glob("*.json")):
         cell = json.loads(path.read_text())
         c = cell["config"]
         if (c["method"], c["fold"], c["shot"]) == ("panet", 0, 1) and cell.get("checkpoint"):
-            config.update(method_kwargs=c["method_kwargs"], dataset=c["dataset"])
-            model = build_model(config)
-            model.load_state_dict(
-                torch.load(Path(args.results, args.grid, cell["checkpoint"]), weights_only=True)
-            )
+            config, model = c, cell_model(cell, grid_dir)
             source = f"trained PANet of {args.grid} ({c['row']}, fold 0, 1-shot)"
     dataset = open_dataset(config["dataset"])
     # One episode whose images are in every protocol's test list: draw it from the val list.

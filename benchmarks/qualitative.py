@@ -16,18 +16,23 @@ from fsbench.datasets.protocols import get_protocol
 from fsbench.datasets.registry import FsbenchError
 
 
+def cell_model(result: dict, grid_dir: Path):
+    """A finished cell's model in eval mode: its checkpoint, or its untrained initialisation."""
+    model = build_model(result["config"])
+    if result.get("checkpoint"):
+        state = torch.load(
+            Path(grid_dir, result["checkpoint"]), map_location="cpu", weights_only=True
+        )
+        model.load_state_dict(state)
+    return model.eval()
+
+
 @torch.no_grad()
 def predict_episodes(result: dict, store: ResultStore, episodes: list[int]) -> list[dict]:
     """The cell's model (its checkpoint, or its untrained initialisation) on episodes of its
     first seed's manifest; predictions in episode indices, as the evaluation saved them."""
     config = result["config"]
-    model = build_model(config)
-    if result.get("checkpoint"):
-        state = torch.load(
-            store.grid_dir / result["checkpoint"], map_location="cpu", weights_only=True
-        )
-        model.load_state_dict(state)
-    model.eval()
+    model = cell_model(result, store.grid_dir)
     seed = result["seeds"][0]
     manifest = EpisodeManifest.load(
         store.manifests_dir / f"{seed['manifest_fingerprint'][:16]}.json"

@@ -567,24 +567,15 @@ def alpha_figure(frame, out_dir, name="miou_vs_alpha"):
 
 
 def _input_view(dataset, image_id, classes, size, resize):
-    """An image and its first class's mask in the network's input frame (as EpisodeLoader: a
-    stretch to size², or the longer side to size plus padding), so predictions line up."""
+    """An image and its first class's mask in the network's input frame (EpisodeLoader's
+    geometry, padding black), so predictions line up."""
     from PIL import Image
 
-    image = dataset.load_image(image_id)
+    from fsbench.datasets.resize import fit
+
     mask = dataset.load_masks(image_id, classes)[0][0].astype(np.uint8)
-    height, width = image.shape[:2]
-    scale = size / max(height, width)
-    shape = (size, size) if resize == "square" else (round(height * scale), round(width * scale))
-    pixels = np.zeros((size, size, 3), np.uint8)
-    labels = np.zeros((size, size), bool)
-    pixels[: shape[0], : shape[1]] = np.asarray(
-        Image.fromarray(image).resize(shape[::-1], Image.BILINEAR)
-    )
-    labels[: shape[0], : shape[1]] = (
-        np.asarray(Image.fromarray(mask).resize(shape[::-1], Image.NEAREST)) > 0
-    )
-    return pixels, labels
+    pixels = fit(dataset.load_image(image_id), size, resize, Image.BILINEAR, 0)
+    return pixels, fit(mask, size, resize, Image.NEAREST, 0) > 0
 
 
 def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
@@ -614,11 +605,10 @@ def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
         support, support_label = _input_view(dataset, support_id, spec["classes"], size, resize)
         query, query_label = _input_view(dataset, query_id, spec["classes"], size, resize)
         prediction = np.asarray(item["prediction"])
-        truth = query_label
         panels = [
             (support, support_label, "support + mask"),
             (query, prediction == 1, "query + prediction"),
-            (query, truth, "query + ground truth"),
+            (query, query_label, "query + ground truth"),
         ]
         for col, (image, mask, title) in enumerate(panels):
             ax = axes[row][col]

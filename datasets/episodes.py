@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from fsbench.datasets.registry import FsbenchError
+from fsbench.datasets.resize import check_resize, content_size, fit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -230,8 +231,7 @@ class EpisodeLoader:
     ):
         if annotation not in ANNOTATIONS:
             raise FsbenchError(f"annotation {annotation!r} is not one of {', '.join(ANNOTATIONS)}")
-        if resize not in ("square", "keep_ratio_pad"):
-            raise FsbenchError(f"resize {resize!r} is not square or keep_ratio_pad")
+        check_resize(resize)
         self.dataset = dataset
         self.input_size = input_size
         self.annotation = annotation
@@ -260,21 +260,10 @@ class EpisodeLoader:
 
     def content_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the image content inside the S×S input; the rest is padding."""
-        if self.resize == "square":
-            return self.input_size, self.input_size
-        scale = self.input_size / max(height, width)
-        return max(1, round(height * scale)), max(1, round(width * scale))
+        return content_size(height, width, self.input_size, self.resize)
 
     def _fit(self, array: np.ndarray, resample, fill) -> np.ndarray:
-        """Stretch to S×S ("square", PANet/HSNet), or fit the longer side and pad with `fill`
-        ("keep_ratio_pad", PFENet's test_Resize)."""
-        height, width = self.content_size(*array.shape[:2])
-        resized = np.asarray(Image.fromarray(array).resize((width, height), resample))
-        if (height, width) == (self.input_size, self.input_size):
-            return resized
-        out = np.full((self.input_size, self.input_size, *resized.shape[2:]), fill, resized.dtype)
-        out[:height, :width] = resized
-        return out
+        return fit(array, self.input_size, self.resize, resample, fill)
 
     def _resize_mask(self, mask: np.ndarray, fill: int = 0) -> np.ndarray:
         return self._fit(mask.astype(np.uint8), Image.NEAREST, fill) > 0
