@@ -112,13 +112,23 @@ class Driver:
         path = self.store.save_checkpoint(job.key, state_dict)
         self.checkpoints[job.key] = os.path.relpath(path, self.store.grid_dir)
         self.train_info[job.key] = {k: v for k, v in info.items() if k != "state_dict"}
+        self._finish_complete(job)
 
     def on_eval(self, job: Job, output: dict) -> None:
-        cell_id = output["cell_id"]
-        self.seed_outputs[cell_id].append(output)
-        cell = self.cells[cell_id]
-        if len(self.seed_outputs[cell_id]) == len(cell.seeds):
-            self._finish(job, cell)
+        self.seed_outputs[output["cell_id"]].append(output)
+        self._finish_complete(job)
+
+    def _finish_complete(self, job: Job) -> None:
+        """Write the job's cells that have every seed and, if the job trains, its training record.
+
+        Ray may hand over an evaluation before the training record it waited on (both results
+        are ready; `ray.wait` picks either), so neither arrival alone completes a cell.
+        """
+        if job.trainable and job.key not in self.train_info:
+            return
+        for cell in job.cells:
+            if len(self.seed_outputs.get(cell.id, ())) == len(cell.seeds):
+                self._finish(job, cell)
 
     def on_failure(self, job: Job, error: str) -> None:
         for cell in job.cells:
