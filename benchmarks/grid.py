@@ -163,9 +163,23 @@ def _is_trainable(registry, method: MethodSpec) -> bool:
 
 # -- loading ---------------------------------------------------------------------------------
 def _merge(base: dict, override: dict) -> dict:
+    """`override` on top of `base`, nested mappings merged key by key. A `dataset:` that names
+    another dataset replaces the base's whole section: the real set's `data_root` must not leak
+    into a smoke run's generated set (it would become its cache folder)."""
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "methods":
+        other_dataset = (
+            key == "dataset"
+            and isinstance(value, dict)
+            and isinstance(merged.get(key), dict)
+            and value.get("name", merged[key].get("name")) != merged[key].get("name")
+        )
+        if (
+            isinstance(value, dict)
+            and isinstance(merged.get(key), dict)
+            and key != "methods"
+            and not other_dataset
+        ):
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value

@@ -74,3 +74,25 @@ def test_bundled_quickstart_parses():
     grid = load_grid("quickstart.yaml")
     cells = grid.expand()
     assert len(cells) == 5 * 4 * 2 and {c.shot for c in cells} == {1, 5}
+
+
+@pytest.mark.parametrize("grid", ["panet_pascal.yaml", "panet_coco.yaml"])
+def test_smoke_dataset_does_not_inherit_the_real_data_root(grid):
+    # The real grid's `data_root: data/VOC` once leaked into the smoke run's generated dataset,
+    # which then wrote its images into ./data/VOC of whatever folder the command ran in.
+    real, smoke = load_grid(grid), load_grid(grid, smoke=True)
+    assert real.dataset["data_root"].startswith("data/")
+    assert smoke.dataset["name"].startswith("synthetic_") and "data_root" not in smoke.dataset
+
+
+def test_included_dataset_keys_merge_when_the_dataset_is_the_same(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "dataset: {name: synthetic_pascal5i, n_images: 40, image_size: 32}\n"
+        "methods: [all_background]\n"
+    )
+    (tmp_path / "top.yaml").write_text("include: base.yaml\ndataset: {image_size: 48}\n")
+    assert load_grid(tmp_path / "top.yaml").dataset == {
+        "name": "synthetic_pascal5i",
+        "n_images": 40,
+        "image_size": 48,
+    }

@@ -182,6 +182,8 @@ def test_every_figure_kind_from_a_real_run(tmp_path, small_grid_dict):
     ],
 )
 def test_paper_grids_run_at_smoke_size(grid, tmp_path):
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
     done = subprocess.run(
         [
             sys.executable,
@@ -199,9 +201,12 @@ def test_paper_grids_run_at_smoke_size(grid, tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=workdir,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert list((tmp_path / f"{grid[:-5]}_smoke" / "cells").glob("*.json"))
+    # Generated data goes to the cache ($FSBENCH_DATA), never into the folder the command ran in.
+    assert not list(workdir.iterdir())
 
 
 def test_superseded_cells_are_left_out_not_mixed(tmp_path):
