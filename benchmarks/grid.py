@@ -288,9 +288,11 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
                     recipe,
                 )
             )
-    variants = [(s.name, sorted(s.kwargs.items())) for s in specs]
+    variants = [(s.name, sorted(s.kwargs.items()), s.train) for s in specs]
     if len({repr(v) for v in variants}) != len(variants):
-        raise FsbenchError("methods: the same method with the same keywords is listed twice")
+        raise FsbenchError(
+            "methods: the same method with the same keywords and recipe is listed twice"
+        )
     rows = [s.row() for s in specs]
     if len(set(rows)) != len(rows):
         raise FsbenchError(f"methods: two entries give the same row name; set `label:` ({rows})")

@@ -43,7 +43,11 @@ def build_model(config: dict):
 def device_label(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    # The kernels' instruction set is part of the record: trained weights agree bit for bit on one
+    # CPU type, not across types (AVX2 vs AVX-512 kernels round differently).
+    isa = torch.backends.cpu.get_cpu_capability()
+    arch = platform.processor() or platform.machine()
+    return f"cpu ({arch}, {isa}, {torch.get_num_threads()} threads)"
 
 
 def _limit_threads(threads: int | None) -> None:

@@ -66,6 +66,11 @@ def test_method_recipe_overrides_grid_training(small_grid_dict):
     panet, sgone = parse_grid(raw).expand()
     assert panet.train.lr == 1e-3 and sgone.train.lr == 1e-5 and sgone.train.lr_milestones == (2,)
     assert sgone.train.steps == panet.train.steps == 4
+    # One method under two training seeds: two rows (the training-seed spread), two models.
+    seed1 = {"name": "test_panet", "train": {"seed": 1}, "label": "s1"}
+    twice = parse_grid(dict(raw, methods=["test_panet", seed1]))
+    first, second = twice.expand()
+    assert (first.train.seed, second.train.seed) == (0, 1) and first.id != second.id
     with pytest.raises(FsbenchError, match="test_sgone: train: unknown key"):
         parse_grid(dict(raw, methods=[{"name": "test_sgone", "train": {"epochs": 3}}]))
 
