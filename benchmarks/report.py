@@ -351,7 +351,10 @@ def statistics_markdown(stats: pd.DataFrame) -> str:
     inside = (paired["significant"] != "yes").sum()
     lines += [
         "",
-        f"{inside} of {len(paired)} differences lie inside the noise (CI contains 0).",
+        f"{inside} of {len(paired)} differences lie inside the episode noise (CI contains 0).",
+        "The CIs resample the episodes of one trained model per row: they leave out the spread"
+        " between training runs, which can be larger. To see it, list a trained method again with"
+        " another `train: {seed: …}` and a `label:`.",
         "",
     ]
     return "\n".join(lines)
