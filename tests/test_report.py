@@ -179,6 +179,7 @@ def test_every_figure_kind_from_a_real_run(tmp_path, small_grid_dict):
         "panet_alpha_sweep.yaml",
         "panet_coco.yaml",
         "panet_weak_supports.yaml",
+        "baselines.yaml",
     ],
 )
 def test_paper_grids_run_at_smoke_size(grid, tmp_path):
