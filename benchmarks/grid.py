@@ -168,18 +168,10 @@ def _merge(base: dict, override: dict) -> dict:
     into a smoke run's generated set (it would become its cache folder)."""
     merged = dict(base)
     for key, value in override.items():
-        other_dataset = (
-            key == "dataset"
-            and isinstance(value, dict)
-            and isinstance(merged.get(key), dict)
-            and value.get("name", merged[key].get("name")) != merged[key].get("name")
-        )
-        if (
-            isinstance(value, dict)
-            and isinstance(merged.get(key), dict)
-            and key != "methods"
-            and not other_dataset
-        ):
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        if key == "dataset" and nested:
+            nested = value.get("name", merged[key].get("name")) == merged[key].get("name")
+        if nested and key != "methods":
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
