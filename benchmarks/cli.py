@@ -91,8 +91,9 @@ def _add_run_options(parser):
     parser.add_argument(
         "--eval-group",
         choices=("seed", "model"),
-        default="seed",
-        help="Ray: one evaluation task per seed (parallel) or per model (shared cache)",
+        default="model",
+        help="Ray: one evaluation task per model (each image encoded once for all its seeds "
+        "and shots; default) or per seed (more parallel, each task encodes its own images)",
     )
     parser.add_argument("--eval-gpu-fraction", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per task")

@@ -1,61 +1,121 @@
-"""Evaluation on fixed manifests, encoding each distinct image once per model (DESIGN §9)."""
+"""Evaluation on fixed manifests, planned from them: every distinct image is encoded once per
+model, episodes are scored in batches (DESIGN §9)."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
-from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fsbench.benchmarks.metrics import EpisodeCounts, SegmentationMeter
+from fsbench.benchmarks.metrics import EpisodeCounts, SegmentationMeter, batched_confusion
 from fsbench.datasets.episodes import EpisodeLoader
+
+# Feature bytes of one chunk of episodes gathered at once (supports + queries).
+CHUNK_BYTES = 256 << 20
+MAX_CHUNK = 64
+
+
+def distinct_images(manifests) -> list[str]:
+    """Every image of the manifests once, in order of first use (supports, then queries)."""
+    seen: dict[str, None] = {}
+    for manifest in manifests:
+        for spec in manifest.episodes:
+            for ids in spec.support:
+                seen.update(dict.fromkeys(ids))
+            seen.update(dict.fromkeys(spec.query))
+    return list(seen)
 
 
 class FeatureCache:
-    """image id → encoder features of one model, LRU-bounded in bytes; exact (no approximation)."""
+    """image id → encoder features of one model. Each image is encoded once: features stay in
+    memory (on the model's device) up to `max_bytes`, the rest is written to a temporary file in
+    float32 and read back with `pread` (never mapped, so it never counts as resident memory).
+    Exact: a spilled map is the same bits as the encoder's output. Nothing is evicted, so a
+    get of any ids never re-encodes."""
 
-    def __init__(self, model, loader: EpisodeLoader, device, max_bytes=2 << 30, batch_size=16):
+    def __init__(
+        self, model, loader: EpisodeLoader, device, max_bytes=2 << 30, batch_size=16, spill_dir=None
+    ):
         self.model, self.loader, self.device = model, loader, device
         self.max_bytes, self.batch_size = max_bytes, batch_size
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.spill_dir = spill_dir
+        self._items: dict[str, torch.Tensor] = {}  # in memory
+        self._spilled: dict[str, tuple[int, tuple[int, ...]]] = {}  # id → (offset, shape)
         self._bytes = 0
-        self.encoded = 0  # images pushed through the encoder (a re-encode after eviction counts)
+        self._file = None
+        self._end = 0
+        self.encoded = 0  # images pushed through the encoder
+
+    def __contains__(self, image_id) -> bool:
+        return image_id in self._items or image_id in self._spilled
+
+    def __len__(self) -> int:
+        return len(self._items) + len(self._spilled)
+
+    @property
+    def spilled(self) -> int:
+        return len(self._spilled)
 
     @torch.no_grad()
     def prefetch(self, image_ids) -> None:
-        """Encode every id not cached yet, in batches of exactly `batch_size` (zero-padded).
+        """Encode every id not stored yet, in batches of exactly `batch_size` (only the last one
+        zero-padded).
 
         Convolution kernels pick their algorithm by input shape, so the same image encoded in a
-        batch of 3 and in a batch of 16 differs in the last bits, and an argmax can flip. Which
-        images are still missing depends on what the cache already holds, i.e. on how a scheduler
-        grouped the evaluations; a fixed batch shape makes each image's features independent of
-        that (per-sample results do not depend on the batch's other members or their order).
+        batch of 3 and in a batch of 16 differs in the last bits, and an argmax can flip. A fixed
+        batch shape makes each image's features independent of which images share its batch, i.e.
+        of how a scheduler grouped the evaluations (per-sample results do not depend on the
+        batch's other members or their order).
         """
-        missing = list(dict.fromkeys(i for i in image_ids if i not in self._items))
+        missing = list(dict.fromkeys(i for i in image_ids if i not in self))
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             images = torch.stack([self.loader.image(i) for i in chunk])
             if len(chunk) < self.batch_size:
                 padding = images.new_zeros((self.batch_size - len(chunk), *images.shape[1:]))
                 images = torch.cat([images, padding])
-            features = self.model.encode(images.to(self.device))[: len(chunk)]
-            for image_id, feature in zip(chunk, features):
-                self._store(image_id, feature.clone())
+            if self.device != "cpu" and torch.device(self.device).type == "cuda":
+                images = images.pin_memory()
+            features = self.model.encode(images.to(self.device, non_blocking=True))
+            for image_id, feature in zip(chunk, features[: len(chunk)]):
+                self._store(image_id, feature)
             self.encoded += len(chunk)
 
     def _store(self, image_id, feature) -> None:
-        self._items[image_id] = feature
-        self._bytes += feature.numel() * feature.element_size()
-        while self._bytes > self.max_bytes and len(self._items) > 1:
-            _, evicted = self._items.popitem(last=False)
-            self._bytes -= evicted.numel() * evicted.element_size()
+        size = feature.numel() * 4
+        if self._bytes + size <= self.max_bytes or not self._items:
+            # A contiguous float32 copy: a view would pin the whole padded batch in memory.
+            self._items[image_id] = feature.float().contiguous().clone()
+            self._bytes += size
+            return
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(prefix="fsbench-features-", dir=self.spill_dir)
+        data = feature.float().contiguous().cpu().numpy().tobytes()
+        os.pwrite(self._file.fileno(), data, self._end)
+        self._spilled[image_id] = (self._end, tuple(feature.shape))
+        self._end += len(data)
+
+    def _read(self, image_id) -> torch.Tensor:
+        if image_id in self._items:
+            return self._items[image_id]
+        offset, shape = self._spilled[image_id]
+        size = int(np.prod(shape)) * 4
+        data = bytearray(os.pread(self._file.fileno(), size, offset))
+        return torch.frombuffer(data, dtype=torch.float32).view(shape).to(self.device)
 
     def get(self, image_ids) -> torch.Tensor:
+        """Features [n, C, h, w] of `image_ids` (encoding those not stored yet)."""
         self.prefetch(image_ids)
-        for image_id in image_ids:
-            self._items.move_to_end(image_id)
-        return torch.stack([self._items[i] for i in image_ids])
+        return torch.stack([self._read(i) for i in image_ids])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def _scoring_label(dataset, image_id, classes) -> torch.Tensor:
@@ -68,6 +128,23 @@ def _scoring_label(dataset, image_id, classes) -> torch.Tensor:
     return target
 
 
+def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
+    """Argmax over dim 1 of [M, 1+N, H, W]; 1-way as `fg > bg` (ties go to background, as
+    argmax's first index), N-way in channels-last layout (a contiguous reduction)."""
+    if logits.shape[1] == 2:
+        return (logits[:, 1] > logits[:, 0]).long()
+    return logits.permute(0, 2, 3, 1).argmax(-1)
+
+
+def _chunk_size(manifest, feature_bytes: int | None) -> int:
+    """Episodes per batch: as many as keep their gathered features under CHUNK_BYTES."""
+    if not manifest.episodes or not feature_bytes:
+        return 16
+    first = manifest.episodes[0]
+    per_episode = (sum(len(s) for s in first.support) + len(first.query)) * feature_bytes
+    return int(max(1, min(MAX_CHUNK, CHUNK_BYTES // max(per_episode, 1))))
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -76,13 +153,15 @@ def evaluate(
     protocol,
     device="cpu",
     cache=None,
-    chunk=32,
+    chunk=None,
     keep_predictions: int = 0,
 ):
     """Per-episode counts of `model` on every episode of `manifest`, plus timing.
 
-    `cache` (a FeatureCache of this model) makes the encoder run once per distinct image; without
-    one, or for methods whose encoder depends on the episode, each episode runs `model(episode)`.
+    With `cache` (a FeatureCache of this model) the encoder runs once per distinct image and
+    episodes are predicted in batches from cached features and masks (images are never loaded);
+    without one, or for methods whose encoder depends on the episode, each episode runs
+    `model(episode)`.
     """
     model.to(device).eval()
     started = time.perf_counter()
@@ -91,43 +170,60 @@ def evaluate(
         only_present=protocol.only_present_classes,
     )
     use_cache = cache is not None and getattr(model, "cacheable_encoder", False)
+    original = protocol.score_resolution == "original"
+    if chunk is None:
+        feature_bytes = None
+        if use_cache and len(cache):
+            feature_bytes = cache._read(next(iter(cache._items))).numel() * 4
+        chunk = _chunk_size(manifest, feature_bytes) if use_cache else 1
     kept = []
     for start in range(0, len(manifest.episodes), chunk):
         specs = manifest.episodes[start : start + chunk]
         if use_cache:
-            cache.prefetch(i for s in specs for i in (*sum(s.support, ()), *s.query))
-        for offset, spec in enumerate(specs):
-            index = start + offset
-            episode = loader.load(spec).to(device)
-            if use_cache:
-                way, shot = episode.support_fg.shape[:2]
-                support = cache.get([i for ids in spec.support for i in ids]).unflatten(
-                    0, (way, shot)
-                )
-                logits = model.predict(
-                    support,
-                    episode.support_fg,
-                    episode.support_bg,
-                    cache.get(list(spec.query)),
-                    episode.query_labels.shape[-2:],
-                )
-            else:
-                logits = model(episode)
-            for query, query_id in enumerate(spec.query):
-                if protocol.score_resolution == "original":
-                    label = _scoring_label(loader.dataset, query_id, spec.classes)
+            masks = [loader.load_masks(spec) for spec in specs]
+            support_fg = torch.stack([m[0] for m in masks]).to(device)
+            support_bg = torch.stack([m[1] for m in masks]).to(device)
+            labels = torch.stack([m[2] for m in masks]).to(device)  # [B, Q, S, S]
+            way, shot = support_fg.shape[1:3]
+            support = cache.get([i for s in specs for ids in s.support for i in ids])
+            query = cache.get([i for s in specs for i in s.query])
+            logits = model.predict_batch(
+                support.unflatten(0, (len(specs), way, shot)),
+                support_fg,
+                support_bg,
+                query.unflatten(0, (len(specs), -1)),
+                labels.shape[-2:],
+            )  # [B, Q, 1+N, S, S]
+        else:
+            episodes = [loader.load(spec).to(device) for spec in specs]
+            logits = torch.stack([model(e) for e in episodes])
+            labels = torch.stack([e.query_labels for e in episodes])
+        queries = logits.shape[1]
+        if original:
+            for offset, spec in enumerate(specs):
+                for q, query_id in enumerate(spec.query):
+                    label = _scoring_label(loader.dataset, query_id, spec.classes).to(device)
                     height, width = loader.content_size(*label.shape)  # drop any padding
                     scores = F.interpolate(
-                        logits[query : query + 1, :, :height, :width],
+                        logits[offset, q : q + 1, :, :height, :width],
                         size=label.shape,
                         mode="bilinear",
                         align_corners=False,
-                    )[0]
-                else:
-                    label, scores = episode.query_labels[query], logits[query]
-                prediction = scores.argmax(0)
-                meter.update(prediction, label, spec.classes, index)
-                if len(kept) < keep_predictions:
-                    kept.append({"episode": index, "prediction": prediction.cpu()})
+                    )
+                    prediction = predicted_classes(scores)[0]
+                    meter.update(prediction, label, spec.classes, start + offset)
+                    if len(kept) < keep_predictions:
+                        kept.append({"episode": start + offset, "prediction": prediction.cpu()})
+            continue
+        predictions = predicted_classes(logits.flatten(0, 1))  # [B·Q, S, S]
+        matrices = batched_confusion(predictions, labels.flatten(0, 1), logits.shape[2] - 1)
+        for offset, spec in enumerate(specs):
+            for q in range(queries):
+                meter.add_confusion(matrices[offset * queries + q], spec.classes, start + offset)
+        for offset in range(len(specs)):
+            if len(kept) < keep_predictions:
+                kept.append(
+                    {"episode": start + offset, "prediction": predictions[offset * queries].cpu()}
+                )
     counts: EpisodeCounts = meter.counts()
     return counts, time.perf_counter() - started, kept

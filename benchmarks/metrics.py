@@ -18,6 +18,19 @@ def confusion(pred, label, way: int) -> np.ndarray:
     return np.bincount(flat, minlength=n * n).reshape(n, n)
 
 
+def batched_confusion(pred, label, way: int) -> np.ndarray:
+    """[M, 1+way, 1+way] confusion matrices of M predictions and labels [M, H, W] in one
+    `bincount` (on the tensors' device); label 255 excluded."""
+    import torch
+
+    n = way + 1
+    index = torch.arange(label.shape[0], device=label.device).view(-1, *[1] * (label.dim() - 1))
+    valid = label != 255
+    flat = ((index * n + label) * n + pred)[valid]
+    counts = torch.bincount(flat, minlength=label.shape[0] * n * n)
+    return counts.view(-1, n, n).cpu().numpy()
+
+
 def record_counts(matrix: np.ndarray, only_present: bool):
     """Per episode index (0 = background): (tp, fp, fn) rows, the foreground row, presence flags.
 
@@ -102,8 +115,12 @@ class SegmentationMeter:
 
     def update(self, pred, label, episode_class_ids, episode: int | None = None) -> None:
         """Add one query: pred and label [H, W] in episode indices (0 bg, i = i-th class, 255)."""
-        way = len(episode_class_ids)
-        rows, foreground = record_counts(confusion(pred, label, way), self.only_present)
+        matrix = confusion(pred, label, len(episode_class_ids))
+        self.add_confusion(matrix, episode_class_ids, episode)
+
+    def add_confusion(self, matrix, episode_class_ids, episode: int | None = None) -> None:
+        """Add one query's [(1+way), (1+way)] confusion matrix (rows label, columns prediction)."""
+        rows, foreground = record_counts(matrix, self.only_present)
         per_class = np.zeros((len(self.classes), 3), dtype=np.int64)
         for index, class_id in enumerate(episode_class_ids, start=1):
             if int(class_id) not in self._column:

@@ -111,6 +111,7 @@ def seed_result(raw: dict) -> dict:
         "episodes": len(counts.per_class),
         "eval_seconds": raw["eval_seconds"],
         "encoded_images": raw["encoded_images"],
+        "distinct_images": raw.get("distinct_images"),
         "device": raw["device"],
         "counts": raw["counts"],
     }

@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from fsbench.benchmarks.evaluate import distinct_images
 from fsbench.benchmarks.grid import Cell, GridSpec
 from fsbench.benchmarks.results import ResultStore, environment, now_iso, seed_result, summarise
 from fsbench.benchmarks.tasks import eval_task, open_dataset, train_task
@@ -167,6 +168,13 @@ class Driver:
             "timings": {
                 "train_seconds": train["seconds"] if train else 0.0,
                 "eval_seconds": sum(o["eval_seconds"] for o in outputs),
+                # encoder passes of the evaluation task(s) that served this cell (a task grouped
+                # by model serves all its cells: its encodings are shared, not per cell) …
+                "encoded_images": sum({o["task"]: o["encoded_images"] for o in outputs}.values()),
+                # … against the distinct images of this cell's own manifests
+                "distinct_images": len(
+                    distinct_images(self.plan.manifests[(cell.id, s)] for s in cell.seeds)
+                ),
             },
             "environment": {
                 **environment(),
@@ -266,7 +274,7 @@ class RayExecutor:
         threads=1,
         max_retries=3,
         eval_gpu_fraction=0.5,
-        eval_group="seed",
+        eval_group="model",
         cache_bytes=2 << 30,
         batch_size=16,
     ):

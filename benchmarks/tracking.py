@@ -202,6 +202,9 @@ class Tracker:
             "train_seconds": result["timings"]["train_seconds"],
             "eval_seconds": result["timings"]["eval_seconds"],
         }
+        for key in ("encoded_images", "distinct_images"):  # older cells lack them
+            if key in result["timings"]:
+                metrics[key] = result["timings"][key]
         for seed in result["seeds"]:
             metrics[f"miou_seed_{seed['seed']}"] = seed["miou"]
             metrics[f"fb_iou_seed_{seed['seed']}"] = seed["fb_iou"]

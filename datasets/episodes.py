@@ -204,6 +204,39 @@ class EpisodeManifest:
         return manifest
 
 
+class _ByteLRU:
+    """A least-recently-used map bounded by the bytes of its values (tensors, arrays, tuples)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict = OrderedDict()
+        self._bytes = 0
+
+    @staticmethod
+    def _size(value) -> int:
+        if isinstance(value, tuple):
+            return sum(_ByteLRU._size(v) for v in value)
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        return getattr(value, "nbytes", 0)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key, make):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key][0]
+        value = make()
+        size = self._size(value)
+        self._items[key] = (value, size)
+        self._bytes += size
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            _, (_, evicted) = self._items.popitem(last=False)
+            self._bytes -= evicted
+        return value
+
+
 def normalise(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 → 3xHxW float, ImageNet mean/std."""
     tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div_(255)
@@ -216,9 +249,10 @@ ANNOTATIONS = ("mask", "scribble", "bbox")
 
 
 class EpisodeLoader:
-    """Turns episode specs into `Episode` tensors at the input size; each image is decoded and
-    resized once (LRU). `annotation` decides what the support masks are: dense masks, scribbles
-    or boxes derived from them (weak supports, seeded by `weak_seed`)."""
+    """Turns episode specs into `Episode` tensors at the input size. Decoded, resized images are
+    kept as uint8 (4× smaller than the normalised floats) and masks as bools, each cache bounded
+    in bytes (LRU). `annotation` decides what the support masks are: dense masks, scribbles or
+    boxes derived from them (weak supports, seeded by `weak_seed`)."""
 
     def __init__(
         self,
@@ -226,7 +260,7 @@ class EpisodeLoader:
         input_size: int,
         annotation: str = "mask",
         weak_seed: int = 0,
-        cache_items: int = 4096,
+        cache_bytes: int = 1 << 30,
         resize: str = "square",
     ):
         if annotation not in ANNOTATIONS:
@@ -236,27 +270,18 @@ class EpisodeLoader:
         self.input_size = input_size
         self.annotation = annotation
         self.weak_seed = weak_seed
-        self.cache_items = cache_items
+        self.cache_bytes = cache_bytes
         self.resize = resize
-        self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._masks: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._images = _ByteLRU(cache_bytes // 2)
+        self._masks = _ByteLRU(cache_bytes // 2)
 
     def annotated(self, annotation: str, weak_seed: int = 0) -> EpisodeLoader:
         """The same loader (sharing decoded images and masks) with another support annotation."""
         other = EpisodeLoader(
-            self.dataset, self.input_size, annotation, weak_seed, self.cache_items, self.resize
+            self.dataset, self.input_size, annotation, weak_seed, self.cache_bytes, self.resize
         )
         other._images, other._masks = self._images, self._masks
         return other
-
-    def _remember(self, cache: OrderedDict, key, make):
-        if key in cache:
-            cache.move_to_end(key)
-            return cache[key]
-        cache[key] = value = make()
-        if len(cache) > self.cache_items:
-            cache.popitem(last=False)
-        return value
 
     def content_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the image content inside the S×S input; the rest is padding."""
@@ -273,12 +298,12 @@ class EpisodeLoader:
 
         def make():
             pixels = self.dataset.load_image(image_id)
-            tensor = normalise(self._fit(pixels, Image.BILINEAR, 0))
-            height, width = self.content_size(*pixels.shape[:2])
-            tensor[:, height:], tensor[:, :, width:] = 0, 0
-            return tensor
+            return self._fit(pixels, Image.BILINEAR, 0), self.content_size(*pixels.shape[:2])
 
-        return self._remember(self._images, image_id, make)
+        pixels, (height, width) = self._images.get(image_id, make)
+        tensor = normalise(pixels)
+        tensor[:, height:], tensor[:, :, width:] = 0, 0
+        return tensor
 
     def masks(self, image_id: str, classes) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-class masks [N, S, S] and void mask [S, S] (nearest resize; padding is void)."""
@@ -290,7 +315,7 @@ class EpisodeLoader:
                 torch.from_numpy(self._resize_mask(void, fill=1)),
             )
 
-        return self._remember(self._masks, (image_id, tuple(classes)), make)
+        return self._masks.get((image_id, tuple(classes)), make)
 
     def support_masks(
         self, image_id: str, index: int, classes
@@ -323,6 +348,18 @@ class EpisodeLoader:
         for index in range(len(classes)):
             target[masks[index]] = index + 1
         return target
+
+    def load_masks(self, spec: EpisodeSpec):
+        """Support fg / bg [N, K, S, S] (float) and query labels [Q, S, S] of an episode, without
+        its images (the evaluator's path when the features are cached)."""
+        classes = list(spec.classes)
+        fg, bg = [], []
+        for index, ids in enumerate(spec.support):
+            pairs = [self.support_masks(i, index, classes) for i in ids]
+            fg.append(torch.stack([f for f, _ in pairs]))
+            bg.append(torch.stack([b for _, b in pairs]))
+        labels = torch.stack([self.query_label(i, classes) for i in spec.query])
+        return torch.stack(fg).float(), torch.stack(bg).float(), labels
 
     def load(self, spec: EpisodeSpec, flip_rng: np.random.Generator | None = None) -> Episode:
         """Assemble an episode; `flip_rng` enables PANet's random horizontal flip (training)."""

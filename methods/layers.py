@@ -51,6 +51,16 @@ class FewShotMethod(nn.Module):
         )
         return features[: way * shot].unflatten(0, (way, shot)), features[way * shot :]
 
+    def predict_batch(self, support_features, support_fg, support_bg, query_features, out_size):
+        """Logits [B, Q, 1+N, H, W] of B episodes at once: supports [B,N,K,C,h,w], masks
+        [B,N,K,H,W], queries [B,Q,C,h,w]. Methods whose prediction vectorises override it."""
+        return torch.stack(
+            [
+                self.predict(*episode, out_size)
+                for episode in zip(support_features, support_fg, support_bg, query_features)
+            ]
+        )
+
     def forward(self, episode: Episode) -> torch.Tensor:
         """Encoder + `predict` methods: the same computation the evaluator's cache path runs."""
         support, query = self.encode_episode(episode)

@@ -52,8 +52,37 @@ class PANet(FewShotMethod):
 
     def predict(self, support_features, support_fg, support_bg, query_features, out_size):
         """Logits at `out_size` from encoded supports [N,K,C,h,w] and queries [Q,C,h,w]."""
-        low = self.scores(support_features, support_fg, support_bg, query_features)
-        return F.interpolate(low, size=out_size, mode="bilinear", align_corners=False)
+        return self.predict_batch(
+            support_features[None],
+            support_fg[None],
+            support_bg[None],
+            query_features[None],
+            out_size,
+        )[0]
+
+    def predict_batch(self, support_features, support_fg, support_bg, query_features, out_size):
+        """Logits [B,Q,1+N,H,W] of B episodes in one pass: all supports pooled in one call, all
+        queries scored against their own episode's prototypes, one upsampling."""
+        batch, way, shot = support_fg.shape[:3]
+        flat = support_features.flatten(0, 2)
+        fg = masked_average_pool(flat, support_fg.flatten(0, 2)).view(batch, way, shot, -1)
+        bg = masked_average_pool(flat, support_bg.flatten(0, 2)).view(batch, way, shot, -1)
+        prototypes = torch.cat([bg.mean((1, 2))[:, None], fg.mean(2)], 1)  # [B, 1+N, C]
+        low = (
+            F.cosine_similarity(
+                query_features[:, :, None], prototypes[:, None, :, :, None, None], dim=3
+            )
+            * self.alpha
+        )  # [B, Q, 1+N, h, w]
+        queries = low.shape[1]
+        # channels-last in, channels-last out: the class argmax then reduces a contiguous axis.
+        logits = F.interpolate(
+            low.flatten(0, 1).contiguous(memory_format=torch.channels_last),
+            size=out_size,
+            mode="bilinear",
+            align_corners=False,
+        )
+        return logits.unflatten(0, (batch, queries))
 
     def loss(self, episode: Episode) -> dict[str, torch.Tensor]:
         if not self.trainable:

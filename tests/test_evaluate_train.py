@@ -14,11 +14,13 @@ from fsbench.methods import METHODS
 PANET = get_protocol("panet")
 
 
-@pytest.mark.parametrize("shot", [1, 3])
-def test_cached_features_give_identical_metrics(dataset, shot):
+@pytest.mark.parametrize("way, shot", [(1, 1), (1, 3), (2, 1)])
+def test_cached_features_give_identical_metrics(dataset, way, shot):
+    # The cached path predicts chunks of episodes in one batch, from masks only; the plain path
+    # runs model(episode) one episode at a time on loaded images: the counts must be equal.
     torch.manual_seed(0)
     model = METHODS.get("test_panet")()
-    manifest = EpisodeManifest.build(dataset, PANET, 0, 1, shot, 12, 5)
+    manifest = EpisodeManifest.build(dataset, PANET, 0, way, shot, 12, 5)
     loader = EpisodeLoader(dataset, 32)
     plain, _, _ = evaluate(model, loader, manifest, PANET)
     cache = FeatureCache(model, loader, "cpu", batch_size=4)
@@ -49,16 +51,35 @@ def test_cached_features_do_not_depend_on_what_was_cached_before(dataset):
         assert torch.equal(cold.get([image_id]), warm.get([image_id])), image_id
 
 
-def test_cache_bound_evicts_but_stays_exact(dataset):
+def test_cache_bound_spills_but_stays_exact_and_never_reencodes(dataset):
     torch.manual_seed(0)
     model = METHODS.get("test_panet")()
     manifest = EpisodeManifest.build(dataset, PANET, 1, 1, 2, 10, 9)
     loader = EpisodeLoader(dataset, 32)
     tiny = FeatureCache(model, loader, "cpu", max_bytes=3 * 32 * 4 * 4 * 4, batch_size=2)
-    bounded, _, _ = evaluate(model, loader, manifest, PANET, cache=tiny, chunk=1)
+    bounded, _, _ = evaluate(model, loader, manifest, PANET, cache=tiny, chunk=3)
     plain, _, _ = evaluate(model, loader, manifest, PANET)
     assert np.array_equal(bounded.per_class, plain.per_class)
-    assert len(tiny._items) <= 3 + 1
+    distinct = {i for e in manifest.episodes for i in (*sum(e.support, ()), *e.query)}
+    assert len(tiny._items) <= 3 and tiny.spilled == len(distinct) - len(tiny._items)
+    assert tiny.encoded == len(distinct)  # the bound costs no re-encode
+
+
+def test_multi_id_get_on_a_cache_at_capacity(dataset):
+    # Regression: an LRU cache evicted, while encoding the missing ids of one get, ids that the
+    # same get was about to read (KeyError in 5-shot and N-way evaluation at real pool sizes).
+    torch.manual_seed(0)
+    model = METHODS.get("test_panet")().eval()
+    loader = EpisodeLoader(dataset, 32)
+    ids = dataset.class_images("val", 2)[:6]
+    one_map = 32 * 4 * 4 * 4
+    full = FeatureCache(model, loader, "cpu", max_bytes=2 * one_map, batch_size=2)
+    full.get(ids[:2])  # at capacity
+    features = full.get(ids)  # four more ids in one get
+    reference = FeatureCache(model, loader, "cpu", batch_size=2)
+    for image_id, feature in zip(ids, features):
+        assert torch.equal(feature, reference.get([image_id])[0]), image_id
+    assert full.encoded == len(ids)
 
 
 def test_original_resolution_scoring(dataset):
