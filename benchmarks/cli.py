@@ -96,7 +96,11 @@ def _add_run_options(parser):
         "and shots; default) or per seed (more parallel, each task encodes its own images)",
     )
     parser.add_argument("--eval-gpu-fraction", type=float, default=0.5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per task")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per task (default: every available core with --serial, 1 per Ray task)",
+    )
     parser.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///<results>/mlflow.db)")
     parser.add_argument("--no-tracking", action="store_true")
     parser.add_argument("--results", help="results root (default ./results or $FSBENCH_RESULTS)")
@@ -235,10 +239,13 @@ def _dry_run(grid, store, args) -> int:
     has_gpu = False
     if not args.serial:
         has_gpu = bool(args.ray_address or os.environ.get("RAY_ADDRESS")) and grid.device != "cpu"
+    from fsbench.benchmarks.tasks import available_cores
+
+    threads = args.threads or (available_cores() if args.serial else 1)
     per_task = (
         f"train: 1 GPU + 1 CPU, eval: {args.eval_gpu_fraction} GPU"
         if has_gpu
-        else f"train: {args.threads} CPU, eval: {args.threads} CPU"
+        else f"train: {threads} CPU, eval: {threads} CPU"
     )
     print(
         f"grid {grid.name}: {len(plan.cells)} cells, {len(done)} done, {len(plan.todo)} to run, "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from fsbench.benchmarks.train import TrainConfig
+from fsbench.benchmarks.train import PRECISIONS, TrainConfig
 from fsbench.datasets.episodes import canonical_sha256
 from fsbench.datasets.protocols import PROTOCOLS, get_protocol
 from fsbench.datasets.registry import DATASETS, FsbenchError
@@ -31,6 +31,9 @@ GRID_KEYS = {
     "device",
     "eval_batch_size",
     "cache_bytes",
+    "eval_precision",
+    "train_workers",
+    "checkpoint_every",
     "smoke",
 }
 ANNOTATIONS = ("mask", "scribble", "bbox")
@@ -64,10 +67,15 @@ class Cell:
     episodes: int
     seeds: tuple[int, ...]
     train: TrainConfig | None  # None for methods that do not train
+    eval_precision: str = "fp32"
 
     def config(self) -> dict:
         """The resolved config: everything that decides the result (and nothing else)."""
+        # A setting added later joins the identity only away from its default (finished
+        # results keep their ids).
+        later = {} if self.eval_precision == "fp32" else {"eval_precision": self.eval_precision}
         return {
+            **later,
             "method": self.method.name,
             "method_kwargs": dict(sorted(self.method.kwargs.items())),
             "row": self.method.row(),
@@ -118,6 +126,9 @@ class GridSpec:
     device: str = "auto"
     eval_batch_size: int = 16
     cache_bytes: int = 2 << 30
+    eval_precision: str = "fp32"
+    train_workers: int = 1  # DataLoader processes decoding episodes ahead of the step
+    checkpoint_every: int = 1000  # training steps between resumable checkpoints (0: none)
 
     def expand(self) -> list[Cell]:
         """Every cell of the grid, in a fixed order (method, fold, way, shot, annotation)."""
@@ -145,6 +156,7 @@ class GridSpec:
                     train=dataclasses.replace(self.train, **dict(method.train))
                     if trainable[method.row()]
                     else None,
+                    eval_precision=self.eval_precision,
                 )
             )
         return cells
@@ -331,7 +343,16 @@ def parse_grid(raw: dict) -> GridSpec:
         device=str(raw.get("device", "auto")),
         eval_batch_size=_tuple_of_ints({"eval_batch_size": 16, **raw}, "eval_batch_size", 1)[0],
         cache_bytes=_tuple_of_ints({"cache_bytes": 2 << 30, **raw}, "cache_bytes", 0)[0],
+        eval_precision=str(raw.get("eval_precision", "fp32")),
+        train_workers=_tuple_of_ints({"train_workers": 1, **raw}, "train_workers", 0, 64)[0],
+        checkpoint_every=_tuple_of_ints({"checkpoint_every": 1000, **raw}, "checkpoint_every", 0)[
+            0
+        ],
     )
+    if spec.eval_precision not in PRECISIONS:
+        raise FsbenchError(
+            f"eval_precision: {spec.eval_precision!r} is not one of {', '.join(PRECISIONS)}"
+        )
     if spec.device not in ("auto", "cpu", "cuda") and not spec.device.startswith("cuda:"):
         raise FsbenchError(f"device: {spec.device!r} is not auto, cpu or cuda[:N]")
     return spec

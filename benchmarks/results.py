@@ -150,6 +150,10 @@ class ResultStore:
         atomic_write_bytes(path, json.dumps(result, indent=1, sort_keys=True).encode())
         return path
 
+    def resume_path(self, key: str) -> Path:
+        """Where a training in progress keeps its resumable state (removed once it finished)."""
+        return self.grid_dir / "resume" / f"{key}.pt"
+
     def save_checkpoint(self, key: str, state_dict: dict) -> Path:
         import torch
 

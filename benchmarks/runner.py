@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from fsbench.benchmarks.evaluate import distinct_images
 from fsbench.benchmarks.grid import Cell, GridSpec
 from fsbench.benchmarks.results import ResultStore, environment, now_iso, seed_result, summarise
-from fsbench.benchmarks.tasks import eval_task, open_dataset, train_task
+from fsbench.benchmarks.tasks import available_cores, eval_task, open_dataset, train_task
 from fsbench.datasets.episodes import EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
 from fsbench.datasets.registry import FsbenchError
@@ -63,9 +63,18 @@ def plan_grid(
                 manifests[(cell.id, seed)] = by_setting[key]
     jobs: dict[str, Job] = {}
     for cell in todo:
-        job = jobs.setdefault(
-            cell.model_key(), Job(cell.model_key(), cell.config(), cell.train is not None, [])
-        )
+        key = cell.model_key()
+        if key not in jobs:
+            # How to run, not what is computed (outside the cell's identity). Paths entering a
+            # task are absolute; a retried or rerun training resumes from its checkpoint.
+            execution = {
+                "train_workers": grid.train_workers,
+                "checkpoint_every": grid.checkpoint_every,
+                "resume_path": str(store.resume_path(key)),
+            }
+            config = {**cell.config(), "execution": execution}
+            jobs[key] = Job(key, config, cell.train is not None, [])
+        job = jobs[key]
         job.cells.append(cell)
         for seed in cell.seeds:
             if (cell.id, seed) in manifests:
@@ -111,6 +120,7 @@ class Driver:
 
     def on_train(self, job: Job, info: dict, state_dict) -> None:
         path = self.store.save_checkpoint(job.key, state_dict)
+        self.store.resume_path(job.key).unlink(missing_ok=True)  # the final weights are saved
         self.checkpoints[job.key] = os.path.relpath(path, self.store.grid_dir)
         self.train_info[job.key] = {k: v for k, v in info.items() if k != "state_dict"}
         self._finish_complete(job)
@@ -215,8 +225,9 @@ class SerialExecutor:
 
     name = "serial"
 
-    def __init__(self, device="auto", threads=1, cache_bytes=2 << 30, batch_size=16):
-        self.device, self.threads = device, threads
+    def __init__(self, device="auto", threads=None, cache_bytes=2 << 30, batch_size=16):
+        # In-process, one job at a time: use every core available to us unless told otherwise.
+        self.device, self.threads = device, threads or available_cores()
         self.cache_bytes, self.batch_size = cache_bytes, batch_size
 
     def run(self, jobs: list[Job], driver: Driver) -> None:
@@ -271,14 +282,15 @@ class RayExecutor:
         address=None,
         num_cpus=None,
         device="auto",
-        threads=1,
+        threads=None,
         max_retries=3,
         eval_gpu_fraction=0.5,
         eval_group="model",
         cache_bytes=2 << 30,
         batch_size=16,
     ):
-        self.address, self.num_cpus, self.device, self.threads = address, num_cpus, device, threads
+        self.address, self.num_cpus, self.device = address, num_cpus, device
+        self.threads = threads or 1  # one core per task: Ray runs as many tasks as cores
         self.max_retries, self.eval_gpu_fraction, self.eval_group = (
             max_retries,
             eval_gpu_fraction,

@@ -51,6 +51,14 @@ def device_label(device: str) -> str:
     return f"cpu ({arch}, {isa}, {torch.get_num_threads()} threads)"
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's or Ray's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _limit_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
@@ -65,6 +73,7 @@ def train_task(config: dict, device: str = "auto", threads: int | None = None) -
     cfg = TrainConfig(
         **{**config["train"], "lr_milestones": tuple(config["train"]["lr_milestones"])}
     )
+    execution = config.get("execution") or {}
     result = train(
         model,
         open_dataset(config["dataset"], config["protocol"]),
@@ -75,8 +84,12 @@ def train_task(config: dict, device: str = "auto", threads: int | None = None) -
         cfg,
         config["input_size"],
         device,
+        workers=execution.get("train_workers", 0),
+        resume_path=execution.get("resume_path"),
+        checkpoint_every=execution.get("checkpoint_every", 0),
     )
     return {
+        "resumed_from": result.resumed_from,
         "state_dict": result.state_dict,
         "curve": result.curve,
         "validation": result.validation,
@@ -127,8 +140,13 @@ def eval_task(
     # The plan: every image any of these episodes uses, encoded once, in full batches, up front.
     images = distinct_images(manifests)
     started = time.perf_counter()
+    precision = model_config.get("eval_precision", "fp32")
+    autocast = torch.autocast(
+        torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"
+    )
     if getattr(model, "cacheable_encoder", False):
-        cache.prefetch(images)
+        with autocast:  # features are stored as float32 whatever the compute precision
+            cache.prefetch(images)
     encode_seconds = time.perf_counter() - started
     task = uuid.uuid4().hex
     outputs = []
@@ -136,9 +154,10 @@ def eval_task(
         started = time.perf_counter()
         loader = cache.loader.annotated(item.get("annotation", "mask"), weak_seed=item["seed"])
         protocol = get_protocol(item["protocol"])
-        counts, seconds, kept = evaluate(
-            model, loader, manifest, protocol, device, cache, keep_predictions=keep_predictions
-        )
+        with autocast:
+            counts, seconds, kept = evaluate(
+                model, loader, manifest, protocol, device, cache, keep_predictions=keep_predictions
+            )
         outputs.append(
             {
                 "cell_id": item["cell_id"],

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from fsbench.datasets.episodes import EpisodeLoader, sample_episode, seeded_rng
 from fsbench.datasets.registry import FsbenchError
+
+PRECISIONS = ("fp32", "bf16")
+# Settings added after results existed, left out of a cell's identity while at their default.
+LATER_DEFAULTS = {"precision": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class TrainConfig:
     val_every: int = 1000
     val_episodes: int = 100
     log_every: int = 10
+    precision: str = "fp32"  # or "bf16": autocast of the forward and loss (CUDA, or CPU)
 
     def __post_init__(self):
         problems = []
@@ -43,12 +50,18 @@ class TrainConfig:
             problems.append(f"lr_milestones={list(self.lr_milestones)} (must be > 0)")
         if self.val_classes < 0 or self.val_every < 1 or self.val_episodes < 1:
             problems.append("val_classes ≥ 0, val_every ≥ 1 and val_episodes ≥ 1 are required")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision={self.precision!r} (one of {', '.join(PRECISIONS)})")
         if problems:
             raise FsbenchError("impossible training setting: " + "; ".join(problems))
 
     def to_dict(self) -> dict:
+        """Every setting, except new ones at their default: a cell's id (a hash of this) then
+        stays the same when a setting is added, and finished results stay valid."""
         return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()
+            if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])
         }
 
 
@@ -61,6 +74,7 @@ class TrainResult:
     seconds: float = 0.0
     train_classes: list[int] = field(default_factory=list)
     val_classes: list[int] = field(default_factory=list)
+    resumed_from: int = 0  # the step a resumed training restarted after (0: from scratch)
 
 
 def split_validation_classes(train_classes, cfg: TrainConfig, fold: int):
@@ -75,6 +89,59 @@ def split_validation_classes(train_classes, cfg: TrainConfig, fold: int):
     return [c for c in train_classes if c not in held], held
 
 
+class _EpisodeStream(torch.utils.data.Dataset):
+    """Step i's episode, decoded and augmented (in a DataLoader worker when there are any).
+
+    Its content depends only on i: the episode ids and flips are drawn up front, in the main
+    process, from the seeded generators, so any worker count gives the same batches."""
+
+    def __init__(self, loader: EpisodeLoader, plan: list):
+        self.loader, self.plan = loader, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, index: int):
+        spec, flips = self.plan[index]
+        return self.loader.load(spec, flips)
+
+
+def episode_plan(dataset, protocol, split, fold, train_classes, way, shot, cfg) -> list:
+    """[(EpisodeSpec, flips)] of every training step, from the seeded generators, in order."""
+    rng = seeded_rng("train-episodes", cfg.seed, dataset.name, fold, way, shot)
+    flip_rng = seeded_rng("train-flips", cfg.seed) if cfg.flip else None
+    plan = []
+    for _ in range(cfg.steps):
+        spec = sample_episode(
+            rng,
+            dataset,
+            split,
+            train_classes,
+            way,
+            shot,
+            cfg.queries_per_way,
+            protocol.min_object_pixels,
+        )
+        images = sum(len(ids) for ids in spec.support) + len(spec.query)
+        flips = tuple(bool(flip_rng.random() < 0.5) for _ in range(images)) if flip_rng else None
+        plan.append((spec, flips))
+    return plan
+
+
+def _autocast(device: str, precision: str):
+    """bf16 autocast where asked (CUDA or CPU); fp32 otherwise."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _save_resume(path: Path, state: dict) -> None:
+    """Atomically (temp file + rename): a kill mid-write leaves the previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def train(
     model,
     dataset,
@@ -86,17 +153,27 @@ def train(
     input_size,
     device="cpu",
     progress=None,
+    workers: int = 0,
+    resume_path=None,
+    checkpoint_every: int = 0,
 ) -> TrainResult:
-    """Train `model` on episodes of the fold's training classes; returns the selected weights."""
+    """Train `model` on episodes of the fold's training classes; returns the selected weights.
+
+    `workers` DataLoader processes decode episodes ahead of the step (0: in this loop). With
+    `resume_path`, the state (weights, optimizer, scheduler, RNG, curve) is saved there every
+    `checkpoint_every` steps, and a training that finds it resumes from it: the result equals an
+    uninterrupted run's, bit for bit."""
     if not model.trainable:
         raise FsbenchError(f"{type(model).__name__} does not train")
     started = time.perf_counter()
     split = dataset.train_split(protocol)
     train_classes, val_classes = split_validation_classes(dataset.train_classes(fold), cfg, fold)
     loader = EpisodeLoader(dataset, input_size, resize=protocol.resize)
-    rng = seeded_rng("train-episodes", cfg.seed, dataset.name, fold, way, shot)
-    flip_rng = seeded_rng("train-flips", cfg.seed) if cfg.flip else None
+    plan = episode_plan(dataset, protocol, split, fold, train_classes, way, shot, cfg)
     model.to(device).train()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
@@ -106,19 +183,36 @@ def train(
     result = TrainResult(state_dict={}, train_classes=train_classes, val_classes=val_classes)
     best = -np.inf
     running: dict[str, float] = {}
-    for step in range(1, cfg.steps + 1):
-        spec = sample_episode(
-            rng,
-            dataset,
-            split,
-            train_classes,
-            way,
-            shot,
-            cfg.queries_per_way,
-            protocol.min_object_pixels,
-        )
-        episode = loader.load(spec, flip_rng).to(device)
-        losses = model.loss(episode)
+    first, spent = 1, 0.0
+    resume_path = Path(resume_path) if resume_path else None
+    if resume_path is not None and resume_path.is_file():
+        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if cuda and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        result.curve, result.validation = state["curve"], state["validation"]
+        result.best_step, best, running = state["best_step"], state["best"], state["running"]
+        result.state_dict = state["best_state"]
+        result.resumed_from = state["step"]
+        first, spent = state["step"] + 1, state["seconds"]
+    stream = torch.utils.data.DataLoader(
+        _EpisodeStream(loader, plan[first - 1 :]),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=cuda,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+        # DataLoader draws its workers' base seed from a generator: a private one keeps the
+        # global torch RNG (dropout) the same whatever the worker count.
+        generator=torch.Generator().manual_seed(0),
+    )
+    for step, episode in enumerate(stream, start=first):
+        episode = episode.to(device, non_blocking=cuda)
+        with _autocast(device, cfg.precision):
+            losses = model.loss(episode)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimizer.step()
@@ -142,13 +236,32 @@ def train(
                 best, result.best_step = score, step
                 result.state_dict = copy.deepcopy(model.state_dict())
             model.train()
+        if resume_path is not None and checkpoint_every and step % checkpoint_every == 0:
+            _save_resume(
+                resume_path,
+                {
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state() if cuda else None,
+                    "curve": result.curve,
+                    "validation": result.validation,
+                    "best_step": result.best_step,
+                    "best": best,
+                    "best_state": result.state_dict,
+                    "running": running,
+                    "seconds": spent + time.perf_counter() - started,
+                },
+            )
         if progress is not None:
             progress(step, cfg.steps)
     if not val_classes:
         result.best_step = cfg.steps
         result.state_dict = model.state_dict()
     result.state_dict = {k: v.detach().cpu() for k, v in result.state_dict.items()}
-    result.seconds = time.perf_counter() - started
+    result.seconds = spent + time.perf_counter() - started
     return result
 
 

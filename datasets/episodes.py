@@ -54,11 +54,19 @@ class Episode:
     def shot(self) -> int:
         return self.support_images.shape[1]
 
-    def to(self, device) -> Episode:
+    def to(self, device, non_blocking: bool = False) -> Episode:
         moved = {
-            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()
+            k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            for k, v in vars(self).items()
         }
         return Episode(**moved)
+
+    def pin_memory(self) -> Episode:
+        """Page-locked copies (a DataLoader with pin_memory calls this), for async copies."""
+        pinned = {
+            k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()
+        }
+        return Episode(**pinned)
 
 
 @dataclass(frozen=True)
@@ -361,12 +369,14 @@ class EpisodeLoader:
         labels = torch.stack([self.query_label(i, classes) for i in spec.query])
         return torch.stack(fg).float(), torch.stack(bg).float(), labels
 
-    def load(self, spec: EpisodeSpec, flip_rng: np.random.Generator | None = None) -> Episode:
-        """Assemble an episode; `flip_rng` enables PANet's random horizontal flip (training)."""
+    def load(self, spec: EpisodeSpec, flips=None) -> Episode:
+        """Assemble an episode; `flips` (one bool per image: supports class by class, then
+        queries) applies PANet's random horizontal flip (training)."""
         classes = list(spec.classes)
+        flip = iter(flips) if flips is not None else None
 
         def maybe_flip(*tensors):
-            if flip_rng is not None and flip_rng.random() < 0.5:
+            if flip is not None and next(flip):
                 return tuple(t.flip(-1) for t in tensors)
             return tensors
 

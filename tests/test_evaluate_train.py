@@ -123,3 +123,63 @@ def test_validation_classes_come_from_training_classes_only(dataset):
 def test_impossible_training_config():
     with pytest.raises(FsbenchError, match="steps=0"):
         TrainConfig(steps=0)
+
+
+def _train_tiny(dataset, name="test_canet", **kwargs):
+    cfg = TrainConfig(steps=9, lr=1e-2, lr_milestones=(6,), log_every=3, seed=4)
+    torch.manual_seed(cfg.seed)
+    return train(METHODS.get(name)(), dataset, PANET, 1, 1, 2, cfg, 32, **kwargs)
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_input_workers_do_not_change_the_result(dataset):
+    # CANet has dropout: the DataLoader must not draw from the global torch RNG either.
+    inline = _train_tiny(dataset, workers=0)
+    piped = _train_tiny(dataset, workers=2)
+    assert _same_weights(inline.state_dict, piped.state_dict)
+    assert inline.curve == piped.curve
+
+
+def test_interrupted_training_resumes_bit_for_bit(dataset, tmp_path):
+    reference = _train_tiny(dataset)
+    resume = tmp_path / "resume.pt"
+
+    def crash(step, steps):
+        if step == 7:
+            raise KeyboardInterrupt  # killed after the checkpoint of step 6
+
+    with pytest.raises(KeyboardInterrupt):
+        _train_tiny(dataset, resume_path=resume, checkpoint_every=2, progress=crash)
+    assert torch.load(resume, weights_only=False)["step"] == 6
+    resumed = _train_tiny(dataset, resume_path=resume, checkpoint_every=2)
+    assert resumed.resumed_from == 6 and reference.resumed_from == 0
+    assert _same_weights(reference.state_dict, resumed.state_dict)
+    assert resumed.curve == reference.curve
+
+
+def test_bf16_training_and_evaluation_on_cpu(dataset):
+    fp32 = _train_tiny(dataset, "test_panet")
+    cfg = TrainConfig(steps=9, lr=1e-2, lr_milestones=(6,), log_every=3, seed=4, precision="bf16")
+    torch.manual_seed(cfg.seed)
+    bf16 = train(METHODS.get("test_panet")(), dataset, PANET, 1, 1, 2, cfg, 32)
+    losses = [point["total"] for point in bf16.curve]
+    assert all(np.isfinite(losses)) and not _same_weights(fp32.state_dict, bf16.state_dict)
+    assert all(v.dtype == torch.float32 for v in bf16.state_dict.values())  # weights stay fp32
+    with pytest.raises(FsbenchError, match="precision"):
+        TrainConfig(precision="fp8")
+
+
+@pytest.mark.gpu
+def test_cuda_training_pipeline_and_bf16(dataset):
+    results = []
+    for workers in (0, 2):
+        cfg = TrainConfig(steps=6, lr_milestones=(4,), log_every=3, seed=1, precision="bf16")
+        torch.manual_seed(1)
+        model = METHODS.get("test_panet")()
+        results.append(train(model, dataset, PANET, 0, 1, 1, cfg, 32, "cuda", workers=workers))
+    assert all(np.isfinite(p["total"]) for r in results for p in r.curve)
+    assert all(v.device.type == "cpu" for v in results[0].state_dict.values())
+    assert torch.backends.cudnn.benchmark

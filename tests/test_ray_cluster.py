@@ -31,6 +31,7 @@ VOLATILE = {
     "pid",
     "device",
     "encoded_images",
+    "resumed_from",
 }
 
 
@@ -38,6 +39,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
 
 
 def wait_for(predicate, timeout, what):
@@ -129,6 +136,7 @@ def grid_file(tmp_path_factory, voc_root):
         "shots": [1],
         "methods": [{"name": "test_panet"}, {"name": "test_prototype_notrain"}],
         "train": {"steps": 150, "lr_milestones": [100], "log_every": 50},
+        "checkpoint_every": 20,
     }
     path = folder / "faults.yaml"
     path.write_text(yaml.safe_dump(grid))
@@ -162,14 +170,30 @@ def scientific_content(results: Path) -> dict:
     }
 
 
+def checkpoints(results: Path) -> dict:
+    import torch
+
+    return {
+        p.name: torch.load(p, weights_only=True)
+        for p in sorted((results / "faults" / "checkpoints").glob("*.pt"))
+    }
+
+
 @pytest.fixture(scope="module")
-def reference(grid_file, tmp_path_factory):
-    results = tmp_path_factory.mktemp("reference")
+def reference_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("reference")
+
+
+@pytest.fixture(scope="module")
+def reference(grid_file, reference_dir):
+    results = reference_dir
     done = run_cli(
         [
             "run",
             str(grid_file),
             "--serial",
+            "--threads",  # as a Ray task: trained bits depend on the kernels' thread count
+            "1",
             "--results",
             str(results),
             "--no-report",
@@ -224,7 +248,7 @@ def test_one_worker_and_two_node_cluster_give_identical_results(
 
 
 def test_worker_killed_mid_cell_is_retried_with_equal_results(
-    ray_cluster, grid_file, reference, tmp_path
+    ray_cluster, grid_file, reference, reference_dir, tmp_path
 ):
     from mlflow.tracking import MlflowClient
 
@@ -255,13 +279,23 @@ def test_worker_killed_mid_cell_is_retried_with_equal_results(
         ).stdout.split()
         return int(found[0]) if found else None
 
-    wait_for(lambda: training_pid() is not None, 120, "a training task to start")
-    time.sleep(0.5)  # well inside the cell: training runs for seconds
+    resume = results / "faults" / "resume"
+    # Killed after its first resumable checkpoint (step 20 of 150): the retry resumes from it.
+    wait_for(lambda: any(resume.glob("*.pt")), 120, "a training checkpoint")
     victim = training_pid()
+    assert victim is not None
     os.kill(victim, signal.SIGKILL)
     output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, output[-3000:]
     assert scientific_content(results) == reference
+    records = [json.loads(p.read_text()) for p in (results / "faults" / "cells").glob("*.json")]
+    assert any((r["train"] or {}).get("resumed_from", 0) >= 20 for r in records)
+    # The resumed weights are the uninterrupted run's, bit for bit; no resume state is left.
+    ours, theirs = checkpoints(results), checkpoints(reference_dir)
+    assert ours.keys() == theirs.keys() and len(ours) == 2
+    for name in ours:
+        assert all(torch_equal(ours[name][k], theirs[name][k]) for k in theirs[name]), name
+    assert not any(resume.glob("*"))
     client = MlflowClient(f"sqlite:///{results}/mlflow.db")
     experiment = client.get_experiment_by_name("faults")
     runs = client.search_runs([experiment.experiment_id], "tags.`fsbench.kind` = 'cell'")
