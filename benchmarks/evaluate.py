@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from fsbench.datasets.episodes import EpisodeLoader
 # Feature bytes of one chunk of episodes gathered at once (supports + queries).
 CHUNK_BYTES = 256 << 20
 MAX_CHUNK = 64
+LOADER_THREADS = 4
 
 
 def distinct_images(manifests) -> list[str]:
@@ -72,18 +75,38 @@ class FeatureCache:
         batch's other members or their order).
         """
         missing = list(dict.fromkeys(i for i in image_ids if i not in self))
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start : start + self.batch_size]
-            images = torch.stack([self.loader.image(i) for i in chunk])
-            if len(chunk) < self.batch_size:
-                padding = images.new_zeros((self.batch_size - len(chunk), *images.shape[1:]))
-                images = torch.cat([images, padding])
-            if self.device != "cpu" and torch.device(self.device).type == "cuda":
-                images = images.pin_memory()
-            features = self.model.encode(images.to(self.device, non_blocking=True))
-            for image_id, feature in zip(chunk, features[: len(chunk)]):
-                self._store(image_id, feature)
-            self.encoded += len(chunk)
+        batches = [
+            missing[start : start + self.batch_size]
+            for start in range(0, len(missing), self.batch_size)
+        ]
+        # Decoding and resizing (PIL releases the GIL) run in threads, two batches ahead of the
+        # encoder (bounded memory); the images and their order are the same as a plain loop's.
+        upcoming = iter(batches)
+        pending: deque = deque()
+        with ThreadPoolExecutor(LOADER_THREADS) as pool:
+
+            def submit():
+                ids = next(upcoming, None)
+                if ids is not None:
+                    pending.append((ids, [pool.submit(self.loader.image, i) for i in ids]))
+
+            submit()
+            submit()
+            while pending:
+                ids, futures = pending.popleft()
+                submit()
+                self._encode_batch(ids, torch.stack([f.result() for f in futures]))
+
+    def _encode_batch(self, chunk, images) -> None:
+        if len(chunk) < self.batch_size:
+            padding = images.new_zeros((self.batch_size - len(chunk), *images.shape[1:]))
+            images = torch.cat([images, padding])
+        if torch.device(self.device).type == "cuda":
+            images = images.pin_memory()
+        features = self.model.encode(images.to(self.device, non_blocking=True))
+        for image_id, feature in zip(chunk, features[: len(chunk)]):
+            self._store(image_id, feature)
+        self.encoded += len(chunk)
 
     def _store(self, image_id, feature) -> None:
         size = feature.numel() * 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,6 +220,7 @@ class _ByteLRU:
         self.max_bytes = max_bytes
         self._items: OrderedDict = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()  # the evaluator decodes images in threads
 
     @staticmethod
     def _size(value) -> int:
@@ -232,17 +234,29 @@ class _ByteLRU:
         return len(self._items)
 
     def get(self, key, make):
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key][0]
-        value = make()
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key][0]
+        value = make()  # outside the lock: decoding runs in parallel
         size = self._size(value)
-        self._items[key] = (value, size)
-        self._bytes += size
-        while self._bytes > self.max_bytes and len(self._items) > 1:
-            _, (_, evicted) = self._items.popitem(last=False)
-            self._bytes -= evicted
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = (value, size)
+                self._bytes += size
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, (_, evicted) = self._items.popitem(last=False)
+                self._bytes -= evicted
         return value
+
+    def __getstate__(self):  # DataLoader workers get a copy; a lock does not pickle
+        state = dict(vars(self))
+        state.pop("_lock")
+        return state
+
+    def __setstate__(self, state):
+        vars(self).update(state)
+        self._lock = threading.Lock()
 
 
 def normalise(image: np.ndarray) -> torch.Tensor:
