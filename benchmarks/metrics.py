@@ -25,10 +25,12 @@ def batched_confusion(pred, label, way: int) -> np.ndarray:
 
     n = way + 1
     index = torch.arange(label.shape[0], device=label.device).view(-1, *[1] * (label.dim() - 1))
-    valid = label != 255
-    flat = ((index * n + label) * n + pred)[valid]
-    counts = torch.bincount(flat, minlength=label.shape[0] * n * n)
-    return counts.view(-1, n, n).cpu().numpy()
+    # Void (255) becomes an extra label row that is dropped: no boolean gather over the pixels.
+    rows = torch.where(label == 255, n, label)
+    counts = torch.bincount(
+        ((index * (n + 1) + rows) * n + pred).flatten(), minlength=label.shape[0] * (n + 1) * n
+    )
+    return counts.view(-1, n + 1, n)[:, :n].cpu().numpy()
 
 
 def record_counts(matrix: np.ndarray, only_present: bool):

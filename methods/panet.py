@@ -15,6 +15,8 @@ from fsbench.methods.layers import (
 )
 from fsbench.methods.registry import METHODS
 
+COSINE_EPS = 1e-8  # F.cosine_similarity's default
+
 
 class PANet(FewShotMethod):
     """Metric learning on masked-average-pooled prototypes, with PAR during training."""
@@ -68,12 +70,14 @@ class PANet(FewShotMethod):
         fg = masked_average_pool(flat, support_fg.flatten(0, 2)).view(batch, way, shot, -1)
         bg = masked_average_pool(flat, support_bg.flatten(0, 2)).view(batch, way, shot, -1)
         prototypes = torch.cat([bg.mean((1, 2))[:, None], fg.mean(2)], 1)  # [B, 1+N, C]
-        low = (
-            F.cosine_similarity(
-                query_features[:, :, None], prototypes[:, None, :, :, None, None], dim=3
-            )
-            * self.alpha
-        )  # [B, Q, 1+N, h, w]
+        # cos = q·p / sqrt(max(|q|²·|p|², eps²)), F.cosine_similarity's formula, with the dot
+        # products as one batched matmul (its broadcast form materialises Q·P·C·h·w products).
+        dots = torch.einsum("bqchw,bpc->bqphw", query_features, prototypes)
+        norms = (
+            query_features.pow(2).sum(2)[:, :, None]
+            * prototypes.pow(2).sum(-1)[:, None, :, None, None]
+        )
+        low = dots / norms.clamp_min(COSINE_EPS**2).sqrt() * self.alpha  # [B, Q, 1+N, h, w]
         queries = low.shape[1]
         # channels-last in, channels-last out: the class argmax then reduces a contiguous axis.
         logits = F.interpolate(

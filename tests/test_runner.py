@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from fsbench.benchmarks.grid import parse_grid
 from fsbench.benchmarks.results import ResultStore
 from fsbench.benchmarks.runner import Driver, plan_grid
@@ -29,3 +31,50 @@ def test_cell_waits_for_its_training_record_when_evaluations_arrive_first(
     record = json.loads(store.cell_path(cell.id).read_text())
     assert record["checkpoint"] and record["train"]["curve"]
     assert [s["seed"] for s in record["seeds"]] == list(cell.seeds)
+
+
+def test_one_eval_task_per_model_encodes_each_distinct_image_once(tmp_path, small_grid_dict):
+    grid = parse_grid(dict(small_grid_dict, methods=[{"name": "test_prototype_notrain"}]))
+    plan = plan_grid(grid, ResultStore(tmp_path, grid.name))
+    (job,) = plan.jobs  # untrained: one model serves every seed
+    outputs = eval_task(job.config, None, job.items, "cpu", 1)
+    distinct = {
+        i
+        for item in job.items
+        for e in item["manifest"]["episodes"]
+        for i in (*sum(e["support"], []), *e["query"])
+    }
+    assert {o["encoded_images"] for o in outputs} == {len(distinct)}
+    assert {o["distinct_images"] for o in outputs} == {len(distinct)}
+
+
+def test_bf16_evaluation_on_cpu(tmp_path, small_grid_dict):
+    grid = parse_grid(
+        dict(small_grid_dict, methods=[{"name": "test_prototype_notrain"}], eval_precision="bf16")
+    )
+    plan = plan_grid(grid, ResultStore(tmp_path, grid.name))
+    (job,) = plan.jobs
+    assert job.config["eval_precision"] == "bf16"  # part of the cell's identity
+    bf16 = eval_task(job.config, None, job.items, "cpu", 1)
+    fp32 = eval_task({**job.config, "eval_precision": "fp32"}, None, job.items, "cpu", 1)
+    assert [o["seed"] for o in bf16] == [o["seed"] for o in fp32]
+    assert all(sum(map(sum, o["counts"]["background"])) > 0 for o in bf16)
+    for low, full in zip(bf16, fp32):  # the same pixels are scored, in either precision
+        assert np.sum(low["counts"]["background"]) == np.sum(full["counts"]["background"])
+
+
+def test_bf16_features_are_stored_as_float32(dataset):
+    import torch
+
+    from fsbench.benchmarks.evaluate import FeatureCache
+    from fsbench.datasets.episodes import EpisodeLoader
+    from fsbench.methods import METHODS
+
+    torch.manual_seed(0)
+    model = METHODS.get("test_panet")().eval()
+    ids = dataset.class_images("val", 3)[:3]
+    exact = FeatureCache(model, EpisodeLoader(dataset, 32), "cpu", batch_size=4).get(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = FeatureCache(model, EpisodeLoader(dataset, 32), "cpu", batch_size=4).get(ids)
+    assert low.dtype == exact.dtype == torch.float32
+    assert not torch.equal(low, exact) and torch.allclose(low, exact, rtol=0.1, atol=0.1)
