@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fsbench.datasets.pascal import DatasetError, read_rgb
+from fsbench.datasets.pascal import DatasetError, IndexLock, read_rgb, temp_name
 from fsbench.datasets.protocols import get_protocol
 from fsbench.datasets.registry import DATASETS
 
@@ -152,6 +152,7 @@ class Coco20i:
 
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "index"
         self._index: dict[str, dict] = {}
+        self._index_lock = IndexLock()
         self._owner: dict[str, str] = {}  # image id → split
 
     # -- folds and splits ---------------------------------------------------------------------
@@ -208,8 +209,13 @@ class Coco20i:
 
         Areas come from the annotations (no mask decoding), so the ~450 MB train2014 JSON is
         parsed once to build it and never per episode."""
-        if split in self._index:
-            return self._index[split]
+        if split not in self._index:
+            with self._index_lock:
+                if split not in self._index:
+                    self._index[split] = self._build_class_index(split)
+        return self._index[split]
+
+    def _build_class_index(self, split: str) -> dict:
         path = self.annotation_path(split)
         if not path.is_file():
             raise DatasetError(f"{path}: annotation file is missing; {EXPECTED_LAYOUT}")
@@ -234,7 +240,7 @@ class Coco20i:
             images = {str(i["id"]): i["file_name"] for i in coco.dataset.get("images", [])}
             raw = {"classes": classes, "images": images}
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            tmp = temp_name(cache_file)
             tmp.write_text(json.dumps(raw))
             os.replace(tmp, cache_file)
         index = {
@@ -246,7 +252,6 @@ class Coco20i:
         }
         for image_id in index["images"]:
             self._owner[image_id] = split
-        self._index[split] = index
         return index
 
     def list_ids(self, split: str) -> list[str]:

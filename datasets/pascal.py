@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,31 @@ EXPECTED_LAYOUT = (
     "ImageSets/Segmentation/{train,val,trainaug}.txt} under --data-root"
 )
 INDEX_VERSION = 1
+
+
+class IndexLock:
+    """A lock around building a split's class index: the evaluator decodes images in threads, and
+    the first ones may all ask for the index at once. Pickles (to DataLoader workers) afresh."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self._lock.__exit__(*exc)
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self._lock = threading.Lock()
+
+
+def temp_name(path: Path) -> Path:
+    """A temp file beside `path`, unique per process and thread (for an atomic os.replace)."""
+    return path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
 
 
 class DatasetError(FsbenchError):
@@ -93,6 +119,7 @@ class Pascal5i:
 
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "index"
         self._index: dict[str, dict] = {}
+        self._index_lock = IndexLock()
 
     # -- folds ------------------------------------------------------------------------------
     def fold_classes(self, fold: int) -> list[int]:
@@ -177,8 +204,13 @@ class Pascal5i:
     # -- class index ------------------------------------------------------------------------
     def class_index(self, split: str) -> dict[int, dict[str, int]]:
         """class → {image id: pixel count}, built from the masks once and cached on disk."""
-        if split in self._index:
-            return self._index[split]
+        if split not in self._index:
+            with self._index_lock:
+                if split not in self._index:
+                    self._index[split] = self._build_class_index(split)
+        return self._index[split]
+
+    def _build_class_index(self, split: str) -> dict[int, dict[str, int]]:
         ids = self.list_ids(split)
         missing = [
             i for i in ids if not self.image_path(i).is_file() or not self.mask_path(i).is_file()
@@ -208,12 +240,10 @@ class Pascal5i:
                     if 1 <= value <= self.num_classes:
                         raw[str(value)][image_id] = count
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            tmp = temp_name(cache_file)
             tmp.write_text(json.dumps(raw))
             os.replace(tmp, cache_file)
-        index = {int(c): dict(sorted(images.items())) for c, images in raw.items()}
-        self._index[split] = index
-        return index
+        return {int(c): dict(sorted(images.items())) for c, images in raw.items()}
 
     def class_images(self, split: str, class_id: int, min_pixels: int = 1) -> list[str]:
         """Sorted ids of the split's images with at least `min_pixels` pixels of the class."""

@@ -138,6 +138,21 @@ def test_generated_coco_loader(coco_root, tmp_path):
     assert list(tmp_path.glob("coco20i-train2014-*.json"))
 
 
+def test_first_images_read_from_threads_build_the_index_once(coco_root, tmp_path):
+    # The evaluator decodes images in threads; on a fresh dataset object all of them asked for
+    # the class index at once and raced on one temp file name (FileNotFoundError).
+    from concurrent.futures import ThreadPoolExecutor
+
+    reference = Coco20i(coco_root, cache_dir=tmp_path / "reference")
+    ids = reference.list_ids("val")[:16]
+    fresh = Coco20i(coco_root, cache_dir=tmp_path / "fresh")
+    with ThreadPoolExecutor(8) as pool:
+        images = list(pool.map(fresh.load_image, ids))
+    assert all(np.array_equal(a, reference.load_image(i)) for a, i in zip(images, ids))
+    written = list((tmp_path / "fresh").iterdir())
+    assert written and all(p.suffix == ".json" and json.loads(p.read_text()) for p in written)
+
+
 def test_original_resolution_scoring_on_non_square_images(coco_root, tmp_path):
     dataset = Coco20i(coco_root, protocol="pfenet", cache_dir=tmp_path)
     protocol = dataclasses.replace(get_protocol("pfenet"), min_object_pixels=1)
