@@ -63,6 +63,12 @@ class FeatureCache:
     def spilled(self) -> int:
         return len(self._spilled)
 
+    @property
+    def feature_bytes(self) -> int | None:
+        """Bytes of one stored map (None while empty)."""
+        first = next(iter(self._items.values()), None)
+        return None if first is None else first.numel() * 4
+
     @torch.no_grad()
     def prefetch(self, image_ids) -> None:
         """Encode every id not stored yet, in batches of exactly `batch_size` (only the last one
@@ -195,10 +201,7 @@ def evaluate(
     use_cache = cache is not None and getattr(model, "cacheable_encoder", False)
     original = protocol.score_resolution == "original"
     if chunk is None:
-        feature_bytes = None
-        if use_cache and len(cache):
-            feature_bytes = cache._read(next(iter(cache._items))).numel() * 4
-        chunk = _chunk_size(manifest, feature_bytes) if use_cache else 1
+        chunk = _chunk_size(manifest, cache.feature_bytes) if use_cache else 1
     kept = []
     for start in range(0, len(manifest.episodes), chunk):
         specs = manifest.episodes[start : start + chunk]
