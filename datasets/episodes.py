@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fsbench.datasets.cache import ByteLRU
 from fsbench.datasets.registry import FsbenchError
 from fsbench.datasets.resize import check_resize, content_size, fit
 
@@ -213,52 +212,6 @@ class EpisodeManifest:
         return manifest
 
 
-class _ByteLRU:
-    """A least-recently-used map bounded by the bytes of its values (tensors, arrays, tuples)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._items: OrderedDict = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()  # the evaluator decodes images in threads
-
-    @staticmethod
-    def _size(value) -> int:
-        if isinstance(value, tuple):
-            return sum(_ByteLRU._size(v) for v in value)
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        return getattr(value, "nbytes", 0)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key, make):
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key][0]
-        value = make()  # outside the lock: decoding runs in parallel
-        size = self._size(value)
-        with self._lock:
-            if key not in self._items:
-                self._items[key] = (value, size)
-                self._bytes += size
-            while self._bytes > self.max_bytes and len(self._items) > 1:
-                _, (_, evicted) = self._items.popitem(last=False)
-                self._bytes -= evicted
-        return value
-
-    def __getstate__(self):  # DataLoader workers get a copy; a lock does not pickle
-        state = dict(vars(self))
-        state.pop("_lock")
-        return state
-
-    def __setstate__(self, state):
-        vars(self).update(state)
-        self._lock = threading.Lock()
-
-
 def normalise(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 → 3xHxW float, ImageNet mean/std."""
     tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div_(255)
@@ -294,8 +247,8 @@ class EpisodeLoader:
         self.weak_seed = weak_seed
         self.cache_bytes = cache_bytes
         self.resize = resize
-        self._images = _ByteLRU(cache_bytes // 2)
-        self._masks = _ByteLRU(cache_bytes // 2)
+        self._images = ByteLRU(cache_bytes // 2)
+        self._masks = ByteLRU(cache_bytes // 2)
 
     def annotated(self, annotation: str, weak_seed: int = 0) -> EpisodeLoader:
         """The same loader (sharing decoded images and masks) with another support annotation."""
