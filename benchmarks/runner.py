@@ -1,4 +1,4 @@
-"""Runs a grid: plan cells → train/evaluate jobs (serially or as Ray tasks) → results + MLflow.
+"""Runs a grid: a plan (planning.py) → train/evaluate jobs, serial or Ray → results + MLflow.
 
 Only this module imports ray. Workers return results; the driver alone writes `results/` (each
 cell atomically, once all its seeds are in) and logs to MLflow (DESIGN §6).
@@ -10,86 +10,14 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 from fsbench.benchmarks.evaluate import distinct_images
 from fsbench.benchmarks.grid import Cell, GridSpec
+from fsbench.benchmarks.planning import Job, Plan, plan_grid
 from fsbench.benchmarks.results import ResultStore, environment, now_iso, seed_result, summarise
-from fsbench.benchmarks.tasks import available_cores, eval_task, open_dataset, train_task
-from fsbench.datasets.episodes import EpisodeManifest
+from fsbench.benchmarks.tasks import available_cores, eval_task, train_task
 from fsbench.datasets.protocols import get_protocol
 from fsbench.datasets.registry import FsbenchError
-
-
-@dataclass
-class Job:
-    """One model: trained once (if it trains), then evaluated on every (cell, seed) it serves."""
-
-    key: str
-    config: dict
-    trainable: bool
-    cells: list[Cell]
-    items: list[dict] = field(default_factory=list)  # eval items: cell_id, seed, manifest, ...
-
-
-@dataclass
-class Plan:
-    cells: list[Cell]
-    todo: list[Cell]
-    jobs: list[Job]
-    manifests: dict  # (cell id, seed) → EpisodeManifest
-
-
-def plan_grid(
-    grid: GridSpec, store: ResultStore, rerun: bool = False, build_manifests=True
-) -> Plan:
-    """Cells, the ones still to do, their jobs and their (deterministic) manifests."""
-    cells = grid.expand()
-    done = set() if rerun else store.finished_ids()
-    todo = [c for c in cells if c.id not in done]
-    manifests = {}
-    if build_manifests and todo:
-        dataset = open_dataset(grid.dataset, grid.protocol)
-        by_setting = {}
-        for cell in todo:
-            protocol = get_protocol(cell.protocol)
-            for seed in cell.seeds:
-                key = (cell.fold, cell.way, cell.shot, cell.episodes, seed, cell.protocol)
-                if key not in by_setting:
-                    by_setting[key] = EpisodeManifest.build(
-                        dataset, protocol, cell.fold, cell.way, cell.shot, cell.episodes, seed
-                    )
-                    store.save_manifest(by_setting[key])
-                manifests[(cell.id, seed)] = by_setting[key]
-    jobs: dict[str, Job] = {}
-    for cell in todo:
-        key = cell.model_key()
-        if key not in jobs:
-            # How to run, not what is computed (outside the cell's identity). Paths entering a
-            # task are absolute; a retried or rerun training resumes from its checkpoint.
-            execution = {
-                "train_workers": grid.train_workers,
-                "checkpoint_every": grid.checkpoint_every,
-                "resume_path": str(store.resume_path(key)),
-            }
-            config = {**cell.config(), "execution": execution}
-            jobs[key] = Job(key, config, cell.train is not None, [])
-        job = jobs[key]
-        job.cells.append(cell)
-        for seed in cell.seeds:
-            if (cell.id, seed) in manifests:
-                job.items.append(
-                    {
-                        "cell_id": cell.id,
-                        "seed": seed,
-                        "protocol": cell.protocol,
-                        "annotation": cell.annotation,
-                        "manifest": manifests[(cell.id, seed)].to_json(),
-                    }
-                )
-    # Longest jobs first (training, more shots): fewer idle workers at the end of a grid.
-    ordered = sorted(jobs.values(), key=lambda j: (not j.trainable, -max(c.shot for c in j.cells)))
-    return Plan(cells, todo, ordered, manifests)
 
 
 class Driver:

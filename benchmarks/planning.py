@@ -1,0 +1,82 @@
+"""Planning a grid run: cells still to do, their (deterministic) manifests, one job per model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fsbench.benchmarks.grid import Cell, GridSpec
+from fsbench.benchmarks.results import ResultStore
+from fsbench.benchmarks.tasks import open_dataset
+from fsbench.datasets.episodes import EpisodeManifest
+from fsbench.datasets.protocols import get_protocol
+
+
+@dataclass
+class Job:
+    """One model: trained once (if it trains), then evaluated on every (cell, seed) it serves."""
+
+    key: str
+    config: dict
+    trainable: bool
+    cells: list[Cell]
+    items: list[dict] = field(default_factory=list)  # eval items: cell_id, seed, manifest, ...
+
+
+@dataclass
+class Plan:
+    cells: list[Cell]
+    todo: list[Cell]
+    jobs: list[Job]
+    manifests: dict  # (cell id, seed) → EpisodeManifest
+
+
+def plan_grid(
+    grid: GridSpec, store: ResultStore, rerun: bool = False, build_manifests=True
+) -> Plan:
+    """Cells, the ones still to do, their jobs and their (deterministic) manifests."""
+    cells = grid.expand()
+    done = set() if rerun else store.finished_ids()
+    todo = [c for c in cells if c.id not in done]
+    manifests = {}
+    if build_manifests and todo:
+        dataset = open_dataset(grid.dataset, grid.protocol)
+        by_setting = {}
+        for cell in todo:
+            protocol = get_protocol(cell.protocol)
+            for seed in cell.seeds:
+                key = (cell.fold, cell.way, cell.shot, cell.episodes, seed, cell.protocol)
+                if key not in by_setting:
+                    by_setting[key] = EpisodeManifest.build(
+                        dataset, protocol, cell.fold, cell.way, cell.shot, cell.episodes, seed
+                    )
+                    store.save_manifest(by_setting[key])
+                manifests[(cell.id, seed)] = by_setting[key]
+    jobs: dict[str, Job] = {}
+    for cell in todo:
+        key = cell.model_key()
+        if key not in jobs:
+            # How to run, not what is computed (outside the cell's identity). Paths entering a
+            # task are absolute; a retried or rerun training resumes from its checkpoint.
+            execution = {
+                "train_workers": grid.train_workers,
+                "checkpoint_every": grid.checkpoint_every,
+                "resume_path": str(store.resume_path(key)),
+            }
+            config = {**cell.config(), "execution": execution}
+            jobs[key] = Job(key, config, cell.train is not None, [])
+        job = jobs[key]
+        job.cells.append(cell)
+        for seed in cell.seeds:
+            if (cell.id, seed) in manifests:
+                job.items.append(
+                    {
+                        "cell_id": cell.id,
+                        "seed": seed,
+                        "protocol": cell.protocol,
+                        "annotation": cell.annotation,
+                        "manifest": manifests[(cell.id, seed)].to_json(),
+                    }
+                )
+    # Longest jobs first (training, more shots): fewer idle workers at the end of a grid.
+    ordered = sorted(jobs.values(), key=lambda j: (not j.trainable, -max(c.shot for c in j.cells)))
+    return Plan(cells, todo, ordered, manifests)
