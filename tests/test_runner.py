@@ -2,9 +2,10 @@
 
 import json
 
-import numpy as np
+import pytest
 
 from fsbench.benchmarks.grid import parse_grid
+from fsbench.benchmarks.metrics import EpisodeCounts
 from fsbench.benchmarks.results import ResultStore
 from fsbench.benchmarks.runner import Driver, plan_grid
 from fsbench.benchmarks.tasks import eval_task, train_task
@@ -33,6 +34,16 @@ def test_cell_waits_for_its_training_record_when_evaluations_arrive_first(
     assert [s["seed"] for s in record["seeds"]] == list(cell.seeds)
 
 
+def scored_pixels(output) -> int:
+    """Every scored pixel of a 1-way evaluation: background's TP+FP+FN plus the class's TP."""
+    counts = EpisodeCounts.from_json(output["counts"])
+    return int(counts.background.sum() + counts.foreground[:, 0].sum())
+
+
+def miou(output) -> float:
+    return EpisodeCounts.from_json(output["counts"]).miou()
+
+
 def test_one_eval_task_per_model_encodes_each_distinct_image_once(tmp_path, small_grid_dict):
     grid = parse_grid(dict(small_grid_dict, methods=[{"name": "test_prototype_notrain"}]))
     plan = plan_grid(grid, ResultStore(tmp_path, grid.name))
@@ -59,8 +70,9 @@ def test_bf16_evaluation_on_cpu(tmp_path, small_grid_dict):
     fp32 = eval_task({**job.config, "eval_precision": "fp32"}, None, job.items, "cpu", 1)
     assert [o["seed"] for o in bf16] == [o["seed"] for o in fp32]
     assert all(sum(map(sum, o["counts"]["background"])) > 0 for o in bf16)
-    for low, full in zip(bf16, fp32):  # the same pixels are scored, in either precision
-        assert np.sum(low["counts"]["background"]) == np.sum(full["counts"]["background"])
+    for low, full in zip(bf16, fp32):  # the same pixels are scored, to nearly the same mIoU
+        assert scored_pixels(low) == scored_pixels(full)
+        assert abs(miou(low) - miou(full)) < 0.05
 
 
 def test_bf16_features_are_stored_as_float32(dataset):
@@ -78,3 +90,16 @@ def test_bf16_features_are_stored_as_float32(dataset):
         low = FeatureCache(model, EpisodeLoader(dataset, 32), "cpu", batch_size=4).get(ids)
     assert low.dtype == exact.dtype == torch.float32
     assert not torch.equal(low, exact) and torch.allclose(low, exact, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.gpu
+def test_cuda_evaluation_in_bf16_and_fp32(tmp_path, small_grid_dict):
+    grid = parse_grid(dict(small_grid_dict, methods=[{"name": "test_prototype_notrain"}]))
+    (job,) = plan_grid(grid, ResultStore(tmp_path, grid.name)).jobs
+    cpu = eval_task(job.config, None, job.items, "cpu", 1)
+    cuda = eval_task(job.config, None, job.items, "cuda", 1)
+    low = eval_task({**job.config, "eval_precision": "bf16"}, None, job.items, "cuda", 1)
+    for a, b, c in zip(cpu, cuda, low):
+        assert b["device"] != a["device"] and b["encoded_images"] == a["encoded_images"]
+        assert scored_pixels(a) == scored_pixels(b) == scored_pixels(c)
+        assert abs(miou(a) - miou(b)) < 0.01 and abs(miou(b) - miou(c)) < 0.05
