@@ -92,8 +92,7 @@ def _add_run_options(parser):
         "--eval-group",
         choices=("seed", "model"),
         default="model",
-        help="Ray: one evaluation task per model (each image encoded once for all its seeds "
-        "and shots; default) or per seed (more parallel, each task encodes its own images)",
+        help="Ray: one evaluation task per model (each image encoded once; default) or per seed",
     )
     parser.add_argument("--eval-gpu-fraction", type=float, default=0.5)
     parser.add_argument(
@@ -233,14 +232,13 @@ def cmd_run(args) -> int:
 
 def _dry_run(grid, store, args) -> int:
     from fsbench.benchmarks.runner import plan_grid
+    from fsbench.benchmarks.tasks import available_cores
 
     plan = plan_grid(grid, store, args.rerun, build_manifests=False)
     done = {c.id for c in plan.cells} - {c.id for c in plan.todo}
     has_gpu = False
     if not args.serial:
         has_gpu = bool(args.ray_address or os.environ.get("RAY_ADDRESS")) and grid.device != "cpu"
-    from fsbench.benchmarks.tasks import available_cores
-
     threads = args.threads or (available_cores() if args.serial else 1)
     per_task = (
         f"train: 1 GPU + 1 CPU, eval: {args.eval_gpu_fraction} GPU"
