@@ -128,18 +128,22 @@ class FeatureCache:
         self._spilled[image_id] = (self._end, tuple(feature.shape))
         self._end += len(data)
 
-    def _read(self, image_id) -> torch.Tensor:
-        if image_id in self._items:
-            return self._items[image_id]
-        offset, shape = self._spilled[image_id]
-        size = int(np.prod(shape)) * 4
-        data = bytearray(os.pread(self._file.fileno(), size, offset))
-        return torch.frombuffer(data, dtype=torch.float32).view(shape).to(self.device)
-
     def get(self, image_ids) -> torch.Tensor:
-        """Features [n, C, h, w] of `image_ids` (encoding those not stored yet)."""
+        """Features [n, C, h, w] of `image_ids` (encoding those not stored yet), gathered into one
+        buffer: a spilled map is read straight into its slot, with no intermediate copies."""
         self.prefetch(image_ids)
-        return torch.stack([self._read(i) for i in image_ids])
+        first = next(iter(self._items.values()))  # the first stored map always stays in memory
+        out = first.new_empty((len(image_ids), *first.shape))
+        for slot, image_id in zip(out, image_ids):
+            if image_id in self._items:
+                slot.copy_(self._items[image_id])
+                continue
+            host = slot if slot.device.type == "cpu" else torch.empty_like(slot, device="cpu")
+            offset, _ = self._spilled[image_id]
+            os.preadv(self._file.fileno(), [host.numpy().reshape(-1).view(np.uint8)], offset)
+            if host is not slot:
+                slot.copy_(host)
+        return out
 
     def close(self) -> None:
         if self._file is not None:
