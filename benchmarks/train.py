@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
+import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fsbench.benchmarks.results import atomic_write_bytes
 from fsbench.datasets.episodes import EpisodeLoader, sample_episode, seeded_rng
 from fsbench.datasets.registry import FsbenchError
 
@@ -135,11 +136,10 @@ def _autocast(device: str, precision: str):
 
 
 def _save_resume(path: Path, state: dict) -> None:
-    """Atomically (temp file + rename): a kill mid-write leaves the previous checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomically: a kill mid-write leaves the previous checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def train(
