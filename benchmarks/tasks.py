@@ -14,7 +14,13 @@ import uuid
 
 import torch
 
-from fsbench.benchmarks.evaluate import FeatureCache, distinct_images, evaluate
+from fsbench.benchmarks.evaluate import (
+    FeatureCache,
+    distinct_images,
+    evaluate,
+    evaluate_prototypes,
+    uses_prototypes,
+)
 from fsbench.benchmarks.train import TrainConfig, train
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
@@ -139,25 +145,35 @@ def eval_task(
     manifests = [EpisodeManifest.from_json(item["manifest"]) for item in items]
     # The plan: every image any of these episodes uses, encoded once, in full batches, up front.
     images = distinct_images(manifests)
-    started = time.perf_counter()
     precision = model_config.get("eval_precision", "fp32")
     autocast = torch.autocast(
         torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"
     )
-    if getattr(model, "cacheable_encoder", False):
-        with autocast:  # features are stored as float32 whatever the compute precision
-            cache.prefetch(images)
-    encode_seconds = time.perf_counter() - started
+    jobs = [
+        (
+            cache.loader.annotated(item.get("annotation", "mask"), weak_seed=item["seed"]),
+            manifest,
+            get_protocol(item["protocol"]),
+        )
+        for item, manifest in zip(items, manifests)
+    ]
+    started = time.perf_counter()
+    with autocast:  # features are stored as float32 whatever the compute precision
+        if uses_prototypes(model):
+            # Prototype methods: supports pooled once, queries scored in image order.
+            results = evaluate_prototypes(model, cache, jobs, device, keep_predictions)
+        else:
+            if getattr(model, "cacheable_encoder", False):
+                cache.prefetch(images)
+            encode_seconds = time.perf_counter() - started
+            results = [
+                evaluate(model, *job, device, cache, keep_predictions=keep_predictions)
+                for job in jobs
+            ]
+            results = [(c, s + encode_seconds / len(jobs), k) for c, s, k in results]
     task = uuid.uuid4().hex
     outputs = []
-    for item, manifest in zip(items, manifests):
-        started = time.perf_counter()
-        loader = cache.loader.annotated(item.get("annotation", "mask"), weak_seed=item["seed"])
-        protocol = get_protocol(item["protocol"])
-        with autocast:
-            counts, seconds, kept = evaluate(
-                model, loader, manifest, protocol, device, cache, keep_predictions=keep_predictions
-            )
+    for item, manifest, (counts, seconds, kept) in zip(items, manifests, results):
         outputs.append(
             {
                 "cell_id": item["cell_id"],
@@ -165,8 +181,7 @@ def eval_task(
                 "manifest_fingerprint": manifest.fingerprint,
                 "counts": counts.to_json(),
                 # The shared encoding is split evenly over the items it served.
-                "eval_seconds": seconds + encode_seconds / len(items),
-                "wall_seconds": time.perf_counter() - started,
+                "eval_seconds": seconds,
                 "task": task,  # the evaluation task (and feature cache) that served this item
                 "encoded_images": cache.encoded,
                 "distinct_images": len(images),

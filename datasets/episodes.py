@@ -315,6 +315,11 @@ class EpisodeLoader:
             fg, bg = (torch.from_numpy(m) for m in box_masks(instances, tuple(fg.shape)))
         return fg, bg
 
+    def support_key(self, image_id: str, index: int, classes) -> tuple:
+        """What `support_masks(image_id, index, classes)` depends on: equal keys, equal masks."""
+        seed = self.weak_seed if self.annotation == "scribble" else None
+        return (image_id, index, tuple(int(c) for c in classes), self.annotation, seed)
+
     def query_label(self, image_id: str, classes) -> torch.Tensor:
         """[S, S] long: 0 background, i for the i-th episode class, 255 void."""
         masks, void = self.masks(image_id, classes)

@@ -66,19 +66,35 @@ class PANet(FewShotMethod):
         """Logits [B,Q,1+N,H,W] of B episodes in one pass: all supports pooled in one call, all
         queries scored against their own episode's prototypes, one upsampling."""
         batch, way, shot = support_fg.shape[:3]
-        flat = support_features.flatten(0, 2)
-        fg = masked_average_pool(flat, support_fg.flatten(0, 2)).view(batch, way, shot, -1)
-        bg = masked_average_pool(flat, support_bg.flatten(0, 2)).view(batch, way, shot, -1)
-        prototypes = torch.cat([bg.mean((1, 2))[:, None], fg.mean(2)], 1)  # [B, 1+N, C]
+        pooled = self.support_prototypes(
+            support_features.flatten(0, 2), support_fg.flatten(0, 2), support_bg.flatten(0, 2)
+        ).unflatten(0, (batch, way, shot))  # [B, N, K, 2, C]
+        queries = query_features.shape[1]
+        pooled = pooled[:, None].expand(batch, queries, *pooled.shape[1:]).flatten(0, 1)
+        logits = self.prototype_logits(query_features.flatten(0, 1), pooled[:, None], out_size)
+        return logits.unflatten(0, (batch, queries))[:, :, 0]
+
+    @staticmethod
+    def support_prototypes(features, fg, bg):
+        """Per-support foreground and background prototypes [n, 2, C] of features [n,C,h,w] under
+        masks [n,H,W]: everything an episode needs from a support image, a few KB."""
+        return torch.stack(
+            [masked_average_pool(features, fg), masked_average_pool(features, bg)], 1
+        )
+
+    def prototype_logits(self, query_features, pooled, out_size):
+        """Logits [Q, R, 1+N, H, W] of each query [Q,C,h,w] against R episodes' pooled supports
+        [Q, R, N, K, 2, C]: class prototypes are the mean over shots, the background the mean
+        over all supports (PANet's rule)."""
+        fg, bg = pooled[..., 0, :], pooled[..., 1, :]  # [Q, R, N, K, C]
+        prototypes = torch.cat([bg.mean((-3, -2))[..., None, :], fg.mean(-2)], -2)
         # cos = q·p / sqrt(max(|q|²·|p|², eps²)), F.cosine_similarity's formula, with the dot
         # products as one batched matmul (its broadcast form materialises Q·P·C·h·w products).
-        dots = torch.einsum("bqchw,bpc->bqphw", query_features, prototypes)
+        dots = torch.einsum("qchw,qrpc->qrphw", query_features, prototypes)
         norms = (
-            query_features.pow(2).sum(2)[:, :, None]
-            * prototypes.pow(2).sum(-1)[:, None, :, None, None]
+            query_features.pow(2).sum(1)[:, None, None] * prototypes.pow(2).sum(-1)[..., None, None]
         )
-        low = dots / norms.clamp_min(COSINE_EPS**2).sqrt() * self.alpha  # [B, Q, 1+N, h, w]
-        queries = low.shape[1]
+        low = dots / norms.clamp_min(COSINE_EPS**2).sqrt() * self.alpha  # [Q, R, 1+N, h, w]
         # channels-last in, channels-last out: the class argmax then reduces a contiguous axis.
         logits = F.interpolate(
             low.flatten(0, 1).contiguous(memory_format=torch.channels_last),
@@ -86,7 +102,7 @@ class PANet(FewShotMethod):
             mode="bilinear",
             align_corners=False,
         )
-        return logits.unflatten(0, (batch, queries))
+        return logits.unflatten(0, low.shape[:2])
 
     def loss(self, episode: Episode) -> dict[str, torch.Tensor]:
         if not self.trainable:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsbench.benchmarks.evaluate import FeatureCache, evaluate
+from fsbench.benchmarks.evaluate import FeatureCache, evaluate, evaluate_prototypes
 from fsbench.benchmarks.train import TrainConfig, split_validation_classes, train
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
@@ -31,6 +31,39 @@ def test_cached_features_give_identical_metrics(dataset, way, shot):
     assert cache.encoded == len(distinct)  # each distinct image encoded exactly once
     again, _, _ = evaluate(model, loader, manifest, PANET, cache=cache)  # another seed/shot reuse
     assert cache.encoded == len(distinct) and again.miou() == cached.miou()
+
+
+def test_prototype_plan_equals_per_episode_evaluation_and_encodes_each_image_once(dataset):
+    # Supports pooled once per (image, classes, index, annotation), queries scored in image order,
+    # over several jobs at once (seeds, shots, ways, a scribble annotation): every job's counts
+    # equal its own per-episode run's, and each distinct image goes through the encoder once,
+    # under a budget that holds two maps (the rest spilled and read back once).
+    torch.manual_seed(0)
+    model = METHODS.get("test_panet")().eval()
+    loader = EpisodeLoader(dataset, 32)
+    manifests = [
+        EpisodeManifest.build(dataset, PANET, 0, 1, 1, 10, 1),
+        EpisodeManifest.build(dataset, PANET, 0, 1, 3, 10, 2),
+        EpisodeManifest.build(dataset, PANET, 0, 2, 1, 8, 3),
+    ]
+    jobs = [(loader, m, PANET) for m in manifests]
+    jobs.append((loader.annotated("scribble", weak_seed=4), manifests[0], PANET))
+    one_map = 32 * 4 * 4 * 4
+    cache = FeatureCache(model, loader, "cpu", max_bytes=2 * one_map, batch_size=4)
+    results = evaluate_prototypes(model, cache, jobs, keep_predictions=2)
+    for (job_loader, manifest, _), (counts, _, kept) in zip(jobs, results):
+        plain, _, plain_kept = evaluate(model, job_loader, manifest, PANET, keep_predictions=2)
+        assert np.array_equal(counts.per_class, plain.per_class)
+        assert np.array_equal(counts.background, plain.background)
+        assert [k["episode"] for k in kept] == [0, 1]
+        assert all(torch.equal(a["prediction"], b["prediction"]) for a, b in zip(kept, plain_kept))
+    distinct = {i for m in manifests for e in m.episodes for i in (*sum(e.support, ()), *e.query)}
+    assert cache.encoded == len(distinct)
+    assert cache.spilled > 0 and len(cache._items) <= 2
+    # A job's counts do not depend on which other jobs shared the plan.
+    alone = FeatureCache(model, loader, "cpu", batch_size=4)
+    ((counts, _, _),) = evaluate_prototypes(model, alone, jobs[2:3])
+    assert np.array_equal(counts.per_class, results[2][0].per_class)
 
 
 def test_cached_features_do_not_depend_on_what_was_cached_before(dataset):
