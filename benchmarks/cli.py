@@ -14,6 +14,21 @@ from fsbench.datasets.registry import FsbenchError
 DEFAULT_GRID = "quickstart.yaml"
 
 
+def _at_least(low: int):
+    """argparse type: an integer ≥ low (argparse then names the option in one line)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is impossible (must be ≥ {low})")
+        return value
+
+    return parse
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fsbench",
@@ -33,9 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     manifest.add_argument("--dataset", default="pascal5i")
     manifest.add_argument("--data-root", help="dataset folder (containing VOCdevkit/)")
     manifest.add_argument("--fold", type=int, required=True)
-    manifest.add_argument("--way", type=int, default=1)
-    manifest.add_argument("--shot", type=int, default=1)
-    manifest.add_argument("--episodes", type=int, help="default: the protocol's")
+    manifest.add_argument("--way", type=_at_least(1), default=1)
+    manifest.add_argument("--shot", type=_at_least(1), default=1)
+    manifest.add_argument("--episodes", type=_at_least(1), help="default: the protocol's")
     manifest.add_argument("--seed", type=int, help="default: the protocol's first seed")
     manifest.add_argument("--protocol", default="panet")
     manifest.add_argument("--output", required=True, help="JSON file to write")
@@ -84,9 +99,9 @@ def _add_run_options(parser):
     parser.add_argument("--rerun", action="store_true", help="run finished cells again")
     parser.add_argument("--serial", action="store_true", help="run in-process without Ray")
     parser.add_argument("--ray-address", help="join an existing Ray cluster (or set RAY_ADDRESS)")
-    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance")
+    parser.add_argument("--num-cpus", type=_at_least(1), help="CPUs of the local Ray instance")
     parser.add_argument(
-        "--max-retries", type=int, default=3, help="retries of a task whose worker dies"
+        "--max-retries", type=_at_least(0), default=3, help="retries of a task whose worker dies"
     )
     parser.add_argument(
         "--eval-group",
@@ -97,7 +112,7 @@ def _add_run_options(parser):
     parser.add_argument("--eval-gpu-fraction", type=float, default=0.5)
     parser.add_argument(
         "--threads",
-        type=int,
+        type=_at_least(1),
         help="torch threads per task (default: every available core with --serial, 1 per Ray task)",
     )
     parser.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///<results>/mlflow.db)")
@@ -140,11 +155,14 @@ def main(argv=None) -> int:
 def _results_root(args) -> Path:
     from fsbench.benchmarks.results import default_results_root
 
-    return (
+    root = (
         Path(args.results).expanduser().resolve()
         if getattr(args, "results", None)
         else default_results_root()
     )
+    if root.exists() and not root.is_dir():
+        raise FsbenchError(f"{root}: is a file; --results must name a folder (made if missing)")
+    return root
 
 
 def cmd_run(args) -> int:
@@ -159,7 +177,16 @@ def cmd_run(args) -> int:
     store = ResultStore(root, grid.name)
     if args.dry_run:
         return _dry_run(grid, store, args)
+    from fsbench.benchmarks.results import GridLock
+
+    # One run per results folder and grid: a second one would compute every cell again.
+    with GridLock(store, f"fsbench run {args.grid}"):
+        return _run_locked(grid, store, root, args)
+
+
+def _run_locked(grid, store, root, args) -> int:
     from fsbench.benchmarks import runner
+    from fsbench.benchmarks.tracking import redacted
 
     started = time.perf_counter()
     if args.serial:
@@ -218,7 +245,7 @@ def cmd_run(args) -> int:
     if tracker is not None:
         if tracker.available:
             print(
-                f"MLflow: {tracker.uri}  — browse it with:  python run_benchmark.py ui"
+                f"MLflow: {redacted(tracker.uri)}  — browse it with:  python run_benchmark.py ui"
                 + (f" --results {root}" if args.results else "")
                 + "  (then open http://127.0.0.1:5000)"
             )
@@ -332,7 +359,7 @@ def cmd_report(args) -> int:
     written = build_report(_grid_folder(args))
     for kind, paths in written.items():
         print(f"{kind}: " + ", ".join(str(p) for p in paths))
-    return 0
+    return 1 if written.get("rejected") else 0
 
 
 def _grid_folder(args) -> Path:
@@ -352,10 +379,10 @@ def cmd_qualitative(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from fsbench.benchmarks.tracking import default_tracking_uri
+    from fsbench.benchmarks.tracking import default_tracking_uri, redacted
 
     uri = args.tracking_uri or default_tracking_uri(_results_root(args))
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C stops it)")
+    print(f"MLflow UI for {redacted(uri)} on http://127.0.0.1:{args.port} (Ctrl-C stops it)")
     command = [
         sys.executable,
         "-m",
@@ -374,22 +401,24 @@ def cmd_ui(args) -> int:
 
 
 def cmd_sync(args) -> int:
-    from fsbench.benchmarks.results import ResultStore
-    from fsbench.benchmarks.tracking import Tracker, default_tracking_uri
+    from fsbench.benchmarks.grid import check_grid_name
+    from fsbench.benchmarks.results import GridLock, ResultStore
+    from fsbench.benchmarks.tracking import Tracker, default_tracking_uri, redacted
 
     root = _results_root(args)
     uri = args.tracking_uri or default_tracking_uri(root)
     grids = [args.grid] if args.grid else sorted(p.parent.name for p in root.glob("*/cells"))
     status = 0
     for name in grids:
-        store = ResultStore(root, name)
-        tracker = Tracker(uri, root, name)
-        try:
-            pushed, total = tracker.sync(store)
-        except Exception as error:  # noqa: BLE001
-            raise FsbenchError(
-                f"MLflow at {uri} is unreachable ({type(error).__name__}); try later"
-            ) from None
+        store = ResultStore(root, check_grid_name(name))
+        with GridLock(store, f"fsbench sync {name}"):  # one writer of the grid's runs
+            tracker = Tracker(uri, root, name)
+            try:
+                pushed, total = tracker.sync(store)
+            except Exception as error:  # noqa: BLE001
+                raise FsbenchError(
+                    f"MLflow at {redacted(uri)} is unreachable ({type(error).__name__}); try later"
+                ) from None
         print(
             f"{name}: pushed {pushed} of {total} cells ({total - pushed} were already logged)"
             if tracker.available

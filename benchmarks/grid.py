@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,35 @@ GRID_KEYS = {
     "smoke",
 }
 ANNOTATIONS = ("mask", "scribble", "bbox")
+# A grid's name is a folder under --results: one path component, nothing to climb out with.
+GRID_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+MAX_EPISODES = 100_000  # per seed; the protocols use 1,000 (manifests are held in memory)
+
+
+def check_grid_name(name) -> str:
+    if not isinstance(name, str) or not GRID_NAME.fullmatch(name) or set(name) == {"."}:
+        raise FsbenchError(
+            f"grid name {name!r}: use only letters, digits, '_', '.' and '-' (it names the "
+            "grid's folder under --results); set `name:` in the grid file"
+        )
+    return name
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that `1e-3` is the float users mean (PyYAML wants
+    `1.0e-3` and otherwise returns the string '1e-3')."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str):
+    """Safe YAML (no object construction) with numbers as users write them."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass(frozen=True)
@@ -204,7 +234,7 @@ def read_grid_file(path: Path, seen=()) -> dict:
     if path.resolve() in seen:
         raise FsbenchError(f"{path}: include cycle ({' → '.join(str(s) for s in seen)})")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise FsbenchError(f"{path}: invalid YAML ({error})") from None
     if not isinstance(raw, dict):
@@ -225,16 +255,31 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """`key=value` / `train.steps=100` (values parsed as YAML) on top of a grid dict."""
     raw = dict(raw)
     for item in overrides:
-        if "=" not in item:
+        key, equals, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not equals or not all(parts):
             raise FsbenchError(
                 f"override {item!r} is not key=value (e.g. shots=[1] or train.steps=100)"
             )
-        key, text = item.split("=", 1)
-        value = yaml.safe_load(text)
-        *parents, leaf = key.strip().split(".")
+        try:
+            value = load_yaml(text)
+        except yaml.YAMLError as error:
+            problem = str(error).splitlines()[0]
+            raise FsbenchError(
+                f"override {item!r}: the value is not valid YAML ({problem}); quote the whole "
+                "override for the shell, e.g. 'shots=[1, 5]'"
+            ) from None
+        *parents, leaf = parts
         target = raw
-        for part in parents:
-            target[part] = dict(target.get(part) or {})
+        for depth, part in enumerate(parents):
+            current = target.get(part)
+            if current is not None and not isinstance(current, dict):
+                where = ".".join(parents[: depth + 1])
+                raise FsbenchError(
+                    f"override {item!r}: {where} is {current!r}, not a mapping of keys; "
+                    f"set it whole ({where}=...)"
+                )
+            target[part] = dict(current or {})
             target = target[part]
         target[leaf] = value
     return raw
@@ -251,9 +296,22 @@ def _tuple_of_ints(raw, key, low=None, high=None):
     return tuple(values)
 
 
+def _single_int(raw, key, low, high):
+    """One integer in low…high, or None when the key is absent (the protocol's value)."""
+    if raw.get(key) is None:
+        return None
+    if isinstance(raw[key], list):
+        raise FsbenchError(f"{key}: expected one integer, got {raw[key]!r}")
+    return _tuple_of_ints(raw, key, low, high)[0]
+
+
 def _train_overrides(raw: dict, where: str) -> tuple:
     """Validated training keys as a sorted (key, value) tuple (lists become tuples)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(raw, dict):
+        raise FsbenchError(
+            f"{where}: expected a mapping of settings (e.g. {{steps: 1000}}), got {raw!r}"
+        )
     if set(raw) - fields:
         raise FsbenchError(
             f"{where}: unknown key(s) {sorted(set(raw) - fields)}; known: {sorted(fields)}"
@@ -267,8 +325,20 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
     if not raw_methods:
         raise FsbenchError("methods: the grid lists no method")
     specs = []
+    if isinstance(raw_methods, str):  # methods=panet: the one method
+        raw_methods = [raw_methods]
+    if not isinstance(raw_methods, list):
+        raise FsbenchError(
+            f"methods: expected a list of methods, got {raw_methods!r} (e.g. methods=[panet])"
+        )
     for entry in raw_methods:
-        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+        entry = {"name": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise FsbenchError(
+                f"methods: entry {entry!r} has no method name; write a name "
+                "(e.g. panet) or a mapping with `name:` (e.g. {name: panet, kwargs: {alpha: 10}})"
+            )
+        entry = dict(entry)
         unknown = set(entry) - {"name", "kwargs", "sweep", "label", "train"}
         if unknown:
             raise FsbenchError(
@@ -315,10 +385,13 @@ def parse_grid(raw: dict) -> GridSpec:
         )
     if "dataset" not in raw or "methods" not in raw:
         raise FsbenchError("a grid needs at least `dataset:` and `methods:`")
+    check_grid_name(raw.get("name", "grid"))
     dataset = raw["dataset"] if isinstance(raw["dataset"], dict) else {"name": raw["dataset"]}
-    DATASETS.get(dataset.get("name", ""))
+    if not isinstance(dataset.get("name"), str):
+        raise FsbenchError(f"dataset: {raw['dataset']!r} names no dataset (e.g. pascal5i)")
+    DATASETS.get(dataset["name"])
     protocol = raw.get("protocol", "panet")
-    if protocol not in PROTOCOLS:
+    if not isinstance(protocol, str) or protocol not in PROTOCOLS:
         raise FsbenchError(f"protocol: unknown {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     train_raw = dict(_train_overrides(raw.get("train") or {}, "train"))
     annotation = raw.get("annotation", ["mask"])
@@ -332,8 +405,9 @@ def parse_grid(raw: dict) -> GridSpec:
         dataset=dataset,
         methods=_methods(raw["methods"]),
         protocol=protocol,
-        input_size=_tuple_of_ints(raw, "input_size", 16)[0] if raw.get("input_size") else None,
-        episodes=_tuple_of_ints(raw, "episodes", 1)[0] if raw.get("episodes") else None,
+        # 0 is impossible, not "the protocol's": only an absent (or null) key means that.
+        input_size=_single_int(raw, "input_size", 16, 4096),
+        episodes=_single_int(raw, "episodes", 1, MAX_EPISODES),
         seeds=_tuple_of_ints(raw, "seeds") if raw.get("seeds") is not None else None,
         folds=folds,
         ways=_tuple_of_ints({"ways": [1], **raw}, "ways", 1, 5),

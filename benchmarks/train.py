@@ -21,6 +21,22 @@ PRECISIONS = ("fp32", "bf16")
 LATER_DEFAULTS = {"precision": "fp32"}
 
 
+def _is_kind(value, kind) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is tuple:
+        return isinstance(value, (tuple, list)) and all(_is_kind(v, int) for v in value)
+    return isinstance(value, str)
+
+
+# Annotation strings (from __future__ annotations) → the kind of value a field accepts.
+_FIELD_KINDS = {"int": int, "float": float, "bool": bool, "tuple[int, ...]": tuple}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """PANet's defaults: SGD 1e-3, momentum 0.9, wd 5e-4, ×0.1 at 10k/20k, 30k steps, flips."""
@@ -43,6 +59,14 @@ class TrainConfig:
 
     def __post_init__(self):
         problems = []
+        for item in dataclasses.fields(self):
+            value, kind = getattr(self, item.name), _FIELD_KINDS.get(item.type, str)
+            if not _is_kind(value, kind):
+                wanted = {int: "an integer", float: "a number", bool: "true or false"}
+                raise FsbenchError(
+                    f"train.{item.name}: {value!r} is not {wanted.get(kind, 'a list of integers')}"
+                    + (" (write 1e-3 as 0.001 or 1.0e-3)" if isinstance(value, str) else "")
+                )
         if self.steps < 1:
             problems.append(f"steps={self.steps} (must be ≥ 1)")
         if self.lr <= 0:
