@@ -10,7 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fsbench.datasets.pascal import DatasetError, IndexLock, read_rgb, temp_name
+from fsbench.datasets.pascal import (
+    DatasetError,
+    IndexLock,
+    check_file_name,
+    read_rgb,
+    temp_name,
+)
 from fsbench.datasets.protocols import get_protocol
 from fsbench.datasets.registry import DATASETS
 
@@ -232,12 +238,21 @@ class Coco20i:
             coco, categories = self.coco(split), self._category_map(split)
             classes: dict[str, dict[str, float]] = {str(c): {} for c in range(1, 81)}
             for ann in coco.dataset.get("annotations", []):
+                if ann.get("category_id") not in categories:
+                    raise DatasetError(
+                        f"{path}: annotation {ann.get('id')} has category_id "
+                        f"{ann.get('category_id')!r}, which is not among the file's "
+                        f"{len(categories)} categories; fix or remove that annotation"
+                    )
                 if ann.get("iscrowd") and self.crowd != "keep":
                     continue
                 image_classes = classes[str(categories[ann["category_id"]])]
                 image = str(ann["image_id"])
                 image_classes[image] = image_classes.get(image, 0) + float(ann.get("area", 0))
-            images = {str(i["id"]): i["file_name"] for i in coco.dataset.get("images", [])}
+            images = {
+                str(i["id"]): check_file_name(i["file_name"], str(path))
+                for i in coco.dataset.get("images", [])
+            }
             raw = {"classes": classes, "images": images}
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = temp_name(cache_file)

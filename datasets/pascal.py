@@ -71,6 +71,17 @@ class DatasetError(FsbenchError):
     """Bad dataset input: the message names the path, what is wrong and the expected layout."""
 
 
+def check_file_name(name: str, where: str) -> str:
+    """A file name from a list or annotation file: one plain path component, so that no entry
+    (`../../outside/secret`, `/etc/passwd`) reads outside the dataset's folders."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise DatasetError(
+            f"{where}: entry {name!r} is not a plain file name (no folders or '..'); fix or "
+            "remove that line"
+        )
+    return name
+
+
 def _sha256(obj) -> str:
     return hashlib.sha256(
         json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
@@ -173,7 +184,8 @@ class Pascal5i:
         if not path.is_file():
             raise DatasetError(f"{path}: image list is missing; {EXPECTED_LAYOUT}")
         # Sorted, never file or directory order: episodes must not depend on the machine.
-        return sorted({line.split()[0] for line in path.read_text().splitlines() if line.strip()})
+        ids = {line.split()[0] for line in path.read_text().splitlines() if line.strip()}
+        return sorted(check_file_name(i, str(path)) for i in ids)
 
     def load_image(self, image_id: str) -> np.ndarray:
         return read_rgb(self.image_path(image_id))

@@ -9,6 +9,8 @@ reused by unlabelled clutter, so colour alone does not solve an episode.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import shutil
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from fsbench.datasets.registry import FsbenchError
 
 SHAPES = ("ellipse", "rectangle", "triangle", "cross", "ring")
 TEXTURES = ("solid", "stripes", "checker", "dots")
@@ -368,6 +372,20 @@ def write_voc(root: Path, n_images: int, image_size: int, seed: int) -> Path:
     return voc
 
 
+# False inside `existing_only()`: readers of old results (reports) never write datasets.
+_GENERATE = contextvars.ContextVar("fsbench_generate", default=True)
+
+
+@contextlib.contextmanager
+def existing_only():
+    """Open generated datasets only if they exist already (FsbenchError otherwise)."""
+    token = _GENERATE.set(False)
+    try:
+        yield
+    finally:
+        _GENERATE.reset(token)
+
+
 def _ensure(
     kind: str, writer, n_images: int, image_size: int, seed: int, cache_dir: Path | None
 ) -> Path:
@@ -384,6 +402,13 @@ def _ensure(
     marker = root / "fsbench_synthetic.json"
     if marker.exists():
         return root
+    if not _GENERATE.get():
+        raise FsbenchError(f"{root}: generated dataset not there (and not generated here)")
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise FsbenchError(
+            f"{cache_dir}: is a file; a generated dataset's data_root must be a folder (or "
+            "unset, for the fsbench cache)"
+        )
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache_dir))
     try:
