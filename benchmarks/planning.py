@@ -9,6 +9,7 @@ from fsbench.benchmarks.results import ResultStore
 from fsbench.benchmarks.tasks import open_dataset
 from fsbench.datasets.episodes import EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
+from fsbench.datasets.registry import FsbenchError
 
 
 @dataclass
@@ -30,6 +31,24 @@ class Plan:
     manifests: dict  # (cell id, seed) → EpisodeManifest
 
 
+def _damaged_manifests(store: ResultStore, finished: set[str]) -> dict[str, list[int]]:
+    """cell id → seeds of finished cells whose saved manifest is missing or damaged."""
+    damaged: dict[str, list[int]] = {}
+    for result in store.load_cells():
+        if result["cell_id"] not in finished:
+            continue
+        for seed in result.get("seeds", []):
+            fingerprint = seed.get("manifest_fingerprint", "")
+            path = store.manifests_dir / f"{fingerprint[:16]}.json"
+            try:
+                intact = EpisodeManifest.load(path).fingerprint == fingerprint
+            except FsbenchError:
+                intact = False
+            if not intact:
+                damaged.setdefault(result["cell_id"], []).append(seed["seed"])
+    return damaged
+
+
 def plan_grid(
     grid: GridSpec, store: ResultStore, rerun: bool = False, build_manifests=True
 ) -> Plan:
@@ -38,8 +57,21 @@ def plan_grid(
     done = set() if rerun else store.finished_ids()
     todo = [c for c in cells if c.id not in done]
     manifests = {}
-    if build_manifests and todo:
+    damaged = _damaged_manifests(store, {c.id for c in cells} & done) if build_manifests else {}
+    if build_manifests and (todo or damaged):
         dataset = open_dataset(grid.dataset, grid.protocol)
+        for cell in (c for c in cells if c.id in damaged):  # finished cells' records, repaired
+            for seed in damaged[cell.id]:
+                manifest = EpisodeManifest.build(
+                    dataset,
+                    get_protocol(cell.protocol),
+                    cell.fold,
+                    cell.way,
+                    cell.shot,
+                    cell.episodes,
+                    seed,
+                )
+                store.save_manifest(manifest)
         by_setting = {}
         for cell in todo:
             protocol = get_protocol(cell.protocol)

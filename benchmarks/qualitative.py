@@ -20,10 +20,19 @@ def cell_model(result: dict, grid_dir: Path):
     """A finished cell's model in eval mode: its checkpoint, or its untrained initialisation."""
     model = build_model(result["config"])
     if result.get("checkpoint"):
-        state = torch.load(
-            Path(grid_dir, result["checkpoint"]), map_location="cpu", weights_only=True
-        )
-        model.load_state_dict(state)
+        grid_dir = Path(grid_dir)
+        problem = ResultStore(grid_dir.parent, grid_dir.name).checkpoint_problem(result, full=True)
+        try:
+            if problem is None:
+                path = grid_dir / result["checkpoint"]
+                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
+            problem = f"checkpoint {path} is not loadable ({type(error).__name__})"
+        if problem:
+            raise FsbenchError(
+                f"{problem}; run the grid again: `run` retrains the cells of a checkpoint "
+                "that is gone or damaged"
+            )
     return model.eval()
 
 

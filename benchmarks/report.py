@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +17,60 @@ MISSING = "–"
 BASE_PAIRS = {"panet": "panet_nopar"}  # variant → its base, for the paired comparisons
 
 
-def load_cells(grid_dir: Path) -> list[dict]:
+RESULT_VERSION = 1  # results.RESULT_VERSION (not imported: it would pull in the runner's deps)
+
+
+def load_cells(grid_dir: Path, rejected: dict | None = None) -> list[dict]:
+    """The grid folder's valid cell files; each rejected one is put in `rejected` (file name →
+    why): a report shows only what its grid computed, as the run wrote it."""
+    grid_dir = Path(grid_dir)
     cells = []
     for path in sorted(Path(grid_dir, "cells").glob("*.json")):
         try:
-            cells.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            problem = f"unreadable ({type(error).__name__}: a truncated or damaged file?)"
+        else:
+            problem = cell_problem(raw, path.stem, grid_dir.name)
+        if problem is None:
+            cells.append(raw)
+        elif rejected is not None:
+            rejected[path.name] = problem
     return cells
+
+
+def cell_problem(raw, file_id: str, grid: str) -> str | None:
+    """Why a cell record must not be reported (None: it is valid): wrong version, an id that is
+    not its file's name (a copy), another grid's cell, missing fields, or numbers that its own
+    per-episode counts do not give (an edited file)."""
+    if not isinstance(raw, dict):
+        return f"not a cell record (a JSON {type(raw).__name__}, not an object)"
+    if raw.get("version") != RESULT_VERSION:
+        return f"result version {raw.get('version')!r}, expected {RESULT_VERSION}"
+    if raw.get("cell_id") != file_id:
+        return f"its cell_id {raw.get('cell_id')!r} is not its file name (a copy?)"
+    if raw.get("grid") != grid:
+        return f"a cell of grid {raw.get('grid')!r}, not of {grid!r}"
+    try:
+        config = raw["config"]
+        for key in ("row", "method", "dataset", "fold", "way", "shot", "protocol"):
+            config[key]
+        if not raw["seeds"]:
+            return "no seed results"
+        for seed in raw["seeds"]:
+            counts = EpisodeCounts.from_json(seed["counts"])
+            for metric, value in (("miou", counts.miou()), ("fb_iou", counts.fb_iou())):
+                if not np.isclose(seed[metric], value, rtol=0, atol=1e-9):
+                    return (
+                        f"seed {seed['seed']}: {metric} {seed[metric]} is not what its "
+                        f"per-episode counts give ({value:.6f}); edited?"
+                    )
+        mean = float(np.mean([s["miou"] for s in raw["seeds"]]))
+        if not np.isclose(raw["summary"]["miou_mean"], mean, rtol=0, atol=1e-9):
+            return "its summary mIoU is not the mean of its seeds; edited?"
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        return f"incomplete record ({type(error).__name__}: {error})"
+    return None
 
 
 def current_cells(cells: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -590,10 +637,18 @@ def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
     if not kept:
         return None
     plt = _style()
+    from fsbench.datasets.synthetic import existing_only
+
     config = result["config"]
-    dataset = DATASETS.get(config["dataset"]["name"])(
-        protocol=config["protocol"], **{k: v for k, v in config["dataset"].items() if k != "name"}
-    )
+    try:
+        with existing_only():  # a report reads results: it never generates a dataset
+            dataset = DATASETS.get(config["dataset"]["name"])(
+                protocol=config["protocol"],
+                **{k: v for k, v in config["dataset"].items() if k != "name"},
+            )
+    except FsbenchError as error:
+        print(f"fsbench: report: qualitative figure skipped ({error})", file=sys.stderr)
+        return None
     seed = next(s for s in result["seeds"] if s["seed"] == kept[0]["seed"])
     manifest = json.loads(
         (Path(store.manifests_dir) / f"{seed['manifest_fingerprint'][:16]}.json").read_text()
@@ -629,10 +684,30 @@ def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
 
 
 # -- the report command ----------------------------------------------------------------------
+def missing_cells(grid_dir: Path, present: set[str]) -> list[str]:
+    """Titles (and ids) of the cells of the grid's last run (its plan.json) lacking a result."""
+    try:
+        plan = json.loads((Path(grid_dir) / "plan.json").read_text())
+        return [f"{c['title']} ({c['id']})" for c in plan["cells"] if c["id"] not in present]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no plan written (older results): nothing to compare with
+
+
 def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     """Write tables, statistics and figures under `<grid_dir>/report/`; returns their paths."""
     grid_dir = Path(grid_dir)
-    cells, superseded = current_cells(load_cells(grid_dir))
+    rejected: dict[str, str] = {}
+    cells, superseded = current_cells(load_cells(grid_dir, rejected))
+    for name, problem in rejected.items():
+        print(f"fsbench: report: left out cells/{name}: {problem}", file=sys.stderr)
+    missing = missing_cells(grid_dir, {c["cell_id"] for c in cells})
+    if missing:
+        print(
+            f"fsbench: report: {len(missing)} cells of the grid have no valid result: "
+            + ", ".join(missing[:10])
+            + (" …" if len(missing) > 10 else ""),
+            file=sys.stderr,
+        )
     if not cells:
         raise FsbenchError(f"{grid_dir}: no finished cells to report (run the grid first)")
     out = grid_dir / "report"
@@ -644,7 +719,11 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
             f" {len(superseded)} older cells with the same rows and settings were left out "
             f"(superseded: {', '.join(sorted(c['cell_id'] for c in superseded))})."
         )
-    written: dict[str, list[Path]] = {"tables": [], "figures": []}
+    written: dict[str, list] = {"tables": [], "figures": []}
+    if rejected:
+        written["rejected"] = [f"cells/{n}: {p}" for n, p in rejected.items()]
+    if missing:
+        written["missing"] = missing
     for metric, label in (("miou", "miou"), ("fb_iou", "fb_iou")):
         table = paper_table(frame, metric)
         text_note = note if metric == "miou" else note.replace("mIoU %", "FB-IoU %")

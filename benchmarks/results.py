@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fsbench.benchmarks.metrics import EpisodeCounts
+from fsbench.datasets.registry import FsbenchError
 
 RESULT_VERSION = 1
 
@@ -26,13 +27,19 @@ def default_results_root() -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: a temp file beside it, fsync, rename. A failed write (a
+    full disk, a read-only folder) leaves neither a torn file nor the temp file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @lru_cache(maxsize=1)
@@ -63,6 +70,23 @@ def environment() -> dict:
         "platform": platform.platform(),
         "versions": versions,
     }
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=256)
+def _cached_sha256(path: Path, mtime_ns: int) -> str:
+    """A checkpoint's digest, computed once per file version and process (a model's cells share
+    one checkpoint)."""
+    return file_sha256(path)
 
 
 def finite_or_none(value):
@@ -131,7 +155,27 @@ class ResultStore:
         return self.cells_dir / f"{cell_id}.json"
 
     def finished_ids(self) -> set[str]:
-        return {r["cell_id"] for r in self.load_cells()}
+        """Cells whose file is valid and whose checkpoint (if they have one) is intact: a
+        deleted, truncated or corrupted checkpoint makes its cells run again."""
+        return {
+            r["cell_id"] for r in self.load_cells() if self.checkpoint_problem(r, True) is None
+        }
+
+    def checkpoint_problem(self, result: dict, full: bool = False) -> str | None:
+        """Why the cell's checkpoint is unusable (None if it is fine or the cell has none);
+        `full` also compares its sha256 with the one recorded at training."""
+        if not result.get("checkpoint"):
+            return None
+        path = self.grid_dir / result["checkpoint"]
+        if not path.is_file():
+            return f"checkpoint {path} is missing"
+        size = result.get("checkpoint_bytes")
+        if size is not None and path.stat().st_size != size:
+            return f"checkpoint {path} has {path.stat().st_size} bytes, not the {size} written"
+        digest = result.get("checkpoint_sha256")
+        if full and digest and _cached_sha256(path, path.stat().st_mtime_ns) != digest:
+            return f"checkpoint {path} is corrupt (its sha256 differs from the one written)"
+        return None
 
     def load_cells(self) -> list[dict]:
         """Every readable cell file (a torn or foreign file is skipped, never fatal)."""
@@ -141,13 +185,24 @@ class ResultStore:
                 raw = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if raw.get("version") == RESULT_VERSION and raw.get("cell_id") == path.stem:
+            if (
+                isinstance(raw, dict)
+                and raw.get("version") == RESULT_VERSION
+                and raw.get("cell_id") == path.stem
+            ):
                 cells.append(raw)
         return cells
 
     def write_cell(self, result: dict) -> Path:
         path = self.cell_path(result["cell_id"])
         atomic_write_bytes(path, json.dumps(result, indent=1, sort_keys=True).encode())
+        return path
+
+    def write_plan(self, cells) -> Path:
+        """The cells the grid's latest run planned (the report names those lacking a result)."""
+        path = self.grid_dir / "plan.json"
+        plan = {"cells": [{"id": c.id, "title": c.title} for c in cells]}
+        atomic_write_bytes(path, json.dumps(plan, indent=1).encode())
         return path
 
     def resume_path(self, key: str) -> Path:
@@ -164,10 +219,66 @@ class ResultStore:
         return path
 
     def save_manifest(self, manifest) -> Path:
+        """Write the manifest unless an intact copy is there (a corrupt one is rewritten)."""
+        from fsbench.datasets.episodes import EpisodeManifest
+
         path = self.manifests_dir / f"{manifest.fingerprint[:16]}.json"
-        if not path.exists():
-            manifest.save(path)
+        if path.exists():
+            try:
+                if EpisodeManifest.load(path).fingerprint == manifest.fingerprint:
+                    return path
+            except FsbenchError:
+                pass
+        manifest.save(path)
         return path
+
+
+class GridLock:
+    """One writer per results folder and grid: an exclusive `flock` on `<grid>/.lock`, which
+    names its holder. The kernel drops it when the holder exits, however it exits (no stale
+    locks after SIGKILL). A second writer gets one line naming the holder (exit 2)."""
+
+    def __init__(self, store: ResultStore, what: str):
+        self.path = store.grid_dir / ".lock"
+        self.store, self.what, self._fd = store, what, None
+
+    def __enter__(self):
+        import fcntl
+        import socket
+
+        try:
+            self.store.grid_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise FsbenchError(
+                f"{self.store.grid_dir}: cannot write results there ({error.strerror}); fix the "
+                "folder's permissions or choose another with --results"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise FsbenchError(
+                f"grid {self.store.grid_dir.name!r} in {self.store.root} is in use by "
+                f"{holder or 'another fsbench process'}; wait for it to finish (or stop it), "
+                "then run this again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(
+            fd,
+            f"`{self.what}` (pid {os.getpid()} on {socket.gethostname()}, since "
+            f"{now_iso()})".encode(),
+            0,
+        )
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None
 
 
 def now_iso() -> str:

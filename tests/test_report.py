@@ -9,13 +9,24 @@ import yaml
 
 from fsbench.benchmarks.report import build_report, results_table
 
-# (row, fold, shot) -> mIoU per seed (fractions), FB-IoU = mIoU + 0.3
+# (row, fold, shot) -> mIoU per seed (fractions); FB-IoU = (1 + mIoU) / 2 (background IoU 1)
 RESULTS = {
     ("panet", 0, 1): [0.40, 0.42],
     ("panet", 1, 1): [0.30, 0.34],
     ("panet_nopar", 0, 1): [0.41, 0.45],
     ("panet_nopar", 1, 1): [0.20, 0.20],
 }
+
+
+def _counts(miou):
+    """One episode whose counts give exactly this IoU for the fold's first class."""
+    tp = int(round(miou * 100))
+    return {
+        "classes": [1],
+        "per_class": [[[tp, 100 - tp, 0]]],
+        "background": [[50, 0, 0]],
+        "foreground": [[tp, 100 - tp, 0]],
+    }
 
 
 def write_cells(folder, results, dataset="synthetic_pascal5i"):
@@ -31,7 +42,7 @@ def write_cells(folder, results, dataset="synthetic_pascal5i"):
                 {
                     "seed": seed,
                     "miou": miou,
-                    "fb_iou": miou + 0.3,
+                    "fb_iou": (1 + miou) / 2,
                     "episodes": 1,
                     "manifest_fingerprint": f"{fold}{shot}{seed}" * 8,
                     "class_iou": {"1": miou},
@@ -218,7 +229,8 @@ def test_superseded_cells_are_left_out_not_mixed(tmp_path):
         old,
         cell_id="panetnew-0-1",
         finished_at="2026-12-01T00:00:00+00:00",
-        seeds=[dict(s, miou=0.9) for s in old["seeds"]],
+        seeds=[dict(s, miou=0.9, fb_iou=0.95, counts=_counts(0.9)) for s in old["seeds"]],
+        summary=dict(old["summary"], miou_mean=0.9),
     )
     (grid / "cells" / "panetnew-0-1.json").write_text(json.dumps(newer))
     build_report(grid, n_boot=50)
