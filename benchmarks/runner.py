@@ -10,11 +10,19 @@ import os
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 
 from fsbench.benchmarks.evaluate import distinct_images
 from fsbench.benchmarks.grid import Cell, GridSpec
 from fsbench.benchmarks.planning import Job, Plan, plan_grid
-from fsbench.benchmarks.results import ResultStore, environment, now_iso, seed_result, summarise
+from fsbench.benchmarks.results import (
+    ResultStore,
+    environment,
+    file_sha256,
+    now_iso,
+    seed_result,
+    summarise,
+)
 from fsbench.benchmarks.tasks import available_cores, eval_task, train_task
 from fsbench.datasets.protocols import get_protocol
 from fsbench.datasets.registry import FsbenchError
@@ -49,7 +57,11 @@ class Driver:
     def on_train(self, job: Job, info: dict, state_dict) -> None:
         path = self.store.save_checkpoint(job.key, state_dict)
         self.store.resume_path(job.key).unlink(missing_ok=True)  # the final weights are saved
-        self.checkpoints[job.key] = os.path.relpath(path, self.store.grid_dir)
+        self.checkpoints[job.key] = {
+            "checkpoint": os.path.relpath(path, self.store.grid_dir),
+            "checkpoint_bytes": path.stat().st_size,
+            "checkpoint_sha256": file_sha256(path),
+        }
         self.train_info[job.key] = {k: v for k, v in info.items() if k != "state_dict"}
         self._finish_complete(job)
 
@@ -93,7 +105,8 @@ class Driver:
             "summary": summarise(seeds),
             "seeds": seeds,
             "train": train,
-            "checkpoint": self.checkpoints.get(job.key),
+            "checkpoint": None,
+            **self.checkpoints.get(job.key, {}),
             "model_key": job.key,
             "qualitative": [
                 {
@@ -178,8 +191,8 @@ class SerialExecutor:
                         self.batch_size,
                     ):
                         driver.on_eval(job, output)
-                except FsbenchError:
-                    raise
+                except FsbenchError as error:  # e.g. a corrupt image: this job's cells only
+                    driver.on_failure(job, str(error))
                 except Exception as error:  # one broken job must not lose the others' results
                     driver.on_failure(job, f"{type(error).__name__}: {error}")
         finally:
@@ -226,6 +239,7 @@ class RayExecutor:
         )
         self.cache_bytes, self.batch_size = cache_bytes, batch_size
         self._started_here = False
+        self._watchdog = None
 
     def start(self):
         try:
@@ -247,7 +261,13 @@ class RayExecutor:
                 if address:
                     ray.init(address=address, **kwargs)
                 else:
-                    ray.init(num_cpus=self.num_cpus, **kwargs)
+                    with _loopback_only(ray):
+                        ray.init(
+                            num_cpus=self.num_cpus,
+                            _system_config={"enable_metrics_collection": False},
+                            **kwargs,
+                        )
+                    self._watchdog = _RayWatchdog(ray)
             except Exception as error:
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"
                 raise FsbenchError(f"could not start or join {where}: {error}") from None
@@ -311,6 +331,115 @@ class RayExecutor:
     def stop(self):
         if self._started_here and self.ray.is_initialized():
             self.ray.shutdown()
+        if self._watchdog is not None:
+            self._watchdog.close()  # kills what a shutdown left behind
+            self._watchdog = None
+
+
+@contextmanager
+def _loopback_only(ray):
+    """A local Ray instance on 127.0.0.1 only: Ray binds its servers to the node address, and
+    takes the loopback one when it is told it is not part of a cluster (its macOS/Windows
+    default); otherwise GCS, raylet and workers listen on every interface."""
+    import ray._private.ray_constants as constants
+
+    variable = constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved = os.environ.get(variable), constants.ENABLE_RAY_CLUSTER
+    os.environ[variable] = "0"  # for the processes Ray starts
+    constants.ENABLE_RAY_CLUSTER = False  # for this one (already imported)
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = saved[1]
+        if saved[0] is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = saved[0]
+
+
+# Run by a separate process: reads "pid start-time" lines until its stdin closes (the driver
+# exited, however it exited), waits a grace period for Ray's own shutdown (none after a "now"
+# line: the driver shut Ray down already), then SIGKILLs the listed processes still alive
+# (the start time guards against a reused pid).
+_WATCHDOG = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+lines = [line.split() for line in sys.stdin]
+if not lines or lines[-1] != ["now"]:
+    time.sleep(float(sys.argv[1]))
+for pid, start in (line for line in lines if len(line) == 2):
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            if handle.read().rsplit(")", 1)[1].split()[19] == start:
+                os.kill(int(pid), signal.SIGKILL)
+    except (OSError, IndexError, ValueError):
+        pass
+"""
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(pids: set[int]) -> set[int]:
+    """`pids` and every process below them (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(parents.get(pid, ()))
+    return found
+
+
+class _RayWatchdog:
+    """Makes a local Ray instance die with its driver. Ray's agents (DashboardAgent,
+    RuntimeEnvAgent) outlive a SIGKILL-ed driver, still listening and ignoring SIGTERM; a small
+    process in its own session watches the driver through a pipe and kills them."""
+
+    GRACE_SECONDS = 3.0
+
+    def __init__(self, ray):
+        import subprocess
+
+        self.process = None
+        if not os.path.isdir("/proc"):  # not Linux: nothing to watch with
+            return
+        node = ray._private.worker._global_node
+        roots = {p.process.pid for procs in node.all_processes.values() for p in procs}
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(self.GRACE_SECONDS)],
+            stdin=subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C in the terminal must not reach it
+        )
+        time.sleep(0.5)  # the raylet starts its agents right after it is up
+        lines = []
+        for pid in sorted(_descendants(roots) - {os.getpid()}):
+            start = _start_time(pid)
+            if start is not None:
+                lines.append(f"{pid} {start}\n")
+        self.process.stdin.write("".join(lines).encode())
+        self.process.stdin.flush()
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.stdin.write(b"now\n")
+            self.process.stdin.close()
+            self.process.wait()
+            self.process = None
 
 
 def _short_error(error: Exception) -> str:
@@ -324,14 +453,17 @@ def run_grid(
 ) -> Driver:
     """Plan, execute and record a grid; returns the driver (written and failed cells)."""
     plan = plan_grid(grid, store, rerun)
+    store.write_plan(plan.cells)
     driver = Driver(grid, store, plan, tracker, progress)
     if tracker is not None:
-        tracker.start_invocation(grid, plan)
+        tracker.start_invocation(grid, plan, store)
+    status = "KILLED"  # unless the executor returns: Ctrl-C, a lost cluster, a bug
     try:
         if plan.jobs:
             executor.run(plan.jobs, driver)
+        status = "FAILED" if driver.failed else "FINISHED"
     finally:
         driver.close()
         if tracker is not None:
-            tracker.finish_invocation(failed=bool(driver.failed))
+            tracker.finish_invocation(status)
     return driver

@@ -15,6 +15,20 @@ from fsbench.datasets.registry import FsbenchError
 
 CELL_TAG = "fsbench.cell_id"
 KIND_TAG = "fsbench.kind"
+# The cell file's `finished_at` a run was logged from: a rerun's newer file replaces the run.
+FINISHED_TAG = "fsbench.finished_at"
+RESULTS_TAG = "fsbench.results"  # the results folder an invocation wrote
+
+
+def redacted(uri: str) -> str:
+    """`uri` with any password replaced by ***, for messages (user:PASS@host → user:***@host)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def default_tracking_uri(results_root: Path) -> str:
@@ -39,9 +53,10 @@ def episode_rows(result: dict, manifests_dir: Path) -> list[dict]:
     for seed in result["seeds"]:
         counts = seed["counts"]
         manifest_file = manifests_dir / f"{seed['manifest_fingerprint'][:16]}.json"
-        episodes = (
-            json.loads(manifest_file.read_text())["episodes"] if manifest_file.exists() else []
-        )
+        try:
+            episodes = json.loads(manifest_file.read_text())["episodes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            episodes = []  # missing or damaged (the next `run` rewrites it): rows without ids
         for index, per_class in enumerate(counts["per_class"]):
             spec = episodes[index] if index < len(episodes) else {}
             for class_id, (tp, fp, fn) in zip(counts["classes"], per_class):
@@ -77,18 +92,23 @@ class Tracker:
             ) from None
         self.uri = uri
         self.results_root = Path(results_root).resolve()
-        self.client = MlflowClient(tracking_uri=uri)
         self.experiment_name = experiment
         self.experiment_id = None
         self.parent_run_id = None
         self.available = True
         self.pending = 0
+        self.client = None
+        try:  # a sqlite store is opened (and its schema checked) right here
+            self.client = MlflowClient(tracking_uri=uri)
+        except Exception as error:  # noqa: BLE001 - a damaged store means "log later"
+            self._warn(error)
 
     def _warn(self, error: Exception) -> None:
         if self.available:
             print(
-                f"fsbench: MLflow at {self.uri} unreachable ({type(error).__name__}); results "
-                "still go to results/; run `run_benchmark.py sync` later",
+                f"fsbench: MLflow at {redacted(self.uri)} unreachable "
+                f"({type(error).__name__}); results still go to results/; run "
+                "`run_benchmark.py sync` later",
                 file=sys.stderr,
             )
         self.available = False
@@ -102,49 +122,87 @@ class Tracker:
             location = (self.results_root / "mlartifacts" / name).as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
-    def start_invocation(self, grid, plan) -> None:
+    def start_invocation(self, grid, plan, store=None) -> None:
+        """Open the experiment, repair what earlier invocations left (runs of killed drivers,
+        cells whose file is newer than their run or that were never logged) and, if there is
+        anything to do, create this invocation's parent run."""
         self.experiment_name = self.experiment_name or grid.name
+        self._counts = {"cells_total": len(plan.cells), "cells_todo": len(plan.todo)}
+        if not self.available:
+            return
         try:
             self.experiment_id = self._experiment(self.experiment_name)
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"{grid.name} invocation",
-                tags={KIND_TAG: "invocation"},
-            )
-            self.parent_run_id = run.info.run_id
-            self.client.log_batch(
-                self.parent_run_id,
-                params=[
-                    _param("cells_total", len(plan.cells)),
-                    _param("cells_todo", len(plan.todo)),
-                ],
-            )
+            self._close_leftovers()
+            if plan.todo:
+                self._parent()
+            if store is not None:  # cells finished earlier but missing or stale in MLflow
+                todo = {c.id for c in plan.todo}
+                for cell in self._unlogged(store):
+                    if cell["cell_id"] not in todo:
+                        self.log_cell(cell, store)
         except Exception as error:  # noqa: BLE001 - any failure means "log later"
             self._warn(error)
 
-    def finish_invocation(self, failed: bool = False) -> None:
+    def _parent(self) -> str:
+        """This invocation's parent run, created on first need (a no-op rerun leaves none)."""
+        if self.parent_run_id is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{self.experiment_name} invocation",
+                tags={KIND_TAG: "invocation", RESULTS_TAG: str(self.results_root)},
+            )
+            self.parent_run_id = run.info.run_id
+            counts = getattr(self, "_counts", {})
+            if counts:
+                self.client.log_batch(
+                    self.parent_run_id, params=[_param(k, v) for k, v in counts.items()]
+                )
+        return self.parent_run_id
+
+    def _close_leftovers(self) -> None:
+        """Runs a killed driver left RUNNING. The caller holds the grid's lock, so no live
+        fsbench process writes this results folder's runs: an invocation still RUNNING is
+        marked KILLED, a cell run FAILED (the cell is logged again from its file, if any)."""
+        for run in self._search("attributes.status = 'RUNNING'"):
+            tags = run.data.tags
+            if tags.get(KIND_TAG) == "invocation" and tags.get(RESULTS_TAG, "") in (
+                "",
+                str(self.results_root),
+            ):
+                self.client.set_terminated(run.info.run_id, "KILLED")
+            elif tags.get(KIND_TAG) == "cell":
+                self.client.set_terminated(run.info.run_id, "FAILED")
+
+    def _search(self, query: str) -> list:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], query, max_results=1000, page_token=token
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def _unlogged(self, store) -> list[dict]:
+        """Cells of `store` without a FINISHED run logged from this very file."""
+        logged = self.logged_cells()
+        return [c for c in store.load_cells() if logged.get(c["cell_id"]) != c.get("finished_at")]
+
+    def finish_invocation(self, status: str = "FINISHED") -> None:
         if self.available and self.parent_run_id:
             try:
-                self.client.set_terminated(self.parent_run_id, "FAILED" if failed else "FINISHED")
+                self.client.set_terminated(self.parent_run_id, status)
             except Exception as error:  # noqa: BLE001
                 self._warn(error)
 
     def logged_cells(self) -> dict[str, str]:
-        """cell id → run id of every FINISHED child run of this experiment."""
-        found, token = {}, None
-        while True:
-            page = self.client.search_runs(
-                [self.experiment_id],
-                f"tags.{KIND_TAG} = 'cell'",
-                max_results=1000,
-                page_token=token,
-            )
-            for run in page:
-                if run.info.status == "FINISHED":
-                    found[run.data.tags[CELL_TAG]] = run.info.run_id
-            token = page.token
-            if not token:
-                return found
+        """cell id → the `finished_at` of the cell file its FINISHED run was logged from."""
+        return {
+            run.data.tags[CELL_TAG]: run.data.tags.get(FINISHED_TAG, "")
+            for run in self._search(f"tags.{KIND_TAG} = 'cell'")
+            if run.info.status == "FINISHED"
+        }
 
     def log_cell(self, result: dict, store) -> bool:
         """Create the cell's child run (replacing an unfinished one); False if MLflow is down."""
@@ -167,9 +225,15 @@ class Tracker:
         previous = client.search_runs(
             [self.experiment_id], f"tags.{CELL_TAG} = '{cell_id}'", max_results=100
         )
-        if any(r.info.status == "FINISHED" for r in previous):
-            return  # already logged (e.g. by an earlier sync): never twice
-        for stale in previous:  # a driver killed mid-log left it unfinished: it must not count
+        finished_at = result.get("finished_at", "")
+        if any(
+            r.info.status == "FINISHED" and r.data.tags.get(FINISHED_TAG, "") == finished_at
+            for r in previous
+        ):
+            return  # this very file is logged (e.g. by an earlier sync): never twice
+        # Unfinished runs (a driver killed mid-log) and runs of an older file of this cell (before
+        # a --rerun) must not count: they go to MLflow's deleted runs, and the file is logged anew.
+        for stale in previous:
             client.delete_run(stale.info.run_id)
         config = result["config"]
         tags = {
@@ -187,9 +251,9 @@ class Tracker:
             "manifest_fingerprints": ",".join(
                 s["manifest_fingerprint"][:16] for s in result["seeds"]
             ),
+            FINISHED_TAG: finished_at,
         }
-        if self.parent_run_id:
-            tags["mlflow.parentRunId"] = self.parent_run_id
+        tags["mlflow.parentRunId"] = self._parent()
         run = client.create_run(self.experiment_id, run_name=result["title"], tags=tags)
         run_id = run.info.run_id
         params = [_param(k, v) for k, v in sorted(flatten("", config, {}).items())]
@@ -242,24 +306,20 @@ class Tracker:
         client.set_terminated(run_id, "FINISHED")
 
     def sync(self, store) -> tuple[int, int]:
-        """Push every finished cell of `store` lacking a finished child run; (pushed, total)."""
+        """Repair leftovers and push every cell of `store` without a FINISHED run logged from
+        its current file; (pushed, total)."""
         cells = store.load_cells()
         if not cells:
             return 0, 0
+        if self.client is None:
+            raise ConnectionError(f"cannot open the tracking store {redacted(self.uri)}")
         self.experiment_name = self.experiment_name or cells[0]["grid"]
         self.experiment_id = self._experiment(self.experiment_name)
-        logged = self.logged_cells()
-        missing = [c for c in cells if c["cell_id"] not in logged]
-        if missing:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"{self.experiment_name} sync",
-                tags={KIND_TAG: "invocation"},
-            )
-            self.parent_run_id = run.info.run_id
+        self._close_leftovers()
+        missing = self._unlogged(store)
         pushed = sum(self.log_cell(c, store) for c in missing)
-        if missing:
-            self.finish_invocation(failed=pushed < len(missing))
+        if self.parent_run_id:
+            self.finish_invocation("FINISHED" if pushed == len(missing) else "FAILED")
         return pushed, len(cells)
 
 

@@ -3,6 +3,7 @@ a real `mlflow server`, and killed processes. Every server is started and stoppe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -54,6 +55,20 @@ def wait_for(predicate, timeout, what):
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def session_members(sessions: set[int]) -> list[int]:
+    """PIDs of the live processes in these sessions (each started with start_new_session)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[3]) in sessions:
+                found.append(int(entry))
+    return found
 
 
 def _kill_group(process):
@@ -115,10 +130,14 @@ def ray_cluster():
         )
         yield {"address": f"127.0.0.1:{port}", "env": env}
     finally:
+        # Ray's daemons outlive `ray start --block` on SIGTERM, and some leave its process group:
+        # note every process of the sessions we started, stop them, then kill those left, by PID.
+        ours = session_members({process.pid for process in started})
         for process in reversed(started):
             _kill_group(process)
-        # Ray's daemons outlive `ray start --block` on SIGTERM: end everything under our temp dir.
-        subprocess.run(["pkill", "-9", "-f", temp], check=False)
+        for pid in ours:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
 
 
