@@ -29,8 +29,15 @@ def _at_least(low: int):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with fsbench's error format: one line naming the problem, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"fsbench: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fsbench",
         description="Few-shot segmentation benchmark harness. With no command, "
         "runs the embedded quickstart benchmark (synthetic PASCAL-format data, CPU, minutes).",
