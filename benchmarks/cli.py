@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,17 @@ from pathlib import Path
 from fsbench.datasets.registry import FsbenchError
 
 DEFAULT_GRID = "quickstart.yaml"
+RESULTS_HELP = "results root (default ./results or $FSBENCH_RESULTS)"
+TRACKING_HELP = "MLflow tracking URI (default sqlite:///<results>/mlflow.db)"
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("fsbench")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _at_least(low: int):
@@ -42,6 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Few-shot segmentation benchmark harness. With no command, "
         "runs the embedded quickstart benchmark (synthetic PASCAL-format data, CPU, minutes).",
     )
+    parser.add_argument("--version", action="version", version=f"fsbench {_version()}")
     commands = parser.add_subparsers(dest="command")
 
     run = commands.add_parser("run", help="run a grid file (bundled name or path)")
@@ -51,48 +64,63 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(run)
 
+    config = commands.add_parser(
+        "config",
+        help="print a grid as resolved (includes, smoke, overrides, defaults) and its cells",
+    )
+    config.add_argument("grid", help="grid YAML (e.g. quickstart.yaml or a path)")
+    config.add_argument("overrides", nargs="*", help="key=value overrides, as for run")
+    config.add_argument("--smoke", action="store_true", help="apply the grid's `smoke:` section")
+
     manifest = commands.add_parser("manifest", help="write a fixed episode manifest as JSON")
-    manifest.add_argument("--dataset", default="pascal5i")
+    manifest.add_argument("--dataset", default="pascal5i", help="dataset name (see `list`)")
     manifest.add_argument("--data-root", help="dataset folder (containing VOCdevkit/)")
-    manifest.add_argument("--fold", type=int, required=True)
-    manifest.add_argument("--way", type=_at_least(1), default=1)
-    manifest.add_argument("--shot", type=_at_least(1), default=1)
+    manifest.add_argument("--fold", type=_at_least(0), required=True, help="test fold, 0…3")
+    manifest.add_argument("--way", type=_at_least(1), default=1, help="classes per episode")
+    manifest.add_argument("--shot", type=_at_least(1), default=1, help="supports per class")
     manifest.add_argument("--episodes", type=_at_least(1), help="default: the protocol's")
     manifest.add_argument("--seed", type=int, help="default: the protocol's first seed")
-    manifest.add_argument("--protocol", default="panet")
+    manifest.add_argument("--protocol", default="panet", help="evaluation protocol (see `list`)")
     manifest.add_argument("--output", required=True, help="JSON file to write")
 
     listing = commands.add_parser("list", help="list methods, datasets, protocols, fold classes")
     listing.add_argument("--dataset", help="print this dataset's classes per fold")
-    listing.add_argument("--data-root")
+    listing.add_argument("--data-root", help="dataset folder (for datasets read from disk)")
     listing.add_argument(
         "--split-style",
         choices=("consecutive", "interleaved"),
         help="COCO-20i fold convention (default: the protocol's)",
     )
-    listing.add_argument("--protocol", default="panet")
+    listing.add_argument("--protocol", default="panet", help="protocol whose defaults apply")
 
     report = commands.add_parser("report", help="tables and figures of a grid's results")
     report.add_argument("grid", nargs="?", default="quickstart", help="grid name or results folder")
-    report.add_argument("--results", help="results root (default ./results or $FSBENCH_RESULTS)")
+    report.add_argument("--results", help=RESULTS_HELP)
 
     qualitative = commands.add_parser(
         "qualitative", help="figure of episodes re-predicted from a cell's saved checkpoint"
     )
     qualitative.add_argument("grid", help="grid name or results folder")
     qualitative.add_argument("--cell", help="cell id (prefix); default: the best trained cell")
-    qualitative.add_argument("--episodes", type=int, nargs="+", default=[0, 1, 2, 3])
-    qualitative.add_argument("--results")
+    qualitative.add_argument(
+        "--episodes", type=int, nargs="+", default=[0, 1, 2, 3], help="episode indices to show"
+    )
+    qualitative.add_argument("--results", help=RESULTS_HELP)
 
-    ui = commands.add_parser("ui", help="serve the MLflow UI for the results store on 127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
-    ui.add_argument("--results")
-    ui.add_argument("--tracking-uri")
+    ui = commands.add_parser("ui", help="serve the MLflow UI for the results store")
+    ui.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to serve on (default 127.0.0.1: this machine)",
+    )
+    ui.add_argument("--port", type=_at_least(1), default=5000, help="port (default 5000)")
+    ui.add_argument("--results", help=RESULTS_HELP)
+    ui.add_argument("--tracking-uri", help=TRACKING_HELP)
 
     sync = commands.add_parser("sync", help="push finished cells missing from MLflow")
     sync.add_argument("grid", nargs="?", default=None, help="grid name (default: every grid)")
-    sync.add_argument("--results")
-    sync.add_argument("--tracking-uri")
+    sync.add_argument("--results", help=RESULTS_HELP)
+    sync.add_argument("--tracking-uri", help=TRACKING_HELP)
     return parser
 
 
@@ -116,28 +144,44 @@ def _add_run_options(parser):
         default="model",
         help="Ray: one evaluation task per model (each image encoded once; default) or per seed",
     )
-    parser.add_argument("--eval-gpu-fraction", type=float, default=0.5)
+    parser.add_argument(
+        "--eval-gpu-fraction",
+        type=float,
+        default=0.5,
+        help="Ray: the GPU share of an evaluation task (default 0.5: two per GPU)",
+    )
     parser.add_argument(
         "--threads",
         type=_at_least(1),
         help="torch threads per task (default: every available core with --serial, 1 per Ray task)",
     )
-    parser.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///<results>/mlflow.db)")
-    parser.add_argument("--no-tracking", action="store_true")
-    parser.add_argument("--results", help="results root (default ./results or $FSBENCH_RESULTS)")
+    parser.add_argument("--tracking-uri", help=TRACKING_HELP)
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--results", help=RESULTS_HELP)
     parser.add_argument("--data-root", help="dataset folder, replaces the grid's data_root")
-    parser.add_argument("--no-report", action="store_true")
+    parser.add_argument(
+        "--no-report", action="store_true", help="skip the tables and figures after the run"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = get_args_parser()
-    if not argv or argv[0].startswith("--") and argv[0] not in ("-h", "--help"):
+    if not argv or argv[0].startswith("--") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["run", DEFAULT_GRID, *argv]
-    args = parser.parse_args(argv)
+    # Overrides may come before, between or after options (`run g.yaml --dry-run shots=[1]`).
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "overrides", None) is not None:
+        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if not ("=" in a and not a.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command is None:
+        parser.error("no command given")
     try:
         return {
+            "config": cmd_config,
             "run": cmd_run,
             "manifest": cmd_manifest,
             "list": cmd_list,
@@ -298,6 +342,25 @@ def _dry_run(grid, store, args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    """The grid as fsbench resolved it (YAML), then its cells."""
+    import dataclasses
+
+    import yaml
+
+    from fsbench.benchmarks.grid import load_grid
+
+    grid = load_grid(args.grid, args.overrides, smoke=args.smoke)
+    resolved = json.loads(json.dumps(dataclasses.asdict(grid), default=list))
+    print(yaml.safe_dump(resolved, sort_keys=False).rstrip())
+    cells = grid.expand()
+    print(f"# {len(cells)} cells")
+    for cell in cells:
+        kind = "train+eval" if cell.train else "eval"
+        print(f"#   {cell.id}  {cell.title:<40} {kind}")
+    return 0
+
+
 def cmd_manifest(args) -> int:
     from fsbench.datasets.episodes import EpisodeManifest
     from fsbench.datasets.protocols import get_protocol
@@ -351,13 +414,35 @@ def cmd_list(args) -> int:
         for fold, classes in enumerate(folds):
             print(f"fold {fold}: " + ", ".join(f"{c} {names[c - 1]}" for c in classes))
         return 0
-    print("methods:   " + ", ".join(m for m in METHODS.list() if not m.startswith("test_")))
-    print("datasets:  " + ", ".join(DATASETS.list()))
+    print("methods:")
+    for name in (m for m in METHODS.list() if not m.startswith("test_")):
+        print(f"  {name:<20} {_trains(METHODS, name):<9} {_summary(METHODS.get(name))}")
+    print("datasets:")
+    for name in DATASETS.list():
+        print(f"  {name:<20} {_summary(DATASETS.get(name))}")
     print("protocols: " + ", ".join(PROTOCOLS))
     from fsbench.benchmarks.grid import bundled_grids
 
     print("grids:     " + ", ".join(bundled_grids()))
     return 0
+
+
+def _summary(builder) -> str:
+    """The first line of a registered builder's docstring."""
+    return ((builder.__doc__ or "").strip().splitlines() or [""])[0]
+
+
+def _trains(registry, name: str) -> str:
+    """'trains' or 'no train', read from the method's tiny test variant (cheap to build) when
+    it has one."""
+    import torch
+
+    probe = f"test_{name}" if f"test_{name}" in registry else name
+    with torch.random.fork_rng():
+        try:
+            return "trains" if registry.get(probe)().trainable else "no train"
+        except Exception:  # noqa: BLE001 - e.g. a method that needs keywords
+            return "?"
 
 
 def cmd_report(args) -> int:
@@ -389,7 +474,7 @@ def cmd_ui(args) -> int:
     from fsbench.benchmarks.tracking import default_tracking_uri, redacted
 
     uri = args.tracking_uri or default_tracking_uri(_results_root(args))
-    print(f"MLflow UI for {redacted(uri)} on http://127.0.0.1:{args.port} (Ctrl-C stops it)")
+    print(f"MLflow UI for {redacted(uri)} on http://{args.host}:{args.port} (Ctrl-C stops it)")
     command = [
         sys.executable,
         "-m",
@@ -398,7 +483,7 @@ def cmd_ui(args) -> int:
         "--backend-store-uri",
         uri,
         "--host",
-        "127.0.0.1",
+        args.host,
         "--port",
         str(args.port),
     ]

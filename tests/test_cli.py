@@ -1,0 +1,62 @@
+"""Command-line conventions: options and overrides in any order, --version, help everywhere,
+`config` prints the resolved grid, `list` describes the methods."""
+
+import argparse
+
+import pytest
+import yaml
+
+from fsbench.benchmarks.cli import get_args_parser, main
+
+
+def test_overrides_and_options_in_any_order(capsys, tmp_path):
+    for argv in (
+        ["run", "quickstart.yaml", "--dry-run", "shots=[1]", "folds=[0]", "--serial"],
+        ["run", "quickstart.yaml", "shots=[1]", "--dry-run", "folds=[0]"],
+    ):
+        assert main([*argv, "--results", str(tmp_path)]) == 0
+        assert "5 cells, 0 done, 5 to run" in capsys.readouterr().out
+
+
+def test_unknown_option_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "quickstart.yaml", "--dry-run", "--bogus"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "unrecognized arguments: --bogus" in err[0]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("fsbench 0.")
+
+
+def test_every_option_has_help():
+    parser = get_args_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if not action.help
+    ]
+    assert not missing, missing
+    ui_help = commands.choices["ui"].format_help()
+    assert "--host" in ui_help and "--port" in ui_help
+
+
+def test_config_prints_the_resolved_grid(capsys):
+    assert main(["config", "quickstart.yaml", "shots=[1]", "train.lr=2e-3"]) == 0
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out)
+    assert resolved["shots"] == [1] and resolved["train"]["lr"] == 0.002
+    assert "# 20 cells" in out and "panet fold0 1w1s" in out
+
+
+def test_list_describes_methods(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    panet = next(line for line in out.splitlines() if line.strip().startswith("panet "))
+    assert "trains" in panet and "prototype alignment" in panet
+    notrain = next(line for line in out.splitlines() if "prototype_notrain" in line)
+    assert "no train" in notrain
