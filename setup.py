@@ -19,7 +19,8 @@ def computed_packages():
 
 
 setup(
-    packages=computed_packages(),
-    package_dir={f"fsbench.{root}": root for root in FOLDERS},
+    # `fsbench` itself is the small public API in fsbench/ (run, register_method, …).
+    packages=["fsbench", *computed_packages()],
+    package_dir={"fsbench": "fsbench", **{f"fsbench.{root}": root for root in FOLDERS}},
     package_data={"fsbench.benchmarks": ["configs/*.yaml", "reported.yaml"]},
 )

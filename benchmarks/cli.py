@@ -15,6 +15,7 @@ from fsbench.datasets.registry import FsbenchError
 DEFAULT_GRID = "quickstart.yaml"
 RESULTS_HELP = "results root (default ./results or $FSBENCH_RESULTS)"
 TRACKING_HELP = "MLflow tracking URI (default sqlite:///<results>/mlflow.db)"
+IMPORT_HELP = "module registering your methods/datasets (repeatable; joins the grid's imports:)"
 
 
 def _version() -> str:
@@ -71,6 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     config.add_argument("grid", help="grid YAML (e.g. quickstart.yaml or a path)")
     config.add_argument("overrides", nargs="*", help="key=value overrides, as for run")
     config.add_argument("--smoke", action="store_true", help="apply the grid's `smoke:` section")
+    config.add_argument("--import", dest="imports", action="append", help=IMPORT_HELP)
 
     manifest = commands.add_parser("manifest", help="write a fixed episode manifest as JSON")
     manifest.add_argument("--dataset", default="pascal5i", help="dataset name (see `list`)")
@@ -125,6 +127,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_options(parser):
+    parser.add_argument("--import", dest="imports", action="append", help=IMPORT_HELP)
     parser.add_argument("--dry-run", action="store_true", help="print cells, done state, resources")
     parser.add_argument(
         "--smoke",
@@ -223,49 +226,33 @@ def cmd_run(args) -> int:
     overrides = list(args.overrides)
     if args.data_root:
         overrides.append(f"dataset.data_root={Path(args.data_root).expanduser().resolve()}")
-    grid = load_grid(args.grid, overrides, smoke=args.smoke)
+    grid = load_grid(args.grid, overrides, smoke=args.smoke, imports=args.imports or ())
     root = _results_root(args)
     store = ResultStore(root, grid.name)
     if args.dry_run:
         return _dry_run(grid, store, args)
-    from fsbench.benchmarks.results import GridLock
-
-    # One run per results folder and grid: a second one would compute every cell again.
-    with GridLock(store, f"fsbench run {args.grid}"):
-        return _run_locked(grid, store, root, args)
-
-
-def _run_locked(grid, store, root, args) -> int:
-    from fsbench.benchmarks import runner
+    from fsbench.benchmarks.api import RunOptions, execute
     from fsbench.benchmarks.tracking import redacted
 
     started = time.perf_counter()
-    if args.serial:
-        executor = runner.SerialExecutor(
-            grid.device, args.threads, grid.cache_bytes, grid.eval_batch_size
-        )
-    else:
-        executor = runner.RayExecutor(
-            args.ray_address,
-            args.num_cpus,
-            grid.device,
-            args.threads,
-            args.max_retries,
-            args.eval_gpu_fraction,
-            args.eval_group,
-            grid.cache_bytes,
-            grid.eval_batch_size,
-        ).start()
-    tracker = None
-    if not args.no_tracking:
-        from fsbench.benchmarks.tracking import Tracker, default_tracking_uri
-
-        tracker = Tracker(args.tracking_uri or default_tracking_uri(root), root, grid.name)
-    try:
-        driver = runner.run_grid(grid, store, executor, tracker, args.rerun, not args.quiet)
-    finally:
-        if hasattr(executor, "stop"):
-            executor.stop()
+    # One run per results folder and grid (its lock): a second one would compute every cell again.
+    driver, tracker, store = execute(
+        grid,
+        root,
+        RunOptions(
+            serial=args.serial,
+            ray_address=args.ray_address,
+            num_cpus=args.num_cpus,
+            threads=args.threads,
+            max_retries=args.max_retries,
+            eval_gpu_fraction=args.eval_gpu_fraction,
+            eval_group=args.eval_group,
+            tracking=not args.no_tracking,
+            tracking_uri=args.tracking_uri,
+            rerun=args.rerun,
+            progress=not args.quiet,
+        ),
+    )
     wall = time.perf_counter() - started
     total = len(grid.expand())
     print(
@@ -350,7 +337,7 @@ def cmd_config(args) -> int:
 
     from fsbench.benchmarks.grid import load_grid
 
-    grid = load_grid(args.grid, args.overrides, smoke=args.smoke)
+    grid = load_grid(args.grid, args.overrides, smoke=args.smoke, imports=args.imports or ())
     resolved = json.loads(json.dumps(dataclasses.asdict(grid), default=list))
     print(yaml.safe_dump(resolved, sort_keys=False).rstrip())
     cells = grid.expand()

@@ -13,11 +13,12 @@ import yaml
 from fsbench.benchmarks.train import PRECISIONS, TrainConfig
 from fsbench.datasets.episodes import canonical_sha256
 from fsbench.datasets.protocols import PROTOCOLS, get_protocol
-from fsbench.datasets.registry import DATASETS, FsbenchError
+from fsbench.datasets.registry import DATASETS, FsbenchError, import_plugins
 
 GRID_KEYS = {
     "name",
     "include",
+    "imports",
     "dataset",
     "protocol",
     "input_size",
@@ -159,6 +160,8 @@ class GridSpec:
     eval_precision: str = "fp32"
     train_workers: int = 1  # DataLoader processes decoding episodes ahead of the step
     checkpoint_every: int = 1000  # training steps between resumable checkpoints (0: none)
+    imports: tuple[str, ...] = ()  # modules registering the grid's own methods and datasets
+    plugin_paths: tuple[str, ...] = ()  # where they are found besides sys.path (the grid's folder)
 
     def expand(self) -> list[Cell]:
         """Every cell of the grid, in a fixed order (method, fold, way, shot, annotation)."""
@@ -373,11 +376,25 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
     return tuple(specs)
 
 
-def parse_grid(raw: dict) -> GridSpec:
-    """Validate a grid dict into a GridSpec: unknown keys and impossible values are errors."""
+def _imports(raw) -> tuple[str, ...]:
+    imports = raw.get("imports") or []
+    imports = [imports] if isinstance(imports, str) else imports
+    if not isinstance(imports, list) or not all(isinstance(m, str) and m for m in imports):
+        raise FsbenchError(
+            f"imports: expected module names, e.g. [my_pkg.methods], got {imports!r}"
+        )
+    return tuple(dict.fromkeys(imports))
+
+
+def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
+    """Validate a grid dict into a GridSpec: unknown keys and impossible values are errors.
+    Its `imports:` are imported first (with `plugin_paths` on sys.path): they register the
+    methods and datasets the grid may name."""
     raw = dict(raw)
     raw.pop("include", None)
     raw.pop("smoke", None)
+    imports = _imports(raw)
+    import_plugins(imports, tuple(plugin_paths))
     unknown = set(raw) - GRID_KEYS
     if unknown:
         raise FsbenchError(
@@ -422,6 +439,8 @@ def parse_grid(raw: dict) -> GridSpec:
         checkpoint_every=_tuple_of_ints({"checkpoint_every": 1000, **raw}, "checkpoint_every", 0)[
             0
         ],
+        imports=imports,
+        plugin_paths=tuple(plugin_paths),
     )
     if spec.eval_precision not in PRECISIONS:
         raise FsbenchError(
@@ -432,12 +451,18 @@ def parse_grid(raw: dict) -> GridSpec:
     return spec
 
 
-def load_grid(path, overrides=(), smoke: bool = False) -> GridSpec:
-    """A grid file (+ its `smoke:` section when `smoke`) with `key=value` overrides on top."""
+def load_grid(path, overrides=(), smoke: bool = False, imports=()) -> GridSpec:
+    """A grid file (+ its `smoke:` section when `smoke`) with `key=value` overrides on top;
+    `imports` (the CLI's --import) join the grid's own. Modules are also found in the grid
+    file's folder."""
     raw = read_grid_file(Path(path))
+    if imports:
+        raw["imports"] = [*_imports(raw), *imports]
     if smoke:
         if not raw.get("smoke"):
             raise FsbenchError(f"{path}: has no `smoke:` section to run a smoke-sized version")
         raw = _merge(raw, raw["smoke"])
         raw["name"] = f"{raw['name']}_smoke"
-    return parse_grid(apply_overrides(raw, list(overrides)))
+    folders = [Path(path).resolve().parent] if Path(path).is_file() else []
+    paths = tuple(dict.fromkeys(str(f) for f in (*folders, Path.cwd())))
+    return parse_grid(apply_overrides(raw, list(overrides)), paths)

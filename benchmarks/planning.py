@@ -90,6 +90,8 @@ def plan_grid(
             # How to run, not what is computed (outside the cell's identity). Paths entering a
             # task are absolute; a retried or rerun training resumes from its checkpoint.
             execution = {
+                "imports": list(grid.imports),  # a worker imports them before building anything
+                "plugin_paths": list(grid.plugin_paths),
                 "train_workers": grid.train_workers,
                 "checkpoint_every": grid.checkpoint_every,
                 "resume_path": str(store.resume_path(key)),

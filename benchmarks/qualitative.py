@@ -13,11 +13,12 @@ from fsbench.benchmarks.results import ResultStore
 from fsbench.benchmarks.tasks import build_model, open_dataset
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
-from fsbench.datasets.registry import FsbenchError
+from fsbench.datasets.registry import FsbenchError, import_plugins
 
 
 def cell_model(result: dict, grid_dir: Path):
     """A finished cell's model in eval mode: its checkpoint, or its untrained initialisation."""
+    import_plugins(result.get("imports", ()), tuple(result.get("plugin_paths", ())))
     model = build_model(result["config"])
     if result.get("checkpoint"):
         grid_dir = Path(grid_dir)

@@ -157,9 +157,7 @@ class ResultStore:
     def finished_ids(self) -> set[str]:
         """Cells whose file is valid and whose checkpoint (if they have one) is intact: a
         deleted, truncated or corrupted checkpoint makes its cells run again."""
-        return {
-            r["cell_id"] for r in self.load_cells() if self.checkpoint_problem(r, True) is None
-        }
+        return {r["cell_id"] for r in self.load_cells() if self.checkpoint_problem(r, True) is None}
 
     def checkpoint_problem(self, result: dict, full: bool = False) -> str | None:
         """Why the cell's checkpoint is unusable (None if it is fine or the cell has none);

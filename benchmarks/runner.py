@@ -108,6 +108,9 @@ class Driver:
             "checkpoint": None,
             **self.checkpoints.get(job.key, {}),
             "model_key": job.key,
+            # modules that registered the grid's own methods/datasets (to rebuild the model)
+            "imports": list(self.grid.imports),
+            "plugin_paths": list(self.grid.plugin_paths),
             "qualitative": [
                 {
                     "seed": outputs[0]["seed"],

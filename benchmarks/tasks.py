@@ -24,7 +24,7 @@ from fsbench.benchmarks.evaluate import (
 from fsbench.benchmarks.train import TrainConfig, train
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
-from fsbench.datasets.registry import DATASETS
+from fsbench.datasets.registry import DATASETS, import_plugins
 
 
 def resolve_device(requested: str) -> str:
@@ -39,10 +39,17 @@ def open_dataset(dataset_cfg: dict, protocol: str = "panet"):
     return DATASETS.get(dataset_cfg["name"])(protocol=protocol, **kwargs)
 
 
+def load_plugins(config: dict) -> None:
+    """The grid's `imports:` (its own methods and datasets), in whatever process runs a task."""
+    execution = config.get("execution") or {}
+    import_plugins(execution.get("imports", ()), tuple(execution.get("plugin_paths", ())))
+
+
 def build_model(config: dict):
     """The cell's model, initialised from its seed (untrained methods: seed 0)."""
     from fsbench.methods import METHODS
 
+    load_plugins(config)
     torch.manual_seed((config.get("train") or {}).get("seed", 0))
     return METHODS.get(config["method"])(**config["method_kwargs"])
 

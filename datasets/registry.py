@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
+import sys
 from collections.abc import Callable
+
+# Installed packages register methods and datasets through this entry-point group, e.g. in their
+# pyproject.toml: [project.entry-points."fsbench.plugins"] my_methods = "my_pkg.methods"
+PLUGIN_GROUP = "fsbench.plugins"
+_entry_points_loaded = False
 
 
 class FsbenchError(Exception):
@@ -20,10 +27,9 @@ class Registry:
         self._builtins = list(builtins)  # modules registering into this table, imported on use
 
     def _load_builtins(self) -> None:
-        import importlib
-
         while self._builtins:
             importlib.import_module(self._builtins.pop(0))
+        load_entry_points()
 
     def register(self, name: str | None = None):
         def decorator(builder: Callable) -> Callable:
@@ -55,3 +61,42 @@ class Registry:
 
 
 DATASETS = Registry("dataset", builtins=("fsbench.datasets.pascal", "fsbench.datasets.coco"))
+
+
+def load_entry_points() -> None:
+    """Import every module of the `fsbench.plugins` entry-point group (once per process)."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib import metadata
+
+    for entry in metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            entry.load()
+        except Exception as error:  # noqa: BLE001 - a broken plugin is named, not a traceback
+            _entry_points_loaded = False
+            raise FsbenchError(
+                f"plugin {entry.name!r} ({entry.value}, entry point group {PLUGIN_GROUP}) failed "
+                f"to import: {type(error).__name__}: {error}; fix or uninstall it"
+            ) from None
+
+
+def import_plugins(modules=(), paths=()) -> None:
+    """Import the modules a grid (`imports:`) or the CLI (`--import`) names, so that the
+    methods and datasets they register exist, in the driver and in every worker task. `paths`
+    (e.g. the grid file's folder) are put on sys.path first."""
+    if not modules:
+        return
+    for path in paths:
+        if path not in sys.path:
+            sys.path.append(path)  # after the installed packages: a grid folder shadows nothing
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            where = f" (searched also {', '.join(paths)})" if paths else ""
+            raise FsbenchError(
+                f"imports: cannot import {name!r} ({error}){where}; install it, or put it next "
+                "to the grid file or on PYTHONPATH (on a cluster: on every node)"
+            ) from None
