@@ -76,6 +76,7 @@ class MethodSpec:
     kwargs: dict = field(default_factory=dict)
     label: str = ""  # the row name in tables; defaults to name + swept values
     train: tuple = ()  # (key, value) overrides of the grid's training settings (its recipe)
+    display: str = ""  # the name tables and figures print (default: the method's usual name)
 
     def row(self) -> str:
         return self.label or self.name
@@ -342,10 +343,11 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
                 "(e.g. panet) or a mapping with `name:` (e.g. {name: panet, kwargs: {alpha: 10}})"
             )
         entry = dict(entry)
-        unknown = set(entry) - {"name", "kwargs", "sweep", "label", "train"}
+        unknown = set(entry) - {"name", "kwargs", "sweep", "label", "train", "display"}
         if unknown:
             raise FsbenchError(
-                f"methods: unknown key(s) {sorted(unknown)} (use name, kwargs, sweep, label, train)"
+                f"methods: unknown key(s) {sorted(unknown)} "
+                "(use name, kwargs, sweep, label, display, train)"
             )
         recipe = _train_overrides(entry.get("train") or {}, f"methods: {entry['name']}: train")
         METHODS.get(entry["name"])  # unknown method: one clear error listing close names
@@ -357,12 +359,14 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
             swept = dict(zip(names, values))
             suffix = ",".join(f"{n}={v}" for n, v in swept.items())
             label = entry.get("label") or entry["name"]
+            display = str(entry.get("display") or "")
             specs.append(
                 MethodSpec(
                     entry["name"],
                     {**kwargs, **swept},
                     f"{label}[{suffix}]" if suffix else label,
                     recipe,
+                    f"{display} ({suffix})" if display and suffix else display,
                 )
             )
     variants = [(s.name, sorted(s.kwargs.items()), s.train) for s in specs]

@@ -96,6 +96,43 @@ def row_label(config: dict) -> str:
     return label
 
 
+# How papers name the bundled methods (a grid's `display:` overrides, per method entry).
+DISPLAY_NAMES = {
+    "panet": "PANet",
+    "panet_nopar": "PANet w/o PAR",
+    "prototype_notrain": "PANet, untrained",
+    "sgone": "SG-One",
+    "canet": "CANet",
+    "finetune_linear": "Linear probe",
+    "all_background": "All background",
+    "all_foreground": "All foreground",
+}
+GREEK = {"alpha": "α", "par_weight": "λ"}
+
+
+def display_name(cell: dict) -> str:
+    """The name a paper prints for a cell's row: the grid's `display:`, else the method's
+    usual name with its swept values, way and annotation."""
+    config = cell["config"]
+    name = cell.get("display")
+    if not name:
+        method, label = config["method"], config["row"]
+        name = DISPLAY_NAMES.get(method, method)
+        if label.startswith(f"{method}[") and label.endswith("]"):
+            values = label[len(method) + 1 : -1].split(",")
+            swept = ", ".join(
+                GREEK.get(k, k) + "=" + v for k, _, v in (x.partition("=") for x in values)
+            )
+            name = f"{name} ({swept})"
+        elif label != method:
+            name = label  # the grid's own label
+    if config.get("way", 1) != 1:
+        name += f", {config['way']}-way"
+    if config.get("annotation", "mask") != "mask":
+        name += f" ({config['annotation']})"
+    return name
+
+
 def seed_frame(cells: list[dict]) -> pd.DataFrame:
     """One row per (cell, seed): the tidy data every table and figure is computed from."""
     rows = []
@@ -105,6 +142,7 @@ def seed_frame(cells: list[dict]) -> pd.DataFrame:
             rows.append(
                 {
                     "row": row_label(config),
+                    "display": display_name(cell),
                     "method": config["method"],
                     "dataset": config["dataset"]["name"],
                     "fold": config["fold"],
@@ -252,41 +290,91 @@ def to_markdown(
 
 
 def to_latex(
-    table: pd.DataFrame, footnote: str = "", caption: str = "", reported: pd.DataFrame | None = None
+    table: pd.DataFrame,
+    footnote: str = "",
+    caption: str = "",
+    reported: pd.DataFrame | None = None,
+    label: str = "",
+    display: dict | None = None,
 ) -> str:
+    """A booktabs table as papers print it: folds as means, "mean ± std" in the Mean columns,
+    a \\cmidrule per shot, published rows below a rule, a short caption and a \\label, the
+    provenance as a note under the table. Wider than a two-column venue's column (~240 pt):
+    `table*`. Scaled to the line width only when wider than it (needs booktabs, graphicx)."""
     means, best = table["mean"], _best(table)
+    display = display or {}
     shots = list(dict.fromkeys(s for s, _ in means.columns))
-    spec = "l" + "|".join("c" * sum(1 for s2, _ in means.columns if s2 == s) for s in shots)
-    lines = [
-        "\\begin{table}[t]",
-        "\\centering",
-        "\\small",
-        f"\\begin{{tabular}}{{{spec}}}",
-        "\\toprule",
-    ]
-    lines.append(
+    spans = [sum(1 for s2, _ in means.columns if s2 == s) for s in shots]
+    rows = [_latex_escape(display.get(r, r)) for r in means.index]
+    body = []
+    for row, text in zip(means.index, rows):
+        cells = []
+        for column in means.columns:
+            mean, std = means.at[row, column], table["std"].at[row, column]
+            if mean != mean:
+                cells.append("--")
+                continue
+            value = f"{mean:.1f}" + (
+                f"\\,{{\\scriptsize$\\pm${std:.1f}}}" if column[1] == "Mean" else ""
+            )
+            cells.append(f"\\textbf{{{value}}}" if mean == best[column] else value)
+        body.append(text + " & " + " & ".join(cells) + " \\\\")
+    if reported is not None and len(reported):
+        body.append("\\midrule")
+        sources = []
+        for name, values in reported.iterrows():
+            name, _, source = str(name).partition(" [")
+            if source:
+                sources.append(f"{name}: {source.rstrip(']')}")
+            cells = [
+                _latex_escape(str(v).split(" ±")[0]).replace("†", "$^\\dagger$") for v in values
+            ]
+            body.append("\\textit{" + _latex_escape(name) + "} & " + " & ".join(cells) + " \\\\")
+        footnote = f"{footnote} {REPORTED_NOTE} Sources: {'; '.join(sources)}.".strip()
+    # Width estimate in pt at \\small: 6 pt a character, 12 pt of column separation.
+    first = max(len(r) for r in [*rows, "Method"]) * 5.5 + 12
+    width = first + sum((4 if column[1] != "Mean" else 9) * 5.5 + 12 for column in means.columns)
+    wide = width > 240
+    environment = "table*" if wide else "table"
+    spec = "l" + "".join("c" * n for n in spans)
+    lines = [f"\\begin{{{environment}}}[t]", "\\centering", "\\small"]
+    if caption:
+        lines.append(f"\\caption{{{_latex_escape(caption)}}}")
+    if label:
+        lines.append(f"\\label{{{label}}}")
+    tabular = [f"\\begin{{tabular}}{{{spec}}}", "\\toprule"]
+    tabular.append(
         " & "
-        + " & ".join(
-            f"\\multicolumn{{{sum(1 for s2, _ in means.columns if s2 == s)}}}{{c}}{{{s}}}"
-            for s in shots
-        )
+        + " & ".join(f"\\multicolumn{{{n}}}{{c}}{{{s}}}" for s, n in zip(shots, spans))
         + " \\\\"
     )
-    lines.append("Method & " + " & ".join(f for _, f in means.columns) + " \\\\")
-    lines.append("\\midrule")
-    for row in means.index:
-        cells = _row_cells(table, row, best, latex=True)
-        lines.append(_latex_escape(row) + " & " + " & ".join(cells) + " \\\\")
-    if reported is not None and len(reported):
-        lines.append("\\midrule")
-        for label, values in reported.iterrows():
-            cells = [str(v).replace("†", "$^\\dagger$") for v in values]
-            lines.append("\\textit{" + _latex_escape(label) + "} & " + " & ".join(cells) + " \\\\")
-        footnote = f"{footnote} {REPORTED_NOTE}".strip()
-    lines += ["\\bottomrule", "\\end{tabular}"]
-    if caption or footnote:
-        lines.append(f"\\caption{{{_latex_escape(caption)} {_latex_escape(footnote)}}}")
-    lines.append("\\end{table}")
+    start, rules = 2, []
+    for n in spans:
+        rules.append(f"\\cmidrule(lr){{{start}-{start + n - 1}}}")
+        start += n
+    tabular.append(" ".join(rules))
+    tabular.append(
+        "Method & " + " & ".join(f.replace("Fold-", "Fold ") for _, f in means.columns) + " \\\\"
+    )
+    tabular.append("\\midrule")
+    tabular += body
+    tabular += ["\\bottomrule", "\\end{tabular}"]
+    # Set in a box, scaled down to the line width only if wider than it (graphicx): fits a
+    # one-column article, a two-column venue's column (`table`) or its page (`table*`).
+    lines += [
+        "\\ifdefined\\fsbenchtable\\else\\newsavebox{\\fsbenchtable}\\fi",
+        "\\sbox{\\fsbenchtable}{%",
+        *tabular,
+        "}",
+        "\\ifdim\\wd\\fsbenchtable>\\linewidth",
+        "\\resizebox{\\linewidth}{!}{\\usebox{\\fsbenchtable}}%",
+        "\\else\\usebox{\\fsbenchtable}\\fi",
+    ]
+    if footnote:
+        lines.append(
+            "\\par\\smallskip\\parbox{\\linewidth}{\\footnotesize " + _latex_escape(footnote) + "}"
+        )
+    lines.append(f"\\end{{{environment}}}")
     return "\n".join(lines) + "\n"
 
 
@@ -297,6 +385,11 @@ def _latex_escape(text: str) -> str:
         ("%", "\\%"),
         ("&", "\\&"),
         ("#", "\\#"),
+        ("±", "$\\pm$"),
+        ("α", "$\\alpha$"),
+        ("λ", "$\\lambda$"),
+        ("—", "---"),
+        ("†", "$^\\dagger$"),
     ):
         text = text.replace(char, escaped)
     return text
@@ -422,6 +515,9 @@ def _style():
             "axes.spines.right": False,
             "axes.grid": True,
             "grid.alpha": 0.3,
+            # TrueType (Type 42) fonts in PDF/PS: venues' checkers reject Type 3
+            "pdf.fonttype": 42,
+            "ps.fonttype": 42,
         }
     )
     return plt
@@ -481,12 +577,13 @@ def grouped_bars(frame, out_dir, name, rows, title, group="fold", metric="miou",
         sharey=True,
         figsize=(0.6 + len(panels) * (0.5 + 0.35 * len(groups) * len(rows)), 3),
     )
+    names = part.groupby("row")["display"].first() if "display" in part else {}
     for ax, value in zip(axes[0], panels):
         keys = [[(r, g, value) if panel else (r, g) for g in groups] for r in rows]
         means = [[stats["mean"].get(k, np.nan) for k in row_keys] for row_keys in keys]
         errors = [[stats["std"].get(k, np.nan) for k in row_keys] for row_keys in keys]
         labels = [f"{g}-shot" if group == "shot" else f"{group.title()} {g}" for g in groups]
-        _bars(ax, groups, rows, means, errors, labels)
+        _bars(ax, groups, [names.get(r, r) for r in rows], means, errors, labels)
         if panel:
             ax.set_title(f"{value}-shot" if panel == "shot" else f"{panel} {value}", fontsize=9)
     axes[0][0].set_ylabel(f"{'mIoU' if metric == 'miou' else 'FB-IoU'} (%)")
@@ -551,42 +648,72 @@ def training_curves(cells, out_dir, name="training_curves"):
     return _save(fig, out_dir, name)
 
 
+def class_names(dataset: str) -> dict[int, str]:
+    """Class id → name for the bundled datasets (ids otherwise)."""
+    if "coco" in dataset:
+        from fsbench.datasets.coco import COCO_CLASSES as names
+    elif "pascal" in dataset:
+        from fsbench.datasets.pascal import VOC_CLASSES as names
+    else:
+        return {}
+    return dict(enumerate(names, start=1))
+
+
 def per_class_figure(cells, out_dir, name="per_class_iou"):
+    """Per-class IoU (mean over episode seeds) of every row, one panel per shot, classes named."""
     plt = _style()
-    rows = _rows_in_grid_order(seed_frame(cells))
-    values: dict = {}
+    frame = seed_frame(cells)
+    rows = _rows_in_grid_order(frame)
+    names = frame.groupby("row")["display"].first()
+    values: dict = {}  # (shot, row) → class → [IoU per cell]
     for cell in cells:
+        key = (cell["config"]["shot"], row_label(cell["config"]))
         for class_id, value in cell["summary"]["class_iou_mean"].items():
-            values.setdefault(row_label(cell["config"]), {}).setdefault(int(class_id), []).append(
+            values.setdefault(key, {}).setdefault(int(class_id), []).append(
                 np.nan if value is None else value
             )
     classes = sorted({c for v in values.values() for c in v})
     if not classes:
         return []
-    fig, ax = plt.subplots(figsize=(min(12, max(5, 0.12 * len(classes) * len(rows))), 3))
+    labels = class_names(cells[0]["config"]["dataset"]["name"])
+    shots = sorted({shot for shot, _ in values})
+    fig, axes = plt.subplots(
+        len(shots),
+        1,
+        squeeze=False,
+        sharex=True,
+        figsize=(min(14, max(5, 0.14 * len(classes) * len(rows))), 2.4 * len(shots) + 0.8),
+    )
     width = 0.8 / len(rows)
-    for i, row in enumerate(rows):
-        means = [100 * _nanmean(values.get(row, {}).get(c, [np.nan])) for c in classes]
-        ax.bar(
-            np.arange(len(classes)) + (i - (len(rows) - 1) / 2) * width,
-            means,
-            width,
-            label=row,
-            color=GREYS[i % len(GREYS)],
-            hatch=HATCHES[i % len(HATCHES)],
-            edgecolor="black",
-            linewidth=0.4,
-        )
-    ax.set_xticks(np.arange(len(classes)), [str(c) for c in classes])
-    ax.set_xlabel("class")
-    ax.set_ylabel("IoU (%)")
-    ax.set_title("Per-class IoU (mean over shots and seeds)")
-    ax.legend(
+    for ax, shot in zip(axes[:, 0], shots):
+        for i, row in enumerate(rows):
+            per_class = values.get((shot, row), {})
+            means = [100 * _nanmean(per_class.get(c, [np.nan])) for c in classes]
+            ax.bar(
+                np.arange(len(classes)) + (i - (len(rows) - 1) / 2) * width,
+                means,
+                width,
+                label=names.get(row, row),
+                color=GREYS[i % len(GREYS)],
+                hatch=HATCHES[i % len(HATCHES)],
+                edgecolor="black",
+                linewidth=0.4,
+            )
+        ax.set_ylabel(f"{shot}-shot IoU (%)")
+    axes[-1, 0].set_xticks(
+        np.arange(len(classes)),
+        [labels.get(c, str(c)) for c in classes],
+        rotation=60 if labels else 0,
+        ha="right" if labels else "center",
+        fontsize=7,
+    )
+    axes[0, 0].set_title("Per-class IoU (mean over episode seeds)")
+    axes[-1, 0].legend(
         frameon=False,
         fontsize=7,
         ncols=min(len(rows), 6),
         loc="upper center",
-        bbox_to_anchor=(0.5, -0.2),
+        bbox_to_anchor=(0.5, -0.45 if labels else -0.2),
     )
     return _save(fig, out_dir, name)
 
@@ -720,6 +847,7 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
             f"(superseded: {', '.join(sorted(c['cell_id'] for c in superseded))})."
         )
     written: dict[str, list] = {"tables": [], "figures": []}
+    displays = frame.groupby("row")["display"].first().to_dict()
     if rejected:
         written["rejected"] = [f"cells/{n}: {p}" for n, p in rejected.items()]
     if missing:
@@ -729,8 +857,17 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
         text_note = note if metric == "miou" else note.replace("mIoU %", "FB-IoU %")
         reported = reported_rows(frame, metric, list(table["mean"].columns))
         (out / f"table_{label}.md").write_text(to_markdown(table, text_note, reported))
+        name = "mIoU" if metric == "miou" else "FB-IoU"
         (out / f"table_{label}.tex").write_text(
-            to_latex(table, text_note, caption=f"{label} on {grid_dir.name}.")
+            to_latex(
+                table,
+                text_note,
+                caption=f"{name} (%) on {grid_dir.name}: folds are means over episode seeds, "
+                "Mean is mean ± std over episode seeds of the fold mean.",
+                reported=reported,
+                label=f"tab:{grid_dir.name}-{label}",
+                display=displays,
+            )
         )
         to_csv_frame(table).to_csv(out / f"table_{label}.csv")
         written["tables"] += [out / f"table_{label}.{s}" for s in ("md", "tex", "csv")]
@@ -743,6 +880,9 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
             for c in cells
         }
     ).T.sort_index()
+    class_table = class_table[sorted(class_table.columns)]
+    class_table.index.names = ["method", "shot", "fold"]
+    class_table.columns.name = "class"
     class_table.to_csv(out / "table_class_iou.csv", float_format="%.2f")
     written["tables"].append(out / "table_class_iou.csv")
     stats = statistics(cells, n_boot)
@@ -750,20 +890,27 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     (out / "statistics.md").write_text(statistics_markdown(stats))
     written["tables"] += [out / "statistics.csv", out / "statistics.md"]
     rows = _rows_in_grid_order(frame)
-    par_rows = [r for r in rows if r.split("[")[0] in ("panet", "panet_nopar")]
-    written["figures"] += grouped_bars(
-        frame,
-        out,
-        "par_per_fold",
-        par_rows or rows,
-        "PAR on vs off, per fold (mean ± std over seeds)",
-    )
+    methods = frame.groupby("row")["method"].first().str.removeprefix("test_")
+    with_par = [r for r in rows if methods[r] == "panet"]
+    without_par = [r for r in rows if methods[r] == "panet_nopar"]
+    if with_par and without_par:  # the ablation exists in this grid
+        written["figures"] += grouped_bars(
+            frame,
+            out,
+            "par_per_fold",
+            with_par + without_par,
+            "PAR on vs off, per fold (mean ± std over episode seeds)",
+        )
+    else:
+        written["figures"] += grouped_bars(
+            frame, out, "miou_per_fold", rows, "mIoU per fold (mean ± std over episode seeds)"
+        )
     written["figures"] += grouped_bars(
         frame,
         out,
         "shots",
         rows,
-        "1-shot vs 5-shot (mean ± std over folds and seeds)",
+        "1-shot vs 5-shot (mean ± std over folds and episode seeds)",
         group="shot",
         panel=None,
     )

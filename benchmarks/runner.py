@@ -100,6 +100,7 @@ class Driver:
             "grid": self.grid.name,
             "row_index": [m.row() for m in self.grid.methods].index(cell.method.row()),
             "title": cell.title,
+            "display": cell.method.display or None,  # tables' and figures' name (not identity)
             "config": cell.config(),
             "protocol": get_protocol(cell.protocol).to_dict(),
             "summary": summarise(seeds),

@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -99,20 +100,27 @@ def test_latex_numbers_equal_results_files_and_bold_is_best(tmp_path):
     write_cells(grid, RESULTS)
     build_report(grid, n_boot=50)
     latex = (grid / "report" / "table_miou.tex").read_text()
+    names = {"PANet": "panet", "PANet w/o PAR": "panet_nopar"}  # display names
+    seen = set()
     for line in latex.splitlines():
-        row = line.split(" & ")[0].replace("\\_", "_")
-        if row not in ("panet", "panet_nopar"):
+        row = names.get(line.split(" & ")[0])
+        if row is None:
             continue
+        seen.add(row)
         cells = line.split(" & ")[1:]
-        pairs = [tuple(map(float, re.findall(r"(-?\d+\.\d)", c))) for c in cells]
-        for fold, (mean, std) in enumerate(pairs[:2]):
-            values = 100 * np.array(RESULTS[(row, fold, 1)])
-            assert mean == round(values.mean(), 1) and std == round(values.std(), 1)
+        numbers = [tuple(map(float, re.findall(r"(-?\d+\.\d)", c))) for c in cells]
+        for fold, (mean,) in enumerate(numbers[:2]):  # folds: the mean over seeds
+            assert mean == round(100 * np.mean(RESULTS[(row, fold, 1)]), 1)
+        mean, std = numbers[2]  # Mean: per seed mean over folds, then mean ± std
+        per_seed = 100 * np.mean([RESULTS[(row, f, 1)] for f in range(2)], axis=0)
+        assert (mean, std) == (round(per_seed.mean(), 1), round(per_seed.std(), 1))
         for fold in range(2):
             best = max(np.mean(RESULTS[(r, fold, 1)]) for r in ("panet", "panet_nopar"))
             is_best = np.mean(RESULTS[(row, fold, 1)]) == best
             assert ("\\textbf" in cells[fold]) == is_best
-    assert "\\toprule" in latex and "\\bottomrule" in latex
+    assert seen == {"panet", "panet_nopar"}
+    for part in ("\\toprule", "\\cmidrule(lr){2-4}", "\\bottomrule", "\\label{tab:hand-miou}"):
+        assert part in latex
     csv = (grid / "report" / "table_miou.csv").read_text()
     assert "41.0" in csv and "1-shot Fold-0 std" in csv
     frame = results_table(grid)
@@ -262,3 +270,82 @@ def test_import_boundaries():
             assert not re.search(r"^\s*(import ray|from ray)", text, re.M), path
         if path.name != "tracking.py":
             assert not re.search(r"^\s*(import mlflow|from mlflow)", text, re.M), path
+
+
+WIDE = {(row, fold, shot): v for (row, fold, _), v in RESULTS.items() for shot in (1, 5)}
+WIDE.update({(row, fold + 2, shot): v for (row, fold, shot), v in list(WIDE.items())})
+
+
+def _latex_width(tex: str, folder, document_class: str) -> tuple[float, float]:
+    """pdflatex the table in a document of that class: it must compile with no overfull box;
+    returns (the tabular's natural width, the width available to it) in pt."""
+    inner = tex[tex.index("\\begin{tabular}") : tex.index("\\end{tabular}") + len("\\end{tabular}")]
+    document = "\n".join(
+        [
+            document_class,
+            "\\usepackage{booktabs}",
+            "\\usepackage{graphicx}",
+            "\\begin{document}",
+            "\\input{table.tex}",
+            "\\small\\sbox0{" + inner + "}",
+            "\\typeout{FSBENCH-WIDTH=\\the\\wd0}",
+            "\\typeout{FSBENCH-AVAILABLE="
+            + ("\\the\\textwidth}" if "table*" in tex else "\\the\\columnwidth}"),
+            "\\end{document}",
+        ]
+    )
+    (folder / "table.tex").write_text(tex)
+    (folder / "doc.tex").write_text(document)
+    done = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    log = (folder / "doc.log").read_text(errors="replace")
+    assert done.returncode == 0, log[-2000:]
+    assert "Overfull \\hbox" not in log, log[-2000:]
+    width = float(re.search(r"FSBENCH-WIDTH=([\d.]+)pt", log).group(1))
+    available = float(re.search(r"FSBENCH-AVAILABLE=([\d.]+)pt", log).group(1))
+    return width, available
+
+
+@pytest.mark.skipif(
+    not shutil.which("pdflatex")
+    or subprocess.run(["kpsewhich", "booktabs.sty"], capture_output=True).returncode != 0,
+    reason="needs pdflatex with booktabs (Debian: texlive-latex-base, texlive-latex-recommended)",
+)
+@pytest.mark.parametrize(
+    "document_class", ["\\documentclass{article}", "\\documentclass[twocolumn]{article}"]
+)
+def test_latex_table_compiles_and_fits(tmp_path, document_class):
+    for name, results in (("narrow", RESULTS), ("wide", WIDE)):
+        grid = tmp_path / name
+        write_cells(grid, results, dataset="pascal5i")  # with the published rows
+        build_report(grid, n_boot=20)
+        tex = (grid / "report" / "table_miou.tex").read_text()
+        assert ("table*" in tex) == (name == "wide")
+        assert "(reported)" in tex and f"\\label{{tab:{name}-miou}}" in tex
+        width, available = _latex_width(tex, grid / "report", document_class)
+        scale = min(1.0, available / width)
+        print(
+            f"{name} table in {document_class}: natural {width:.0f} pt, set at "
+            f"{width * scale:.0f} pt of {available:.0f} pt (scale {scale:.2f})"
+        )
+        if name == "narrow" and "twocolumn" not in document_class:
+            assert width <= available  # never scaled where it fits
+
+
+def test_figures_embed_no_type3_fonts(tmp_path):
+    grid = tmp_path / "fonts"
+    write_cells(grid, WIDE)
+    written = build_report(grid, n_boot=20)
+    pdfs = [p for p in written["figures"] if p.suffix == ".pdf"]
+    assert pdfs
+    for pdf in pdfs:
+        data = pdf.read_bytes()
+        assert b"/Type3" not in data, pdf
+        assert b"/TrueType" in data or b"/CIDFontType2" in data, pdf
+    csv = (grid / "report" / "table_class_iou.csv").read_text().splitlines()
+    assert csv[0].startswith("method,shot,fold") or csv[0].startswith("class,")
