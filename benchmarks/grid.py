@@ -19,6 +19,8 @@ GRID_KEYS = {
     "name",
     "include",
     "imports",
+    "train_seeds",
+    "compare",
     "dataset",
     "protocol",
     "input_size",
@@ -100,6 +102,7 @@ class Cell:
     seeds: tuple[int, ...]
     train: TrainConfig | None  # None for methods that do not train
     eval_precision: str = "fp32"
+    train_replicate: bool = False  # one of several training seeds of the same row (train_seeds)
 
     def config(self) -> dict:
         """The resolved config: everything that decides the result (and nothing else)."""
@@ -131,7 +134,8 @@ class Cell:
     @property
     def title(self) -> str:
         weak = "" if self.annotation == "mask" else f" {self.annotation}"
-        return f"{self.method.row()} fold{self.fold} {self.way}w{self.shot}s{weak}"
+        seed = f" train-seed {self.train.seed}" if self.train and self.train_replicate else ""
+        return f"{self.method.row()} fold{self.fold} {self.way}w{self.shot}s{weak}{seed}"
 
     def model_key(self) -> str:
         """Cells with the same key share one model: a trained model serves every annotation
@@ -161,6 +165,8 @@ class GridSpec:
     eval_precision: str = "fp32"
     train_workers: int = 1  # DataLoader processes decoding episodes ahead of the step
     checkpoint_every: int = 1000  # training steps between resumable checkpoints (0: none)
+    train_seeds: tuple[int, ...] | None = None  # one trained model per seed (None: train.seed)
+    compare: tuple[tuple[str, str], ...] = ()  # (variant, base) rows: paired comparisons
     imports: tuple[str, ...] = ()  # modules registering the grid's own methods and datasets
     plugin_paths: tuple[str, ...] = ()  # where they are found besides sys.path (the grid's folder)
 
@@ -171,9 +177,23 @@ class GridSpec:
         protocol = get_protocol(self.protocol)
         trainable = {m.row(): _is_trainable(METHODS, m) for m in self.methods}
         cells = []
-        for method, fold, way, shot, annotation in itertools.product(
-            self.methods, self.folds, self.ways, self.shots, self.annotation
+        for method, fold, way, shot, annotation, train_seed in itertools.product(
+            self.methods,
+            self.folds,
+            self.ways,
+            self.shots,
+            self.annotation,
+            self.train_seeds or (None,),
         ):
+            train = dataclasses.replace(self.train, **dict(method.train))
+            if train_seed is not None:
+                train = dataclasses.replace(train, seed=train_seed)
+            if (
+                not trainable[method.row()]
+                and self.train_seeds
+                and train_seed != self.train_seeds[0]
+            ):
+                continue  # an untrained method has no training seed: once
             cells.append(
                 Cell(
                     grid=self.name,
@@ -187,10 +207,9 @@ class GridSpec:
                     input_size=self.input_size or protocol.input_size,
                     episodes=self.episodes or protocol.episodes,
                     seeds=tuple(self.seeds or protocol.seeds),
-                    train=dataclasses.replace(self.train, **dict(method.train))
-                    if trainable[method.row()]
-                    else None,
+                    train=train if trainable[method.row()] else None,
                     eval_precision=self.eval_precision,
+                    train_replicate=bool(self.train_seeds) and trainable[method.row()],
                 )
             )
         return cells
@@ -390,6 +409,20 @@ def _imports(raw) -> tuple[str, ...]:
     return tuple(dict.fromkeys(imports))
 
 
+def _compare(raw, methods) -> tuple[tuple[str, str], ...]:
+    """`compare: [[variant, base], …]`: rows (method labels) of the grid, compared paired."""
+    if not raw:
+        return ()
+    pairs = raw if isinstance(raw, list) else [raw]
+    if not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs
+    ):
+        raise FsbenchError(
+            f"compare: expected pairs of rows, e.g. [[panet, panet_nopar]], got {raw!r}"
+        )
+    return tuple((a, b) for a, b in pairs)
+
+
 def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
     """Validate a grid dict into a GridSpec: unknown keys and impossible values are errors.
     Its `imports:` are imported first (with `plugin_paths` on sys.path): they register the
@@ -445,7 +478,15 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
         ],
         imports=imports,
         plugin_paths=tuple(plugin_paths),
+        train_seeds=_tuple_of_ints(raw, "train_seeds", 0) if raw.get("train_seeds") else None,
+        compare=_compare(raw.get("compare"), raw["methods"]),
     )
+    rows = {m.row() for m in spec.methods}
+    unknown_rows = sorted({r for pair in spec.compare for r in pair} - rows)
+    if unknown_rows:
+        raise FsbenchError(
+            f"compare: {unknown_rows} are not rows of the grid (its rows: {sorted(rows)})"
+        )
     if spec.eval_precision not in PRECISIONS:
         raise FsbenchError(
             f"eval_precision: {spec.eval_precision!r} is not one of {', '.join(PRECISIONS)}"

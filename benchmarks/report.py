@@ -9,12 +9,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fsbench.benchmarks.metrics import EpisodeCounts, bootstrap_ci, paired_bootstrap
+from fsbench.benchmarks.metrics import (
+    EpisodeCounts,
+    _boot_stat,
+    _resample_weights,
+    bootstrap_ci,
+)
 from fsbench.datasets.protocols import get_protocol
 from fsbench.datasets.registry import FsbenchError
 
 MISSING = "–"
-BASE_PAIRS = {"panet": "panet_nopar"}  # variant → its base, for the paired comparisons
 
 
 RESULT_VERSION = 1  # results.RESULT_VERSION (not imported: it would pull in the runner's deps)
@@ -79,7 +83,15 @@ def current_cells(cells: list[dict]) -> tuple[list[dict], list[dict]]:
     newest: dict[tuple, dict] = {}
     for cell in sorted(cells, key=lambda c: c.get("finished_at", "")):
         c = cell["config"]
-        key = (row_label(c), c["dataset"]["name"], c["fold"], c["way"], c["shot"], c["protocol"])
+        key = (
+            row_label(c),
+            c["dataset"]["name"],
+            c["fold"],
+            c["way"],
+            c["shot"],
+            c["protocol"],
+            train_seed(c),
+        )
         newest[key] = cell
     kept = list(newest.values())
     ids = {c["cell_id"] for c in kept}
@@ -133,6 +145,11 @@ def display_name(cell: dict) -> str:
     return name
 
 
+def train_seed(config: dict):
+    """The training seed of a trained cell (None for methods that do not train)."""
+    return (config.get("train") or {}).get("seed")
+
+
 def seed_frame(cells: list[dict]) -> pd.DataFrame:
     """One row per (cell, seed): the tidy data every table and figure is computed from."""
     rows = []
@@ -152,6 +169,7 @@ def seed_frame(cells: list[dict]) -> pd.DataFrame:
                     "protocol": config["protocol"],
                     "alpha": config["method_kwargs"].get("alpha"),
                     "seed": seed["seed"],
+                    "train_seed": train_seed(config),
                     "miou": 100 * seed["miou"],
                     "fb_iou": 100 * seed["fb_iou"],
                     "episodes": seed["episodes"],
@@ -178,12 +196,17 @@ def paper_table(frame: pd.DataFrame, metric: str = "miou", rows=None) -> pd.Data
         columns.append((f"{shot}-shot", "Mean"))
         for row in rows:
             cells = part[part["row"] == row]
+            # Several training seeds: the spread between trained models (each the mean over its
+            # episode seeds); otherwise the spread over episode seeds of one model.
+            unit = "train_seed" if cells["train_seed"].nunique() > 1 else "seed"
+            if unit == "train_seed":
+                cells = cells.groupby(["train_seed", "fold"], as_index=False)[metric].mean()
             for fold in folds:
                 values = cells[cells["fold"] == fold][metric]
                 data[(row, (f"{shot}-shot", f"Fold-{fold}"))] = (
                     (values.mean(), values.std(ddof=0)) if len(values) else (np.nan, np.nan)
                 )
-            per_seed = cells.pivot_table(index="seed", columns="fold", values=metric)
+            per_seed = cells.pivot_table(index=unit, columns="fold", values=metric)
             complete = len(per_seed.columns) == len(folds) and len(per_seed)
             fold_means = per_seed.mean(axis=1) if complete else pd.Series(dtype=float)
             data[(row, (f"{shot}-shot", "Mean"))] = (
@@ -409,29 +432,33 @@ def footnote(frame: pd.DataFrame) -> str:
     seeds = ", ".join(str(s) for s in sorted(frame["seed"].unique()))
     prints = frame.groupby(["shot", "fold"])["fingerprint"].agg(lambda s: "/".join(sorted(set(s))))
     manifest = "; ".join(f"{shot}-shot fold {fold}: {fp}" for (shot, fold), fp in prints.items())
+    train_seeds = sorted({int(s) for s in frame["train_seed"].dropna().unique()})
+    if len(train_seeds) > 1:
+        spread = (
+            f"mean ± population std over training seeds {', '.join(map(str, train_seeds))} "
+            "(each model's value the mean over its episode seeds; rows with one model: over "
+            "episode seeds)"
+        )
+    else:
+        spread = "mean ± population std over episode seeds of one trained model"
     return (
-        f"mIoU % (mean ± population std over seeds). Protocol: {protocols}; {episodes} episodes "
-        f"per fold and seed; seeds {seeds}. Manifest fingerprints — {manifest}."
+        f"mIoU % ({spread}). Protocol: {protocols}; {episodes} episodes "
+        f"per fold and seed; episode seeds {seeds}. Manifest fingerprints — {manifest}."
     )
 
 
-def statistics(cells: list[dict], n_boot: int = 1000) -> pd.DataFrame:
-    """Per cell and seed: the 95% bootstrap CI; per variant vs its base: paired differences."""
-    by_key = {}
+def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFrame:
+    """Per cell and seed: the 95% bootstrap CI of its mIoU. Per declared pair (variant, base),
+    per shot: the paired difference per fold and of the fold mean (the number a paper reports),
+    by a paired bootstrap over episodes (both rows resampled alike, on the same manifests;
+    training-seed replicates paired by seed), with Holm-corrected p-values over all of them."""
     rows = []
+    by_setting: dict = {}  # (row, fold, way, shot, annotation) → {train seed: {seed: counts}}
     for cell in cells:
         config = cell["config"]
         for seed in cell["seeds"]:
             counts = EpisodeCounts.from_json(seed["counts"])
             low, high = bootstrap_ci(counts, n_boot=n_boot, seed=seed["seed"])
-            key = (
-                config["fold"],
-                config["way"],
-                config["shot"],
-                config["annotation"],
-                seed["seed"],
-            )
-            by_key[(row_label(config), *key)] = (counts, seed["manifest_fingerprint"])
             rows.append(
                 {
                     "kind": "ci",
@@ -443,58 +470,135 @@ def statistics(cells: list[dict], n_boot: int = 1000) -> pd.DataFrame:
                     "low": 100 * low,
                     "high": 100 * high,
                     "versus": "",
+                    "p": np.nan,
+                    "p_holm": np.nan,
                     "significant": "",
                 }
             )
-    for (row, *key), (counts, fingerprint) in sorted(by_key.items(), key=str):
-        method = row.split("[")[0]
-        base = BASE_PAIRS.get(method)
-        if base is None:
-            continue
-        base_row = row.replace(method, base, 1)
-        other = by_key.get((base_row, *key))
-        if other is None or other[1] != fingerprint:
-            continue
-        diff = paired_bootstrap(counts, other[0], n_boot=n_boot, seed=key[-1])
+            key = (config["row"], config["fold"], config["way"], config["shot"])
+            key += (config["annotation"],)
+            by_setting.setdefault(key, {}).setdefault(train_seed(config), {})[seed["seed"]] = (
+                counts,
+                seed["manifest_fingerprint"],
+            )
+    tests = []
+    settings = sorted({k[1:] for k in by_setting}, key=str)
+    for variant, base in compare:
+        for way, shot, annotation in sorted({(w, s, a) for _, w, s, a in settings}):
+            folds = sorted({f for f, w, s, a in settings if (w, s, a) == (way, shot, annotation)})
+            draws = {}
+            for fold in folds:
+                pairs = _paired_draws(
+                    by_setting.get((variant, fold, way, shot, annotation), {}),
+                    by_setting.get((base, fold, way, shot, annotation), {}),
+                    n_boot,
+                    fold,
+                )
+                if pairs is not None:
+                    draws[fold] = pairs
+                    tests.append((variant, base, shot, fold, *pairs))
+            if draws and len(draws) == len(folds):  # the fold mean needs every fold
+                observed = float(np.mean([d[0] for d in draws.values()]))
+                replicates = np.mean([d[1] for d in draws.values()], axis=0)
+                tests.append((variant, base, shot, "Mean", observed, replicates))
+    adjusted = _holm([_bootstrap_p(t[5]) for t in tests])
+    for (variant, base, shot, fold, observed, replicates), (p, p_holm) in zip(tests, adjusted):
+        low, high = np.nanpercentile(replicates, [2.5, 97.5])
         rows.append(
             {
                 "kind": "paired",
-                "row": row,
-                "fold": key[0],
-                "shot": key[2],
-                "seed": key[-1],
-                "value": 100 * diff["difference"],
-                "low": 100 * diff["low"],
-                "high": 100 * diff["high"],
-                "versus": base_row,
-                "significant": "yes" if diff["significant"] else "no (inside the noise)",
+                "row": variant,
+                "fold": fold,
+                "shot": shot,
+                "seed": "all",
+                "value": 100 * observed,
+                "low": 100 * low,
+                "high": 100 * high,
+                "versus": base,
+                "p": p,
+                "p_holm": p_holm,
+                "significant": "yes" if p_holm < 0.05 else "no",
             }
         )
     return pd.DataFrame(rows)
 
 
+def _paired_draws(variant: dict, base: dict, n_boot: int, fold: int):
+    """(observed, bootstrap replicates) of variant − base mIoU at one fold: the mean over the
+    training seeds both have (an untrained base serves every seed) and their shared episode
+    seeds, episodes resampled alike for both rows. None when nothing pairs."""
+    observed, replicates = [], []
+    for seed, runs in sorted(variant.items(), key=str):
+        other = base.get(seed, base.get(None)) if len(base) > 1 else next(iter(base.values()), None)
+        if other is None:
+            continue
+        for episode_seed, (counts, fingerprint) in sorted(runs.items()):
+            if episode_seed not in other or other[episode_seed][1] != fingerprint:
+                continue
+            base_counts = other[episode_seed][0]
+            weights = _resample_weights(len(counts.per_class), n_boot, 1000 * fold + episode_seed)
+            observed.append(counts.miou() - base_counts.miou())
+            replicates.append(
+                _boot_stat(counts, weights, "miou") - _boot_stat(base_counts, weights, "miou")
+            )
+    if not observed:
+        return None
+    return float(np.mean(observed)), np.mean(replicates, axis=0)
+
+
+def _bootstrap_p(replicates: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of "no difference": twice the smaller tail beyond 0."""
+    replicates = replicates[np.isfinite(replicates)]
+    if not len(replicates):
+        return 1.0
+    tail = min((replicates <= 0).mean(), (replicates >= 0).mean())
+    return float(min(1.0, 2 * max(tail, 1 / len(replicates))))
+
+
+def _holm(pvalues: list[float]) -> list[tuple[float, float]]:
+    """(p, Holm-adjusted p) for each test: step-down over all the comparisons of the report."""
+    order = np.argsort(pvalues, kind="stable")
+    adjusted, running = np.empty(len(pvalues)), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[index]))
+        adjusted[index] = running
+    return list(zip(pvalues, adjusted.tolist()))
+
+
 def statistics_markdown(stats: pd.DataFrame) -> str:
-    """Paired differences (variant − base) with their 95% CIs; CIs per cell stay in the CSV."""
-    lines = ["# Paired comparisons (same manifests, 95% paired bootstrap over episodes)", ""]
+    """The declared comparisons: Δ mIoU per fold and of the fold mean, paired bootstrap CIs,
+    Holm-corrected p-values; the per-cell CIs stay in the CSV."""
+    lines = [
+        "# Paired comparisons (same manifests; 95% paired bootstrap over episodes; "
+        "p-values Holm-corrected over every comparison below)",
+        "",
+    ]
     paired = stats[stats["kind"] == "paired"] if len(stats) else stats
     if not len(paired):
-        return "\n".join(lines + ["No variant/base pair in this grid.", ""])
+        return "\n".join(
+            lines
+            + [
+                "No comparison declared: add `compare: [[variant, base]]` (rows of the grid) to "
+                "the grid file.",
+                "",
+            ]
+        )
     lines += [
-        "| Variant | vs | Shot | Fold | Seed | Δ mIoU | 95% CI | Verdict |",
-        "|---|---|:-:|:-:|:-:|:-:|:-:|---|",
+        "| Variant | vs | Shot | Fold | Δ mIoU | 95% CI | p | p (Holm) | Significant |",
+        "|---|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|",
     ]
     for _, r in paired.iterrows():
+        fold = "**mean**" if r["fold"] == "Mean" else r["fold"]
         lines.append(
-            f"| {r['row']} | {r['versus']} | {r['shot']} | {r['fold']} | {r['seed']} | "
-            f"{r['value']:+.1f} | [{r['low']:+.1f}, {r['high']:+.1f}] | {r['significant']} |"
+            f"| {r['row']} | {r['versus']} | {r['shot']} | {fold} | {r['value']:+.1f} | "
+            f"[{r['low']:+.1f}, {r['high']:+.1f}] | {r['p']:.3f} | {r['p_holm']:.3f} | "
+            f"{r['significant']} |"
         )
-    inside = (paired["significant"] != "yes").sum()
     lines += [
         "",
-        f"{inside} of {len(paired)} differences lie inside the episode noise (CI contains 0).",
-        "The CIs resample the episodes of one trained model per row: they leave out the spread"
-        " between training runs, which can be larger. To see it, list a trained method again with"
-        " another `train: {seed: …}` and a `label:`.",
+        f"{(paired['significant'] == 'yes').sum()} of {len(paired)} differences are significant "
+        "at 5% after Holm's correction. The intervals resample episodes: with several "
+        "`train_seeds` they pair models seed by seed but do not resample the training runs.",
         "",
     ]
     return "\n".join(lines)
@@ -811,6 +915,15 @@ def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
 
 
 # -- the report command ----------------------------------------------------------------------
+def grid_plan(grid_dir: Path) -> dict:
+    """The grid's last run's plan.json (cells, compare pairs); {} when absent or damaged."""
+    try:
+        plan = json.loads((Path(grid_dir) / "plan.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return plan if isinstance(plan, dict) else {}
+
+
 def missing_cells(grid_dir: Path, present: set[str]) -> list[str]:
     """Titles (and ids) of the cells of the grid's last run (its plan.json) lacking a result."""
     try:
@@ -885,7 +998,7 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     class_table.columns.name = "class"
     class_table.to_csv(out / "table_class_iou.csv", float_format="%.2f")
     written["tables"].append(out / "table_class_iou.csv")
-    stats = statistics(cells, n_boot)
+    stats = statistics(cells, n_boot, grid_plan(grid_dir).get("compare", ()))
     stats.to_csv(out / "statistics.csv", index=False, float_format="%.3f")
     (out / "statistics.md").write_text(statistics_markdown(stats))
     written["tables"] += [out / "statistics.csv", out / "statistics.md"]

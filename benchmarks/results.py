@@ -196,10 +196,14 @@ class ResultStore:
         atomic_write_bytes(path, json.dumps(result, indent=1, sort_keys=True).encode())
         return path
 
-    def write_plan(self, cells) -> Path:
-        """The cells the grid's latest run planned (the report names those lacking a result)."""
+    def write_plan(self, cells, compare=()) -> Path:
+        """The cells the grid's latest run planned (the report names those lacking a result)
+        and the comparisons it declares."""
         path = self.grid_dir / "plan.json"
-        plan = {"cells": [{"id": c.id, "title": c.title} for c in cells]}
+        plan = {
+            "cells": [{"id": c.id, "title": c.title} for c in cells],
+            "compare": [list(pair) for pair in compare],
+        }
         atomic_write_bytes(path, json.dumps(plan, indent=1).encode())
         return path
 

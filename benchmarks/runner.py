@@ -457,7 +457,7 @@ def run_grid(
 ) -> Driver:
     """Plan, execute and record a grid; returns the driver (written and failed cells)."""
     plan = plan_grid(grid, store, rerun)
-    store.write_plan(plan.cells)
+    store.write_plan(plan.cells, grid.compare)
     driver = Driver(grid, store, plan, tracker, progress)
     if tracker is not None:
         tracker.start_invocation(grid, plan, store)

@@ -101,3 +101,23 @@ def test_included_dataset_keys_merge_when_the_dataset_is_the_same(tmp_path):
         "n_images": 40,
         "image_size": 48,
     }
+
+
+def test_train_seeds_axis_and_declared_comparisons(small_grid_dict):
+    from fsbench.benchmarks.grid import parse_grid
+
+    grid = parse_grid(
+        dict(
+            small_grid_dict,
+            train_seeds=[0, 1, 2],
+            compare=[["test_panet", "test_prototype_notrain"]],
+        )
+    )
+    cells = grid.expand()
+    trained = [c for c in cells if c.train is not None]
+    assert sorted(c.train.seed for c in trained) == [0, 1, 2]  # one model per training seed
+    assert len({c.id for c in trained}) == 3 and all("train-seed" in c.title for c in trained)
+    assert len([c for c in cells if c.train is None]) == 2  # untrained rows: once each
+    assert grid.compare == (("test_panet", "test_prototype_notrain"),)
+    with pytest.raises(FsbenchError, match="not rows of the grid"):
+        parse_grid(dict(small_grid_dict, compare=[["panet", "nothing"]]))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -150,12 +151,52 @@ def test_reported_rows_beside_reproduced_labelled_never_bold(tmp_path):
     assert "(reported)" not in (synthetic / "report" / "table_miou.md").read_text()
 
 
-def test_paired_statistics_mark_noise(tmp_path):
+def test_declared_comparisons_per_fold_and_fold_mean_with_holm(tmp_path):
     grid = tmp_path / "hand"
     write_cells(grid, RESULTS)
-    build_report(grid, n_boot=50)
+    build_report(grid, n_boot=200)
     stats = (grid / "report" / "statistics.md").read_text()
-    assert "| panet | panet_nopar | 1 | 1 | 1 | +10.0 |" in stats
+    assert "No comparison declared" in stats  # pairs are the grid's, never hard-coded
+    (grid / "plan.json").write_text(
+        json.dumps({"cells": [], "compare": [["panet", "panet_nopar"]]})
+    )
+    build_report(grid, n_boot=200)
+    stats = (grid / "report" / "statistics.md").read_text()
+    # fold 1: 32.0 vs 20.0 → +12.0; fold 0: 41.0 vs 43.0 → -2.0; fold mean: +5.0
+    assert "| panet | panet_nopar | 1 | 1 | +12.0 |" in stats
+    assert "| panet | panet_nopar | 1 | 0 | -2.0 |" in stats
+    assert "| panet | panet_nopar | 1 | **mean** | +5.0 |" in stats
+    table = pd.read_csv(grid / "report" / "statistics.csv")
+    paired = table[table["kind"] == "paired"]
+    assert len(paired) == 3
+    # Holm: the smallest p times 3, then step-down, never below the raw p, never above 1
+    assert (paired["p_holm"] >= paired["p"]).all() and (paired["p_holm"] <= 1).all()
+    smallest = paired["p"].min()
+    assert paired.loc[paired["p"].idxmin(), "p_holm"] == pytest.approx(min(1, 3 * smallest))
+
+
+def test_training_seed_replicates_make_the_table_spread(tmp_path):
+    # Two trained models of one row (train seeds 0 and 1): the table's ± spans them.
+    grid = tmp_path / "seeds"
+    write_cells(grid, RESULTS)
+    cells = grid / "cells"
+    for path in list(cells.glob("panet-*.json")):
+        record = json.loads(path.read_text())
+        for train_seed, shift in ((0, 0.0), (1, 0.1)):
+            copy = json.loads(json.dumps(record))
+            copy["cell_id"] = f"{record['cell_id']}s{train_seed}"
+            copy["config"]["train"] = {"seed": train_seed}
+            for seed in copy["seeds"]:
+                miou = seed["miou"] + shift
+                seed.update(miou=miou, fb_iou=(1 + miou) / 2, counts=_counts(miou))
+            copy["summary"]["miou_mean"] = float(np.mean([x["miou"] for x in copy["seeds"]]))
+            (cells / f"{copy['cell_id']}.json").write_text(json.dumps(copy))
+        path.unlink()
+    build_report(grid, n_boot=20)
+    table = (grid / "report" / "table_miou.md").read_text()
+    # fold 0: models at 41.0 and 51.0 (means over episode seeds) → 46.0 ± 5.0
+    assert "| panet | **46.0 ± 5.0** |" in table
+    assert "over training seeds 0, 1" in table
 
 
 def test_every_figure_kind_from_a_real_run(tmp_path, small_grid_dict):
