@@ -56,7 +56,7 @@ def execute(grid, results_root: Path, options: RunOptions):
                 from fsbench.benchmarks.tracking import Tracker, default_tracking_uri
 
                 uri = options.tracking_uri or default_tracking_uri(store.root)
-                tracker = Tracker(uri, store.root, grid.name)
+                tracker = Tracker(uri, store.root, grid.name, asynchronous=True)
             driver = runner.run_grid(
                 grid, store, executor, tracker, options.rerun, options.progress
             )

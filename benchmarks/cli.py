@@ -280,6 +280,8 @@ def cmd_run(args) -> int:
         table = store.grid_dir / "report" / "table_miou.md"
         if table.exists():
             print("\n" + table.read_text())
+        if tracker is not None:
+            tracker.log_report(store.grid_dir / "report")
     if tracker is not None:
         if tracker.available:
             print(

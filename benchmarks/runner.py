@@ -121,6 +121,13 @@ class Driver:
                 for p in outputs[0]["predictions"]
             ],
             "timings": {
+                # wall clock (epoch s) of the cell's work: its training's start to its last
+                # evaluation's end (MLflow's run times)
+                "started_at": min(
+                    [o.get("started_at", time.time()) for o in outputs]
+                    + ([train["started_at"]] if train and "started_at" in train else [])
+                ),
+                "ended_at": max(o.get("ended_at", time.time()) for o in outputs),
                 "train_seconds": train["seconds"] if train else 0.0,
                 "eval_seconds": sum(o["eval_seconds"] for o in outputs),
                 # encoder passes of the evaluation task(s) that served this cell (a task grouped

@@ -79,6 +79,7 @@ def _limit_threads(threads: int | None) -> None:
 
 def train_task(config: dict, device: str = "auto", threads: int | None = None) -> dict:
     """Train one cell's model; returns the selected state dict (CPU tensors) and its curve."""
+    started_at = time.time()
     _limit_threads(threads)
     device = resolve_device(device)
     protocol = get_protocol(config["protocol"])
@@ -105,6 +106,9 @@ def train_task(config: dict, device: str = "auto", threads: int | None = None) -
         "resumed_from": result.resumed_from,
         "state_dict": result.state_dict,
         "curve": result.curve,
+        "curve_times": result.curve_times,  # wall clock of each point (MLflow's timestamps)
+        "started_at": started_at,
+        "ended_at": time.time(),
         "validation": result.validation,
         "best_step": result.best_step,
         "seconds": result.seconds,
@@ -130,6 +134,7 @@ def eval_task(
 
     items: [{"cell_id", "seed", "protocol", "annotation", "manifest": manifest JSON}].
     """
+    started_at = time.time()
     _limit_threads(threads)
     device = resolve_device(device)
     model = build_model(model_config)
@@ -189,6 +194,8 @@ def eval_task(
                 "counts": counts.to_json(),
                 # The shared encoding is split evenly over the items it served.
                 "eval_seconds": seconds,
+                "started_at": started_at,  # wall clock of the task (shared by its items)
+                "ended_at": time.time(),
                 "task": task,  # the evaluation task (and feature cache) that served this item
                 "encoded_images": cache.encoded,
                 "distinct_images": len(images),

@@ -7,8 +7,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import queue
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from fsbench.datasets.registry import FsbenchError
@@ -81,7 +84,13 @@ def episode_rows(result: dict, manifests_dir: Path) -> list[dict]:
 class Tracker:
     """Driver-side MLflow logging that degrades to 'log later' instead of stopping the grid."""
 
-    def __init__(self, uri: str, results_root: Path, experiment: str | None = None):
+    def __init__(
+        self,
+        uri: str,
+        results_root: Path,
+        experiment: str | None = None,
+        asynchronous: bool = False,
+    ):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         try:
@@ -97,6 +106,11 @@ class Tracker:
         self.parent_run_id = None
         self.available = True
         self.pending = 0
+        # A logging thread keeps MLflow off the driver's path (the cell files stay the truth:
+        # what a stopped driver did not log, the next run or `sync` does).
+        self.asynchronous = asynchronous
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
         self.client = None
         try:  # a sqlite store is opened (and its schema checked) right here
             self.client = MlflowClient(tracking_uri=uri)
@@ -149,7 +163,11 @@ class Tracker:
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=f"{self.experiment_name} invocation",
-                tags={KIND_TAG: "invocation", RESULTS_TAG: str(self.results_root)},
+                tags={
+                    KIND_TAG: "invocation",
+                    RESULTS_TAG: str(self.results_root),
+                    "mlflow.parentRunId": self._grid_run(),
+                },
             )
             self.parent_run_id = run.info.run_id
             counts = getattr(self, "_counts", {})
@@ -158,6 +176,22 @@ class Tracker:
                     self.parent_run_id, params=[_param(k, v) for k, v in counts.items()]
                 )
         return self.parent_run_id
+
+    def _grid_run(self) -> str:
+        """The grid's one stable run: parent of every invocation, holder of the report."""
+        if getattr(self, "_grid_run_id", None) is None:
+            found = self._search(f"tags.{KIND_TAG} = 'grid'")
+            if found:
+                self._grid_run_id = found[0].info.run_id
+            else:
+                run = self.client.create_run(
+                    self.experiment_id,
+                    run_name=self.experiment_name,
+                    tags={KIND_TAG: "grid", RESULTS_TAG: str(self.results_root)},
+                )
+                self.client.set_terminated(run.info.run_id, "FINISHED")
+                self._grid_run_id = run.info.run_id
+        return self._grid_run_id
 
     def _close_leftovers(self) -> None:
         """Runs a killed driver left RUNNING. The caller holds the grid's lock, so no live
@@ -190,6 +224,7 @@ class Tracker:
         return [c for c in store.load_cells() if logged.get(c["cell_id"]) != c.get("finished_at")]
 
     def finish_invocation(self, status: str = "FINISHED") -> None:
+        self.flush()
         if self.available and self.parent_run_id:
             try:
                 self.client.set_terminated(self.parent_run_id, status)
@@ -205,10 +240,37 @@ class Tracker:
         }
 
     def log_cell(self, result: dict, store) -> bool:
-        """Create the cell's child run (replacing an unfinished one); False if MLflow is down."""
+        """Create the cell's child run (replacing an unfinished one); False if MLflow is down.
+        Asynchronous: queued for the logging thread (True)."""
         if not self.available or self.experiment_id is None:
             self.pending += 1
             return False
+        if self.asynchronous:
+            if self._thread is None:
+                self._queue = queue.Queue()
+                self._thread = threading.Thread(
+                    target=self._drain, name="fsbench-mlflow", daemon=True
+                )
+                self._thread.start()
+            self._queue.put((result, store))
+            return True
+        return self._log_now(result, store)
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.available:
+                self._log_now(*item)
+            else:
+                self.pending += 1
+
+    def flush(self) -> None:
+        """Wait until every queued cell is logged (or counted as pending)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _log_now(self, result: dict, store) -> bool:
         try:
             self._log_cell(result, store)
             return True
@@ -236,6 +298,11 @@ class Tracker:
         for stale in previous:
             client.delete_run(stale.info.run_id)
         config = result["config"]
+        environment = result["environment"]
+        timings = result["timings"]
+        now = time.time()
+        start_ms = int(1000 * timings.get("started_at", now))
+        end_ms = int(1000 * timings.get("ended_at", now))
         tags = {
             KIND_TAG: "cell",
             CELL_TAG: cell_id,
@@ -246,41 +313,52 @@ class Tracker:
             "way": str(config["way"]),
             "shot": str(config["shot"]),
             "protocol": config["protocol"],
-            "git_sha": result["environment"]["git_sha"],
-            "device": result["environment"]["device"],
+            "git_sha": environment["git_sha"],
+            "device": environment["device"],
             "manifest_fingerprints": ",".join(
                 s["manifest_fingerprint"][:16] for s in result["seeds"]
             ),
             FINISHED_TAG: finished_at,
+            # MLflow's own source fields (the UI's "Source" and git commit columns)
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": "fsbench",
+            "mlflow.source.git.commit": environment["git_sha"],
+            "fsbench.git_dirty": str(environment.get("git_dirty")),
         }
         tags["mlflow.parentRunId"] = self._parent()
-        run = client.create_run(self.experiment_id, run_name=result["title"], tags=tags)
+        run = client.create_run(
+            self.experiment_id, start_time=start_ms, run_name=result["title"], tags=tags
+        )
         run_id = run.info.run_id
         params = [_param(k, v) for k, v in sorted(flatten("", config, {}).items())]
         summary = result["summary"]
+        # Grouped for the UI: the headline numbers first, then iou/…, seed/…, train/…, eval/….
         metrics = {
             "miou": summary["miou_mean"],
             "miou_std": summary["miou_std"],
             "fb_iou": summary["fb_iou_mean"],
             "fb_iou_std": summary["fb_iou_std"],
-            "train_seconds": result["timings"]["train_seconds"],
-            "eval_seconds": result["timings"]["eval_seconds"],
+            "time/train_seconds": timings["train_seconds"],
+            "time/eval_seconds": timings["eval_seconds"],
         }
         for key in ("encoded_images", "distinct_images"):  # older cells lack them
-            if key in result["timings"]:
-                metrics[key] = result["timings"][key]
+            if key in timings:
+                metrics[f"eval/{key}"] = timings[key]
         for seed in result["seeds"]:
-            metrics[f"miou_seed_{seed['seed']}"] = seed["miou"]
-            metrics[f"fb_iou_seed_{seed['seed']}"] = seed["fb_iou"]
+            metrics[f"seed/{seed['seed']}/miou"] = seed["miou"]
+            metrics[f"seed/{seed['seed']}/fb_iou"] = seed["fb_iou"]
+        names = _class_names(config["dataset"]["name"])
         for class_id, value in summary["class_iou_mean"].items():
             if value is not None:  # None: the class never occurred
-                metrics[f"class_iou_{class_id}"] = value
-        stamp = 0
-        entries = [Metric(k, float(v), stamp, 0) for k, v in metrics.items()]
-        for point in (result.get("train") or {}).get("curve", []):
+                metrics[f"iou/{names.get(int(class_id), class_id)}"] = value
+        entries = [Metric(k, float(v), end_ms, 0) for k, v in metrics.items()]
+        train = result.get("train") or {}
+        times = train.get("curve_times") or []
+        for index, point in enumerate(train.get("curve", [])):
+            stamp = times[index] if index < len(times) else end_ms
             for name, value in point.items():
                 if name != "step":
-                    entries.append(Metric(f"train_{name}", float(value), stamp, point["step"]))
+                    entries.append(Metric(f"train/{name}", float(value), stamp, point["step"]))
         for start in range(0, max(len(entries), len(params)), 500):
             client.log_batch(
                 run_id,
@@ -290,6 +368,7 @@ class Tracker:
             )
         for start in range(100, len(params), 100):
             client.log_batch(run_id, params=params[start : start + 100])
+        client.log_inputs(run_id, datasets=_manifest_inputs(result, store))
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
             (folder / "config.json").write_text(json.dumps(result["config"], indent=1))
@@ -303,7 +382,16 @@ class Tracker:
             figure = _qualitative(result, store, folder)
             if figure is not None:
                 client.log_artifact(run_id, str(figure))
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, "FINISHED", end_time=end_ms)
+
+    def log_report(self, report_dir: Path) -> None:
+        """The grid's report (tables, figures) as artifacts of its stable grid run."""
+        if not self.available or self.experiment_id is None or not Path(report_dir).is_dir():
+            return
+        try:
+            self.client.log_artifacts(self._grid_run(), str(report_dir), "report")
+        except Exception as error:  # noqa: BLE001
+            self._warn(error)
 
     def sync(self, store) -> tuple[int, int]:
         """Repair leftovers and push every cell of `store` without a FINISHED run logged from
@@ -321,6 +409,36 @@ class Tracker:
         if self.parent_run_id:
             self.finish_invocation("FINISHED" if pushed == len(missing) else "FAILED")
         return pushed, len(cells)
+
+
+def _class_names(dataset: str) -> dict:
+    from fsbench.benchmarks.report import class_names
+
+    return class_names(dataset)
+
+
+def _manifest_inputs(result: dict, store) -> list:
+    """Each seed's episode manifest as an MLflow dataset input (name, fingerprint, source)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    config = result["config"]
+    inputs = []
+    for seed in result["seeds"]:
+        fingerprint = seed["manifest_fingerprint"]
+        path = Path(store.manifests_dir) / f"{fingerprint[:16]}.json"
+        profile = {"episodes": seed["episodes"], "seed": seed["seed"], "fold": config["fold"]}
+        dataset = Dataset(
+            name=(
+                f"{config['dataset']['name']} fold{config['fold']} {config['way']}w"
+                f"{config['shot']}s seed {seed['seed']} ({config['protocol']})"
+            ),
+            digest=fingerprint[:16],
+            source_type="local",
+            source=path.as_uri(),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", "evaluation")]))
+    return inputs
 
 
 def _param(key, value):

@@ -94,6 +94,7 @@ class TrainConfig:
 class TrainResult:
     state_dict: dict
     curve: list[dict] = field(default_factory=list)  # step, total and per-term loss, lr
+    curve_times: list[int] = field(default_factory=list)  # wall clock (epoch ms) of each point
     validation: list[dict] = field(default_factory=list)  # step, val mIoU
     best_step: int | None = None
     seconds: float = 0.0
@@ -218,6 +219,7 @@ def train(
         if cuda and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"])
         result.curve, result.validation = state["curve"], state["validation"]
+        result.curve_times = state.get("curve_times", [])
         result.best_step, best, running = state["best_step"], state["best"], state["running"]
         result.state_dict = state["best_state"]
         result.resumed_from = state["step"]
@@ -252,6 +254,7 @@ def train(
                     **{k: v / count for k, v in running.items()},
                 }
             )
+            result.curve_times.append(int(time.time() * 1000))
             running = {}
         if val_classes and (step % cfg.val_every == 0 or step == cfg.steps):
             score = validate(model, loader, dataset, protocol, val_classes, way, shot, cfg, device)
@@ -271,6 +274,7 @@ def train(
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state() if cuda else None,
                     "curve": result.curve,
+                    "curve_times": result.curve_times,
                     "validation": result.validation,
                     "best_step": result.best_step,
                     "best": best,

@@ -38,7 +38,9 @@ def test_serial_grid_end_to_end_and_resume(tmp_path, small_grid_dict):
     table = (report / "table_miou.md").read_text()
     assert "test_panet" in table and "Fold-0" in table
     assert (report / "table_miou.tex").read_text().count("\\toprule") == 1
-    assert (report / "par_per_fold.png").is_file() and (report / "par_per_fold.pdf").is_file()
+    # no PANet w/o PAR row in this grid: a per-fold figure, not a "PAR on vs off" one
+    assert (report / "miou_per_fold.png").is_file() and (report / "miou_per_fold.pdf").is_file()
+    assert not (report / "par_per_fold.png").exists()
 
     from mlflow.tracking import MlflowClient
 
@@ -48,8 +50,26 @@ def test_serial_grid_end_to_end_and_resume(tmp_path, small_grid_dict):
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
     panet_run = next(r for r in runs if r.data.tags["method"] == "test_panet")
     assert panet_run.data.params["train.steps"] == "4"
-    assert "miou_seed_1" in panet_run.data.metrics and "fsbench.cell_id" in panet_run.data.tags
-    assert "mlflow.parentRunId" in panet_run.data.tags
+    metrics = panet_run.data.metrics
+    assert {"miou", "fb_iou", "seed/1/miou", "train/total"} <= set(metrics)
+    assert any(k.startswith("iou/") for k in metrics) and "fsbench.cell_id" in panet_run.data.tags
+    # real times: the run spans the cell's training and evaluation; curves at their wall clock
+    info = panet_run.info
+    assert info.end_time - info.start_time >= 1000 * record["timings"]["train_seconds"] - 50
+    history = client.get_metric_history(panet_run.info.run_id, "train/total")
+    stamps = [m.timestamp for m in history]
+    assert stamps == sorted(stamps) and info.start_time <= stamps[0] <= stamps[-1] <= info.end_time
+    assert panet_run.data.tags["mlflow.source.git.commit"] == record["environment"]["git_sha"]
+    inputs = panet_run.inputs.dataset_inputs
+    assert len(inputs) == 2 and {i.dataset.digest for i in inputs} == {
+        s["manifest_fingerprint"][:16] for s in record["seeds"]
+    }
+    # cell → invocation → the grid's one run, which holds the report
+    invocation = client.get_run(panet_run.data.tags["mlflow.parentRunId"])
+    grid_run = client.get_run(invocation.data.tags["mlflow.parentRunId"])
+    assert grid_run.data.tags["fsbench.kind"] == "grid"
+    report_files = {a.path for a in client.list_artifacts(grid_run.info.run_id, "report")}
+    assert "report/table_miou.tex" in report_files
     artifacts = {a.path for a in client.list_artifacts(panet_run.info.run_id)}
     assert {"config.json", "episodes.csv", "qualitative.png"} <= artifacts
 
@@ -58,6 +78,8 @@ def test_serial_grid_end_to_end_and_resume(tmp_path, small_grid_dict):
         ["run", str(grid_file), "--serial", "--results", str(results), "--no-report"], tmp_path
     )
     assert second.returncode == 0 and "0 cells written, 3 already done" in second.stdout
+    grids = client.search_runs([experiment.experiment_id], "tags.`fsbench.kind` = 'grid'")
+    assert len(grids) == 1  # one stable run per grid, whatever the number of invocations
     assert {c.name: c.stat().st_mtime_ns for c in cells} == before
     sync = _run(["sync", "tiny", "--results", str(results)], tmp_path)
     assert "pushed 0 of 3" in sync.stdout

@@ -33,6 +33,9 @@ VOLATILE = {
     "device",
     "encoded_images",
     "resumed_from",
+    "curve_times",
+    "started_at",
+    "ended_at",
 }
 
 
