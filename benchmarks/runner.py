@@ -54,7 +54,14 @@ class Driver:
                 dynamic_ncols=True,
             )
 
+    def on_progress(self, job: Job, point: dict) -> None:
+        """A training curve point while the training runs (to MLflow, off the driver's path)."""
+        if self.tracker is not None:
+            self.tracker.log_progress(job.key, f"{job.cells[0].title} (training)", point)
+
     def on_train(self, job: Job, info: dict, state_dict) -> None:
+        if self.tracker is not None:
+            self.tracker.finish_training(job.key)
         path = self.store.save_checkpoint(job.key, state_dict)
         self.store.resume_path(job.key).unlink(missing_ok=True)  # the final weights are saved
         self.checkpoints[job.key] = {
@@ -189,7 +196,12 @@ class SerialExecutor:
                 try:
                     state = None
                     if job.trainable:
-                        info = train_task(job.config, self.device, self.threads)
+                        info = train_task(
+                            job.config,
+                            self.device,
+                            self.threads,
+                            reporter=lambda point, job=job: driver.on_progress(job, point),
+                        )
                         state = info["state_dict"]
                         driver.on_train(job, info, state)
                     for output in eval_task(
@@ -218,9 +230,17 @@ def _torch_threads(value=None):
     return torch.get_num_threads()
 
 
-def _train_with_state(config, device, threads):
-    """Ray task body: (state dict, info) as two objects, so evaluations fetch only the weights."""
-    info = train_task(config, device, threads)
+def _train_with_state(config, device, threads, progress=None, key=None):
+    """Ray task body: (state dict, info) as two objects, so evaluations fetch only the weights.
+    `progress` (a Ray queue) carries the training curve to the driver as it is made."""
+
+    def report(point):
+        try:
+            progress.put_nowait((key, point))
+        except Exception:  # noqa: BLE001 - progress is best effort; the curve is in the result
+            pass
+
+    info = train_task(config, device, threads, reporter=report if progress else None)
     return info.pop("state_dict"), info
 
 
@@ -304,11 +324,23 @@ class RayExecutor:
         eval_remote = ray.remote(eval_task).options(
             max_retries=self.max_retries, **resources["eval"]
         )
+        from ray.util.queue import Queue
+
+        progress = Queue(actor_options={"num_cpus": 0}) if any(j.trainable for j in jobs) else None
+        by_key = {job.key: job for job in jobs}
+
+        def drain():
+            while progress is not None and not progress.empty():
+                key, point = progress.get_nowait()
+                driver.on_progress(by_key[key], point)
+
         pending = {}
         for job in jobs:
             state_ref = None
             if job.trainable:
-                state_ref, info_ref = train_remote.remote(job.config, self.device, self.threads)
+                state_ref, info_ref = train_remote.remote(
+                    job.config, self.device, self.threads, progress, job.key
+                )
                 pending[info_ref] = ("train", job, state_ref)
             groups = [[item] for item in job.items] if self.eval_group == "seed" else [job.items]
             for group in groups:
@@ -324,7 +356,10 @@ class RayExecutor:
                 pending[ref] = ("eval", job, None)
         failed_jobs = set()
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+            drain()
+            if not ready:
+                continue
             kind, job, state_ref = pending.pop(ready[0])
             if job.key in failed_jobs:
                 continue

@@ -77,7 +77,9 @@ def _limit_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def train_task(config: dict, device: str = "auto", threads: int | None = None) -> dict:
+def train_task(
+    config: dict, device: str = "auto", threads: int | None = None, reporter=None
+) -> dict:
     """Train one cell's model; returns the selected state dict (CPU tensors) and its curve."""
     started_at = time.time()
     _limit_threads(threads)
@@ -101,6 +103,7 @@ def train_task(config: dict, device: str = "auto", threads: int | None = None) -
         workers=execution.get("train_workers", 0),
         resume_path=execution.get("resume_path"),
         checkpoint_every=execution.get("checkpoint_every", 0),
+        on_curve=reporter,  # each logged curve point, as it is made
     )
     return {
         "resumed_from": result.resumed_from,

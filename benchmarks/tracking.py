@@ -111,6 +111,7 @@ class Tracker:
         self.asynchronous = asynchronous
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
+        self._training_runs: dict[str, str] = {}  # model key → its live training run
         self.client = None
         try:  # a sqlite store is opened (and its schema checked) right here
             self.client = MlflowClient(tracking_uri=uri)
@@ -204,7 +205,7 @@ class Tracker:
                 str(self.results_root),
             ):
                 self.client.set_terminated(run.info.run_id, "KILLED")
-            elif tags.get(KIND_TAG) == "cell":
+            elif tags.get(KIND_TAG) in ("cell", "training"):
                 self.client.set_terminated(run.info.run_id, "FAILED")
 
     def _search(self, query: str) -> list:
@@ -225,6 +226,11 @@ class Tracker:
 
     def finish_invocation(self, status: str = "FINISHED") -> None:
         self.flush()
+        for key in list(self._training_runs):  # trainings that never finished (failed, killed)
+            try:
+                self.client.set_terminated(self._training_runs.pop(key), "FAILED")
+            except Exception as error:  # noqa: BLE001
+                self._warn(error)
         if self.available and self.parent_run_id:
             try:
                 self.client.set_terminated(self.parent_run_id, status)
@@ -246,22 +252,66 @@ class Tracker:
             self.pending += 1
             return False
         if self.asynchronous:
-            if self._thread is None:
-                self._queue = queue.Queue()
-                self._thread = threading.Thread(
-                    target=self._drain, name="fsbench-mlflow", daemon=True
-                )
-                self._thread.start()
-            self._queue.put((result, store))
+            self._submit(self._log_now, result, store)
             return True
         return self._log_now(result, store)
 
+    def _submit(self, function, *args) -> None:
+        """Run `function(*args)` on the logging thread (started on first use)."""
+        if self._thread is None:
+            self._queue = queue.Queue()
+            self._thread = threading.Thread(target=self._drain, name="fsbench-mlflow", daemon=True)
+            self._thread.start()
+        self._queue.put((function, args))
+
     def _drain(self) -> None:
         while (item := self._queue.get()) is not None:
+            function, args = item
             if self.available:
-                self._log_now(*item)
-            else:
+                function(*args)
+            elif function == self._log_now:
                 self.pending += 1
+
+    def log_progress(self, key: str, name: str, point: dict) -> None:
+        """A training curve point of the model `key`, logged while it trains (its own run)."""
+        if self.available and self.experiment_id is not None:
+            self._submit(self._log_point, key, name, point)
+
+    def finish_training(self, key: str) -> None:
+        if key in self._training_runs:
+            self._submit(self._end_training, key)
+
+    def _log_point(self, key: str, name: str, point: dict) -> None:
+        from mlflow.entities import Metric
+
+        try:
+            if key not in self._training_runs:
+                run = self.client.create_run(
+                    self.experiment_id,
+                    start_time=point.get("time"),
+                    run_name=name,
+                    tags={
+                        KIND_TAG: "training",
+                        "fsbench.model_key": key,
+                        "mlflow.parentRunId": self._parent(),
+                    },
+                )
+                self._training_runs[key] = run.info.run_id
+            stamp = point.get("time") or int(time.time() * 1000)
+            metrics = [
+                Metric(f"train/{k}", float(v), stamp, point["step"])
+                for k, v in point.items()
+                if k not in ("step", "time")
+            ]
+            self.client.log_batch(self._training_runs[key], metrics=metrics)
+        except Exception as error:  # noqa: BLE001
+            self._warn(error)
+
+    def _end_training(self, key: str) -> None:
+        try:
+            self.client.set_terminated(self._training_runs.pop(key), "FINISHED")
+        except Exception as error:  # noqa: BLE001
+            self._warn(error)
 
     def flush(self) -> None:
         """Wait until every queued cell is logged (or counted as pending)."""

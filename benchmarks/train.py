@@ -178,6 +178,7 @@ def train(
     input_size,
     device="cpu",
     progress=None,
+    on_curve=None,
     workers: int = 0,
     resume_path=None,
     checkpoint_every: int = 0,
@@ -256,6 +257,8 @@ def train(
             )
             result.curve_times.append(int(time.time() * 1000))
             running = {}
+            if on_curve is not None:  # live progress (the driver logs it to MLflow)
+                on_curve({**result.curve[-1], "time": result.curve_times[-1]})
         if val_classes and (step % cfg.val_every == 0 or step == cfg.steps):
             score = validate(model, loader, dataset, protocol, val_classes, way, shot, cfg, device)
             result.validation.append({"step": step, "miou": score})

@@ -64,6 +64,13 @@ def test_serial_grid_end_to_end_and_resume(tmp_path, small_grid_dict):
     assert len(inputs) == 2 and {i.dataset.digest for i in inputs} == {
         s["manifest_fingerprint"][:16] for s in record["seeds"]
     }
+    # the curve reached MLflow while the model trained: its own run, points as they were made
+    (training,) = client.search_runs([experiment.experiment_id], "tags.`fsbench.kind` = 'training'")
+    live = client.get_metric_history(training.info.run_id, "train/total")
+    assert training.info.status == "FINISHED" and [m.step for m in live] == [
+        p["step"] for p in record["train"]["curve"]
+    ]
+    assert live[-1].timestamp <= panet_run.info.end_time
     # cell → invocation → the grid's one run, which holds the report
     invocation = client.get_run(panet_run.data.tags["mlflow.parentRunId"])
     grid_run = client.get_run(invocation.data.tags["mlflow.parentRunId"])

@@ -467,6 +467,42 @@ def test_tracking_server_down_mid_grid_then_sync(mlflow_server, grid_file, tmp_p
     again = run_cli(["sync", "faults", "--results", str(results), "--tracking-uri", uri])
     assert "pushed 0 of 4" in again.stdout
 
+    # What a user's tools read: the REST API of the server.
+    import urllib.request
+
+    def rest(path, body):
+        request = urllib.request.Request(
+            f"{uri}/api/2.0/mlflow/{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    experiment = client.get_experiment_by_name("faults").experiment_id
+    found = rest(
+        "runs/search",
+        {"experiment_ids": [experiment], "filter": "tags.`fsbench.kind` = 'cell'"},
+    )["runs"]
+    cells = {
+        json.loads(p.read_text())["cell_id"]: json.loads(p.read_text())
+        for p in (results / "faults" / "cells").glob("*.json")
+    }
+    assert len(found) == 4
+    for run in found:
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        cell = cells[tags["fsbench.cell_id"]]
+        info = run["info"]
+        # real times (ms): the run spans the cell's work, not the moment it was logged
+        assert info["start_time"] == int(1000 * cell["timings"]["started_at"])
+        assert info["end_time"] == int(1000 * cell["timings"]["ended_at"])
+        assert tags["mlflow.source.git.commit"] == cell["environment"]["git_sha"]
+        metrics = {m["key"]: m for m in run["data"]["metrics"]}
+        assert metrics["miou"]["timestamp"] == info["end_time"]  # never 0 (1970)
+        assert f"seed/{cell['seeds'][0]['seed']}/miou" in metrics
+        digests = {i["dataset"]["digest"] for i in run["inputs"]["dataset_inputs"]}
+        assert digests == {s["manifest_fingerprint"][:16] for s in cell["seeds"]}
+
 
 def test_ui_serves_the_results_store(tmp_path):
     import urllib.request
