@@ -22,38 +22,31 @@ from fsbench.benchmarks.runner import RayExecutor, SerialExecutor, run_grid
 from fsbench.benchmarks.tracking import Tracker, default_tracking_uri
 
 
-def equal_cells_grid(cells: int, steps: int) -> dict:
-    # Equal cost per cell: the same model with different α (an ablation axis) on each fold.
-    alphas = [10.0 * (i + 1) for i in range(max(1, cells // 4))]
-    methods = [{"name": "panet", "kwargs": {"width": 0.125}, "sweep": {"alpha": alphas}}]
-    return {
-        "name": "equal_cells",
+def alpha_sweep_grid(name: str, method: str, alphas, episodes: int, train=None) -> dict:
+    """Cells of equal cost: one narrow PANet variant per α (an ablation axis) on each fold."""
+    grid = {
+        "name": name,
         "dataset": {"name": "synthetic_pascal5i", "n_images": 600, "image_size": 128},
         "input_size": 64,
-        "episodes": 100,
+        "episodes": episodes,
         "seeds": [1234],
         "folds": [0, 1, 2, 3],
         "shots": [1],
-        "methods": methods,
-        "train": {"steps": steps, "lr_milestones": [steps], "log_every": 10},
+        "methods": [{"name": method, "kwargs": {"width": 0.125}, "sweep": {"alpha": alphas}}],
     }
+    return {**grid, "train": train} if train else grid
+
+
+def equal_cells_grid(cells: int, steps: int) -> dict:
+    alphas = [10.0 * (i + 1) for i in range(max(1, cells // 4))]
+    train = {"steps": steps, "lr_milestones": [steps], "log_every": 10}
+    return alpha_sweep_grid("equal_cells", "panet", alphas, 100, train)
 
 
 def eval_only_grid(cells: int) -> dict:
     """An α sweep of untrained PANet: `cells` evaluation-only cells of a second or less each."""
     alphas = [1.0 + i for i in range(max(1, cells // 4))]
-    return {
-        "name": "alpha_sweep",
-        "dataset": {"name": "synthetic_pascal5i", "n_images": 600, "image_size": 128},
-        "input_size": 64,
-        "episodes": 20,
-        "seeds": [1234],
-        "folds": [0, 1, 2, 3],
-        "shots": [1],
-        "methods": [
-            {"name": "prototype_notrain", "kwargs": {"width": 0.125}, "sweep": {"alpha": alphas}}
-        ],
-    }
+    return alpha_sweep_grid("alpha_sweep", "prototype_notrain", alphas, 20)
 
 
 def measure(executor, grid, root: Path, tracking: bool = True) -> dict:

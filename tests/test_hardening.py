@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import session_members
 
 from fsbench.benchmarks.cli import main
 from fsbench.datasets.registry import FsbenchError
@@ -462,19 +463,6 @@ def test_corrupt_tracking_store_and_manifest_degrade_then_repair(tmp_path, quick
 
 
 # -- Ray ---------------------------------------------------------------------------------------
-def _session_members(session: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[3]) == session:
-                found.append(int(entry))
-    return found
-
-
 def _listening(pids: set[int]) -> list[str]:
     """Local addresses the processes listen on (TCP), from `ss`."""
     out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
@@ -512,7 +500,7 @@ def test_local_ray_listens_on_loopback_and_dies_with_its_driver(tmp_path, quick_
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            members = set(_session_members(driver.pid)) - {driver.pid}
+            members = set(session_members({driver.pid})) - {driver.pid}
             names = {
                 Path(f"/proc/{p}/comm").read_text().strip()
                 for p in members
@@ -522,7 +510,7 @@ def test_local_ray_listens_on_loopback_and_dies_with_its_driver(tmp_path, quick_
                 break
             time.sleep(0.5)
         time.sleep(3)
-        members = set(_session_members(driver.pid))
+        members = set(session_members({driver.pid}))
         addresses = _listening(members)
         assert addresses, "no Ray listener found"
         assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for a in addresses), (
@@ -531,12 +519,12 @@ def test_local_ray_listens_on_loopback_and_dies_with_its_driver(tmp_path, quick_
         os.kill(driver.pid, signal.SIGKILL)  # the driver alone, as an OOM killer would
         driver.wait()
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and _session_members(driver.pid):
+        while time.monotonic() < deadline and session_members({driver.pid}):
             time.sleep(0.5)
-        left = _session_members(driver.pid)
+        left = session_members({driver.pid})
         assert not left, [Path(f"/proc/{p}/cmdline").read_text()[:80] for p in left]
     finally:
-        for pid in _session_members(driver.pid):  # ours, by PID
+        for pid in session_members({driver.pid}):  # ours, by PID
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import session_members
 
 pytestmark = pytest.mark.slow
 
@@ -58,20 +59,6 @@ def wait_for(predicate, timeout, what):
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def session_members(sessions: set[int]) -> list[int]:
-    """PIDs of the live processes in these sessions (each started with start_new_session)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[3]) in sessions:
-                found.append(int(entry))
-    return found
 
 
 def _kill_group(process):
