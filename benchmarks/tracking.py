@@ -5,6 +5,7 @@ pushes every cell that has no finished child run yet (so nothing is logged twice
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import queue
@@ -18,8 +19,15 @@ from fsbench.datasets.registry import FsbenchError
 
 CELL_TAG = "fsbench.cell_id"
 KIND_TAG = "fsbench.kind"
-# The cell file's `finished_at` a run was logged from: a rerun's newer file replaces the run.
-FINISHED_TAG = "fsbench.finished_at"
+# The digest of the cell record a run was logged from: a rerun's new file replaces the run.
+RECORD_TAG = "fsbench.record"
+
+
+def record_digest(result: dict) -> str:
+    """Identity of one cell record (a rerun's differs: new times, even in the same second)."""
+    return hashlib.sha256(json.dumps(result, sort_keys=True).encode()).hexdigest()[:16]
+
+
 RESULTS_TAG = "fsbench.results"  # the results folder an invocation wrote
 LIVE_INTERVAL_SECONDS = 5.0  # a training curve reaches MLflow at least this often
 
@@ -227,7 +235,7 @@ class Tracker:
     def _unlogged(self, store) -> list[dict]:
         """Cells of `store` without a FINISHED run logged from this very file."""
         logged = self.logged_cells()
-        return [c for c in store.load_cells() if logged.get(c["cell_id"]) != c.get("finished_at")]
+        return [c for c in store.load_cells() if logged.get(c["cell_id"]) != record_digest(c)]
 
     def finish_invocation(self, status: str = "FINISHED") -> None:
         self.flush()
@@ -243,9 +251,9 @@ class Tracker:
                 self._warn(error)
 
     def logged_cells(self) -> dict[str, str]:
-        """cell id → the `finished_at` of the cell file its FINISHED run was logged from."""
+        """cell id → the digest of the cell record its FINISHED run was logged from."""
         return {
-            run.data.tags[CELL_TAG]: run.data.tags.get(FINISHED_TAG, "")
+            run.data.tags[CELL_TAG]: run.data.tags.get(RECORD_TAG, "")
             for run in self._search(f"tags.{KIND_TAG} = 'cell'")
             if run.info.status == "FINISHED"
         }
@@ -360,9 +368,9 @@ class Tracker:
         previous = client.search_runs(
             [self.experiment_id], f"tags.{CELL_TAG} = '{cell_id}'", max_results=100
         )
-        finished_at = result.get("finished_at", "")
+        digest = record_digest(result)
         if any(
-            r.info.status == "FINISHED" and r.data.tags.get(FINISHED_TAG, "") == finished_at
+            r.info.status == "FINISHED" and r.data.tags.get(RECORD_TAG, "") == digest
             for r in previous
         ):
             return  # this very file is logged (e.g. by an earlier sync): never twice
@@ -391,7 +399,8 @@ class Tracker:
             "manifest_fingerprints": ",".join(
                 s["manifest_fingerprint"][:16] for s in result["seeds"]
             ),
-            FINISHED_TAG: finished_at,
+            RECORD_TAG: digest,
+            "fsbench.finished_at": result.get("finished_at", ""),
             # MLflow's own source fields (the UI's "Source" and git commit columns)
             "mlflow.source.type": "LOCAL",
             "mlflow.source.name": "fsbench",

@@ -365,6 +365,8 @@ def _runs(client, experiment, kind):
 
 
 def test_mlflow_tells_the_truth_after_reruns_and_crashes(tmp_path, quick_grid, capsys):
+    from fsbench.benchmarks.tracking import record_digest
+
     results = tmp_path / "r"
     _run_quick(capsys, quick_grid, results, "--no-report")
     client, experiment = _client(results)
@@ -392,7 +394,7 @@ def test_mlflow_tells_the_truth_after_reruns_and_crashes(tmp_path, quick_grid, c
     assert len(active) == len(cells) and all(r.info.status == "FINISHED" for r in active)
     for run in active:
         cell = cells[run.data.tags["fsbench.cell_id"]]
-        assert run.data.tags["fsbench.finished_at"] == cell["finished_at"]
+        assert run.data.tags["fsbench.record"] == record_digest(cell)
         assert run.data.metrics["miou"] == pytest.approx(cell["summary"]["miou_mean"])
 
     # a killed driver's leftovers: RUNNING invocation and cell runs, repaired by the next `run`
@@ -402,7 +404,7 @@ def test_mlflow_tells_the_truth_after_reruns_and_crashes(tmp_path, quick_grid, c
     victim = next(iter(cells))
     half = client.create_run(
         experiment,
-        tags={"fsbench.kind": "cell", "fsbench.cell_id": victim, "fsbench.finished_at": "x"},
+        tags={"fsbench.kind": "cell", "fsbench.cell_id": victim, "fsbench.record": "x"},
     )
     for run in active:  # as if the driver died before logging this cell at all
         if run.data.tags["fsbench.cell_id"] == victim:
