@@ -494,7 +494,7 @@ class Tracker:
 
 
 def _class_names(dataset: str) -> dict:
-    from fsbench.benchmarks.report import class_names
+    from fsbench.benchmarks.figures import class_names
 
     return class_names(dataset)
 
@@ -532,7 +532,7 @@ def _param(key, value):
 
 def _qualitative(result: dict, store, folder: Path):
     try:
-        from fsbench.benchmarks.report import qualitative_strip
+        from fsbench.benchmarks.figures import qualitative_strip
 
         return qualitative_strip(result, store, folder / "qualitative.png", max_episodes=2)
     except Exception as error:  # noqa: BLE001 - a figure must never stop the logging

@@ -174,7 +174,7 @@ def test_tracking_uri_password_never_printed(tmp_path, quick_grid, capsys):
     from fsbench.benchmarks.tracking import redacted
 
     assert redacted("http://ann:s3cret@host:5000/x") == "http://ann:***@host:5000/x"
-    assert redacted("sqlite:///tmp/mlflow.db") == "sqlite:///tmp/mlflow.db"
+    assert redacted("sqlite:///results/mlflow.db") == "sqlite:///results/mlflow.db"
     code, out, err = cli(
         capsys,
         "run",

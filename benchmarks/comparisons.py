@@ -1,0 +1,171 @@
+"""Paired comparisons a paper reports: per fold and of the fold mean, Holm-corrected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from fsbench.benchmarks.cells import row_label, train_seed
+from fsbench.benchmarks.metrics import (
+    EpisodeCounts,
+    _boot_stat,
+    _resample_weights,
+    bootstrap_ci,
+)
+
+
+def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFrame:
+    """Per cell and seed: the 95% bootstrap CI of its mIoU. Per declared pair (variant, base),
+    per shot: the paired difference per fold and of the fold mean (the number a paper reports),
+    by a paired bootstrap over episodes (both rows resampled alike, on the same manifests;
+    training-seed replicates paired by seed), with Holm-corrected p-values over all of them."""
+    rows = []
+    by_setting: dict = {}  # (row, fold, way, shot, annotation) → {train seed: {seed: counts}}
+    for cell in cells:
+        config = cell["config"]
+        for seed in cell["seeds"]:
+            counts = EpisodeCounts.from_json(seed["counts"])
+            low, high = bootstrap_ci(counts, n_boot=n_boot, seed=seed["seed"])
+            rows.append(
+                {
+                    "kind": "ci",
+                    "row": row_label(config),
+                    "fold": config["fold"],
+                    "shot": config["shot"],
+                    "seed": seed["seed"],
+                    "value": 100 * counts.miou(),
+                    "low": 100 * low,
+                    "high": 100 * high,
+                    "versus": "",
+                    "p": np.nan,
+                    "p_holm": np.nan,
+                    "significant": "",
+                }
+            )
+            key = (config["row"], config["fold"], config["way"], config["shot"])
+            key += (config["annotation"],)
+            by_setting.setdefault(key, {}).setdefault(train_seed(config), {})[seed["seed"]] = (
+                counts,
+                seed["manifest_fingerprint"],
+            )
+    tests = []
+    settings = sorted({k[1:] for k in by_setting}, key=str)
+    for variant, base in compare:
+        for way, shot, annotation in sorted({(w, s, a) for _, w, s, a in settings}):
+            folds = sorted({f for f, w, s, a in settings if (w, s, a) == (way, shot, annotation)})
+            draws = {}
+            for fold in folds:
+                pairs = _paired_draws(
+                    by_setting.get((variant, fold, way, shot, annotation), {}),
+                    by_setting.get((base, fold, way, shot, annotation), {}),
+                    n_boot,
+                    fold,
+                )
+                if pairs is not None:
+                    draws[fold] = pairs
+                    tests.append((variant, base, shot, fold, *pairs))
+            if draws and len(draws) == len(folds):  # the fold mean needs every fold
+                observed = float(np.mean([d[0] for d in draws.values()]))
+                replicates = np.mean([d[1] for d in draws.values()], axis=0)
+                tests.append((variant, base, shot, "Mean", observed, replicates))
+    adjusted = _holm([_bootstrap_p(t[5]) for t in tests])
+    for (variant, base, shot, fold, observed, replicates), (p, p_holm) in zip(tests, adjusted):
+        low, high = np.nanpercentile(replicates, [2.5, 97.5])
+        rows.append(
+            {
+                "kind": "paired",
+                "row": variant,
+                "fold": fold,
+                "shot": shot,
+                "seed": "all",
+                "value": 100 * observed,
+                "low": 100 * low,
+                "high": 100 * high,
+                "versus": base,
+                "p": p,
+                "p_holm": p_holm,
+                "significant": "yes" if p_holm < 0.05 else "no",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _paired_draws(variant: dict, base: dict, n_boot: int, fold: int):
+    """(observed, bootstrap replicates) of variant − base mIoU at one fold: the mean over the
+    training seeds both have (an untrained base serves every seed) and their shared episode
+    seeds, episodes resampled alike for both rows. None when nothing pairs."""
+    observed, replicates = [], []
+    for seed, runs in sorted(variant.items(), key=str):
+        other = base.get(seed, base.get(None)) if len(base) > 1 else next(iter(base.values()), None)
+        if other is None:
+            continue
+        for episode_seed, (counts, fingerprint) in sorted(runs.items()):
+            if episode_seed not in other or other[episode_seed][1] != fingerprint:
+                continue
+            base_counts = other[episode_seed][0]
+            weights = _resample_weights(len(counts.per_class), n_boot, 1000 * fold + episode_seed)
+            observed.append(counts.miou() - base_counts.miou())
+            replicates.append(
+                _boot_stat(counts, weights, "miou") - _boot_stat(base_counts, weights, "miou")
+            )
+    if not observed:
+        return None
+    return float(np.mean(observed)), np.mean(replicates, axis=0)
+
+
+def _bootstrap_p(replicates: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of "no difference": twice the smaller tail beyond 0."""
+    replicates = replicates[np.isfinite(replicates)]
+    if not len(replicates):
+        return 1.0
+    tail = min((replicates <= 0).mean(), (replicates >= 0).mean())
+    return float(min(1.0, 2 * max(tail, 1 / len(replicates))))
+
+
+def _holm(pvalues: list[float]) -> list[tuple[float, float]]:
+    """(p, Holm-adjusted p) for each test: step-down over all the comparisons of the report."""
+    order = np.argsort(pvalues, kind="stable")
+    adjusted, running = np.empty(len(pvalues)), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[index]))
+        adjusted[index] = running
+    return list(zip(pvalues, adjusted.tolist()))
+
+
+def statistics_markdown(stats: pd.DataFrame) -> str:
+    """The declared comparisons: Δ mIoU per fold and of the fold mean, paired bootstrap CIs,
+    Holm-corrected p-values; the per-cell CIs stay in the CSV."""
+    lines = [
+        "# Paired comparisons (same manifests; 95% paired bootstrap over episodes; "
+        "p-values Holm-corrected over every comparison below)",
+        "",
+    ]
+    paired = stats[stats["kind"] == "paired"] if len(stats) else stats
+    if not len(paired):
+        return "\n".join(
+            lines
+            + [
+                "No comparison declared: add `compare: [[variant, base]]` (rows of the grid) to "
+                "the grid file.",
+                "",
+            ]
+        )
+    lines += [
+        "| Variant | vs | Shot | Fold | Δ mIoU | 95% CI | p | p (Holm) | Significant |",
+        "|---|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|",
+    ]
+    for _, r in paired.iterrows():
+        fold = "**mean**" if r["fold"] == "Mean" else r["fold"]
+        lines.append(
+            f"| {r['row']} | {r['versus']} | {r['shot']} | {fold} | {r['value']:+.1f} | "
+            f"[{r['low']:+.1f}, {r['high']:+.1f}] | {r['p']:.3f} | {r['p_holm']:.3f} | "
+            f"{r['significant']} |"
+        )
+    lines += [
+        "",
+        f"{(paired['significant'] == 'yes').sum()} of {len(paired)} differences are significant "
+        "at 5% after Holm's correction. The intervals resample episodes: with several "
+        "`train_seeds` they pair models seed by seed but do not resample the training runs.",
+        "",
+    ]
+    return "\n".join(lines)
