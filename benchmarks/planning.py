@@ -34,17 +34,19 @@ class Plan:
 def _damaged_manifests(store: ResultStore, finished: set[str]) -> dict[str, list[int]]:
     """cell id → seeds of finished cells whose saved manifest is missing or damaged."""
     damaged: dict[str, list[int]] = {}
+    intact: dict[str, bool] = {}  # fingerprint → its file checks out (cells share manifests)
     for result in store.load_cells():
         if result["cell_id"] not in finished:
             continue
         for seed in result.get("seeds", []):
             fingerprint = seed.get("manifest_fingerprint", "")
-            path = store.manifests_dir / f"{fingerprint[:16]}.json"
-            try:
-                intact = EpisodeManifest.load(path).fingerprint == fingerprint
-            except FsbenchError:
-                intact = False
-            if not intact:
+            if fingerprint not in intact:
+                path = store.manifests_dir / f"{fingerprint[:16]}.json"
+                try:
+                    intact[fingerprint] = EpisodeManifest.load(path).fingerprint == fingerprint
+                except FsbenchError:
+                    intact[fingerprint] = False
+            if not intact[fingerprint]:
                 damaged.setdefault(result["cell_id"], []).append(seed["seed"])
     return damaged
 

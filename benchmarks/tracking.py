@@ -378,6 +378,8 @@ class Tracker:
         # a --rerun) must not count: they go to MLflow's deleted runs, and the file is logged anew.
         for stale in previous:
             client.delete_run(stale.info.run_id)
+        from fsbench.benchmarks.figures import class_names
+
         config = result["config"]
         environment = result["environment"]
         timings = result["timings"]
@@ -429,7 +431,7 @@ class Tracker:
         for seed in result["seeds"]:
             metrics[f"seed/{seed['seed']}/miou"] = seed["miou"]
             metrics[f"seed/{seed['seed']}/fb_iou"] = seed["fb_iou"]
-        names = _class_names(config["dataset"]["name"])
+        names = class_names(config["dataset"]["name"])
         for class_id, value in summary["class_iou_mean"].items():
             if value is not None:  # None: the class never occurred
                 metrics[f"iou/{names.get(int(class_id), class_id)}"] = value
@@ -491,12 +493,6 @@ class Tracker:
         if self.parent_run_id:
             self.finish_invocation("FINISHED" if pushed == len(missing) else "FAILED")
         return pushed, len(cells)
-
-
-def _class_names(dataset: str) -> dict:
-    from fsbench.benchmarks.figures import class_names
-
-    return class_names(dataset)
 
 
 def _manifest_inputs(result: dict, store) -> list:
