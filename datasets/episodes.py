@@ -120,7 +120,24 @@ class EpisodeManifest:
     episodes: tuple[EpisodeSpec, ...]
 
     @classmethod
-    def build(cls, dataset, protocol, fold, way, shot, n_episodes, seed, queries_per_way=1):
+    def build(
+        cls,
+        dataset,
+        protocol,
+        fold,
+        way,
+        shot,
+        n_episodes,
+        seed,
+        queries_per_way=1,
+        sampler: str | None = None,
+    ):
+        """The episodes of one setting. `sampler` "official" (the default of a named protocol)
+        replays the protocol's own test script (datasets/replay.py); "fsbench" draws with
+        fsbench's sampler, seeded by the whole spec."""
+        from fsbench.datasets.protocols import check_sampler
+
+        sampler = check_sampler(sampler or protocol.default_sampler(), protocol)
         split = dataset.test_split(protocol)
         min_pixels = protocol.min_object_pixels
         spec = {
@@ -140,6 +157,22 @@ class EpisodeManifest:
             raise FsbenchError(
                 f"impossible episode setting {spec}: way, shot, episodes must be ≥ 1"
             )
+        if sampler == "official":
+            from fsbench.datasets.replay import official_episodes
+
+            replay = official_episodes(
+                dataset, protocol, fold, way, shot, n_episodes, seed, queries_per_way
+            )
+            # Version 2: the manifest names its sampler and lists. A version-1 manifest (no
+            # `sampler` key) was drawn by fsbench's sampler, as fsbench-sampled ones still are.
+            spec.update(
+                version=2,
+                sampler=f"official:{protocol.official_sampler}",
+                lists=replay.lists,
+                lists_sha256=replay.lists_sha256,
+            )
+            episodes = tuple(EpisodeSpec(*episode) for episode in replay.episodes)
+            return cls(spec, episodes)
         rng = seeded_rng(spec)
         pool = dataset.fold_classes(fold)
         episodes = tuple(
@@ -147,6 +180,11 @@ class EpisodeManifest:
             for _ in range(n_episodes)
         )
         return cls(spec, episodes)
+
+    @property
+    def sampler(self) -> str:
+        """"official:<lineage>" or "fsbench" (manifests without the key predate the replay)."""
+        return self.spec.get("sampler", "fsbench")
 
     @property
     def fingerprint(self) -> str:

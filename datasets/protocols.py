@@ -25,9 +25,42 @@ class Protocol:
     coco_crowd: str  # crowd regions: "keep" (part of the class), "ignore" (255) or "skip"
     min_object_pixels: int  # an image counts for a class only with at least this many pixels
     only_present_classes: bool  # PANet's metric: count a class only where the query label has it
+    # Whose test script's episodes `sampler: official` replays (datasets/replay.py); None: the
+    # protocol has no official script, and its cells use fsbench's own sampler.
+    official_sampler: str | None = None
+    coco_input_size: int = 0  # COCO-20i's input side when it differs (0: input_size)
+    coco_episodes: int = 0  # ... and its episode count (0: episodes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def for_dataset(self, dataset_name: str) -> Protocol:
+        """The preset as it applies to a dataset: PFENet tests COCO at 641 px on 20001 episodes."""
+        if "coco" not in dataset_name:
+            return self
+        return dataclasses.replace(
+            self,
+            input_size=self.coco_input_size or self.input_size,
+            episodes=self.coco_episodes or self.episodes,
+        )
+
+    def default_sampler(self) -> str:
+        return "official" if self.official_sampler else "fsbench"
+
+
+# `official`: the episodes the protocol's own test script draws (datasets/replay.py), the default
+# of every named protocol; `fsbench`: fsbench's sampler (distinct supports, one seeded generator).
+SAMPLERS = ("official", "fsbench")
+
+
+def check_sampler(sampler: str, protocol: Protocol) -> str:
+    if sampler not in SAMPLERS:
+        raise FsbenchError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if sampler == "official" and not protocol.official_sampler:
+        raise FsbenchError(
+            f"protocol {protocol.name!r} has no official test script to replay; use sampler: fsbench"
+        )
+    return sampler
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -46,22 +79,27 @@ PROTOCOLS: dict[str, Protocol] = {
         coco_crowd="keep",  # PANet's coco.py merges every annotation, crowd included
         min_object_pixels=1,
         only_present_classes=True,
+        official_sampler="panet",
     ),
-    # PFENet test.py: val list, seed 321, 5000 episodes, labels at original resolution.
+    # PFENet test.py with its configs (resized_val, ori_resize): val list, seed 321, 5001 scored
+    # episodes (20001 on COCO, at 641 px), labels at original resolution.
     "pfenet": Protocol(
         name="pfenet",
         input_size=473,
-        resize="keep_ratio_pad",  # PFENet test_Resize: longer side to 473, pad (label 255)
+        resize="keep_ratio_pad",  # PFENet Resize: longer side to 473, sides floored to ×8, pad
         score_resolution="original",
-        episodes=5000,
+        episodes=5001,
         seeds=(321,),
         pascal_train_list="trainaug",
         pascal_test_list="val",
         coco_split="interleaved",
         coco_test_images="val",
-        coco_crowd="ignore",  # our choice: their label PNGs were made offline (see closing note)
+        coco_crowd="ignore",  # our choice: their label PNGs were made offline (see README)
         min_object_pixels=2 * 32 * 32,
         only_present_classes=False,
+        official_sampler="pfenet",
+        coco_input_size=641,
+        coco_episodes=20001,
     ),
     # HSNet test.py: 1000 episodes, seed 0, 400x400, labels resized by default.
     "hsnet": Protocol(
@@ -75,9 +113,10 @@ PROTOCOLS: dict[str, Protocol] = {
         pascal_test_list="val",
         coco_split="interleaved",
         coco_test_images="val",
-        coco_crowd="ignore",  # our choice: their label PNGs were made offline (see closing note)
+        coco_crowd="ignore",  # our choice: their label PNGs were made offline (see README)
         min_object_pixels=1,
         only_present_classes=False,
+        official_sampler="hsnet",
     ),
 }
 

@@ -30,7 +30,9 @@ def test_fingerprint_same_in_fresh_process_and_differs_by_seed(dataset, voc_root
 
 @pytest.mark.parametrize("way,shot", [(1, 1), (1, 5), (2, 1), (3, 2)])
 def test_supports_distinct_never_query_and_contain_class(dataset, way, shot):
-    manifest = EpisodeManifest.build(dataset, PANET, 0, way, shot, 30, 7)
+    """fsbench's own sampler (PANet's official one draws each class on its own: in N-way
+    episodes a query may be another class's support, as tests/test_replay.py records)."""
+    manifest = EpisodeManifest.build(dataset, PANET, 0, way, shot, 30, 7, sampler="fsbench")
     for episode in manifest.episodes:
         assert len(set(episode.classes)) == way
         assert set(episode.classes) <= set(dataset.fold_classes(0))
@@ -45,7 +47,8 @@ def test_supports_distinct_never_query_and_contain_class(dataset, way, shot):
 
 
 def test_episode_tensors_and_masks(dataset):
-    manifest = EpisodeManifest.build(dataset, PANET, 0, 2, 3, 2, 3)
+    # fsbench's sampler: one query per way (PANet's official test draws one per episode)
+    manifest = EpisodeManifest.build(dataset, PANET, 0, 2, 3, 2, 3, sampler="fsbench")
     episode = EpisodeLoader(dataset, 40).load(manifest.episodes[0])
     assert episode.support_images.shape == (2, 3, 3, 40, 40)
     assert episode.support_fg.shape == episode.support_bg.shape == (2, 3, 40, 40)

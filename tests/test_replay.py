@@ -1,0 +1,165 @@
+"""Official episode replay: fsbench's manifests equal what the official test samplers drew.
+
+tests/fixtures/official_episodes.json was recorded by tests/fixtures/record_official_episodes.py,
+which runs kaixin96/PANet's voc_fewshot + fewShot (and its util/voc_classwise_filenames.py),
+juhongm999/hsnet's DatasetPASCAL through its test DataLoader, and dvlab-research/PFENet's SemData
+through an 8-worker DataLoader as its validate() loops, on the generated layout built below.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fsbench.datasets.episodes import EpisodeManifest
+from fsbench.datasets.pascal import Pascal5i
+from fsbench.datasets.protocols import PROTOCOLS
+from fsbench.datasets.registry import FsbenchError
+from fsbench.datasets.replay import LISTS, official_episodes
+from fsbench.datasets.synthetic import write_voc
+
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "official_episodes.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def recorded_voc(tmp_path_factory):
+    """The generated VOC layout the fixtures were recorded on (same generator, same data)."""
+    root = tmp_path_factory.mktemp("replay_voc")
+    data = FIXTURE["data"]
+    write_voc(root, data["n_images"], data["image_size"], data["seed"])
+    dataset = Pascal5i(root, cache_dir=tmp_path_factory.mktemp("replay_index"))
+    fingerprints = {s: dataset.fingerprint(s) for s in ("trainaug", "val")}
+    assert fingerprints == FIXTURE["dataset_fingerprint"], "generator changed: re-record"
+    return root, dataset
+
+
+def episodes(dataset, protocol, fold, way, shot, count, seed, sampler=None):
+    manifest = EpisodeManifest.build(
+        dataset, PROTOCOLS[protocol], fold, way, shot, count, seed, sampler=sampler
+    )
+    return manifest, [e.to_json() for e in manifest.episodes]
+
+
+@pytest.mark.parametrize("run", range(len(FIXTURE["panet"]["sorted_lists"])))
+def test_panet_replay_equals_official_sampler_over_built_lists(recorded_voc, run):
+    """No class<N>.txt in the data root: fsbench builds them over sorted label files; PANet's
+    sampler given those sorted lists drew the recorded episodes."""
+    _, dataset = recorded_voc
+    record = FIXTURE["panet"]["sorted_lists"][run]
+    manifest, mine = episodes(
+        dataset, "panet", 0, record["way"], record["shot"], 60, record["seed"]
+    )
+    assert mine == record["episodes"]
+    assert manifest.sampler == "official:panet" and manifest.spec["lists"].startswith("built")
+
+
+def test_panet_replay_reads_the_class_files_panet_wrote(recorded_voc, tmp_path):
+    """With the class<N>.txt files PANet's script wrote (directory-listing order, not sorted),
+    the replay reads them and equals the official draws made from them, seed by seed."""
+    root, _ = recorded_voc
+    copy = tmp_path / "VOC2012"
+    copy.mkdir()
+    voc = root / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClassAug", "SegmentationObjectAug"):
+        (copy / sub).symlink_to(voc / sub)
+    shutil.copytree(voc / "ImageSets", copy / "ImageSets")
+    folder = copy / "ImageSets" / "Segmentation" / "trainaug"
+    folder.mkdir()
+    files = FIXTURE["panet"]["class_files"]
+    assert any(lines != sorted(lines) for lines in files.values())  # order matters here
+    for name, lines in files.items():
+        (folder / f"{name}.txt").write_text("".join(f"{line}\n" for line in lines))
+    dataset = Pascal5i(tmp_path, cache_dir=tmp_path / "index")
+    for record, built in zip(FIXTURE["panet"]["official_files"], FIXTURE["panet"]["sorted_lists"]):
+        manifest, mine = episodes(
+            dataset, "panet", 0, record["way"], record["shot"], 60, record["seed"]
+        )
+        assert mine == record["episodes"] != built["episodes"]
+        assert manifest.spec["lists"].startswith("official files")
+    (folder / "class3.txt").unlink()
+    with pytest.raises(FsbenchError, match="class3.txt: missing"):
+        episodes(dataset, "panet", 0, 1, 1, 5, 1234)
+
+
+@pytest.mark.parametrize("run", range(len(FIXTURE["hsnet"]["runs"])))
+def test_hsnet_replay_equals_official_sampler(recorded_voc, run):
+    _, dataset = recorded_voc
+    record = FIXTURE["hsnet"]["runs"][run]
+    from fsbench.datasets.replay import hsnet_pascal_lines
+
+    assert hsnet_pascal_lines(dataset, "val", record["fold"]) == (
+        FIXTURE["hsnet"]["lists"][str(record["fold"])]
+    )
+    manifest, mine = episodes(dataset, "hsnet", record["fold"], 1, record["shot"], 60, 0)
+    assert mine == record["episodes"]
+    assert manifest.sampler == "official:hsnet"
+
+
+@pytest.mark.parametrize("run", range(len(FIXTURE["pfenet"]["runs"])))
+def test_pfenet_replay_equals_official_sampler_across_passes(recorded_voc, run):
+    """8 DataLoader workers, a torch base seed per pass: the recorded episodes cross two pass
+    boundaries (each pass re-seeds every worker)."""
+    _, dataset = recorded_voc
+    record = FIXTURE["pfenet"]["runs"][run]
+    count = len(record["episodes"])
+    assert count > 2 * record["queries"]
+    manifest, mine = episodes(dataset, "pfenet", record["fold"], 1, record["shot"], count, 321)
+    assert mine == record["episodes"]
+    # --episodes 5000 of a 5001-episode protocol is its prefix
+    _, shorter = episodes(dataset, "pfenet", record["fold"], 1, record["shot"], count - 3, 321)
+    assert shorter == mine[:-3]
+
+
+def test_fsbench_sampler_stays_available_and_is_recorded(recorded_voc):
+    _, dataset = recorded_voc
+    official, first = episodes(dataset, "panet", 0, 1, 1, 20, 1234)
+    own, second = episodes(dataset, "panet", 0, 1, 1, 20, 1234, sampler="fsbench")
+    assert first != second
+    assert own.sampler == "fsbench" and "sampler" not in own.spec  # version-1 form, unchanged
+    assert official.spec["version"] == 2 and official.fingerprint != own.fingerprint
+    with pytest.raises(FsbenchError, match="1-way"):
+        official_episodes(dataset, PROTOCOLS["hsnet"], 0, 2, 1, 5, 0)
+    with pytest.raises(FsbenchError, match="sampler 'mine'"):
+        episodes(dataset, "panet", 0, 1, 1, 5, 1, sampler="mine")
+
+
+def test_pfenet_sampler_that_would_loop_forever_is_a_clear_error(dataset):
+    """The session dataset's 64-px images have no object of PFENet's 2048 pixels."""
+    with pytest.raises(FsbenchError, match="PFENet's val list would be empty"):
+        episodes(dataset, "pfenet", 0, 1, 1, 5, 321)
+
+
+PUBLISHED_LINES = {
+    "hsnet/pascal/val": [346, 451, 725, 346],
+    "hsnet/pascal/trn": [2286, 3425, 5883, 2086],
+}
+
+
+def test_shipped_lists_load_and_match_their_published_line_counts():
+    for folder, counts in PUBLISHED_LINES.items():
+        for fold, count in enumerate(counts):
+            lines = (LISTS / folder / f"fold{fold}.txt").read_text().split("\n")[:-1]
+            assert len(lines) == count
+            assert all(len(line.split("__")) == 2 and 1 <= int(line[-2:]) <= 20 for line in lines)
+    fss = {name: (LISTS / "hsnet" / "fss" / f"{name}.txt").read_text().split() for name in
+           ("trn", "val", "test")}
+    assert [len(fss[n]) for n in ("trn", "val", "test")] == [520, 240, 240]
+    assert not set(fss["trn"]) & set(fss["test"])
+    pfenet = LISTS / "pfenet" / "pascal"
+    assert len((pfenet / "val.txt").read_text().splitlines()) == 1449
+    assert len((pfenet / "voc_sbd_merge_noduplicate.txt").read_text().splitlines()) == 5953
+    entries = {}
+    for split in ("val", "trn"):
+        for fold in range(4):
+            raw = json.loads(gzip.decompress((LISTS / "hsnet" / "coco" / f"{split}_fold{fold}.json.gz")
+                                             .read_bytes()))
+            entries[split, fold] = sum(len(v) for v in raw["classes"].values())
+            held_out = {fold + 4 * v for v in range(20)}
+            classes = {int(c) for c in raw["classes"]}
+            assert classes == held_out if split == "val" else classes == set(range(80)) - held_out
+    assert [entries["val", f] for f in range(4)] == [35783, 17912, 14563, 14315]
+    assert [entries["trn", f] for f in range(4)] == [95476, 133927, 141054, 141016]
