@@ -22,5 +22,8 @@ setup(
     # `fsbench` itself is the small public API in fsbench/ (run, register_method, …).
     packages=["fsbench", *computed_packages()],
     package_dir={"fsbench": "fsbench", **{f"fsbench.{root}": root for root in FOLDERS}},
-    package_data={"fsbench.benchmarks": ["configs/*.yaml", "reported.yaml"]},
+    package_data={
+        "fsbench.benchmarks": ["configs/*.yaml", "reported.yaml"],
+        "fsbench.datasets": ["lists/*/*/*.txt", "lists/*/*/*/*.txt", "lists/*/*/*.json.gz"],
+    },
 )

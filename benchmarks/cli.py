@@ -83,6 +83,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     manifest.add_argument("--episodes", type=_at_least(1), help="default: the protocol's")
     manifest.add_argument("--seed", type=int, help="default: the protocol's first seed")
     manifest.add_argument("--protocol", default="panet", help="evaluation protocol (see `list`)")
+    manifest.add_argument(
+        "--sampler",
+        choices=("official", "fsbench"),
+        help="official: the episodes the protocol's own test script draws (the default); "
+        "fsbench: fsbench's sampler (distinct supports)",
+    )
     manifest.add_argument("--output", required=True, help="JSON file to write")
 
     listing = commands.add_parser("list", help="list methods, datasets, protocols, fold classes")
@@ -355,7 +361,7 @@ def cmd_manifest(args) -> int:
     from fsbench.datasets.protocols import get_protocol
     from fsbench.datasets.registry import DATASETS
 
-    protocol = get_protocol(args.protocol)
+    protocol = get_protocol(args.protocol).for_dataset(args.dataset)
     if args.dataset in ("pascal5i", "coco20i") and not args.data_root:
         raise FsbenchError(f"--data-root is required for {args.dataset} (the dataset folder)")
     kwargs = {"data_root": args.data_root} if args.data_root else {}
@@ -369,9 +375,14 @@ def cmd_manifest(args) -> int:
         args.shot,
         args.episodes or protocol.episodes,
         protocol.seeds[0] if args.seed is None else args.seed,
+        sampler=args.sampler,
     )
     path = manifest.save(args.output)
-    print(f"{path}: {len(manifest.episodes)} episodes, fingerprint {manifest.fingerprint}")
+    lists = f"; lists: {manifest.spec['lists']}" if "lists" in manifest.spec else ""
+    print(
+        f"{path}: {len(manifest.episodes)} episodes, sampler {manifest.sampler}{lists}, "
+        f"fingerprint {manifest.fingerprint}"
+    )
     return 0
 
 

@@ -224,13 +224,24 @@ class _Scorer:
             for row, (episode, spec, q) in enumerate(refs):
                 label = _scoring_label(self.loader.dataset, spec.query[q], spec.classes)
                 label = label.to(logits.device)
-                height, width = self.loader.content_size(*label.shape)  # drop any padding
-                scores = F.interpolate(
-                    logits[row : row + 1, :, :height, :width],
-                    size=label.shape,
-                    mode="bilinear",
-                    align_corners=False,
-                )
+                if self.loader.resize == "keep_ratio_pad":
+                    # PFENet's test.py (ori_resize): the whole input's scores, bilinear with
+                    # align_corners=True, onto the longer side's square, against the label
+                    # padded there with 255 (so the padded part is never scored).
+                    longer = max(label.shape)
+                    scores = F.interpolate(
+                        logits[row : row + 1],
+                        size=(longer, longer),
+                        mode="bilinear",
+                        align_corners=True,
+                    )[..., : label.shape[0], : label.shape[1]]
+                else:
+                    scores = F.interpolate(
+                        logits[row : row + 1],
+                        size=label.shape,
+                        mode="bilinear",
+                        align_corners=False,
+                    )
                 predictions.append(predicted_classes(scores)[0])
                 self.meter.update(predictions[-1], label, spec.classes, episode)
         else:

@@ -12,7 +12,7 @@ import yaml
 
 from fsbench.benchmarks.train import PRECISIONS, TrainConfig
 from fsbench.datasets.episodes import canonical_sha256
-from fsbench.datasets.protocols import PROTOCOLS, get_protocol
+from fsbench.datasets.protocols import PROTOCOLS, check_sampler, get_protocol
 from fsbench.datasets.registry import DATASETS, FsbenchError, import_plugins
 
 GRID_KEYS = {
@@ -23,6 +23,7 @@ GRID_KEYS = {
     "compare",
     "dataset",
     "protocol",
+    "sampler",
     "input_size",
     "episodes",
     "seeds",
@@ -103,12 +104,16 @@ class Cell:
     train: TrainConfig | None  # None for methods that do not train
     eval_precision: str = "fp32"
     train_replicate: bool = False  # one of several training seeds of the same row (train_seeds)
+    sampler: str = "fsbench"  # who draws the test episodes: "official" replay or fsbench's
 
     def config(self) -> dict:
         """The resolved config: everything that decides the result (and nothing else)."""
         # A setting added later joins the identity only away from its default (finished
-        # results keep their ids).
+        # results keep their ids): cells sampled before the official replay existed were
+        # fsbench-sampled, so only "official" joins it.
         later = {} if self.eval_precision == "fp32" else {"eval_precision": self.eval_precision}
+        if self.sampler != "fsbench":
+            later["sampler"] = self.sampler
         return {
             **later,
             "method": self.method.name,
@@ -151,6 +156,7 @@ class GridSpec:
     dataset: dict
     methods: tuple[MethodSpec, ...]
     protocol: str = "panet"
+    sampler: str | None = None  # None: the protocol's ("official" for the named ones)
     input_size: int | None = None  # None: the protocol's
     episodes: int | None = None  # None: the protocol's
     seeds: tuple[int, ...] | None = None  # None: the protocol's
@@ -174,7 +180,8 @@ class GridSpec:
         """Every cell of the grid, in a fixed order (method, fold, way, shot, annotation)."""
         from fsbench.methods import METHODS
 
-        protocol = get_protocol(self.protocol)
+        protocol = get_protocol(self.protocol).for_dataset(self.dataset["name"])
+        sampler = check_sampler(self.sampler or protocol.default_sampler(), protocol)
         trainable = {m.row(): _is_trainable(METHODS, m) for m in self.methods}
         cells = []
         for method, fold, way, shot, annotation, train_seed in itertools.product(
@@ -210,6 +217,7 @@ class GridSpec:
                     train=train if trainable[method.row()] else None,
                     eval_precision=self.eval_precision,
                     train_replicate=bool(self.train_seeds) and trainable[method.row()],
+                    sampler=sampler,
                 )
             )
         return cells
@@ -423,6 +431,15 @@ def _compare(raw, methods) -> tuple[tuple[str, str], ...]:
     return tuple((a, b) for a, b in pairs)
 
 
+def _sampler(value, protocol: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_sampler(str(value), get_protocol(protocol))
+    except FsbenchError as error:
+        raise FsbenchError(f"sampler: {error}") from None
+
+
 def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
     """Validate a grid dict into a GridSpec: unknown keys and impossible values are errors.
     Its `imports:` are imported first (with `plugin_paths` on sys.path): they register the
@@ -459,6 +476,7 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
         dataset=dataset,
         methods=_methods(raw["methods"]),
         protocol=protocol,
+        sampler=_sampler(raw.get("sampler"), protocol),
         # 0 is impossible, not "the protocol's": only an absent (or null) key means that.
         input_size=_single_int(raw, "input_size", 16, 4096),
         episodes=_single_int(raw, "episodes", 1, MAX_EPISODES),

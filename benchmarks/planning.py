@@ -72,16 +72,32 @@ def plan_grid(
                     cell.shot,
                     cell.episodes,
                     seed,
+                    sampler=cell.sampler,
                 )
                 store.save_manifest(manifest)
         by_setting = {}
         for cell in todo:
             protocol = get_protocol(cell.protocol)
             for seed in cell.seeds:
-                key = (cell.fold, cell.way, cell.shot, cell.episodes, seed, cell.protocol)
+                key = (
+                    cell.fold,
+                    cell.way,
+                    cell.shot,
+                    cell.episodes,
+                    seed,
+                    cell.protocol,
+                    cell.sampler,
+                )
                 if key not in by_setting:
                     by_setting[key] = EpisodeManifest.build(
-                        dataset, protocol, cell.fold, cell.way, cell.shot, cell.episodes, seed
+                        dataset,
+                        protocol,
+                        cell.fold,
+                        cell.way,
+                        cell.shot,
+                        cell.episodes,
+                        seed,
+                        sampler=cell.sampler,
                     )
                     store.save_manifest(by_setting[key])
                 manifests[(cell.id, seed)] = by_setting[key]

@@ -117,6 +117,7 @@ def train_task(
         "seconds": result.seconds,
         "train_classes": result.train_classes,
         "val_classes": result.val_classes,
+        "train_list": result.train_list,
         "device": device_label(device),
         "host": socket.gethostname(),
         "pid": os.getpid(),

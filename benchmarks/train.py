@@ -101,6 +101,7 @@ class TrainResult:
     train_classes: list[int] = field(default_factory=list)
     val_classes: list[int] = field(default_factory=list)
     resumed_from: int = 0  # the step a resumed training restarted after (0: from scratch)
+    train_list: str = ""  # the dataset list the episodes were drawn from
 
 
 def split_validation_classes(train_classes, cfg: TrainConfig, fold: int):
@@ -206,7 +207,9 @@ def train(
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, list(cfg.lr_milestones), cfg.lr_gamma
     )
-    result = TrainResult(state_dict={}, train_classes=train_classes, val_classes=val_classes)
+    result = TrainResult(
+        state_dict={}, train_classes=train_classes, val_classes=val_classes, train_list=split
+    )
     best = -np.inf
     running: dict[str, float] = {}
     first, spent = 1, 0.0

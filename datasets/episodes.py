@@ -183,7 +183,7 @@ class EpisodeManifest:
 
     @property
     def sampler(self) -> str:
-        """"official:<lineage>" or "fsbench" (manifests without the key predate the replay)."""
+        """ "official:<lineage>" or "fsbench" (manifests without the key predate the replay)."""
         return self.spec.get("sampler", "fsbench")
 
     @property
@@ -307,25 +307,32 @@ class EpisodeLoader:
         return self._fit(mask.astype(np.uint8), Image.NEAREST, fill) > 0
 
     def image(self, image_id: str) -> torch.Tensor:
-        """Normalised image [3, S, S] (bilinear resize; padding at the mean, i.e. 0)."""
-
-        def make():
-            pixels = self.dataset.load_image(image_id)
-            return self._fit(pixels, Image.BILINEAR, 0), self.content_size(*pixels.shape[:2])
-
-        pixels, (height, width) = self._images.get(image_id, make)
-        tensor = normalise(pixels)
-        tensor[:, height:], tensor[:, :, width:] = 0, 0
-        return tensor
+        """Normalised image [3, S, S]; padding (keep_ratio_pad) is raw black before normalising,
+        as PFENet pads its float pixels with zeros and normalises after."""
+        pixels = self._images.get(
+            image_id, lambda: self._fit(self.dataset.load_image(image_id), Image.BILINEAR, 0)
+        )
+        return normalise(pixels)
 
     def masks(self, image_id: str, classes) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-class masks [N, S, S] and void mask [S, S] (nearest resize; padding is void)."""
+        masks, void, _ = self._masks_and_padding(image_id, classes)
+        return masks, void
 
+    def padding(self, image_id: str, classes) -> torch.Tensor:
+        """[S, S] bool: the input's padding (keep_ratio_pad), which is no pixel of the image."""
+        return self._masks_and_padding(image_id, classes)[2]
+
+    def _masks_and_padding(self, image_id: str, classes):
         def make():
             masks, void = self.dataset.load_masks(image_id, list(classes))
+            height, width = self.content_size(*void.shape)
+            padding = torch.ones(self.input_size, self.input_size, dtype=torch.bool)
+            padding[:height, :width] = False
             return (
                 torch.from_numpy(np.stack([self._resize_mask(m) for m in masks])),
                 torch.from_numpy(self._resize_mask(void, fill=1)),
+                padding,
             )
 
         return self._masks.get((image_id, tuple(classes)), make)
@@ -334,9 +341,10 @@ class EpisodeLoader:
         self, image_id: str, index: int, classes
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Foreground / background of the support for classes[index] under the annotation."""
-        masks, _ = self.masks(image_id, classes)
-        # Background: pixels of none of the episode's classes (the void outline included).
-        fg, bg = masks[index], ~masks.any(0)
+        masks, _, padding = self._masks_and_padding(image_id, classes)
+        # Background: pixels of none of the episode's classes (the void outline included, as
+        # PANet's getMask), never the padding: it is not part of the image.
+        fg, bg = masks[index], ~masks.any(0) & ~padding
         if self.annotation == "scribble":
             from fsbench.datasets.weak import scribble
 

@@ -40,6 +40,14 @@ EXPECTED_LAYOUT = (
     "ImageSets/Segmentation/{train,val,trainaug}.txt} under --data-root"
 )
 INDEX_VERSION = 1
+LISTS = Path(__file__).parent / "lists"
+# Training lists of the protocols that are published files, not ImageSets lists (datasets/lists/):
+# PFENet's de-duplicated VOC + SBD list; HSNet's trn fold lists (`<id>__<class>` pairs: a class
+# trains only on the images listed with it).
+SHIPPED_TRAIN_LISTS = {
+    "pfenet_noduplicate": ("pfenet/pascal/voc_sbd_merge_noduplicate.txt",),
+    "hsnet_trn": tuple(f"hsnet/pascal/trn/fold{fold}.txt" for fold in range(4)),
+}
 
 
 class IndexLock:
@@ -131,6 +139,7 @@ class Pascal5i:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "index"
         self._index: dict[str, dict] = {}
         self._index_lock = IndexLock()
+        self._pairs: dict[str, set | None] = {}
 
     # -- folds ------------------------------------------------------------------------------
     def fold_classes(self, fold: int) -> list[int]:
@@ -147,7 +156,36 @@ class Pascal5i:
             raise DatasetError(f"fold {fold!r} is outside 0…{self.num_folds - 1} for {self.name}")
 
     def train_split(self, protocol) -> str:
-        return protocol.pascal_train_list
+        """The protocol's training list. A shipped list (PFENet's, HSNet's) applies when the
+        dataset holds all its images; on other data (generated sets) training uses `trainaug`
+        (each training records the list it used)."""
+        name = protocol.pascal_train_list
+        if name in SHIPPED_TRAIN_LISTS:
+            ids = self._shipped_ids(name)
+            present = sum(self.mask_path(i).is_file() for i in ids)
+            if present == len(ids):
+                return name
+            if present * 2 > len(ids):
+                raise DatasetError(
+                    f"{self.root}: {len(ids) - present} of the {len(ids)} images of the "
+                    f"{name} training list are missing; complete SegmentationClassAug/"
+                )
+            return "trainaug"
+        return name
+
+    def _shipped_pairs(self, split: str) -> list[tuple[str, int | None]]:
+        pairs = []
+        for relative in SHIPPED_TRAIN_LISTS[split]:
+            for line in (LISTS / relative).read_text().splitlines():
+                if "__" in line:  # HSNet: <id>__<class>
+                    image_id, class_id = line.split("__")
+                    pairs.append((image_id, int(class_id)))
+                elif line.strip():  # PFENet: JPEGImages/<id>.jpg SegmentationClassAug/<id>.png
+                    pairs.append((Path(line.split()[0]).stem, None))
+        return pairs
+
+    def _shipped_ids(self, split: str) -> list[str]:
+        return sorted({image_id for image_id, _ in self._shipped_pairs(split)})
 
     def test_split(self, protocol) -> str:
         return protocol.pascal_test_list
@@ -180,6 +218,8 @@ class Pascal5i:
         return self.root / "SegmentationClassAug" / f"{image_id}.png"
 
     def list_ids(self, split: str) -> list[str]:
+        if split in SHIPPED_TRAIN_LISTS:
+            return self._shipped_ids(split)
         path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not path.is_file():
             raise DatasetError(f"{path}: image list is missing; {EXPECTED_LAYOUT}")
@@ -259,7 +299,20 @@ class Pascal5i:
 
     def class_images(self, split: str, class_id: int, min_pixels: int = 1) -> list[str]:
         """Sorted ids of the split's images with at least `min_pixels` pixels of the class."""
-        return [i for i, n in self.class_index(split)[class_id].items() if n >= min_pixels]
+        images = [i for i, n in self.class_index(split)[class_id].items() if n >= min_pixels]
+        pairs = self._listed_pairs(split)
+        if pairs is not None:
+            images = [i for i in images if (i, class_id) in pairs]
+        return images
+
+    def _listed_pairs(self, split: str) -> set | None:
+        """HSNet's (image, class) pairs of a pair list; None for plain image lists."""
+        if split not in SHIPPED_TRAIN_LISTS:
+            return None
+        if split not in self._pairs:
+            pairs = self._shipped_pairs(split)
+            self._pairs[split] = None if pairs[0][1] is None else set(pairs)
+        return self._pairs[split]
 
     def fingerprint(self, split: str, min_pixels: int = 1) -> str:
         """sha256 of the split's class → image lists: equal data gives equal episodes anywhere."""

@@ -14,11 +14,12 @@ class Protocol:
 
     name: str
     input_size: int  # square side of the network input
-    resize: str  # "square": stretch to input_size²; "keep_ratio_pad": longer side, then pad
+    resize: str  # the lineage's test transform, datasets/resize.py: square | square_floor_nearest
+    # | keep_ratio_pad
     score_resolution: str  # "input": labels resized (nearest) to the input; "original": not
     episodes: int  # test episodes per fold and seed
     seeds: tuple[int, ...]  # test seeds (one manifest each)
-    pascal_train_list: str  # ImageSets/Segmentation/<list>.txt used for training
+    pascal_train_list: str  # ImageSets/Segmentation/<list>.txt, or a shipped list, for training
     pascal_test_list: str  # ... and for the test episodes
     coco_split: str  # "consecutive" (fold i = classes 20i+1..20i+20) or "interleaved"
     coco_test_images: str  # "train" or "val" (the 2014 image set the test episodes draw from)
@@ -58,7 +59,8 @@ def check_sampler(sampler: str, protocol: Protocol) -> str:
         raise FsbenchError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
     if sampler == "official" and not protocol.official_sampler:
         raise FsbenchError(
-            f"protocol {protocol.name!r} has no official test script to replay; use sampler: fsbench"
+            f"protocol {protocol.name!r} has no official test script to replay; "
+            "use sampler: fsbench"
         )
     return sampler
 
@@ -90,7 +92,7 @@ PROTOCOLS: dict[str, Protocol] = {
         score_resolution="original",
         episodes=5001,
         seeds=(321,),
-        pascal_train_list="trainaug",
+        pascal_train_list="pfenet_noduplicate",  # PFENet lists/pascal (5953 images)
         pascal_test_list="val",
         coco_split="interleaved",
         coco_test_images="val",
@@ -101,15 +103,15 @@ PROTOCOLS: dict[str, Protocol] = {
         coco_input_size=641,
         coco_episodes=20001,
     ),
-    # HSNet test.py: 1000 episodes, seed 0, 400x400, labels resized by default.
+    # HSNet test.py: 1000 episodes, seed 0, 400x400, labels resized (torch nearest) by default.
     "hsnet": Protocol(
         name="hsnet",
         input_size=400,
-        resize="square",
+        resize="square_floor_nearest",
         score_resolution="input",
         episodes=1000,
         seeds=(0,),
-        pascal_train_list="trainaug",
+        pascal_train_list="hsnet_trn",  # HSNet data/splits/pascal/trn fold lists
         pascal_test_list="val",
         coco_split="interleaved",
         coco_test_images="val",

@@ -370,7 +370,5 @@ def _pfenet_draws(queries, present, per_class, shot, n_episodes, seed, workers):
         for index, query in enumerate(queries):
             if len(episodes) == n_episodes:
                 break
-            episodes.append(
-                _pfenet_episode(rngs[index % workers], query, present, per_class, shot)
-            )
+            episodes.append(_pfenet_episode(rngs[index % workers], query, present, per_class, shot))
     return episodes

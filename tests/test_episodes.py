@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
+from fsbench.datasets.episodes import IMAGENET_MEAN, IMAGENET_STD, EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
 from fsbench.datasets.registry import FsbenchError
 
@@ -83,13 +83,20 @@ def test_impossible_shot_is_a_clear_error(dataset):
 
 
 def test_keep_ratio_pad_resize_pads_image_and_voids_labels(dataset):
-    manifest = EpisodeManifest.build(dataset, PANET, 0, 1, 1, 1, 4)
+    """PFENet's Resize: longer side to S, sides floored to ×8, padded with raw black (image)
+    and 255 (label); the padding is void everywhere: never query or support background."""
+    manifest = EpisodeManifest.build(dataset, PANET, 0, 1, 1, 1, 4, sampler="fsbench")
     spec = manifest.episodes[0]
     loader = EpisodeLoader(dataset, 40, resize="keep_ratio_pad")
     height, width = dataset.load_image(spec.query[0]).shape[:2]  # 48 x 64: landscape
-    assert loader.content_size(height, width) == (30, 40)
+    assert loader.content_size(height, width) == (24, 40)  # int(48 * 40 / 64) = 30 → 24
     episode = loader.load(spec)
-    assert (episode.query_images[0, :, 30:] == 0).all()  # padding at the (normalised) mean
-    assert (episode.query_labels[0, 30:] == 255).all()  # padded labels are void
-    assert (episode.query_labels[0, :30] != 255).any()
-    assert not episode.support_fg[0, 0, 30:].any()
+    black = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(3, 1, 1)
+    assert torch.allclose(episode.query_images[0, :, 24:], black.expand(3, 16, 40))
+    assert (episode.query_labels[0, 24:] == 255).all()  # padded labels are void
+    assert (episode.query_labels[0, :24] != 255).any()
+    assert not episode.support_fg[0, 0, 24:].any()
+    assert not episode.support_bg[0, 0, 24:].any()  # padding is not support background
+    assert episode.support_bg[0, 0, :24].any()
+    square = EpisodeLoader(dataset, 40).load(spec)
+    assert square.support_bg[0, 0, 24:].any()  # (the stretched input has no padding)

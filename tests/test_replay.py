@@ -91,8 +91,9 @@ def test_hsnet_replay_equals_official_sampler(recorded_voc, run):
     record = FIXTURE["hsnet"]["runs"][run]
     from fsbench.datasets.replay import hsnet_pascal_lines
 
-    assert hsnet_pascal_lines(dataset, "val", record["fold"]) == (
-        FIXTURE["hsnet"]["lists"][str(record["fold"])]
+    assert (
+        hsnet_pascal_lines(dataset, "val", record["fold"])
+        == (FIXTURE["hsnet"]["lists"][str(record["fold"])])
     )
     manifest, mine = episodes(dataset, "hsnet", record["fold"], 1, record["shot"], 60, 0)
     assert mine == record["episodes"]
@@ -145,8 +146,10 @@ def test_shipped_lists_load_and_match_their_published_line_counts():
             lines = (LISTS / folder / f"fold{fold}.txt").read_text().split("\n")[:-1]
             assert len(lines) == count
             assert all(len(line.split("__")) == 2 and 1 <= int(line[-2:]) <= 20 for line in lines)
-    fss = {name: (LISTS / "hsnet" / "fss" / f"{name}.txt").read_text().split() for name in
-           ("trn", "val", "test")}
+    fss = {
+        name: (LISTS / "hsnet" / "fss" / f"{name}.txt").read_text().split()
+        for name in ("trn", "val", "test")
+    }
     assert [len(fss[n]) for n in ("trn", "val", "test")] == [520, 240, 240]
     assert not set(fss["trn"]) & set(fss["test"])
     pfenet = LISTS / "pfenet" / "pascal"
@@ -155,11 +158,47 @@ def test_shipped_lists_load_and_match_their_published_line_counts():
     entries = {}
     for split in ("val", "trn"):
         for fold in range(4):
-            raw = json.loads(gzip.decompress((LISTS / "hsnet" / "coco" / f"{split}_fold{fold}.json.gz")
-                                             .read_bytes()))
+            raw = json.loads(
+                gzip.decompress(
+                    (LISTS / "hsnet" / "coco" / f"{split}_fold{fold}.json.gz").read_bytes()
+                )
+            )
             entries[split, fold] = sum(len(v) for v in raw["classes"].values())
             held_out = {fold + 4 * v for v in range(20)}
             classes = {int(c) for c in raw["classes"]}
             assert classes == held_out if split == "val" else classes == set(range(80)) - held_out
     assert [entries["val", f] for f in range(4)] == [35783, 17912, 14563, 14315]
     assert [entries["trn", f] for f in range(4)] == [95476, 133927, 141054, 141016]
+
+
+def test_shipped_training_lists_apply_when_the_dataset_holds_their_images(
+    voc_root, tmp_path, monkeypatch
+):
+    """PFENet's and HSNet's training lists are used when every listed image is there (the real
+    VOC); HSNet's pairs restrict each class to the images listed with it; generated data (none
+    of the real ids) falls back to trainaug."""
+    import fsbench.datasets.pascal as pascal
+
+    dataset = Pascal5i(voc_root, cache_dir=tmp_path / "index")
+    assert dataset.train_split(PROTOCOLS["hsnet"]) == "trainaug"  # real HSNet ids are absent
+    assert dataset.train_split(PROTOCOLS["pfenet"]) == "trainaug"
+    ids = dataset.list_ids("trainaug")
+    with_6 = dataset.class_images("trainaug", 6)
+    listed = with_6[: len(with_6) // 2]
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "pairs.txt").write_text("".join(f"{i}__06\n" for i in listed))
+    (tmp_path / "lists" / "plain.txt").write_text(
+        "".join(f"JPEGImages/{i}.jpg SegmentationClassAug/{i}.png\n" for i in ids[:40])
+    )
+    monkeypatch.setattr(pascal, "LISTS", tmp_path / "lists")
+    monkeypatch.setattr(
+        pascal,
+        "SHIPPED_TRAIN_LISTS",
+        {"hsnet_trn": ("pairs.txt",), "pfenet_noduplicate": ("plain.txt",)},
+    )
+    fresh = Pascal5i(voc_root, cache_dir=tmp_path / "index")
+    assert fresh.train_split(PROTOCOLS["hsnet"]) == "hsnet_trn"
+    assert fresh.class_images("hsnet_trn", 6) == sorted(listed)
+    assert fresh.class_images("hsnet_trn", 7) == []  # no pair lists class 7
+    assert fresh.train_split(PROTOCOLS["pfenet"]) == "pfenet_noduplicate"
+    assert fresh.list_ids("pfenet_noduplicate") == sorted(ids[:40])

@@ -145,6 +145,8 @@ def test_reported_rows_beside_reproduced_labelled_never_bold(tmp_path):
     assert reported and all("**" not in line for line in reported)
     assert "Wang et al., ICCV 2019" in reported[0] and "42.3†" in reported[0]
     assert "published numbers, not reproduced here" in table
+    # SG-One's numbers are OSLSM-protocol numbers: never shown beside panet-protocol rows
+    assert "SG-One" not in table and not any("HSNet" in line for line in reported)
     synthetic = tmp_path / "synthetic"
     write_cells(synthetic, RESULTS)
     build_report(synthetic, n_boot=50)
