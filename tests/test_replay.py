@@ -115,6 +115,39 @@ def test_pfenet_replay_equals_official_sampler_across_passes(recorded_voc, run):
     assert shorter == mine[:-3]
 
 
+@pytest.fixture(scope="module")
+def recorded_coco(tmp_path_factory):
+    from fsbench.datasets.coco import Coco20i
+    from fsbench.datasets.synthetic import write_coco
+
+    root = tmp_path_factory.mktemp("replay_coco")
+    data = FIXTURE["coco_data"]
+    write_coco(root, data["n_images"], data["image_size"], data["seed"])
+    cache = tmp_path_factory.mktemp("replay_coco_index")
+    return {p: Coco20i(root, protocol=p, cache_dir=cache) for p in ("panet", "hsnet")}
+
+
+@pytest.mark.parametrize("run", range(len(FIXTURE["panet_coco"])))
+def test_panet_coco_replay_equals_official_sampler(recorded_coco, run):
+    """PANet's coco_fewshot: per-category image ids as pycocotools returns them."""
+    record = FIXTURE["panet_coco"][run]
+    _, mine = episodes(
+        recorded_coco["panet"], "panet", record["fold"], 1, record["shot"], 60, record["seed"]
+    )
+    assert mine == record["episodes"]
+
+
+@pytest.mark.parametrize("run", range(len(FIXTURE["hsnet_coco"]["runs"])))
+def test_hsnet_coco_replay_equals_official_sampler(recorded_coco, run):
+    """HSNet's DatasetCOCO: a class, a query of it, then supports, from the global numpy RNG."""
+    record = FIXTURE["hsnet_coco"]["runs"][run]
+    manifest, mine = episodes(
+        recorded_coco["hsnet"], "hsnet", record["fold"], 1, record["shot"], 60, 0
+    )
+    assert manifest.spec["lists"].startswith("built")
+    assert mine == record["episodes"]
+
+
 def test_fsbench_sampler_stays_available_and_is_recorded(recorded_voc):
     _, dataset = recorded_voc
     official, first = episodes(dataset, "panet", 0, 1, 1, 20, 1234)
