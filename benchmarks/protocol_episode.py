@@ -43,7 +43,8 @@ def main(argv=None) -> None:
             config, model = c, cell_model(cell, grid_dir)
             source = f"trained PANet of {args.grid} ({c['row']}, fold 0, 1-shot)"
     dataset = open_dataset(config["dataset"])
-    # One episode whose images are in every protocol's test list: draw it from the val list.
+    # One episode whose images are in every protocol's test list: PFENet's first val episode,
+    # objects of any size allowed (the generated images are too small for 2·32·32 px).
     base = dataclasses.replace(PROTOCOLS["pfenet"], min_object_pixels=1)
     episode = EpisodeManifest.build(dataset, base, 0, 1, 1, 1, 321)
     print(
@@ -51,7 +52,7 @@ def main(argv=None) -> None:
         f"{episode.episodes[0].support[0][0]}, query {episode.episodes[0].query[0]}"
     )
     print(
-        f"{'protocol':<9}{'input':>6} {'resize':<15}{'scored at':<11}{'metric':<14}"
+        f"{'protocol':<9}{'input':>6} {'resize':<21}{'scored at':<11}{'metric':<14}"
         f"{'class IoU':>10}{'FB-IoU':>8}"
     )
     for name, protocol in PROTOCOLS.items():
@@ -59,7 +60,7 @@ def main(argv=None) -> None:
         counts, _, _ = evaluate(model, loader, episode, protocol)
         metric = "PANet (present)" if protocol.only_present_classes else "standard"
         print(
-            f"{name:<9}{protocol.input_size:>6} {protocol.resize:<15}"
+            f"{name:<9}{protocol.input_size:>6} {protocol.resize:<21}"
             f"{protocol.score_resolution:<11}{metric:<14}{100 * counts.miou():>10.2f}"
             f"{100 * counts.fb_iou():>8.2f}"
         )
