@@ -1,13 +1,25 @@
 """CANet (Zhang et al., CVPR 2019): dense comparison module + iterative optimization module.
 
-Embedding: dilated ResNet-50 layer2 and layer3 (output stride 8), concatenated, 3×3 conv
-(dilation 2) to 256 + dropout: episode-independent, so the evaluator caches it. DCM: the support
-embedding is masked-average pooled, tiled over the query and compared by a 3×3 conv. IOM: the
-comparison features and the previous prediction (2 channels, zeros at first) pass three residual
-blocks and ASPP to 2-class logits, iterated 4 times at test. k shots: per-shot comparison maps
-fused by softmax attention weights. Dropout2d (0.5, as the paper) follows the embedding, the
-comparison and the IOM input. Training unrolls two IOM steps (the second takes the detached
-first prediction); CANet itself feeds each image's prediction from the previous epoch.
+The network of the official one_shot_network.py (icoz69/CaNet), layer for layer, so its
+checkpoints load (`load_official_state_dict`) and give its logits (tests/test_parity.py):
+- backbone: ResNet-50 conv1 … layer3 in the DeepLab layout, stride on each block's 1×1 conv,
+  ceil-mode max pool, every layer3 block dilated 2 (output stride 8); BatchNorm frozen.
+- embedding (`layer5`): layer2 ‖ layer3 → 3×3 conv, dilation 2, 256 + ReLU + Dropout2d(0.5);
+  episode-independent, so the evaluator caches it.
+- DCM: the support mask bilinearly downsampled to the features (align_corners=True) pools the
+  support embedding (Σ m·f / (Σ m + 5e-4)); the vector is tiled over the query and `layer55`
+  (3×3 conv, dilation 2, ReLU, Dropout2d) compares.
+- IOM: out + res₁(out ‖ history), then two residual blocks; ASPP (global pooling branch, 1×1,
+  3×3 dilated 6/12/18, each conv + ReLU + Dropout2d), 1×1 projection (+ ReLU + Dropout2d), 1×1
+  classifier. `history` is the previous prediction's softmax (zeros at first), resized with
+  align_corners=True.
+Test time: a fixed number of IOM iterations (4); the official loop keeps, per epoch, the
+iteration with the best test IoU, which reads test labels: fsbench does not.
+k shots: the official repository has no k-shot code; this follows the paper (§3.3): each shot's
+DCM output gets a weight from an attention branch (3×3 conv + ReLU + 1×1 conv to one channel,
+global average pooled), softmax over shots, and the weighted sum enters the IOM.
+Training (fsbench's loop): two unrolled IOM steps, the second fed the detached first
+prediction; CANet feeds each image the prediction it got in the previous epoch.
 """
 
 from __future__ import annotations
@@ -18,35 +30,100 @@ from torch import nn
 
 from fsbench.datasets.episodes import Episode
 from fsbench.datasets.registry import FsbenchError
-from fsbench.methods.layers import (
-    FewShotMethod,
-    combine_binary_heads,
-    imagenet_weights_path,
-    masked_average_pool,
-)
+from fsbench.methods.layers import FewShotMethod, combine_binary_heads, imagenet_weights_path
+from fsbench.methods.official import load_mapped_state_dict
 from fsbench.methods.registry import METHODS
 
 RESNET50_FILE = "resnet50-0676ba61.pth"
+AREA_EPS = 5e-4  # one_shot_network.py: avg_pool(mask)·h·w + 0.0005
 
 
-def conv(in_channels, out_channels, kernel=3, dilation=1):
-    return nn.Conv2d(
-        in_channels, out_channels, kernel, padding=dilation * (kernel // 2), dilation=dilation
+class Bottleneck(nn.Module):
+    """The DeepLab ResNet bottleneck: stride on the 1×1 conv, dilation on the 3×3."""
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(
+            planes, planes, 3, padding=dilation, dilation=dilation, bias=False
+        )
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class Backbone(nn.Module):
+    """ResNet-50 up to layer3 (output stride 8), as one_shot_network.py builds it; its names
+    are torchvision's, so ImageNet weights load by name."""
+
+    def __init__(self, blocks=(3, 4, 6)):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.layer1 = self._layer(64, blocks[0])
+        self.layer2 = self._layer(128, blocks[1], stride=2)
+        self.layer3 = self._layer(256, blocks[2], dilation=2)
+
+    def _layer(self, planes, blocks, stride=1, dilation=1):
+        # Official rule: a projection whenever the stride, the width or the dilation changes.
+        downsample = nn.Sequential(
+            nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
+            nn.BatchNorm2d(planes * 4),
+        )
+        layers = [Bottleneck(self.inplanes, planes, stride, dilation, downsample)]
+        self.inplanes = planes * 4
+        layers += [Bottleneck(self.inplanes, planes, dilation=dilation) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        layer2 = self.layer2(self.layer1(x))
+        return torch.cat([layer2, self.layer3(layer2)], 1)
+
+
+def conv_relu_dropout(in_channels, out_channels, kernel=3, dilation=1, dropout=0.5):
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, padding=dilation * (kernel // 2),
+                  dilation=dilation),
+        nn.ReLU(),
+        nn.Dropout2d(dropout),
     )
 
 
-class ASPP(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.pool = conv(channels, channels, 1)
-        self.branches = nn.ModuleList(
-            [conv(channels, channels, 1)] + [conv(channels, channels, 3, d) for d in (6, 12, 18)]
-        )
-        self.project = nn.Sequential(conv(5 * channels, channels, 1), nn.ReLU(inplace=True))
+def residual_block(in_channels, channels):
+    return nn.Sequential(
+        nn.ReLU(),
+        nn.Conv2d(in_channels, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(channels, channels, 3, padding=1),
+    )
 
-    def forward(self, x):
-        pooled = self.pool(x.mean((2, 3), keepdim=True)).expand_as(x)
-        return self.project(torch.cat([pooled] + [b(x) for b in self.branches], 1))
+
+# official parameter name prefix → fsbench's (tensors match one to one below the prefix)
+OFFICIAL_NAMES = {
+    **{name: f"backbone.{name}" for name in ("conv1", "bn1", "layer1", "layer2", "layer3")},
+    "layer5": "embed",
+    "layer55": "compare",
+    "residule1": "residuals.0",
+    "residule2": "residuals.1",
+    "residule3": "residuals.2",
+    "layer6_0": "aspp_pool",
+    **{f"layer6_{i}": f"aspp.{i - 1}" for i in range(1, 5)},
+    "layer7": "project",
+    "layer9": "classifier",
+}
 
 
 class CANet(FewShotMethod):
@@ -62,79 +139,92 @@ class CANet(FewShotMethod):
         dropout=0.5,
     ):
         super().__init__()
-        from torchvision.models.resnet import Bottleneck, ResNet
-
-        backbone = ResNet(
-            Bottleneck, [*blocks, 1], replace_stride_with_dilation=[False, True, True]
+        self.backbone = Backbone(tuple(blocks))
+        self.embed = conv_relu_dropout(512 + 1024, channels, 3, 2, dropout)
+        self.compare = conv_relu_dropout(2 * channels, channels, 3, 2, dropout)
+        self.residuals = nn.ModuleList(
+            [residual_block(channels + 2, channels)]
+            + [residual_block(channels, channels) for _ in range(2)]
         )
+        self.aspp_pool = conv_relu_dropout(channels, channels, 1, dropout=dropout)
+        self.aspp = nn.ModuleList(
+            [conv_relu_dropout(channels, channels, 1, dropout=dropout)]
+            + [conv_relu_dropout(channels, channels, 3, d, dropout) for d in (6, 12, 18)]
+        )
+        self.project = conv_relu_dropout(5 * channels, channels, 1, dropout=dropout)
+        self.classifier = nn.Conv2d(channels, 2, 1)
+        # the paper's k-shot attention (no official code): one weight per shot
+        self.attention = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, 1, 1)
+        )
+        for module in self.modules():  # as one_shot_network.py (conv biases keep torch's)
+            if isinstance(module, nn.Conv2d):
+                module.weight.data.normal_(0, 0.01)
+            elif isinstance(module, nn.BatchNorm2d):
+                module.weight.data.fill_(1)
+                module.bias.data.zero_()
+        self.iterations = iterations
         if pretrained:
-            path = imagenet_weights_path(RESNET50_FILE) if pretrained == "imagenet" else pretrained
-            if tuple(blocks) != (3, 4, 6):
-                raise FsbenchError("pretrained ResNet-50 weights need blocks=[3, 4, 6]")
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                backbone.load_state_dict(state)
-            except FileNotFoundError:
-                raise FsbenchError(
-                    f"{path}: ResNet-50 file not found; put torchvision's "
-                    f"{RESNET50_FILE} there or pass its path as `pretrained`"
-                ) from None
-            except RuntimeError as error:
-                raise FsbenchError(
-                    f"{path}: not a torchvision ResNet-50 state dict ({error})"
-                ) from None
-        self.stem = nn.Sequential(
-            backbone.conv1,
-            backbone.bn1,
-            backbone.relu,
-            backbone.maxpool,
-            backbone.layer1,
-            backbone.layer2,
-        )
-        self.layer3 = backbone.layer3
+            self._load_resnet50(pretrained, blocks)
         # CANet fixes the ImageNet backbone; a randomly initialised one must learn.
         self.freeze_backbone = bool(pretrained) if freeze_backbone is None else freeze_backbone
-        for parameter in (*self.stem.parameters(), *self.layer3.parameters()):
+        for parameter in self.backbone.parameters():
             parameter.requires_grad_(not self.freeze_backbone)
-        self.embed = nn.Sequential(
-            conv(512 + 1024, channels, 3, 2), nn.ReLU(inplace=True), nn.Dropout2d(dropout)
-        )
-        self.compare = nn.Sequential(
-            conv(2 * channels, channels, 3, 2), nn.ReLU(inplace=True), nn.Dropout2d(dropout)
-        )
-        self.attention = nn.Sequential(
-            conv(channels, channels, 3), nn.ReLU(inplace=True), conv(channels, 1, 1)
-        )
-        self.merge = nn.Sequential(
-            conv(channels + 2, channels, 3), nn.ReLU(inplace=True), nn.Dropout2d(dropout)
-        )
-        self.residuals = nn.ModuleList(
-            nn.Sequential(nn.ReLU(), conv(channels, channels), nn.ReLU(), conv(channels, channels))
-            for _ in range(3)
-        )
-        self.aspp = ASPP(channels)
-        self.classifier = conv(channels, 2, 1)
-        self.iterations = iterations
+
+    def _load_resnet50(self, pretrained, blocks) -> None:
+        """torchvision's ResNet-50 tensors up to layer3, by name (as the official
+        load_resnet50_param, which stops at layer4)."""
+        path = imagenet_weights_path(RESNET50_FILE) if pretrained == "imagenet" else pretrained
+        if tuple(blocks) != (3, 4, 6):
+            raise FsbenchError("pretrained ResNet-50 weights need blocks=[3, 4, 6]")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FsbenchError(
+                f"{path}: ResNet-50 file not found; put torchvision's {RESNET50_FILE} there or "
+                "pass its path as `pretrained`"
+            ) from None
+        wanted = self.backbone.state_dict()
+        missing = [k for k in wanted if k not in state and not k.endswith("num_batches_tracked")]
+        bad = [k for k in wanted if k in state and state[k].shape != wanted[k].shape]
+        if missing or bad:
+            raise FsbenchError(
+                f"{path}: not a torchvision ResNet-50 state dict (missing {missing[:3]}, "
+                f"mismatched {bad[:3]})"
+            )
+        self.backbone.load_state_dict({k: state.get(k, v) for k, v in wanted.items()})
+
+    def load_official_state_dict(self, state_dict) -> None:
+        """Weights saved from the official Res_Deeplab (`model.state_dict()`, with or without
+        DataParallel's `module.`)."""
+        load_mapped_state_dict(self, state_dict, OFFICIAL_NAMES, "CANet", optional=("attention.",))
 
     def train(self, mode: bool = True):
         super().train(mode)
         if self.freeze_backbone:  # frozen BatchNorm statistics too
-            self.stem.eval()
-            self.layer3.eval()
+            self.backbone.eval()
         return self
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        layer2 = self.stem(images)
-        return self.embed(torch.cat([layer2, self.layer3(layer2)], 1))
+        return self.embed(self.backbone(images))
+
+    @staticmethod
+    def pool(support_features, support_fg):
+        """[K, C] vectors: the mask downsampled to the features (align_corners=True) pools them."""
+        mask = F.interpolate(
+            support_fg[:, None], support_features.shape[-2:], mode="bilinear", align_corners=True
+        )
+        area = mask.sum((2, 3)) + AREA_EPS
+        return (mask * support_features).sum((2, 3)) / area
 
     def comparison(self, support_features, support_fg, query_features):
-        """DCM for one class: per-shot comparison maps fused by softmax attention over shots."""
-        prototypes = masked_average_pool(support_features, support_fg)  # [K, C]
+        """DCM for one class [Q, C, h, w]; k shots fused by the attention weights."""
+        vectors = self.pool(support_features, support_fg)
         maps = [
             self.compare(
-                torch.cat([query_features, p[None, :, None, None].expand_as(query_features)], 1)
+                torch.cat([query_features, v[None, :, None, None].expand_as(query_features)], 1)
             )
-            for p in prototypes
+            for v in vectors
         ]
         if len(maps) == 1:
             return maps[0]
@@ -143,13 +233,17 @@ class CANet(FewShotMethod):
         return sum(w[:, None, None, None] * m for w, m in zip(weights, maps))
 
     def refine(self, compared, history):
-        """One IOM step: logits [Q, 2, h, w] from comparison features and the last prediction."""
-        x = self.merge(torch.cat([compared, history], 1))
-        for block in self.residuals:
-            x = x + block(x)
-        return self.classifier(self.aspp(x))
+        """One IOM pass: logits [Q, 2, h, w] from the DCM output and the last prediction."""
+        history = F.interpolate(history, compared.shape[-2:], mode="bilinear", align_corners=True)
+        out = compared + self.residuals[0](torch.cat([compared, history], 1))
+        out = out + self.residuals[1](out)
+        out = out + self.residuals[2](out)
+        pooled = self.aspp_pool(out.mean((2, 3), keepdim=True)).expand_as(out)
+        out = self.project(torch.cat([pooled] + [branch(out) for branch in self.aspp], 1))
+        return self.classifier(out)
 
     def binary_logits(self, support_features, support_fg, query_features, iterations):
+        """Every IOM pass's logits; pass i + 1 sees the softmax of pass i."""
         compared = self.comparison(support_features, support_fg, query_features)
         history = compared.new_zeros(compared.shape[0], 2, *compared.shape[2:])
         outputs = []
@@ -169,7 +263,8 @@ class CANet(FewShotMethod):
             for i in range(way)
         ]
         low = combine_binary_heads(heads)
-        return F.interpolate(low, size=out_size, mode="bilinear", align_corners=False)
+        # train.py's test loop upsamples with align_corners=True
+        return F.interpolate(low, size=out_size, mode="bilinear", align_corners=True)
 
     def loss(self, episode: Episode) -> dict[str, torch.Tensor]:
         support, query = self.encode_episode(episode)

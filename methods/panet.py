@@ -38,6 +38,20 @@ class PANet(FewShotMethod):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)
 
+    def load_official_state_dict(self, state_dict) -> None:
+        """Weights saved from the official FewShotSeg (kaixin96/PANet: `model.state_dict()`, with
+        or without DataParallel's `module.`): its 13 VGG convs, stage by stage."""
+        from fsbench.methods.official import load_mapped_state_dict
+
+        official = [  # models/vgg.py: features = [stage, pool, stage, pool, …], convs at 0, 2, 4
+            f"encoder.backbone.features.{2 * stage}.{2 * index}.{kind}"
+            for stage, n_convs in enumerate((2, 2, 3, 3, 3))
+            for index in range(n_convs)
+            for kind in ("weight", "bias")
+        ]
+        names = dict(zip(official, self.state_dict()))
+        load_mapped_state_dict(self, state_dict, names, "PANet")
+
     @staticmethod
     def prototypes(support_features, support_fg, support_bg):
         """Foreground prototype per way (mean over shots); background: mean over all supports."""

@@ -4,9 +4,12 @@ As the official code (models/vgg/vgg_sg.py, oneshot/onemodel_sg-one.py): a DeepL
 (pool4 and pool5 with stride 1, output stride 8), a guidance head (3×3 conv on conv5) whose
 support vector is compared by cosine with every query position, and a segmentation branch that
 fuses conv3/4/5 into 128 channels, is multiplied by the similarity map, then conv + 1×1 to 2
-classes. k shots average the support vectors (its forward_5shot_avg). Differences: the 1×1 exit
-conv has padding 0 (the official padding=1 adds a border of bias-only logits), and N-way episodes
-combine N binary heads (background = all heads say background).
+classes (the official exit conv has padding=1: a border of bias-only logits, kept, and upsampled
+with the rest as its get_pred does). k shots average the support vectors (its
+forward_5shot_avg). Initialisation as the official: Xavier-uniform in the VGG part, torch's
+defaults in the two exit convs. Official checkpoints load (`load_official_state_dict`); the
+logits equal the official forward's (tests/test_parity.py). N-way episodes combine N binary
+heads (background = all heads say background); the official code is 1-way.
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ class SGOne(FewShotMethod):
         self.side4 = nn.Sequential(nn.Conv2d(side + channels[3], side, 3, padding=1), nn.ReLU())
         self.side5 = nn.Conv2d(side + channels[4], side, 3, padding=1)
         self.classifier = nn.Sequential(nn.Conv2d(side, side, 3, padding=1), nn.ReLU(inplace=True))
-        self.exit = nn.Conv2d(side, 2, 1)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
+        self.exit = nn.Conv2d(side, 2, 1, padding=1)
+        exits = {id(m) for m in (*self.classifier, self.exit)}
+        for module in self.modules():  # vgg_sg.py's _initialize_weights covers the VGG part only
+            if isinstance(module, nn.Conv2d) and id(module) not in exits:
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         if pretrained:
@@ -65,6 +69,22 @@ class SGOne(FewShotMethod):
         target = [m for block in self.blocks for m in block if isinstance(m, nn.Conv2d)]
         for own, loaded in zip(target, source):  # the 13 backbone convs, in order
             own.load_state_dict(loaded.state_dict())
+
+    def load_official_state_dict(self, state_dict) -> None:
+        """Weights saved from the official OneModel (xiaomengyc/SG-One, `model.state_dict()`,
+        with or without DataParallel's `module.`)."""
+        from fsbench.methods.official import load_mapped_state_dict
+
+        names = {
+            **{f"netB.features_{i + 1}": f"blocks.{i}" for i in range(5)},
+            "netB.cls.0": "guidance",
+            "netB.side3_1": "side3",
+            "netB.side4_1": "side4",
+            "netB.side5_1.0": "side5",
+            "classifier_6": "classifier",
+            "exit_layer": "exit",
+        }
+        load_mapped_state_dict(self, state_dict, names, "SG-One")
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Episode-independent features: guidance (C5) and side (128) maps, concatenated."""

@@ -18,3 +18,33 @@ def session_members(sessions: set[int]) -> list[int]:
             if int(fields[3]) in sessions:
                 found.append(int(entry))
     return found
+
+
+def seeded_state_dict(entries, seed: int = 0, gain: float = 1.0) -> dict:
+    """A state dict of deterministic random tensors for [(name, shape, dtype)], in order: conv and
+    linear weights ~ N(0, gain²·2/fan_in), biases and BatchNorm shifts and means ~ N(0, 0.1²),
+    BatchNorm scales near 1, running variances positive (activations stay finite through deep
+    networks). The parity fixtures were recorded by loading the same tensors into the official
+    models."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape, dtype in entries:
+        if not str(dtype).startswith("torch.float"):
+            state[name] = torch.zeros(shape, dtype=torch.int64)  # num_batches_tracked
+            continue
+        noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+        if name.endswith("running_var"):
+            value = 1 + noise.abs() * 0.1
+        elif len(shape) > 1:  # conv / linear weight
+            fan_in = 1
+            for side in shape[1:]:
+                fan_in *= side
+            value = noise * gain * (2.0 / fan_in) ** 0.5
+        elif name.endswith("weight"):  # BatchNorm scale
+            value = 1 + noise * 0.1
+        else:  # biases, BatchNorm shift and running mean
+            value = noise * 0.1
+        state[name] = value.to(torch.float32)
+    return state

@@ -40,8 +40,11 @@ def test_sgone_similarity_guidance_gates_the_segmentation_branch():
     query[:, :guidance] = 0
     query[0, 0, 0, 0] = 1.0  # cosine 1 at (0, 0) …
     query[0, 1, 1:, :] = 1.0  # … and 0 (orthogonal guidance) on rows 1-3
-    logits = model.binary_logits(support, fg, query)
-    assert logits.shape == (1, 2, 4, 4)
+    padded = model.binary_logits(support, fg, query)
+    # the official exit conv's padding=1: a border of bias-only logits around the 4×4 map
+    assert padded.shape == (1, 2, 6, 6)
+    assert torch.allclose(padded[0, :, 0, 0], model.exit.bias)
+    logits = padded[:, :, 1:-1, 1:-1]
     # where the similarity is 0 the branch input is 0: the 3×3 conv then sees zeros on rows 2-3
     row = logits[0, :, 3]
     assert torch.allclose(row, row[:, :1].expand_as(row), atol=1e-6)
@@ -51,6 +54,9 @@ def test_sgone_similarity_guidance_gates_the_segmentation_branch():
 def test_canet_attention_fuses_shots_and_iom_uses_history():
     torch.manual_seed(0)
     model = CANet(blocks=(1, 1, 1), channels=8, iterations=3).eval()
+    for module in model.modules():  # the official N(0, 0.01) init nearly zeroes 8-wide maps
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight)
     support = torch.randn(1, 8, 5, 5)
     fg = (torch.rand(1, 5, 5) > 0.5).float()
     query = torch.randn(2, 8, 5, 5)
