@@ -107,7 +107,9 @@ DISPLAY_NAMES = {
     "prototype_notrain": "PANet, untrained",
     "sgone": "SG-One",
     "canet": "CANet",
-    "finetune_linear": "Linear probe",
+    "finetune_linear": "Linear probe",  # its former name
+    "linear_probe": "Linear probe",
+    "finetune": "Fine-tuning (OSLSM)",
     "all_background": "All background",
     "all_foreground": "All foreground",
 }

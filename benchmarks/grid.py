@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -80,6 +81,8 @@ class MethodSpec:
     label: str = ""  # the row name in tables; defaults to name + swept values
     train: tuple = ()  # (key, value) overrides of the grid's training settings (its recipe)
     display: str = ""  # the name tables and figures print (default: the method's usual name)
+    # released weights to evaluate instead of training: (path, "official" | "fsbench", sha256)
+    checkpoint: tuple = ()
 
     def row(self) -> str:
         return self.label or self.name
@@ -114,6 +117,9 @@ class Cell:
         later = {} if self.eval_precision == "fp32" else {"eval_precision": self.eval_precision}
         if self.sampler != "fsbench":
             later["sampler"] = self.sampler
+        if self.method.checkpoint:
+            path, kind, digest = self.method.checkpoint
+            later["checkpoint"] = {"path": path, "format": kind, "sha256": digest}
         return {
             **later,
             "method": self.method.name,
@@ -182,7 +188,7 @@ class GridSpec:
 
         protocol = get_protocol(self.protocol).for_dataset(self.dataset["name"])
         sampler = check_sampler(self.sampler or protocol.default_sampler(), protocol)
-        trainable = {m.row(): _is_trainable(METHODS, m) for m in self.methods}
+        trainable = {m.row(): _is_trainable(METHODS, m) and not m.checkpoint for m in self.methods}
         cells = []
         for method, fold, way, shot, annotation, train_seed in itertools.product(
             self.methods,
@@ -347,7 +353,46 @@ def _train_overrides(raw: dict, where: str) -> tuple:
         raise FsbenchError(
             f"{where}: unknown key(s) {sorted(set(raw) - fields)}; known: {sorted(fields)}"
         )
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in raw.items()))
+    items = []
+    for key, value in raw.items():
+        if key == "lr_mult":
+            if not isinstance(value, dict):
+                raise FsbenchError(
+                    f"{where}.lr_mult: expected a mapping of group → factor, e.g. {{bias: 2}}"
+                )
+            value = tuple(sorted(value.items()))
+        elif isinstance(value, list):
+            value = tuple(value)
+        items.append((key, value))
+    return tuple(sorted(items))
+
+
+CHECKPOINT_FORMATS = ("fsbench", "official")
+
+
+def _checkpoint(entry: dict) -> tuple:
+    """(absolute path, format, sha256) of a method entry's `checkpoint:`, or ()."""
+    if "checkpoint" not in entry:
+        if "format" in entry:
+            raise FsbenchError(f"methods: {entry['name']}: `format:` needs a `checkpoint:` path")
+        return ()
+    kind = entry.get("format", "fsbench")
+    if kind not in CHECKPOINT_FORMATS:
+        raise FsbenchError(
+            f"methods: {entry['name']}: format {kind!r} is not one of {CHECKPOINT_FORMATS} "
+            "(official: a state_dict saved by the method's official repository)"
+        )
+    path = Path(str(entry["checkpoint"])).expanduser().resolve()
+    if not path.is_file():
+        raise FsbenchError(
+            f"methods: {entry['name']}: checkpoint {path} does not exist; give the path of the "
+            "saved weights (a torch state dict)"
+        )
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return (str(path), kind, digest.hexdigest())
 
 
 def _methods(raw_methods) -> tuple[MethodSpec, ...]:
@@ -370,12 +415,22 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
                 "(e.g. panet) or a mapping with `name:` (e.g. {name: panet, kwargs: {alpha: 10}})"
             )
         entry = dict(entry)
-        unknown = set(entry) - {"name", "kwargs", "sweep", "label", "train", "display"}
+        unknown = set(entry) - {
+            "name",
+            "kwargs",
+            "sweep",
+            "label",
+            "train",
+            "display",
+            "checkpoint",
+            "format",
+        }
         if unknown:
             raise FsbenchError(
                 f"methods: unknown key(s) {sorted(unknown)} "
-                "(use name, kwargs, sweep, label, display, train)"
+                "(use name, kwargs, sweep, label, display, train, checkpoint, format)"
             )
+        checkpoint = _checkpoint(entry)
         recipe = _train_overrides(entry.get("train") or {}, f"methods: {entry['name']}: train")
         METHODS.get(entry["name"])  # unknown method: one clear error listing close names
         kwargs, sweep = dict(entry.get("kwargs") or {}), dict(entry.get("sweep") or {})
@@ -394,6 +449,7 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
                     f"{label}[{suffix}]" if suffix else label,
                     recipe,
                     f"{display} ({suffix})" if display and suffix else display,
+                    checkpoint,
                 )
             )
     variants = [(s.name, sorted(s.kwargs.items()), s.train) for s in specs]

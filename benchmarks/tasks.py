@@ -11,6 +11,7 @@ import platform
 import socket
 import time
 import uuid
+from pathlib import Path
 
 import torch
 
@@ -24,7 +25,7 @@ from fsbench.benchmarks.evaluate import (
 from fsbench.benchmarks.train import TrainConfig, train
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
-from fsbench.datasets.registry import DATASETS, import_plugins
+from fsbench.datasets.registry import DATASETS, FsbenchError, import_plugins
 
 
 def resolve_device(requested: str) -> str:
@@ -51,7 +52,43 @@ def build_model(config: dict):
 
     load_plugins(config)
     torch.manual_seed((config.get("train") or {}).get("seed", 0))
-    return METHODS.get(config["method"])(**config["method_kwargs"])
+    model = METHODS.get(config["method"])(**config["method_kwargs"])
+    if config.get("checkpoint"):
+        load_checkpoint(model, config["checkpoint"], config["method"])
+    return model
+
+
+def load_checkpoint(model, checkpoint: dict, method: str) -> None:
+    """Released weights into `model`: `format` official through the method's
+    `load_official_state_dict`, fsbench (a state dict fsbench saved) directly. A file holding
+    {"state_dict": …} or {"model": …} (as training scripts save) is unwrapped."""
+    path = Path(checkpoint["path"])
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FsbenchError(f"{path}: checkpoint file is missing") from None
+    except Exception as error:  # torch raises many types for a bad file
+        raise FsbenchError(f"{path}: not a readable torch checkpoint ({error})") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if checkpoint["format"] == "official":
+        if not hasattr(model, "load_official_state_dict"):
+            raise FsbenchError(
+                f"method {method} has no official checkpoint format; use format: fsbench"
+            )
+        model.load_official_state_dict(state)
+        return
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise FsbenchError(
+            f"{path}: does not fit {method} with these kwargs ({first}); a checkpoint saved by "
+            "the official code needs format: official"
+        ) from None
 
 
 def device_label(device: str) -> str:
@@ -86,9 +123,7 @@ def train_task(
     device = resolve_device(device)
     protocol = get_protocol(config["protocol"])
     model = build_model(config)
-    cfg = TrainConfig(
-        **{**config["train"], "lr_milestones": tuple(config["train"]["lr_milestones"])}
-    )
+    cfg = TrainConfig.from_dict(config["train"])
     execution = config.get("execution") or {}
     result = train(
         model,

@@ -17,8 +17,17 @@ from fsbench.datasets.episodes import EpisodeLoader, sample_episode, seeded_rng
 from fsbench.datasets.registry import FsbenchError
 
 PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("step", "constant")
 # Settings added after results existed, left out of a cell's identity while at their default.
-LATER_DEFAULTS = {"precision": "fp32"}
+LATER_DEFAULTS = {
+    "precision": "fp32",
+    "optimizer": "sgd",
+    "lr_schedule": "step",
+    "lr_mult": (),
+    "nesterov": False,
+    "input_size": 0,
+}
 
 
 def _is_kind(value, kind) -> bool:
@@ -30,16 +39,28 @@ def _is_kind(value, kind) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is tuple:
         return isinstance(value, (tuple, list)) and all(_is_kind(v, int) for v in value)
+    if kind == "lr_mult":
+        return isinstance(value, tuple) and all(
+            isinstance(k, str) and _is_kind(v, float) for k, v in value
+        )
     return isinstance(value, str)
 
 
 # Annotation strings (from __future__ annotations) → the kind of value a field accepts.
-_FIELD_KINDS = {"int": int, "float": float, "bool": bool, "tuple[int, ...]": tuple}
+_FIELD_KINDS = {
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "tuple[int, ...]": tuple,
+    "tuple[tuple[str, float], ...]": "lr_mult",
+}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """PANet's defaults: SGD 1e-3, momentum 0.9, wd 5e-4, ×0.1 at 10k/20k, 30k steps, flips."""
+    """PANet's defaults: SGD 1e-3, momentum 0.9, wd 5e-4, ×0.1 at 10k/20k, 30k steps, flips.
+    Other recipes: `optimizer` sgd | adam, `lr_schedule` step | constant, `lr_mult` {group:
+    factor} over the parameter groups the method names (`param_groups`), `nesterov`."""
 
     steps: int = 30000
     lr: float = 1e-3
@@ -56,6 +77,11 @@ class TrainConfig:
     val_episodes: int = 100
     log_every: int = 10
     precision: str = "fp32"  # or "bf16": autocast of the forward and loss (CUDA, or CPU)
+    optimizer: str = "sgd"  # or "adam" (momentum unused; weight_decay as Adam's L2 term)
+    lr_schedule: str = "step"  # "step": ×lr_gamma at lr_milestones; "constant"
+    lr_mult: tuple[tuple[str, float], ...] = ()  # (group, factor): the method's param groups
+    nesterov: bool = False
+    input_size: int = 0  # training input side (CANet's recipe: 321); 0: the cell's input_size
 
     def __post_init__(self):
         problems = []
@@ -69,6 +95,8 @@ class TrainConfig:
                 )
         if self.steps < 1:
             problems.append(f"steps={self.steps} (must be ≥ 1)")
+        if self.input_size and not 16 <= self.input_size <= 4096:
+            problems.append(f"input_size={self.input_size} (16…4096, or 0: the cell's)")
         if self.lr <= 0:
             problems.append(f"lr={self.lr} (must be > 0)")
         if any(m <= 0 for m in self.lr_milestones):
@@ -77,17 +105,35 @@ class TrainConfig:
             problems.append("val_classes ≥ 0, val_every ≥ 1 and val_episodes ≥ 1 are required")
         if self.precision not in PRECISIONS:
             problems.append(f"precision={self.precision!r} (one of {', '.join(PRECISIONS)})")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer={self.optimizer!r} (one of {', '.join(OPTIMIZERS)})")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule={self.lr_schedule!r} (one of {', '.join(LR_SCHEDULES)})")
+        if any(v <= 0 for _, v in self.lr_mult):
+            problems.append(f"lr_mult={dict(self.lr_mult)} (factors must be > 0)")
         if problems:
             raise FsbenchError("impossible training setting: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> TrainConfig:
+        """The inverse of `to_dict` (lists back to tuples, lr_mult back to pairs)."""
+        raw = dict(raw)
+        raw["lr_milestones"] = tuple(raw.get("lr_milestones", ()))
+        if "lr_mult" in raw:
+            raw["lr_mult"] = tuple(sorted(dict(raw["lr_mult"]).items()))
+        return cls(**raw)
 
     def to_dict(self) -> dict:
         """Every setting, except new ones at their default: a cell's id (a hash of this) then
         stays the same when a setting is added, and finished results stay valid."""
-        return {
+        out = {
             k: list(v) if isinstance(v, tuple) else v
             for k, v in dataclasses.asdict(self).items()
             if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])
         }
+        if "lr_mult" in out:
+            out["lr_mult"] = dict(self.lr_mult)
+        return out
 
 
 @dataclass
@@ -155,6 +201,34 @@ def episode_plan(dataset, protocol, split, fold, train_classes, way, shot, cfg) 
     return plan
 
 
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's optimizer over the trainable parameters, one group per named group of the
+    method (`param_groups()`, default: one group "all") at lr × its `lr_mult` factor."""
+    named = model.param_groups() if hasattr(model, "param_groups") else None
+    named = named or {"all": list(model.parameters())}
+    factors = dict(cfg.lr_mult)
+    unknown = sorted(set(factors) - set(named))
+    if unknown:
+        raise FsbenchError(
+            f"train.lr_mult: {type(model).__name__} has no parameter group {unknown}; its "
+            f"groups: {sorted(named)}"
+        )
+    groups = [
+        {"params": [p for p in params if p.requires_grad], "lr": cfg.lr * factors.get(name, 1.0)}
+        for name, params in named.items()
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        groups,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov,
+    )
+
+
 def _autocast(device: str, precision: str):
     """bf16 autocast where asked (CUDA or CPU); fp32 otherwise."""
     kind = torch.device(device).type
@@ -195,18 +269,15 @@ def train(
     started = time.perf_counter()
     split = dataset.train_split(protocol)
     train_classes, val_classes = split_validation_classes(dataset.train_classes(fold), cfg, fold)
-    loader = EpisodeLoader(dataset, input_size, resize=protocol.resize)
+    loader = EpisodeLoader(dataset, cfg.input_size or input_size, resize=protocol.resize)
     plan = episode_plan(dataset, protocol, split, fold, train_classes, way, shot, cfg)
     model.to(device).train()
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, list(cfg.lr_milestones), cfg.lr_gamma
-    )
+    optimizer = make_optimizer(model, cfg)
+    milestones = list(cfg.lr_milestones) if cfg.lr_schedule == "step" else []
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, cfg.lr_gamma)
     result = TrainResult(
         state_dict={}, train_classes=train_classes, val_classes=val_classes, train_list=split
     )

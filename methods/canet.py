@@ -45,9 +45,7 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(
-            planes, planes, 3, padding=dilation, dilation=dilation, bias=False
-        )
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
@@ -95,8 +93,9 @@ class Backbone(nn.Module):
 
 def conv_relu_dropout(in_channels, out_channels, kernel=3, dilation=1, dropout=0.5):
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel, padding=dilation * (kernel // 2),
-                  dilation=dilation),
+        nn.Conv2d(
+            in_channels, out_channels, kernel, padding=dilation * (kernel // 2), dilation=dilation
+        ),
         nn.ReLU(),
         nn.Dropout2d(dropout),
     )

@@ -55,9 +55,7 @@ def load_mapped_state_dict(
     missing = [
         k
         for k in own
-        if k not in mapped
-        and not k.endswith("num_batches_tracked")
-        and not k.startswith(optional)
+        if k not in mapped and not k.endswith("num_batches_tracked") and not k.startswith(optional)
     ]
     if unexpected or mismatched or missing:
         problems = [

@@ -70,6 +70,15 @@ class SGOne(FewShotMethod):
         for own, loaded in zip(target, source):  # the 13 backbone convs, in order
             own.load_state_dict(loaded.state_dict())
 
+    def param_groups(self) -> dict[str, list]:
+        """my_optim.get_finetune_optimizer's groups: weights, biases, and those of the guidance
+        conv (its `cls`) apart (`train.lr_mult` scales each; official: 1, 2, 10, 20)."""
+        groups: dict[str, list] = {"weight": [], "bias": [], "last_weight": [], "last_bias": []}
+        for name, parameter in self.named_parameters():
+            kind = "bias" if name.endswith("bias") else "weight"
+            groups[("last_" if name.startswith("guidance") else "") + kind].append(parameter)
+        return groups
+
     def load_official_state_dict(self, state_dict) -> None:
         """Weights saved from the official OneModel (xiaomengyc/SG-One, `model.state_dict()`,
         with or without DataParallel's `module.`)."""

@@ -10,11 +10,11 @@ from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
 from fsbench.methods import METHODS
 from fsbench.methods.canet import CANet
-from fsbench.methods.finetune import FinetuneLinear
+from fsbench.methods.finetune import Finetune, LinearProbe
 from fsbench.methods.sgone import SGOne
 
 
-@pytest.mark.parametrize("name", ["test_sgone", "test_canet", "test_finetune_linear"])
+@pytest.mark.parametrize("name", ["test_sgone", "test_canet", "test_linear_probe", "test_finetune"])
 def test_cached_encoder_path_is_exact(dataset, name):
     protocol = get_protocol("panet")
     torch.manual_seed(0)
@@ -69,8 +69,8 @@ def test_canet_attention_fuses_shots_and_iom_uses_history():
     assert torch.allclose(zero, outputs[0])  # the first step sees an empty history
 
 
-def test_finetune_fits_a_separable_support_and_predicts_the_query():
-    model = FinetuneLinear(width=1 / 16, steps=60, lr=0.5)
+def test_linear_probe_fits_a_separable_support_and_predicts_the_query():
+    model = LinearProbe(width=1 / 16, steps=60, lr=0.5)
     features = torch.zeros(1, 1, 2, 4, 4)
     features[0, 0, 0, :, :2] = 1.0  # foreground pixels along channel 0
     features[0, 0, 1, :, 2:] = 1.0  # background along channel 1
@@ -81,3 +81,37 @@ def test_finetune_fits_a_separable_support_and_predicts_the_query():
     query[0, 1, 2:] = 1.0
     prediction = model.predict(features, fg, 1 - fg, query, (4, 4)).argmax(1)[0]
     assert prediction[:2].eq(1).all() and prediction[2:].eq(0).all()
+
+
+def test_oslsm_finetune_adapts_its_trained_classifier_to_the_support():
+    """A classifier that calls everything background is fine-tuned on one support into one that
+    separates the support's foreground feature, and the query follows; zero steps keep it."""
+    model = Finetune(width=1 / 16, steps=80, lr=0.5)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([5.0, -5.0]))
+    channels = model.encoder.out_channels
+    features = torch.zeros(1, 1, channels, 4, 4)
+    features[0, 0, 0, :, :2] = 1.0
+    features[0, 0, 1, :, 2:] = 1.0
+    fg = torch.zeros(1, 1, 8, 8)
+    fg[..., :4] = 1.0
+    query = torch.zeros(1, channels, 4, 4)
+    query[0, 0, :2] = 1.0
+    query[0, 1, 2:] = 1.0
+    prediction = model.predict(features, fg, 1 - fg, query, (4, 4)).argmax(1)[0]
+    assert prediction[:2].eq(1).all() and prediction[2:].eq(0).all()
+    model.steps = 0
+    assert model.predict(features, fg, 1 - fg, query, (4, 4)).argmax(1).eq(0).all()
+
+
+def test_oslsm_finetune_trains_on_base_class_queries(dataset):
+    """Its base-class training is a binary segmentation loss on the query (supports unused)."""
+    torch.manual_seed(0)
+    model = METHODS.get("test_finetune")()
+    manifest = EpisodeManifest.build(dataset, get_protocol("panet"), 0, 1, 1, 1, 3)
+    episode = EpisodeLoader(dataset, 32).load(manifest.episodes[0])
+    loss = model.loss(episode)["total"]
+    loss.backward()
+    assert loss.item() > 0 and model.classifier.weight.grad.abs().sum() > 0
+    assert model.trainable and not METHODS.get("test_linear_probe")().trainable

@@ -58,7 +58,11 @@ def logits(model, shots, **predict_kwargs):
     with torch.no_grad():
         features = model.encode(torch.cat([supports, query]))
         return model.predict(
-            features[:shots][None], fg[None], 1 - fg[None], features[shots:], query.shape[-2:],
+            features[:shots][None],
+            fg[None],
+            1 - fg[None],
+            features[shots:],
+            query.shape[-2:],
             **predict_kwargs,
         )
 
@@ -99,3 +103,44 @@ def test_official_checkpoints_with_dataparallel_prefix_and_clear_errors():
         model.load_official_state_dict(broken)
     with pytest.raises(FsbenchError, match="not an official PANet state dict"):
         METHODS.get("panet")().load_official_state_dict(state)
+
+
+def test_grid_evaluates_an_official_checkpoint_without_training(tmp_path, small_grid_dict):
+    """`checkpoint: PATH` + `format: official` on a method entry: no training, the released
+    weights are evaluated (equal to evaluating them directly), and the cell records them."""
+    from fsbench.benchmarks.api import run
+    from fsbench.benchmarks.evaluate import evaluate
+    from fsbench.benchmarks.grid import parse_grid
+    from fsbench.benchmarks.results import ResultStore
+    from fsbench.benchmarks.tasks import open_dataset
+    from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
+    from fsbench.datasets.protocols import get_protocol
+
+    torch.manual_seed(3)
+    released = METHODS.get("test_panet")()
+    official_names = [  # how kaixin96/PANet names the same tensors (models/vgg.py)
+        f"module.encoder.backbone.features.{2 * stage}.{2 * index}.{kind}"
+        for stage, n_convs in enumerate((2, 2, 3, 3, 3))
+        for index in range(n_convs)
+        for kind in ("weight", "bias")
+    ]
+    path = tmp_path / "30000.pth"
+    torch.save(dict(zip(official_names, released.state_dict().values())), path)
+    grid_dict = dict(
+        small_grid_dict,
+        seeds=[1],
+        methods=[{"name": "test_panet", "checkpoint": str(path), "format": "official"}],
+    )
+    frame = run(grid_dict, results=tmp_path / "results", serial=True, tracking=False)
+    store = ResultStore(tmp_path / "results", "tiny")
+    (record,) = store.load_cells()
+    assert record["train"] is None and record["config"]["checkpoint"]["format"] == "official"
+    grid = parse_grid(grid_dict)
+    manifest = EpisodeManifest.load(
+        store.manifests_dir / f"{record['seeds'][0]['manifest_fingerprint'][:16]}.json"
+    )
+    loader = EpisodeLoader(open_dataset(grid.dataset, grid.protocol), grid_dict["input_size"])
+    counts, _, _ = evaluate(released.eval(), loader, manifest, get_protocol("panet"))
+    assert frame["miou"].iloc[0] == pytest.approx(100 * counts.miou())
+    with pytest.raises(FsbenchError, match="does not exist"):
+        parse_grid(dict(grid_dict, methods=[{"name": "test_panet", "checkpoint": "/nope.pth"}]))
