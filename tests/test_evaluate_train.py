@@ -216,3 +216,51 @@ def test_cuda_training_pipeline_and_bf16(dataset):
     assert all(np.isfinite(p["total"]) for r in results for p in r.curve)
     assert all(v.device.type == "cpu" for v in results[0].state_dict.values())
     assert torch.backends.cudnn.benchmark
+
+
+def test_training_recipe_values_optimizer_groups_and_constant_lr():
+    """SG-One's official recipe as grid values: per-group lr factors over the method's groups,
+    SGD momentum 0.99, constant lr; Adam on request; unknown groups are one clear error."""
+    from fsbench.benchmarks.grid import _train_overrides
+    from fsbench.benchmarks.train import TrainConfig, make_optimizer
+    from fsbench.datasets.registry import FsbenchError
+    from fsbench.methods import METHODS
+
+    raw = {
+        "lr": 1e-5,
+        "momentum": 0.99,
+        "lr_schedule": "constant",
+        "lr_mult": {"bias": 2, "last_weight": 10, "last_bias": 20},
+        "lr_milestones": [1],
+    }
+    cfg = TrainConfig(**dict(_train_overrides(raw, "train")))
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    model = METHODS.get("test_sgone")()
+    optimizer = make_optimizer(model, cfg)
+    lrs = sorted(round(g["lr"] / 1e-5) for g in optimizer.param_groups)
+    assert lrs == [1, 2, 10, 20] and optimizer.defaults["momentum"] == 0.99
+    guidance = {id(p) for p in model.guidance.parameters()}
+    last = [g for g in optimizer.param_groups if round(g["lr"] / 1e-5) >= 10]
+    assert {id(p) for g in last for p in g["params"]} == guidance
+    adam = make_optimizer(model, TrainConfig(optimizer="adam", lr=1e-4))
+    assert isinstance(adam, torch.optim.Adam)
+    with pytest.raises(FsbenchError, match="no parameter group"):
+        make_optimizer(METHODS.get("test_panet")(), TrainConfig(lr_mult=(("bias", 2.0),)))
+    with pytest.raises(FsbenchError, match="optimizer='rmsprop'"):
+        TrainConfig(optimizer="rmsprop")
+    # settings at their defaults stay out of a cell's identity (finished results keep their ids)
+    assert set(TrainConfig().to_dict()).isdisjoint({"optimizer", "lr_schedule", "lr_mult"})
+
+
+def test_constant_lr_schedule_ignores_milestones(dataset):
+    from fsbench.benchmarks.train import TrainConfig, train
+    from fsbench.datasets.protocols import get_protocol
+    from fsbench.methods import METHODS
+
+    torch.manual_seed(0)
+    for schedule, final in (("constant", 0.01), ("step", 0.001)):
+        cfg = TrainConfig(steps=3, lr=0.01, lr_milestones=(1,), log_every=1, lr_schedule=schedule)
+        result = train(
+            METHODS.get("test_panet")(), dataset, get_protocol("panet"), 0, 1, 1, cfg, 32, "cpu"
+        )
+        assert result.curve[-1]["lr"] == pytest.approx(final)
