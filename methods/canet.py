@@ -136,6 +136,7 @@ class CANet(FewShotMethod):
         pretrained=None,
         freeze_backbone=None,
         dropout=0.5,
+        init="official",
     ):
         super().__init__()
         self.backbone = Backbone(tuple(blocks))
@@ -156,9 +157,24 @@ class CANet(FewShotMethod):
         self.attention = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, 1, 1)
         )
-        for module in self.modules():  # as one_shot_network.py (conv biases keep torch's)
+        # The new layers as one_shot_network.py (N(0, 0.01) weights, torch's default biases),
+        # or Xavier (`init: xavier`): a narrow head trained from scratch on small data stays at
+        # the class prior under N(0, 0.01) (measured: 0 mIoU after 800 steps, 20 with Xavier).
+        # The official backbone always starts from ImageNet; a random one (no `pretrained`)
+        # keeps torchvision's ResNet initialisation, which trains.
+        if init not in ("official", "xavier"):
+            raise FsbenchError(f"CANet init {init!r} is not official or xavier")
+        backbone = {id(m) for m in self.backbone.modules()}
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d) and id(module) not in backbone:
+                if init == "official":
+                    module.weight.data.normal_(0, 0.01)
+                else:
+                    nn.init.xavier_uniform_(module.weight)
+                    nn.init.zeros_(module.bias)
+        for module in self.backbone.modules():
             if isinstance(module, nn.Conv2d):
-                module.weight.data.normal_(0, 0.01)
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, nn.BatchNorm2d):
                 module.weight.data.fill_(1)
                 module.bias.data.zero_()
@@ -281,10 +297,16 @@ class CANet(FewShotMethod):
 
 @METHODS.register()
 def canet(
-    blocks=(3, 4, 6), channels=256, iterations=4, pretrained=None, freeze_backbone=None, dropout=0.5
+    blocks=(3, 4, 6),
+    channels=256,
+    iterations=4,
+    pretrained=None,
+    freeze_backbone=None,
+    dropout=0.5,
+    init="official",
 ):
     """CANet with a dilated ResNet-50 (ImageNet weights from a local torchvision file)."""
-    return CANet(tuple(blocks), channels, iterations, pretrained, freeze_backbone, dropout)
+    return CANet(tuple(blocks), channels, iterations, pretrained, freeze_backbone, dropout, init)
 
 
 @METHODS.register()

@@ -29,7 +29,7 @@ BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 class SGOne(FewShotMethod):
     cacheable_encoder = True
 
-    def __init__(self, width: float = 1.0, pretrained: str | None = None):
+    def __init__(self, width: float = 1.0, pretrained: str | None = None, init: str = "official"):
         super().__init__()
         channels = [max(1, round(c * width)) for _, c in BLOCKS]
         side = max(1, round(128 * width))
@@ -48,8 +48,14 @@ class SGOne(FewShotMethod):
         self.side5 = nn.Conv2d(side + channels[4], side, 3, padding=1)
         self.classifier = nn.Sequential(nn.Conv2d(side, side, 3, padding=1), nn.ReLU(inplace=True))
         self.exit = nn.Conv2d(side, 2, 1, padding=1)
-        exits = {id(m) for m in (*self.classifier, self.exit)}
-        for module in self.modules():  # vgg_sg.py's _initialize_weights covers the VGG part only
+        # vgg_sg.py's _initialize_weights covers the VGG part only; `init: xavier` extends it
+        # to the two exit convs (what fsbench used before matching the official code).
+        if init not in ("official", "xavier"):
+            from fsbench.datasets.registry import FsbenchError
+
+            raise FsbenchError(f"SG-One init {init!r} is not official or xavier")
+        exits = {id(m) for m in (*self.classifier, self.exit)} if init == "official" else set()
+        for module in self.modules():
             if isinstance(module, nn.Conv2d) and id(module) not in exits:
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
@@ -135,9 +141,9 @@ class SGOne(FewShotMethod):
 
 
 @METHODS.register()
-def sgone(width=1.0, pretrained=None):
+def sgone(width=1.0, pretrained=None, init="official"):
     """SG-One with a VGG-16 backbone (ImageNet weights from a local torchvision file)."""
-    return SGOne(width=width, pretrained=pretrained)
+    return SGOne(width=width, pretrained=pretrained, init=init)
 
 
 @METHODS.register()
