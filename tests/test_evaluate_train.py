@@ -264,3 +264,34 @@ def test_constant_lr_schedule_ignores_milestones(dataset):
             METHODS.get("test_panet")(), dataset, get_protocol("panet"), 0, 1, 1, cfg, 32, "cpu"
         )
         assert result.curve[-1]["lr"] == pytest.approx(final)
+
+
+def test_pfenet_scoring_upsamples_the_whole_input_onto_the_original_square(dataset):
+    """PFENet's test.py (ori_resize): the S×S scores, bilinear with align_corners=True, onto the
+    longer side's square; the label there is padded with 255, so only the image is scored."""
+    import torch.nn.functional as F
+
+    from fsbench.benchmarks.evaluate import _Scorer
+    from fsbench.benchmarks.metrics import SegmentationMeter
+
+    # objects of any size (the session dataset's 64-px images are too small for 2·32·32 px)
+    protocol = dataclasses.replace(get_protocol("pfenet"), min_object_pixels=1)
+    manifest = EpisodeManifest.build(dataset, protocol, 0, 1, 1, 1, 5, sampler="fsbench")
+    spec = manifest.episodes[0]
+    loader = EpisodeLoader(dataset, 40, resize="keep_ratio_pad")
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 40, 40)
+    scorer = _Scorer(loader, manifest, protocol, keep_predictions=1)
+    scorer.add(logits, loader.load(spec).query_labels, [(0, spec, 0)])
+    counts, kept = scorer.result()
+    masks, void = dataset.load_masks(spec.query[0], list(spec.classes))  # 48 × 64 original
+    label = torch.from_numpy(masks[0]).long()
+    label[torch.from_numpy(void)] = 255
+    square = F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=True)
+    expected = square[0, :, :48, :64].argmax(0)
+    assert torch.equal(kept[0]["prediction"], expected)
+    meter = SegmentationMeter(dataset.fold_classes(0))
+    meter.update(expected, label, spec.classes, 0)
+    assert np.array_equal(counts.per_class, meter.counts().per_class)
+    shifted = F.interpolate(logits[..., :24, :40], size=(48, 64), mode="bilinear").argmax(1)[0]
+    assert not torch.equal(shifted, expected)  # the former crop-and-resize scored differently
