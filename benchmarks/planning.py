@@ -51,6 +51,18 @@ def _damaged_manifests(store: ResultStore, finished: set[str]) -> dict[str, list
     return damaged
 
 
+def _setting(cell) -> tuple:
+    """What a cell's episodes depend on besides the seed (cells sharing it share manifests)."""
+    return (cell.fold, cell.way, cell.shot, cell.episodes, cell.protocol, cell.sampler)
+
+
+def _manifest(dataset, cell, seed: int) -> EpisodeManifest:
+    fold, way, shot, episodes, protocol, sampler = _setting(cell)
+    return EpisodeManifest.build(
+        dataset, get_protocol(protocol), fold, way, shot, episodes, seed, sampler=sampler
+    )
+
+
 def plan_grid(
     grid: GridSpec, store: ResultStore, rerun: bool = False, build_manifests=True
 ) -> Plan:
@@ -64,41 +76,13 @@ def plan_grid(
         dataset = open_dataset(grid.dataset, grid.protocol)
         for cell in (c for c in cells if c.id in damaged):  # finished cells' records, repaired
             for seed in damaged[cell.id]:
-                manifest = EpisodeManifest.build(
-                    dataset,
-                    get_protocol(cell.protocol),
-                    cell.fold,
-                    cell.way,
-                    cell.shot,
-                    cell.episodes,
-                    seed,
-                    sampler=cell.sampler,
-                )
-                store.save_manifest(manifest)
+                store.save_manifest(_manifest(dataset, cell, seed))
         by_setting = {}
         for cell in todo:
-            protocol = get_protocol(cell.protocol)
             for seed in cell.seeds:
-                key = (
-                    cell.fold,
-                    cell.way,
-                    cell.shot,
-                    cell.episodes,
-                    seed,
-                    cell.protocol,
-                    cell.sampler,
-                )
+                key = (*_setting(cell), seed)
                 if key not in by_setting:
-                    by_setting[key] = EpisodeManifest.build(
-                        dataset,
-                        protocol,
-                        cell.fold,
-                        cell.way,
-                        cell.shot,
-                        cell.episodes,
-                        seed,
-                        sampler=cell.sampler,
-                    )
+                    by_setting[key] = _manifest(dataset, cell, seed)
                     store.save_manifest(by_setting[key])
                 manifests[(cell.id, seed)] = by_setting[key]
     jobs: dict[str, Job] = {}

@@ -296,17 +296,10 @@ class CANet(FewShotMethod):
 
 
 @METHODS.register()
-def canet(
-    blocks=(3, 4, 6),
-    channels=256,
-    iterations=4,
-    pretrained=None,
-    freeze_backbone=None,
-    dropout=0.5,
-    init="official",
-):
-    """CANet with a dilated ResNet-50 (ImageNet weights from a local torchvision file)."""
-    return CANet(tuple(blocks), channels, iterations, pretrained, freeze_backbone, dropout, init)
+def canet(blocks=(3, 4, 6), **kwargs):
+    """CANet with a dilated ResNet-50 (ImageNet weights from a local torchvision file); keywords
+    as `CANet`: channels, iterations, pretrained, freeze_backbone, dropout, init."""
+    return CANet(tuple(blocks), **kwargs)
 
 
 @METHODS.register()

@@ -48,3 +48,19 @@ def seeded_state_dict(entries, seed: int = 0, gain: float = 1.0) -> dict:
             value = noise * 0.1
         state[name] = value.to(torch.float32)
     return state
+
+
+def parity_episode(size: int, shots: int):
+    """The parity fixtures' episode: seeded query [1, 3, S, S], supports [K, 3, S, S] and
+    rectangular masks [K, S, S] (shared by tests/test_parity.py and its recorder)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(1, 3, size, size, generator=generator)
+    supports = [torch.randn(1, 3, size, size, generator=generator) for _ in range(shots)]
+    masks = []
+    for shot in range(shots):
+        mask = torch.zeros(1, size, size)
+        mask[:, 12 + shot : 36 + shot, 15 - shot : 40 - 2 * shot] = 1
+        masks.append(mask)
+    return query, torch.cat(supports), torch.cat(masks)

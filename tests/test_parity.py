@@ -19,7 +19,7 @@ import torch
 
 from fsbench.datasets.registry import FsbenchError
 from fsbench.methods import METHODS
-from tests.helpers import seeded_state_dict
+from tests.helpers import parity_episode, seeded_state_dict
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "official_parity.json").read_text())
 TOLERANCE = 1e-4
@@ -31,17 +31,7 @@ def unpack(packed) -> torch.Tensor:
 
 
 def episode(shots: int):
-    """The recorder's episode: seeded images and rectangular masks."""
-    size = FIXTURE["size"]
-    generator = torch.Generator().manual_seed(1)
-    query = torch.randn(1, 3, size, size, generator=generator)
-    supports = [torch.randn(1, 3, size, size, generator=generator) for _ in range(shots)]
-    masks = []
-    for shot in range(shots):
-        mask = torch.zeros(1, size, size)
-        mask[:, 12 + shot : 36 + shot, 15 - shot : 40 - 2 * shot] = 1
-        masks.append(mask)
-    return query, torch.cat(supports), torch.cat(masks)
+    return parity_episode(FIXTURE["size"], shots)
 
 
 def official_model(name: str, **kwargs):
