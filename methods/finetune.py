@@ -160,3 +160,8 @@ def test_linear_probe(**kwargs):
 @METHODS.register()
 def test_finetune(**kwargs):
     return finetune(**{"width": 1 / 16, "steps": 5, **kwargs})
+
+
+@METHODS.register()
+def test_finetune_linear(**kwargs):
+    return test_linear_probe(**kwargs)
