@@ -316,23 +316,18 @@ class EpisodeLoader:
 
     def masks(self, image_id: str, classes) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-class masks [N, S, S] and void mask [S, S] (nearest resize; padding is void)."""
-        masks, void, _ = self._masks_and_padding(image_id, classes)
+        masks, void, _ = self._masks_and_content(image_id, classes)
         return masks, void
 
-    def padding(self, image_id: str, classes) -> torch.Tensor:
-        """[S, S] bool: the input's padding (keep_ratio_pad), which is no pixel of the image."""
-        return self._masks_and_padding(image_id, classes)[2]
+    def _masks_and_content(self, image_id: str, classes):
+        """masks, void and the (h, w) of the image inside the input (the rest is padding)."""
 
-    def _masks_and_padding(self, image_id: str, classes):
         def make():
             masks, void = self.dataset.load_masks(image_id, list(classes))
-            height, width = self.content_size(*void.shape)
-            padding = torch.ones(self.input_size, self.input_size, dtype=torch.bool)
-            padding[:height, :width] = False
             return (
                 torch.from_numpy(np.stack([self._resize_mask(m) for m in masks])),
                 torch.from_numpy(self._resize_mask(void, fill=1)),
-                padding,
+                self.content_size(*void.shape),
             )
 
         return self._masks.get((image_id, tuple(classes)), make)
@@ -341,10 +336,11 @@ class EpisodeLoader:
         self, image_id: str, index: int, classes
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Foreground / background of the support for classes[index] under the annotation."""
-        masks, _, padding = self._masks_and_padding(image_id, classes)
+        masks, _, (height, width) = self._masks_and_content(image_id, classes)
         # Background: pixels of none of the episode's classes (the void outline included, as
         # PANet's getMask), never the padding: it is not part of the image.
-        fg, bg = masks[index], ~masks.any(0) & ~padding
+        fg, bg = masks[index], ~masks.any(0)
+        bg[height:], bg[:, width:] = False, False
         if self.annotation == "scribble":
             from fsbench.datasets.weak import scribble
 

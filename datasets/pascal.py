@@ -140,6 +140,7 @@ class Pascal5i:
         self._index: dict[str, dict] = {}
         self._index_lock = IndexLock()
         self._pairs: dict[str, set | None] = {}
+        self._train_lists: dict[str, str] = {}
 
     # -- folds ------------------------------------------------------------------------------
     def fold_classes(self, fold: int) -> list[int]:
@@ -160,18 +161,18 @@ class Pascal5i:
         dataset holds all its images; on other data (generated sets) training uses `trainaug`
         (each training records the list it used)."""
         name = protocol.pascal_train_list
-        if name in SHIPPED_TRAIN_LISTS:
+        if name not in SHIPPED_TRAIN_LISTS:
+            return name
+        if name not in self._train_lists:  # checked once (validation asks again and again)
             ids = self._shipped_ids(name)
             present = sum(self.mask_path(i).is_file() for i in ids)
-            if present == len(ids):
-                return name
-            if present * 2 > len(ids):
+            if present * 2 > len(ids) and present < len(ids):
                 raise DatasetError(
                     f"{self.root}: {len(ids) - present} of the {len(ids)} images of the "
                     f"{name} training list are missing; complete SegmentationClassAug/"
                 )
-            return "trainaug"
-        return name
+            self._train_lists[name] = name if present == len(ids) else "trainaug"
+        return self._train_lists[name]
 
     def _shipped_pairs(self, split: str) -> list[tuple[str, int | None]]:
         pairs = []
