@@ -60,3 +60,26 @@ def test_list_describes_methods(capsys):
     assert "trains" in panet and "prototype alignment" in panet
     notrain = next(line for line in out.splitlines() if "prototype_notrain" in line)
     assert "no train" in notrain
+
+
+def test_manifest_names_its_sampler_and_the_grid_takes_one(capsys, tmp_path, voc_root):
+    """`fsbench manifest` replays the protocol's official episodes unless --sampler fsbench; a
+    grid's `sampler:` joins the cell id only when official (old fsbench-sampled ids stay)."""
+    import json
+
+    from fsbench.benchmarks.grid import parse_grid
+
+    for extra, sampler in (([], "official:panet"), (["--sampler", "fsbench"], "fsbench")):
+        out = tmp_path / f"{sampler}.json"
+        argv = ["manifest", "--data-root", str(voc_root), "--fold", "0", "--episodes", "5"]
+        assert main([*argv, "--output", str(out), *extra]) == 0
+        assert f"sampler {sampler}" in capsys.readouterr().out
+        assert json.loads(out.read_text()).get("sampler", "fsbench") == sampler
+    base = {"name": "g", "dataset": "pascal5i", "methods": ["all_background"], "folds": [0]}
+    official, own = (
+        parse_grid({**base, **extra}).expand()[0] for extra in ({}, {"sampler": "fsbench"})
+    )
+    assert official.sampler == "official" and own.sampler == "fsbench"
+    assert "sampler" in official.config() and "sampler" not in own.config()
+    with pytest.raises(Exception, match="sampler"):
+        parse_grid({**base, "sampler": "random"})
