@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fsbench.datasets.registry import DATASETS, FsbenchError
+from fsbench.core import FsbenchError
+from fsbench.datasets.registry import DATASETS
 
 
 @dataclass

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from fsbench.datasets.registry import FsbenchError
+from fsbench.core import FsbenchError
 
 DEFAULT_GRID = "quickstart.yaml"
 RESULTS_HELP = "results root (default ./results or $FSBENCH_RESULTS)"

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from fsbench.benchmarks.cells import _nanmean, _rows_in_grid_order, row_label, seed_frame
+from fsbench.core import FsbenchError
 from fsbench.datasets.protocols import get_protocol
-from fsbench.datasets.registry import FsbenchError
 
 
 def _style():

@@ -12,9 +12,9 @@ import yaml
 
 from fsbench.benchmarks.method_entries import MethodSpec, _methods, _train_overrides
 from fsbench.benchmarks.train import PRECISIONS, TrainConfig
-from fsbench.datasets.episodes import canonical_sha256
+from fsbench.core import FsbenchError, canonical_sha256, import_plugins
 from fsbench.datasets.protocols import PROTOCOLS, check_sampler, get_protocol
-from fsbench.datasets.registry import DATASETS, FsbenchError, import_plugins
+from fsbench.datasets.registry import DATASETS
 
 GRID_KEYS = {
     "name",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fsbench.benchmarks.train import TrainConfig
-from fsbench.datasets.registry import FsbenchError
+from fsbench.core import FsbenchError
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from fsbench.benchmarks.grid import Cell, GridSpec
 from fsbench.benchmarks.results import ResultStore
 from fsbench.benchmarks.tasks import open_dataset
+from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
-from fsbench.datasets.registry import FsbenchError
 
 
 @dataclass

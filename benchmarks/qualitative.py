@@ -11,9 +11,9 @@ import torch
 from fsbench.benchmarks.figures import qualitative_figure
 from fsbench.benchmarks.results import ResultStore
 from fsbench.benchmarks.tasks import build_model, open_dataset
+from fsbench.core import FsbenchError, import_plugins
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
-from fsbench.datasets.registry import FsbenchError, import_plugins
 
 
 def cell_model(result: dict, grid_dir: Path):

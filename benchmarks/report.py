@@ -33,7 +33,7 @@ from fsbench.benchmarks.figures import (  # noqa: F401
     qualitative_strip,
     training_curves,
 )
-from fsbench.datasets.registry import FsbenchError
+from fsbench.core import FsbenchError
 
 MISSING = "–"
 

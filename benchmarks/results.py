@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fsbench.benchmarks.metrics import EpisodeCounts
-from fsbench.datasets.registry import FsbenchError
+from fsbench.core import FsbenchError, atomic_write_bytes
 
 RESULT_VERSION = 1
 
@@ -24,22 +24,6 @@ RESULT_VERSION = 1
 def default_results_root() -> Path:
     """`$FSBENCH_RESULTS`, else ./results (the repository's results/ when run from its root)."""
     return Path(os.environ.get("FSBENCH_RESULTS", "results")).expanduser().resolve()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all: a temp file beside it, fsync, rename. A failed write (a
-    full disk, a read-only folder) leaves neither a torn file nor the temp file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @lru_cache(maxsize=1)

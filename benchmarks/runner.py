@@ -25,8 +25,8 @@ from fsbench.benchmarks.results import (
 )
 from fsbench.benchmarks.tasks import available_cores, eval_task, train_task
 from fsbench.benchmarks.watchdog import RayWatchdog
+from fsbench.core import FsbenchError
 from fsbench.datasets.protocols import get_protocol
-from fsbench.datasets.registry import FsbenchError
 
 
 class Driver:

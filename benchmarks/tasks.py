@@ -23,9 +23,10 @@ from fsbench.benchmarks.evaluate import (
     uses_prototypes,
 )
 from fsbench.benchmarks.train import TrainConfig, train
+from fsbench.core import FsbenchError, import_plugins
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
-from fsbench.datasets.registry import DATASETS, FsbenchError, import_plugins
+from fsbench.datasets.registry import DATASETS
 
 
 def resolve_device(requested: str) -> str:

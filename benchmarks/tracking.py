@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from fsbench.datasets.registry import FsbenchError
+from fsbench.core import FsbenchError
 
 CELL_TAG = "fsbench.cell_id"
 KIND_TAG = "fsbench.kind"

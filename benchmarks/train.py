@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fsbench.benchmarks.results import atomic_write_bytes
-from fsbench.datasets.episodes import EpisodeLoader, sample_episode, seeded_rng
-from fsbench.datasets.registry import FsbenchError
+from fsbench.core import FsbenchError, atomic_write_bytes, seeded_rng
+from fsbench.datasets.episodes import EpisodeLoader, sample_episode
 
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("sgd", "adam")

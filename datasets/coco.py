@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from functools import lru_cache
@@ -10,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fsbench.core import atomic_write_text, canonical_sha256, default_cache_dir
 from fsbench.datasets.pascal import (
     DatasetError,
     IndexLock,
     check_file_name,
     read_rgb,
-    temp_name,
 )
 from fsbench.datasets.protocols import get_protocol
 from fsbench.datasets.registry import DATASETS
@@ -154,8 +153,6 @@ class Coco20i:
                 f"instances_train2017.json; {EXPECTED_LAYOUT}"
             )
         self.root, self.year = root.resolve(), found[0]
-        from fsbench.datasets.synthetic import default_cache_dir
-
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "index"
         self._index: dict[str, dict] = {}
         self._index_lock = IndexLock()
@@ -226,11 +223,9 @@ class Coco20i:
         if not path.is_file():
             raise DatasetError(f"{path}: annotation file is missing; {EXPECTED_LAYOUT}")
         stat = path.stat()
-        key = hashlib.sha256(
-            json.dumps(
-                [INDEX_VERSION, str(path), stat.st_size, stat.st_mtime_ns, self.crowd]
-            ).encode()
-        ).hexdigest()[:16]
+        key = canonical_sha256(
+            [INDEX_VERSION, str(path), stat.st_size, stat.st_mtime_ns, self.crowd]
+        )[:16]
         cache_file = self.cache_dir / f"{self.name}-{split}{self.year}-{key}.json"
         if cache_file.is_file():
             raw = json.loads(cache_file.read_text())
@@ -254,10 +249,7 @@ class Coco20i:
                 for i in coco.dataset.get("images", [])
             }
             raw = {"classes": classes, "images": images}
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = temp_name(cache_file)
-            tmp.write_text(json.dumps(raw))
-            os.replace(tmp, cache_file)
+            atomic_write_text(cache_file, json.dumps(raw))
         index = {
             "classes": {
                 int(c): dict(sorted(v.items(), key=lambda kv: int(kv[0])))
@@ -281,7 +273,7 @@ class Coco20i:
 
     def fingerprint(self, split: str, min_pixels: int = 1) -> str:
         lists = {c: self.class_images(split, c, min_pixels) for c in range(1, 81)}
-        blob = json.dumps(
+        return canonical_sha256(
             {
                 "dataset": self.name,
                 "split": split,
@@ -289,11 +281,8 @@ class Coco20i:
                 "style": self.split_style,
                 "crowd": self.crowd,
                 "lists": lists,
-            },
-            sort_keys=True,
-            separators=(",", ":"),
+            }
         )
-        return hashlib.sha256(blob.encode()).hexdigest()
 
     # -- images and masks ---------------------------------------------------------------------
     def _split_of(self, image_id: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -12,25 +11,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fsbench.core import FsbenchError, atomic_write_text, canonical_sha256, seeded_rng  # noqa: F401
 from fsbench.datasets.cache import ByteLRU
-from fsbench.datasets.registry import FsbenchError
 from fsbench.datasets.resize import check_resize, content_size, fit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MANIFEST_VERSION = 1
-
-
-def canonical_sha256(obj) -> str:
-    return hashlib.sha256(
-        json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
-
-
-def seeded_rng(*material) -> np.random.Generator:
-    """A private generator seeded only by `material` (never the global RNG)."""
-    digest = canonical_sha256(list(material))
-    return np.random.default_rng(int(digest[:32], 16))
 
 
 @dataclass
@@ -201,10 +188,7 @@ class EpisodeManifest:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_json(), indent=1))
         return path
 
     @classmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -11,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fsbench.datasets.registry import DATASETS, FsbenchError
+from fsbench.core import FsbenchError, atomic_write_text, canonical_sha256, default_cache_dir
+from fsbench.datasets.registry import DATASETS
 
 VOC_CLASSES = (
     "aeroplane",
@@ -70,11 +70,6 @@ class IndexLock:
         self._lock = threading.Lock()
 
 
-def temp_name(path: Path) -> Path:
-    """A temp file beside `path`, unique per process and thread (for an atomic os.replace)."""
-    return path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-
-
 class DatasetError(FsbenchError):
     """Bad dataset input: the message names the path, what is wrong and the expected layout."""
 
@@ -88,12 +83,6 @@ def check_file_name(name: str, where: str) -> str:
             "remove that line"
         )
     return name
-
-
-def _sha256(obj) -> str:
-    return hashlib.sha256(
-        json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -134,8 +123,6 @@ class Pascal5i:
             if not (voc / sub).is_dir():
                 raise DatasetError(f"{voc / sub}: missing subfolder; {EXPECTED_LAYOUT}")
         self.root = voc.resolve()
-        from fsbench.datasets.synthetic import default_cache_dir
-
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "index"
         self._index: dict[str, dict] = {}
         self._index_lock = IndexLock()
@@ -279,7 +266,7 @@ class Pascal5i:
                 f"({len(missing)} ids in all); {EXPECTED_LAYOUT}"
             )
         sizes = [self.mask_path(i).stat().st_size for i in ids]
-        key = _sha256(
+        key = canonical_sha256(
             {"v": INDEX_VERSION, "root": str(self.root), "split": split, "ids": ids, "sizes": sizes}
         )
         cache_file = self.cache_dir / f"{self.name}-{split}-{key[:16]}.json"
@@ -292,10 +279,7 @@ class Pascal5i:
                 for value, count in zip(values.tolist(), counts.tolist()):
                     if 1 <= value <= self.num_classes:
                         raw[str(value)][image_id] = count
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = temp_name(cache_file)
-            tmp.write_text(json.dumps(raw))
-            os.replace(tmp, cache_file)
+            atomic_write_text(cache_file, json.dumps(raw))
         return {int(c): dict(sorted(images.items())) for c, images in raw.items()}
 
     def class_images(self, split: str, class_id: int, min_pixels: int = 1) -> list[str]:
@@ -318,7 +302,7 @@ class Pascal5i:
     def fingerprint(self, split: str, min_pixels: int = 1) -> str:
         """sha256 of the split's class → image lists: equal data gives equal episodes anywhere."""
         lists = {c: self.class_images(split, c, min_pixels) for c in range(1, self.num_classes + 1)}
-        return _sha256({"dataset": self.name, "split": split, "lists": lists})
+        return canonical_sha256({"dataset": self.name, "split": split, "lists": lists})
 
 
 @DATASETS.register("pascal5i")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from fsbench.datasets.registry import FsbenchError
+from fsbench.core import FsbenchError
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fsbench.datasets.registry import FsbenchError
+from fsbench.core import FsbenchError
 
 LISTS = Path(__file__).parent / "lists"
 # PFENet's configs: data loader workers of its val loader (pascal_split*.yaml, coco_split*.yaml).

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from fsbench.datasets.registry import FsbenchError
+from fsbench.core import FsbenchError
 
 RESIZES = ("square", "square_floor_nearest", "keep_ratio_pad")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fsbench.datasets.registry import FsbenchError
+from fsbench.core import FsbenchError, default_cache_dir
 
 SHAPES = ("ellipse", "rectangle", "triangle", "cross", "ring")
 TEXTURES = ("solid", "stripes", "checker", "dots")
@@ -330,14 +329,6 @@ def write_coco(root: Path, n_images: int, image_size: int, seed: int) -> Path:
         }
         (root / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(document))
     return root
-
-
-def default_cache_dir() -> Path:
-    """`$FSBENCH_DATA`, else the user's cache folder (XDG_CACHE_HOME or ~/.cache) / fsbench."""
-    if os.environ.get("FSBENCH_DATA"):
-        return Path(os.environ["FSBENCH_DATA"]).expanduser().resolve()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return (Path(base) / "fsbench").resolve()
 
 
 def write_voc(root: Path, n_images: int, image_size: int, seed: int) -> Path:

@@ -8,6 +8,6 @@ fsbench.methods, fsbench.datasets and fsbench.benchmarks.
 """
 
 from fsbench.benchmarks.api import RunOptions, register_dataset, register_method, run
-from fsbench.datasets.registry import FsbenchError
+from fsbench.core import FsbenchError
 
 __all__ = ["FsbenchError", "RunOptions", "register_dataset", "register_method", "run"]

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import Episode
-from fsbench.datasets.registry import FsbenchError
 from fsbench.methods.layers import FewShotMethod, combine_binary_heads, imagenet_weights_path
 from fsbench.methods.official import load_mapped_state_dict
 from fsbench.methods.registry import METHODS

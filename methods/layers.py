@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsbench.core import FsbenchError, default_cache_dir
 from fsbench.datasets.episodes import Episode
-from fsbench.datasets.registry import FsbenchError
 
 log = logging.getLogger("fsbench")
 
@@ -23,8 +23,6 @@ MAP_EPS = 1e-5
 def imagenet_weights_path(filename: str) -> Path:
     """Where named ImageNet weights live: $FSBENCH_WEIGHTS, else the fsbench cache's weights/."""
     import os
-
-    from fsbench.datasets.synthetic import default_cache_dir
 
     folder = os.environ.get("FSBENCH_WEIGHTS")
     return (Path(folder).expanduser() if folder else default_cache_dir() / "weights") / filename

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fsbench.datasets.registry import FsbenchError
+from fsbench.core import FsbenchError
 
 
 def _rename(key: str, names: dict[str, str]) -> str | None:

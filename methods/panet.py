@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import Episode
-from fsbench.datasets.registry import FsbenchError
 from fsbench.methods.layers import (
     FewShotMethod,
     VGG16Encoder,

@@ -1,5 +1,5 @@
 """The method registry (builders of `FewShotMethod` modules)."""
 
-from fsbench.datasets.registry import Registry
+from fsbench.core import Registry
 
 METHODS = Registry("method")

@@ -51,7 +51,7 @@ class SGOne(FewShotMethod):
         # vgg_sg.py's _initialize_weights covers the VGG part only; `init: xavier` extends it
         # to the two exit convs (what fsbench used before matching the official code).
         if init not in ("official", "xavier"):
-            from fsbench.datasets.registry import FsbenchError
+            from fsbench.core import FsbenchError
 
             raise FsbenchError(f"SG-One init {init!r} is not official or xavier")
         exits = {id(m) for m in (*self.classifier, self.exit)} if init == "official" else set()
@@ -67,7 +67,7 @@ class SGOne(FewShotMethod):
         from fsbench.methods.layers import VGG16Encoder
 
         if width != 1:
-            from fsbench.datasets.registry import FsbenchError
+            from fsbench.core import FsbenchError
 
             raise FsbenchError(f"pretrained VGG-16 weights need width=1, not width={width}")
         reference = VGG16Encoder(pretrained="imagenet" if pretrained == "imagenet" else pretrained)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import IMAGENET_MEAN, IMAGENET_STD, EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
-from fsbench.datasets.registry import FsbenchError
 
 PANET = get_protocol("panet")
 

@@ -6,9 +6,9 @@ import torch
 
 from fsbench.benchmarks.evaluate import FeatureCache, evaluate, evaluate_prototypes
 from fsbench.benchmarks.train import TrainConfig, split_validation_classes, train
+from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
-from fsbench.datasets.registry import FsbenchError
 from fsbench.methods import METHODS
 
 PANET = get_protocol("panet")
@@ -223,7 +223,7 @@ def test_training_recipe_values_optimizer_groups_and_constant_lr():
     SGD momentum 0.99, constant lr; Adam on request; unknown groups are one clear error."""
     from fsbench.benchmarks.grid import _train_overrides
     from fsbench.benchmarks.train import TrainConfig, make_optimizer
-    from fsbench.datasets.registry import FsbenchError
+    from fsbench.core import FsbenchError
     from fsbench.methods import METHODS
 
     raw = {

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from fsbench.benchmarks.grid import apply_overrides, load_grid, parse_grid
-from fsbench.datasets.registry import FsbenchError
+from fsbench.core import FsbenchError
 
 
 def test_expand_and_stable_ids(small_grid_dict):

@@ -17,7 +17,7 @@ import yaml
 from helpers import session_members
 
 from fsbench.benchmarks.cli import main
-from fsbench.datasets.registry import FsbenchError
+from fsbench.core import FsbenchError
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:

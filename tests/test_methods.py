@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import Episode
-from fsbench.datasets.registry import FsbenchError
 from fsbench.methods import METHODS
 from fsbench.methods.layers import VGG16Encoder, cosine_scores, masked_average_pool
 from fsbench.methods.panet import PANet

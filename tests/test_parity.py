@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from fsbench.datasets.registry import FsbenchError
+from fsbench.core import FsbenchError
 from fsbench.methods import METHODS
 from tests.helpers import parity_episode, seeded_state_dict
 

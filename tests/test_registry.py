@@ -1,6 +1,7 @@
 import pytest
 
-from fsbench.datasets.registry import DATASETS, FsbenchError, Registry
+from fsbench.core import FsbenchError, Registry
+from fsbench.datasets.registry import DATASETS
 from fsbench.methods import METHODS
 
 

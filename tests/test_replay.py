@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import EpisodeManifest
 from fsbench.datasets.pascal import Pascal5i
 from fsbench.datasets.protocols import PROTOCOLS
-from fsbench.datasets.registry import FsbenchError
 from fsbench.datasets.replay import LISTS, official_episodes
 from fsbench.datasets.synthetic import write_voc
 

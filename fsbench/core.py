@@ -1,0 +1,156 @@
+"""The core every layer builds on, importing nothing of fsbench: the one user-facing error,
+name → builder registries (and plugin loading), canonical hashing, private seeded generators,
+atomic writes and the cache folder."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import importlib
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+class FsbenchError(Exception):
+    """A user-facing error: the message names the problem and the fix; the CLI prints it alone."""
+
+
+def canonical_sha256(obj) -> str:
+    """sha256 of `obj` as canonical JSON (sorted keys, no spaces): equal data, equal digest."""
+    return hashlib.sha256(
+        json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def seeded_rng(*material) -> np.random.Generator:
+    """A private generator seeded only by `material` (never the global RNG)."""
+    return np.random.default_rng(int(canonical_sha256(list(material))[:32], 16))
+
+
+def temp_name(path: Path) -> Path:
+    """A temp file beside `path`, unique per process and thread (for an atomic os.replace)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: a temp file beside it, fsync, rename. A failed write (a
+    full disk, a read-only folder) leaves neither a torn file nor the temp file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def default_cache_dir() -> Path:
+    """`$FSBENCH_DATA`, else the user's cache folder (XDG_CACHE_HOME or ~/.cache) / fsbench:
+    generated datasets, class indexes and (under weights/) ImageNet weights."""
+    if os.environ.get("FSBENCH_DATA"):
+        return Path(os.environ["FSBENCH_DATA"]).expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return (Path(base) / "fsbench").resolve()
+
+
+# Installed packages register methods and datasets through this entry-point group, e.g. in their
+# pyproject.toml: [project.entry-points."fsbench.plugins"] my_methods = "my_pkg.methods"
+PLUGIN_GROUP = "fsbench.plugins"
+_entry_points_loaded = False
+
+
+class Registry:
+    """A named table of builders; registering a name twice is an error, not a silent replace."""
+
+    def __init__(self, kind: str, builtins: tuple[str, ...] = ()):
+        self.kind = kind
+        self._builders: dict[str, Callable] = {}
+        self._builtins = list(builtins)  # modules registering into this table, imported on use
+
+    def _load_builtins(self) -> None:
+        while self._builtins:
+            importlib.import_module(self._builtins.pop(0))
+        load_entry_points()
+
+    def register(self, name: str | None = None):
+        def decorator(builder: Callable) -> Callable:
+            key = name or builder.__name__
+            if key in self._builders:
+                raise FsbenchError(f"{self.kind} {key!r} is registered twice; rename one of them")
+            self._builders[key] = builder
+            return builder
+
+        return decorator
+
+    def get(self, name: str) -> Callable:
+        self._load_builtins()
+        if name not in self._builders:
+            close = difflib.get_close_matches(name, list(self._builders), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise FsbenchError(
+                f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.list())})"
+            )
+        return self._builders[name]
+
+    def list(self, pattern: str = "*") -> list[str]:
+        self._load_builtins()
+        return sorted(n for n in self._builders if fnmatch.fnmatchcase(n, pattern))
+
+    def __contains__(self, name: str) -> bool:
+        self._load_builtins()
+        return name in self._builders
+
+
+def load_entry_points() -> None:
+    """Import every module of the `fsbench.plugins` entry-point group (once per process)."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib import metadata
+
+    for entry in metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            entry.load()
+        except Exception as error:  # noqa: BLE001 - a broken plugin is named, not a traceback
+            _entry_points_loaded = False
+            raise FsbenchError(
+                f"plugin {entry.name!r} ({entry.value}, entry point group {PLUGIN_GROUP}) failed "
+                f"to import: {type(error).__name__}: {error}; fix or uninstall it"
+            ) from None
+
+
+def import_plugins(modules=(), paths=()) -> None:
+    """Import the modules a grid (`imports:`) or the CLI (`--import`) names, so that the
+    methods and datasets they register exist, in the driver and in every worker task. `paths`
+    (e.g. the grid file's folder) are put on sys.path first."""
+    if not modules:
+        return
+    for path in paths:
+        if path not in sys.path:
+            sys.path.append(path)  # after the installed packages: a grid folder shadows nothing
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            where = f" (searched also {', '.join(paths)})" if paths else ""
+            raise FsbenchError(
+                f"imports: cannot import {name!r} ({error}){where}; install it, or put it next "
+                "to the grid file or on PYTHONPATH (on a cluster: on every node)"
+            ) from None
