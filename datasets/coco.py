@@ -350,18 +350,3 @@ class _redirect:
 def coco20i(data_root: str, **kwargs) -> Coco20i:
     """COCO-20i from a local COCO folder (2014 or 2017 names)."""
     return Coco20i(data_root, **kwargs)
-
-
-@DATASETS.register("synthetic_coco20i")
-def synthetic_coco20i(
-    data_root: str | None = None,
-    n_images: int = 1200,
-    image_size: int = 128,
-    seed: int = 0,
-    **kwargs,
-) -> Coco20i:
-    """Generated COCO-format data (80 classes; polygons, RLE, crowds), generated once, cached."""
-    from fsbench.datasets.synthetic import ensure_synthetic_coco
-
-    cache = Path(data_root) if data_root else None
-    return Coco20i(ensure_synthetic_coco(n_images, image_size, seed, cache_dir=cache), **kwargs)

@@ -13,7 +13,10 @@ from PIL import Image
 
 from fsbench.core import FsbenchError, atomic_write_text, canonical_sha256, seeded_rng  # noqa: F401
 from fsbench.datasets.cache import ByteLRU
+from fsbench.datasets.protocols import check_sampler
+from fsbench.datasets.replay import official_episodes
 from fsbench.datasets.resize import check_resize, content_size, fit
+from fsbench.datasets.weak import box_masks, scribble
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -122,8 +125,6 @@ class EpisodeManifest:
         """The episodes of one setting. `sampler` "official" (the default of a named protocol)
         replays the protocol's own test script (datasets/replay.py); "fsbench" draws with
         fsbench's sampler, seeded by the whole spec."""
-        from fsbench.datasets.protocols import check_sampler
-
         sampler = check_sampler(sampler or protocol.default_sampler(), protocol)
         split = dataset.test_split(protocol)
         min_pixels = protocol.min_object_pixels
@@ -145,8 +146,6 @@ class EpisodeManifest:
                 f"impossible episode setting {spec}: way, shot, episodes must be ≥ 1"
             )
         if sampler == "official":
-            from fsbench.datasets.replay import official_episodes
-
             replay = official_episodes(
                 dataset, protocol, fold, way, shot, n_episodes, seed, queries_per_way
             )
@@ -326,14 +325,10 @@ class EpisodeLoader:
         fg, bg = masks[index], ~masks.any(0)
         bg[height:], bg[:, width:] = False, False
         if self.annotation == "scribble":
-            from fsbench.datasets.weak import scribble
-
             rng = seeded_rng("scribble", self.weak_seed, image_id, int(classes[index]))
             fg = torch.from_numpy(scribble(fg.numpy(), rng))
             bg = torch.from_numpy(scribble(bg.numpy(), rng))
         elif self.annotation == "bbox":
-            from fsbench.datasets.weak import box_masks
-
             instances = [
                 self._resize_mask(m)
                 for m in self.dataset.instance_masks(image_id, int(classes[index]))

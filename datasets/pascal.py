@@ -309,18 +309,3 @@ class Pascal5i:
 def pascal5i(data_root: str, **kwargs) -> Pascal5i:
     """PASCAL-5i from a local VOC2012 + SBD-aug folder."""
     return Pascal5i(data_root, **kwargs)
-
-
-@DATASETS.register("synthetic_pascal5i")
-def synthetic_pascal5i(
-    data_root: str | None = None,
-    n_images: int = 600,
-    image_size: int = 128,
-    seed: int = 0,
-    **kwargs,
-) -> Pascal5i:
-    """Generated PASCAL-format data (datasets/synthetic.py), written once into the cache folder."""
-    from fsbench.datasets.synthetic import ensure_synthetic_voc
-
-    cache = Path(data_root) if data_root else None
-    return Pascal5i(ensure_synthetic_voc(n_images, image_size, seed, cache_dir=cache), **kwargs)

@@ -11,4 +11,7 @@ from fsbench.core import (  # noqa: F401  (re-exported)
     load_entry_points,
 )
 
-DATASETS = Registry("dataset", builtins=("fsbench.datasets.pascal", "fsbench.datasets.coco"))
+DATASETS = Registry(
+    "dataset",
+    builtins=("fsbench.datasets.pascal", "fsbench.datasets.coco", "fsbench.datasets.generated"),
+)

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from fsbench.core import FsbenchError
+from fsbench.datasets.coco import Coco20i
+from fsbench.datasets.pascal import Pascal5i
 
 LISTS = Path(__file__).parent / "lists"
 # PFENet's configs: data loader workers of its val loader (pascal_split*.yaml, coco_split*.yaml).
@@ -46,9 +48,6 @@ def _sha(obj) -> str:
 
 
 def _kind(dataset) -> str:
-    from fsbench.datasets.coco import Coco20i
-    from fsbench.datasets.pascal import Pascal5i
-
     if isinstance(dataset, Pascal5i):
         return "pascal"
     if isinstance(dataset, Coco20i):

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fsbench.core import FsbenchError, default_cache_dir
+from fsbench.datasets.coco import COCO_CLASSES
 
 SHAPES = ("ellipse", "rectangle", "triangle", "cross", "ring")
 TEXTURES = ("solid", "stripes", "checker", "dots")
@@ -270,8 +271,6 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
 def write_coco(root: Path, n_images: int, image_size: int, seed: int) -> Path:
     """Write annotations/instances_{train,val}2014.json and train2014/, val2014/ images."""
     from pycocotools import mask as mask_utils
-
-    from fsbench.datasets.coco import COCO_CLASSES
 
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
