@@ -108,7 +108,7 @@ EXPECTED_LAYOUT = (
     "expected annotations/instances_{train,val}2014.json (or 2017) and the image folders "
     "train2014/, val2014/ (or train2017/, val2017/) under --data-root"
 )
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the categories' file order and each class's annotation order
 
 
 def fold_classes(fold: int, split_style: str) -> list[int]:
@@ -248,7 +248,13 @@ class Coco20i:
                 str(i["id"]): check_file_name(i["file_name"], str(path))
                 for i in coco.dataset.get("images", [])
             }
-            raw = {"classes": classes, "images": images}
+            # Each class's images stay in annotation order (first appearance) and the categories
+            # in file order: what pycocotools' getImgIds / getCatIds derive their order from.
+            raw = {
+                "classes": classes,
+                "images": images,
+                "category_ids": [c["id"] for c in coco.dataset.get("categories", [])],
+            }
             atomic_write_text(cache_file, json.dumps(raw))
         index = {
             "classes": {
@@ -256,6 +262,8 @@ class Coco20i:
                 for c, v in raw["classes"].items()
             },
             "images": raw["images"],
+            "annotation_order": {int(c): list(v) for c, v in raw["classes"].items()},
+            "category_ids": raw["category_ids"],
         }
         for image_id in index["images"]:
             self._owner[image_id] = split

@@ -139,11 +139,22 @@ def _panet_pascal(dataset, split, fold):
 
 
 def _panet_coco(dataset, split, fold):
-    coco, categories = dataset.coco(split), dataset._category_map(split)
-    cat_ids = coco.getCatIds()  # file order, as coco_fewshot indexes them
+    """coco_fewshot's lists: `coco.getImgIds(catIds=c)` is `list(set(catToImgs[c]))`, the image
+    ids in annotation order put through a set; built from the class index (its per-class order
+    is the annotations' when crowds are kept, as PANet keeps them), so planning never parses the
+    annotation JSON. Other crowd modes ask pycocotools itself."""
     labels = panet_labels(80, list(range(20 * fold + 1, 20 * fold + 21)))  # PANet: consecutive
-    lists = [[str(i) for i in coco.getImgIds(catIds=cat_ids[label - 1])] for label in labels]
+    index = dataset.class_index(split)
+    cat_ids = index["category_ids"]  # getCatIds(): file order, as coco_fewshot indexes them
+    categories = {cat: i for i, cat in enumerate(sorted(cat_ids), start=1)}
     classes = [categories[cat_ids[label - 1]] for label in labels]
+    if dataset.crowd == "keep":
+        lists = [
+            [str(i) for i in set(int(x) for x in index["annotation_order"][c])] for c in classes
+        ]
+        return lists, classes, f"pycocotools getImgIds order per category ({split})"
+    coco = dataset.coco(split)
+    lists = [[str(i) for i in coco.getImgIds(catIds=cat_ids[label - 1])] for label in labels]
     return lists, classes, f"pycocotools getImgIds per category ({split})"
 
 
