@@ -173,7 +173,8 @@ class GridSpec:
         from fsbench.methods import METHODS
 
         protocol = get_protocol(self.protocol).for_dataset(self.dataset["name"])
-        sampler = check_sampler(self.sampler or protocol.default_sampler(), protocol)
+        name = self.dataset["name"]
+        sampler = check_sampler(self.sampler or protocol.default_sampler(name), protocol, name)
         trainable = {m.row(): _is_trainable(METHODS, m) and not m.checkpoint for m in self.methods}
         cells = []
         for method, fold, way, shot, annotation, train_seed in itertools.product(

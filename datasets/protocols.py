@@ -31,12 +31,16 @@ class Protocol:
     official_sampler: str | None = None
     coco_input_size: int = 0  # COCO-20i's input side when it differs (0: input_size)
     coco_episodes: int = 0  # ... and its episode count (0: episodes)
+    fss_episodes: int = 0  # FSS-1000's episode count (0: episodes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def for_dataset(self, dataset_name: str) -> Protocol:
-        """The preset as it applies to a dataset: PFENet tests COCO at 641 px on 20001 episodes."""
+        """The preset as it applies to a dataset: PFENet tests COCO at 641 px on 20001 episodes,
+        HSNet tests FSS-1000 on its 2400 test images."""
+        if "fss" in dataset_name:
+            return dataclasses.replace(self, episodes=self.fss_episodes or self.episodes)
         if "coco" not in dataset_name:
             return self
         return dataclasses.replace(
@@ -45,8 +49,23 @@ class Protocol:
             episodes=self.coco_episodes or self.episodes,
         )
 
-    def default_sampler(self) -> str:
-        return "official" if self.official_sampler else "fsbench"
+    def replays(self, dataset_name: str | None = None) -> bool:
+        """Whether the official test script of this protocol can be replayed on the dataset."""
+        if not self.official_sampler:
+            return False
+        kinds = OFFICIAL_DATASETS[self.official_sampler]
+        return dataset_name is None or any(kind in dataset_name for kind in kinds)
+
+    def default_sampler(self, dataset_name: str | None = None) -> str:
+        return "official" if self.replays(dataset_name) else "fsbench"
+
+
+# The datasets (by name) whose official test episodes each lineage's script draws.
+OFFICIAL_DATASETS = {
+    "panet": ("pascal", "coco"),
+    "pfenet": ("pascal", "coco"),
+    "hsnet": ("pascal", "coco", "fss"),
+}
 
 
 # `official`: the episodes the protocol's own test script draws (datasets/replay.py), the default
@@ -54,12 +73,13 @@ class Protocol:
 SAMPLERS = ("official", "fsbench")
 
 
-def check_sampler(sampler: str, protocol: Protocol) -> str:
+def check_sampler(sampler: str, protocol: Protocol, dataset_name: str | None = None) -> str:
     if sampler not in SAMPLERS:
         raise FsbenchError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
-    if sampler == "official" and not protocol.official_sampler:
+    if sampler == "official" and not protocol.replays(dataset_name):
+        where = f" on {dataset_name}" if dataset_name and protocol.official_sampler else ""
         raise FsbenchError(
-            f"protocol {protocol.name!r} has no official test script to replay; "
+            f"protocol {protocol.name!r} has no official test script to replay{where}; "
             "use sampler: fsbench"
         )
     return sampler
@@ -119,6 +139,7 @@ PROTOCOLS: dict[str, Protocol] = {
         min_object_pixels=1,
         only_present_classes=False,
         official_sampler="hsnet",
+        fss_episodes=2400,  # its FSS-1000 test loader walks all 240 × 10 test images
     ),
 }
 

@@ -13,5 +13,10 @@ from fsbench.core import (  # noqa: F401  (re-exported)
 
 DATASETS = Registry(
     "dataset",
-    builtins=("fsbench.datasets.pascal", "fsbench.datasets.coco", "fsbench.datasets.generated"),
+    builtins=(
+        "fsbench.datasets.pascal",
+        "fsbench.datasets.coco",
+        "fsbench.datasets.generated",
+        "fsbench.datasets.fss",
+    ),
 )

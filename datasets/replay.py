@@ -26,6 +26,7 @@ import numpy as np
 
 from fsbench.core import FsbenchError
 from fsbench.datasets.coco import Coco20i
+from fsbench.datasets.fss import Fss1000
 from fsbench.datasets.pascal import Pascal5i
 
 LISTS = Path(__file__).parent / "lists"
@@ -52,9 +53,11 @@ def _kind(dataset) -> str:
         return "pascal"
     if isinstance(dataset, Coco20i):
         return "coco"
+    if isinstance(dataset, Fss1000):
+        return "fss"
     raise FsbenchError(
-        f"dataset {dataset.name!r}: official episode replay knows PASCAL-5i and COCO-20i "
-        "layouts; use sampler: fsbench for other datasets"
+        f"dataset {dataset.name!r}: official episode replay knows PASCAL-5i, COCO-20i and "
+        "FSS-1000 layouts; use sampler: fsbench for other datasets"
     )
 
 
@@ -67,6 +70,14 @@ def official_episodes(dataset, protocol, fold, way, shot, n_episodes, seed, quer
             f"for {way}-way episodes under the {protocol.name} geometry"
         )
     split = dataset.test_split(protocol)
+    if kind == "fss" and lineage != "hsnet":
+        raise FsbenchError(
+            f"{lineage}'s test script has no FSS-1000 episodes to replay; use sampler: fsbench"
+        )
+    if kind == "fss":
+        queries = dataset.list_ids(split)
+        episodes = _hsnet_fss_draws(dataset, queries, shot, n_episodes, seed)
+        return Replay(tuple(episodes), "HSNet's test split (class folders found)", _sha(queries))
     if lineage == "panet":
         lists, labels, source = (_panet_pascal if kind == "pascal" else _panet_coco)(
             dataset, split, fold
@@ -290,6 +301,29 @@ def _hsnet_coco_draws(classwise, fold, shot, n_episodes, seed):
         candidates = classwise.get(c, [])
         query = _choice(rs, candidates)
         episodes.append(((c + 1,), (_hsnet_supports(rs, query, candidates, shot),), (query,)))
+    return episodes
+
+
+def _hsnet_fss_draws(dataset, queries, shot, n_episodes, seed):
+    """data/fss.py: queries walk the test classes' images (sorted paths), supports are image
+    numbers drawn from 1…10 until they differ from the query (repeats allowed)."""
+    rs = np.random.RandomState(seed)
+    episodes = []
+    for idx in range(n_episodes):
+        query = queries[idx % len(queries)]
+        name = query.split("/")[0]
+        supports: list[str] = []
+        while len(supports) < shot:
+            candidate = f"{name}/{int(_choice(rs, list(range(1, 11))))}"
+            if candidate != query:
+                supports.append(candidate)
+        episodes.append(((dataset.class_of(query),), (tuple(supports),), (query,)))
+    missing = {i for e in episodes for i in e[1][0] if not dataset.image_path(i).is_file()}
+    if missing:
+        raise FsbenchError(
+            f"{dataset.image_path(sorted(missing)[0])}: HSNet's FSS-1000 sampler draws supports "
+            "1…10 of each class; the class has fewer images"
+        )
     return episodes
 
 

@@ -235,3 +235,26 @@ def test_shipped_training_lists_apply_when_the_dataset_holds_their_images(
     assert fresh.class_images("hsnet_trn", 7) == []  # no pair lists class 7
     assert fresh.train_split(PROTOCOLS["pfenet"]) == "pfenet_noduplicate"
     assert fresh.list_ids("pfenet_noduplicate") == sorted(ids[:40])
+
+
+@pytest.mark.parametrize("run", range(len(FIXTURE["hsnet_fss"]["runs"])))
+def test_hsnet_fss_replay_equals_official_sampler(tmp_path_factory, run):
+    """HSNet's DatasetFSS on a generated FSS-1000 layout (a subset of its class folders): every
+    test image once as the query, supports numbered 1…10 drawn until they differ from it."""
+    from fsbench.datasets.fss import Fss1000, write_fss
+
+    root = tmp_path_factory.getbasetemp() / "replay_fss"
+    if not root.exists():
+        data = FIXTURE["fss_data"]
+        write_fss(root, data["n_images"], data["image_size"], data["seed"])
+    dataset = Fss1000(root)
+    record = FIXTURE["hsnet_fss"]["runs"][run]
+    count = len(record["episodes"])
+    assert count == len(dataset.list_ids("test"))
+    manifest, mine = episodes(dataset, "hsnet", 0, 1, record["shot"], count, 0)
+    assert mine == record["episodes"] and manifest.sampler == "official:hsnet"
+    assert {c for e in mine for c in e["classes"]} <= set(range(761, 1001))  # HSNet's test ids
+    with pytest.raises(FsbenchError, match="no official test script to replay on fss1000"):
+        episodes(dataset, "panet", 0, 1, 1, 5, 1234, sampler="official")
+    _, own = episodes(dataset, "panet", 0, 1, 1, 5, 1234)  # default there: fsbench's sampler
+    assert all(e["query"][0] not in e["support"][0] for e in own)

@@ -242,6 +242,7 @@ def test_every_figure_kind_from_a_real_run(tmp_path, small_grid_dict):
         "panet_coco.yaml",
         "panet_weak_supports.yaml",
         "baselines.yaml",
+        "quickstart_fss.yaml",
     ],
 )
 def test_paper_grids_run_at_smoke_size(grid, tmp_path):

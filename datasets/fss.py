@@ -1,0 +1,184 @@
+"""FSS-1000 (Li et al., CVPR 2020): 1000 classes, ten images each, `<class>/<n>.jpg` with a binary
+`<n>.png` mask, and the 520 / 240 / 240 train / val / test class splits HSNet publishes (shipped in
+datasets/lists/hsnet/fss/). One fold: the 240 test classes; class ids follow HSNet (train 1…520,
+val 521…760, test 761…1000, each split in sorted name order). Image ids are `<class>/<n>`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fsbench.core import FsbenchError, canonical_sha256
+from fsbench.datasets.pascal import DatasetError, check_file_name, read_rgb
+from fsbench.datasets.registry import DATASETS
+
+LISTS = Path(__file__).parent / "lists" / "hsnet" / "fss"
+SPLITS = ("trn", "val", "test")
+EXPECTED_LAYOUT = (
+    "expected FSS-1000/<class>/<n>.jpg with a binary <n>.png mask beside each image (n = 1…10), "
+    "class folders named as in HSNet's splits, under --data-root"
+)
+
+
+def split_classes() -> dict[str, list[str]]:
+    """HSNet's class names per split, sorted as its DatasetFSS sorts them."""
+    return {s: sorted((LISTS / f"{s}.txt").read_text().split("\n")[:-1]) for s in SPLITS}
+
+
+class Fss1000:
+    """The class folders of the splits found under the root (a generated set holds a subset)."""
+
+    name = "fss1000"
+    num_classes = 1000
+    num_folds = 1
+
+    def __init__(self, data_root, protocol: str = "hsnet", cache_dir=None):
+        root = Path(data_root).expanduser()
+        if not root.exists():
+            raise DatasetError(f"{root}: dataset folder does not exist; {EXPECTED_LAYOUT}")
+        self.root = (root / "FSS-1000" if (root / "FSS-1000").is_dir() else root).resolve()
+        self.splits = split_classes()
+        names = [n for s in SPLITS for n in self.splits[s]]
+        self.class_names = tuple(names)
+        self._ids = {n: i for i, n in enumerate(names, start=1)}
+        present = {n for n in names if (self.root / check_file_name(n, "HSNet's split")).is_dir()}
+        if not present:
+            raise DatasetError(f"{self.root}: no class folder of FSS-1000; {EXPECTED_LAYOUT}")
+        self._present = present
+        self._pixels: dict[str, int] = {}
+
+    # -- folds and splits ---------------------------------------------------------------------
+    def check_fold(self, fold: int) -> None:
+        if fold != 0:
+            raise DatasetError(f"fold {fold!r}: FSS-1000 has one fold (0: its 240 test classes)")
+
+    def _split_ids(self, split: str) -> list[int]:
+        if split not in SPLITS:
+            raise DatasetError(f"split {split!r} of FSS-1000 is not one of {SPLITS}")
+        return [self._ids[n] for n in self.splits[split] if n in self._present]
+
+    def fold_classes(self, fold: int) -> list[int]:
+        self.check_fold(fold)
+        return self._split_ids("test")
+
+    def train_classes(self, fold: int) -> list[int]:
+        self.check_fold(fold)
+        return self._split_ids("trn")
+
+    def train_split(self, protocol) -> str:
+        return "trn"
+
+    def test_split(self, protocol) -> str:
+        return "test"
+
+    # -- files ----------------------------------------------------------------------------------
+    def class_of(self, image_id: str) -> int:
+        return self._ids[image_id.split("/")[0]]
+
+    def _path(self, image_id: str, suffix: str) -> Path:
+        name, _, number = image_id.partition("/")
+        check_file_name(name, "image id")
+        return self.root / name / f"{check_file_name(number, 'image id')}{suffix}"
+
+    def image_path(self, image_id: str) -> Path:
+        return self._path(image_id, ".jpg")
+
+    def mask_path(self, image_id: str) -> Path:
+        return self._path(image_id, ".png")
+
+    def class_files(self, class_id: int) -> list[str]:
+        """The class's image ids in HSNet's order: sorted file paths (1, 10, 2, … 9)."""
+        name = self.class_names[class_id - 1]
+        files = sorted(p.name for p in (self.root / name).glob("*.jpg"))
+        return [f"{name}/{Path(f).stem}" for f in files]
+
+    def list_ids(self, split: str) -> list[str]:
+        return [i for c in self._split_ids(split) for i in self.class_files(c)]
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        return read_rgb(self.image_path(image_id))
+
+    def foreground(self, image_id: str) -> np.ndarray:
+        """HSNet's reading: the mask as greyscale, ≥ 128 is the object."""
+        path = self.mask_path(image_id)
+        try:
+            with Image.open(path) as mask:
+                return np.asarray(mask.convert("L")) >= 128
+        except FileNotFoundError:
+            raise DatasetError(f"{path}: mask file is missing; {EXPECTED_LAYOUT}") from None
+        except (OSError, SyntaxError) as error:
+            raise DatasetError(f"{path}: unreadable mask ({error})") from None
+
+    def load_masks(self, image_id: str, classes) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class masks: the object for the image's own class, empty for others; no void."""
+        mask, own = self.foreground(image_id), self.class_of(image_id)
+        masks = np.stack([mask if c == own else np.zeros_like(mask) for c in classes])
+        return masks, np.zeros_like(mask)
+
+    def instance_masks(self, image_id: str, class_id: int) -> list[np.ndarray]:
+        from scipy import ndimage
+
+        mask = self.load_masks(image_id, [class_id])[0][0]
+        components, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        return [components == i for i in range(1, count + 1)]
+
+    def class_images(self, split: str, class_id: int, min_pixels: int = 1) -> list[str]:
+        if class_id not in self._split_ids(split):
+            return []
+        ids = self.class_files(class_id)
+        if min_pixels <= 1:
+            return ids
+        for image_id in ids:
+            if image_id not in self._pixels:
+                self._pixels[image_id] = int(self.foreground(image_id).sum())
+        return [i for i in ids if self._pixels[i] >= min_pixels]
+
+    def fingerprint(self, split: str, min_pixels: int = 1) -> str:
+        lists = {c: self.class_images(split, c, min_pixels) for c in self._split_ids(split)}
+        return canonical_sha256({"dataset": self.name, "split": split, "lists": lists})
+
+
+def write_fss(root: Path, n_images: int, image_size: int, seed: int) -> Path:
+    """`root/FSS-1000`: n_images / 10 classes (two thirds from HSNet's train split, the rest from
+    its test split, first names in sorted order), ten images each, one object per image."""
+    from fsbench.datasets.synthetic import _finish, _scene, coco_class_style
+
+    n_classes = max(2, n_images // 10)
+    splits = split_classes()
+    n_test = max(1, n_classes // 3)
+    names = splits["trn"][: n_classes - n_test] + splits["test"][:n_test]
+    folder = Path(root) / "FSS-1000"
+    for index, name in enumerate(names):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for number in range(1, 11):
+            rng = np.random.default_rng([seed, index, number])
+            size = (image_size, image_size)
+            image, objects = _scene(rng, size, image_size, [1 + index % 80], coco_class_style)
+            mask = objects[0][1] if objects else np.zeros((image_size, image_size), bool)
+            Image.fromarray(_finish(image, rng)).save(folder / name / f"{number}.jpg", quality=92)
+            Image.fromarray((mask * 255).astype(np.uint8), mode="L").save(
+                folder / name / f"{number}.png"
+            )
+    return folder
+
+
+@DATASETS.register("fss1000")
+def fss1000(data_root: str, **kwargs) -> Fss1000:
+    """FSS-1000 from a local folder (<class>/<n>.jpg and .png), HSNet's class splits."""
+    return Fss1000(data_root, **kwargs)
+
+
+@DATASETS.register("synthetic_fss1000")
+def synthetic_fss1000(
+    data_root: str | None = None, n_images: int = 300, image_size: int = 96, seed: int = 0, **kwargs
+) -> Fss1000:
+    """Generated FSS-1000-layout data (n_images / 10 classes of HSNet's names), cached."""
+    from fsbench.datasets.synthetic import _ensure
+
+    cache = Path(data_root) if data_root else None
+    if n_images < 20:
+        raise FsbenchError("synthetic_fss1000 needs n_images ≥ 20 (ten images per class)")
+    return Fss1000(_ensure("fss", write_fss, n_images, image_size, seed, cache), **kwargs)
