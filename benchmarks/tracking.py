@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from fsbench.benchmarks.metrics import EpisodeCounts
 from fsbench.core import FsbenchError
 
 CELL_TAG = "fsbench.cell_id"
@@ -69,7 +70,7 @@ def episode_rows(result: dict, manifests_dir: Path) -> list[dict]:
             episodes = json.loads(manifest_file.read_text())["episodes"]
         except (OSError, ValueError, KeyError, TypeError):
             episodes = []  # missing or damaged (the next `run` rewrites it): rows without ids
-        for index, per_class in enumerate(counts["per_class"]):
+        for index, per_class in enumerate(EpisodeCounts.from_json(counts).per_class.tolist()):
             spec = episodes[index] if index < len(episodes) else {}
             for class_id, (tp, fp, fn) in zip(counts["classes"], per_class):
                 if tp + fp + fn == 0:

@@ -84,3 +84,21 @@ def test_bootstrap_interval_brackets_the_estimate_and_json_roundtrip():
     for index in range(len(counts.per_class)):
         worse.update(np.zeros((8, 8), int), np.ones((8, 8), int), [1], index)
     assert paired_bootstrap(counts, worse.counts(), n_boot=200)["significant"]
+
+
+def test_episode_counts_are_stored_sparsely_and_old_dense_records_still_load():
+    from fsbench.benchmarks.metrics import EpisodeCounts
+
+    per_class = np.zeros((4, 240, 3), dtype=np.int64)
+    per_class[0, 7] = (5, 1, 2)
+    per_class[3, 200] = (0, 0, 9)
+    counts = EpisodeCounts(list(range(761, 1001)), per_class, np.ones((4, 3)), np.ones((4, 3)))
+    raw = counts.to_json()
+    assert raw["per_class_sparse"] == [[0, 7, 5, 1, 2], [3, 200, 0, 0, 9]]
+    again = EpisodeCounts.from_json(raw)
+    assert np.array_equal(again.per_class, per_class) and again.miou() == counts.miou()
+    dense = {
+        **{k: v for k, v in raw.items() if k != "per_class_sparse"},
+        "per_class": per_class.tolist(),
+    }
+    assert np.array_equal(EpisodeCounts.from_json(dense).per_class, per_class)
