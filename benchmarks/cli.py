@@ -404,11 +404,22 @@ def cmd_list(args) -> int:
                 style = args.split_style or get_protocol(args.protocol).coco_split
                 names, folds = COCO_CLASSES, [fold_classes(f, style) for f in range(4)]
                 print(f"COCO-20i folds, {style} convention:")
+        elif args.dataset == "fss1000" and not args.data_root:
+            from fsbench.datasets.fss import SPLITS, split_classes
+
+            splits = split_classes()  # HSNet's splits: fixed, no data needed
+            names = [n for s in SPLITS for n in splits[s]]
+            folds = [list(range(761, 1001))]
         else:
             kwargs = {"data_root": args.data_root} if args.data_root else {}
             if args.split_style:
                 kwargs["split_style"] = args.split_style
-            dataset = DATASETS.get(args.dataset)(protocol=args.protocol, **kwargs)
+            try:
+                dataset = DATASETS.get(args.dataset)(protocol=args.protocol, **kwargs)
+            except TypeError as error:
+                raise FsbenchError(
+                    f"dataset {args.dataset}: {error}; give its folder with --data-root"
+                ) from None
             names = dataset.class_names
             folds = [dataset.fold_classes(f) for f in range(dataset.num_folds)]
         for fold, classes in enumerate(folds):

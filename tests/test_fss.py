@@ -51,3 +51,11 @@ def test_bad_layouts_are_one_clear_error(tmp_path):
         dataset.load_masks(image_id, [1])
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(dataset.mask_path(image_id))
     assert not dataset.load_masks(image_id, [1])[0].any()
+
+
+def test_list_names_hsnet_test_classes_without_data(capsys):
+    from fsbench.benchmarks.cli import main
+
+    assert main(["list", "--dataset", "fss1000"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("fold 0: 761 ") and out[0].count(",") == 239
