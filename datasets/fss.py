@@ -136,6 +136,31 @@ class Fss1000:
                 self._pixels[image_id] = int(self.foreground(image_id).sum())
         return [i for i in ids if self._pixels[i] >= min_pixels]
 
+    def hsnet_test_episodes(self, shot: int, n_episodes: int, seed: int) -> list[tuple]:
+        """HSNet's data/fss.py under its test.py (fix_randseed(seed), loader in order): each test
+        image once as the query (then again from the start past them), supports numbered 1…10
+        drawn with `np.random.choice(range(1, 11), 1, replace=False)` until `shot` differ from
+        the query (repeats allowed). Episodes as (classes, supports, queries) tuples."""
+        rs = np.random.RandomState(seed)
+        queries = self.list_ids("test")
+        episodes = []
+        for idx in range(n_episodes):
+            query = queries[idx % len(queries)]
+            name = query.split("/")[0]
+            supports: list[str] = []
+            while len(supports) < shot:
+                candidate = f"{name}/{1 + int(rs.choice(10, 1, replace=False)[0])}"
+                if candidate != query:
+                    supports.append(candidate)
+            episodes.append(((self.class_of(query),), (tuple(supports),), (query,)))
+        missing = sorted({i for e in episodes for i in e[1][0] if not self.image_path(i).is_file()})
+        if missing:
+            raise FsbenchError(
+                f"{self.image_path(missing[0])}: HSNet's FSS-1000 sampler draws supports 1…10 of "
+                "each class; the class has fewer images"
+            )
+        return episodes
+
     def fingerprint(self, split: str, min_pixels: int = 1) -> str:
         lists = {c: self.class_images(split, c, min_pixels) for c in self._split_ids(split)}
         return canonical_sha256({"dataset": self.name, "split": split, "lists": lists})

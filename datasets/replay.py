@@ -74,9 +74,9 @@ def official_episodes(dataset, protocol, fold, way, shot, n_episodes, seed, quer
         raise FsbenchError(
             f"{lineage}'s test script has no FSS-1000 episodes to replay; use sampler: fsbench"
         )
-    if kind == "fss":
+    if kind == "fss":  # the dataset owns its HSNet test loader's draws
+        episodes = dataset.hsnet_test_episodes(shot, n_episodes, seed)
         queries = dataset.list_ids(split)
-        episodes = _hsnet_fss_draws(dataset, queries, shot, n_episodes, seed)
         return Replay(tuple(episodes), "HSNet's test split (class folders found)", _sha(queries))
     if lineage == "panet":
         lists, labels, source = (_panet_pascal if kind == "pascal" else _panet_coco)(
@@ -301,29 +301,6 @@ def _hsnet_coco_draws(classwise, fold, shot, n_episodes, seed):
         candidates = classwise.get(c, [])
         query = _choice(rs, candidates)
         episodes.append(((c + 1,), (_hsnet_supports(rs, query, candidates, shot),), (query,)))
-    return episodes
-
-
-def _hsnet_fss_draws(dataset, queries, shot, n_episodes, seed):
-    """data/fss.py: queries walk the test classes' images (sorted paths), supports are image
-    numbers drawn from 1…10 until they differ from the query (repeats allowed)."""
-    rs = np.random.RandomState(seed)
-    episodes = []
-    for idx in range(n_episodes):
-        query = queries[idx % len(queries)]
-        name = query.split("/")[0]
-        supports: list[str] = []
-        while len(supports) < shot:
-            candidate = f"{name}/{int(_choice(rs, list(range(1, 11))))}"
-            if candidate != query:
-                supports.append(candidate)
-        episodes.append(((dataset.class_of(query),), (tuple(supports),), (query,)))
-    missing = {i for e in episodes for i in e[1][0] if not dataset.image_path(i).is_file()}
-    if missing:
-        raise FsbenchError(
-            f"{dataset.image_path(sorted(missing)[0])}: HSNet's FSS-1000 sampler draws supports "
-            "1…10 of each class; the class has fewer images"
-        )
     return episodes
 
 
