@@ -49,6 +49,7 @@ class Fss1000:
             raise DatasetError(f"{self.root}: no class folder of FSS-1000; {EXPECTED_LAYOUT}")
         self._present = present
         self._pixels: dict[str, int] = {}
+        self._files: dict[int, list[str]] = {}  # class → image ids, listed once
 
     # -- folds and splits ---------------------------------------------------------------------
     def check_fold(self, fold: int) -> None:
@@ -91,9 +92,11 @@ class Fss1000:
 
     def class_files(self, class_id: int) -> list[str]:
         """The class's image ids in HSNet's order: sorted file paths (1, 10, 2, … 9)."""
-        name = self.class_names[class_id - 1]
-        files = sorted(p.name for p in (self.root / name).glob("*.jpg"))
-        return [f"{name}/{Path(f).stem}" for f in files]
+        if class_id not in self._files:  # the sampler asks once per class and episode
+            name = self.class_names[class_id - 1]
+            files = sorted(p.name for p in (self.root / name).glob("*.jpg"))
+            self._files[class_id] = [f"{name}/{Path(f).stem}" for f in files]
+        return list(self._files[class_id])
 
     def list_ids(self, split: str) -> list[str]:
         return [i for c in self._split_ids(split) for i in self.class_files(c)]
