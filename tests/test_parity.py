@@ -19,7 +19,7 @@ import torch
 
 from fsbench.core import FsbenchError
 from fsbench.methods import METHODS
-from tests.helpers import parity_episode, seeded_state_dict
+from helpers import parity_episode, seeded_state_dict
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "official_parity.json").read_text())
 TOLERANCE = 1e-4
