@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fsbench.benchmarks.metrics import (
-    EpisodeCounts,
-)
+from fsbench.benchmarks.metrics import METRICS, EpisodeCounts
 
 RESULT_VERSION = 1  # results.RESULT_VERSION (not imported: it would pull in the runner's deps)
 
@@ -55,7 +53,8 @@ def cell_problem(raw, file_id: str, grid: str) -> str | None:
             return "no seed results"
         for seed in raw["seeds"]:
             counts = EpisodeCounts.from_json(seed["counts"])
-            for metric, value in (("miou", counts.miou()), ("fb_iou", counts.fb_iou())):
+            for metric in (m for m in METRICS if m in seed):  # metrics added later: absent
+                value = counts.value(metric)
                 if not np.isclose(seed[metric], value, rtol=0, atol=1e-9):
                     return (
                         f"seed {seed['seed']}: {metric} {seed[metric]} is not what its "
@@ -164,8 +163,7 @@ def seed_frame(cells: list[dict]) -> pd.DataFrame:
                     "alpha": config["method_kwargs"].get("alpha"),
                     "seed": seed["seed"],
                     "train_seed": train_seed(config),
-                    "miou": 100 * seed["miou"],
-                    "fb_iou": 100 * seed["fb_iou"],
+                    **{m: 100 * _seed_metric(seed, m) for m in METRICS},
                     "episodes": seed["episodes"],
                     "fingerprint": seed["manifest_fingerprint"][:12],
                     "cell_id": cell["cell_id"],
@@ -173,6 +171,13 @@ def seed_frame(cells: list[dict]) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows)
+
+
+def _seed_metric(seed: dict, metric: str) -> float:
+    """A seed's recorded metric; one registered after the record was written, from its counts."""
+    if metric in seed:
+        return seed[metric]
+    return EpisodeCounts.from_json(seed["counts"]).value(metric)
 
 
 def _nanmean(values) -> float:

@@ -1,11 +1,20 @@
-"""Segmentation metrics over episodes (DESIGN §4): summed TP/FP/FN, mIoU, FB-IoU, bootstrap CIs."""
+"""Segmentation metrics over episodes: summed TP/FP/FN counts, the metric registry (mIoU, FB-IoU,
+and any registered later), bootstrap CIs.
+
+Every metric is a function of the counts summed over a set of episodes — per class, background,
+foreground — so one definition gives the value, its per-seed and per-class forms and, applied to
+bootstrap-weighted sums, its intervals. Records, MLflow, tables and figures list `METRICS`.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from fsbench.core import FsbenchError
 
 
 def confusion(pred, label, way: int) -> np.ndarray:
@@ -70,6 +79,50 @@ def fb_iou_from(bg_counts: np.ndarray, fg_counts: np.ndarray) -> np.ndarray:
     return (iou(bg_counts) + iou(fg_counts)) / 2
 
 
+@dataclass(frozen=True)
+class Metric:
+    """A metric computed from summed counts: `from_sums(per_class [..., C, 3], background
+    [..., 3], foreground [..., 3])` → values [...] in [0, 1] (leading axes: bootstrap draws)."""
+
+    name: str  # its key in cell records, result frames and MLflow (`miou`, `seed/<s>/miou`)
+    label: str  # as tables, captions and figure axes print it
+    from_sums: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+    higher_is_better: bool = True
+
+
+METRICS: dict[str, Metric] = {}  # in registration order: the order of tables and columns
+
+
+def register_metric(name: str, label: str, higher_is_better: bool = True):
+    """Register `from_sums` as a metric; it then appears in records, MLflow, tables, figures."""
+
+    def decorator(from_sums):
+        if name in METRICS:
+            raise ValueError(f"metric {name!r} is registered twice; rename one of them")
+        METRICS[name] = Metric(name, label, from_sums, higher_is_better)
+        return from_sums
+
+    return decorator
+
+
+def get_metric(name: str) -> Metric:
+    if name not in METRICS:
+        raise FsbenchError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)}")
+    return METRICS[name]
+
+
+@register_metric("miou", "mIoU")
+def _miou(per_class, background, foreground):
+    """Mean over the fold's classes of IoU from counts summed over the episodes (PANet's)."""
+    return miou_from(per_class)
+
+
+@register_metric("fb_iou", "FB-IoU")
+def _fb_iou(per_class, background, foreground):
+    """Mean of background and foreground IoU (OSLSM's, CANet's FB-IoU)."""
+    return fb_iou_from(background, foreground)
+
+
 @dataclass
 class EpisodeCounts:
     """Per-episode counts of one evaluation: the data behind every metric and interval."""
@@ -79,14 +132,30 @@ class EpisodeCounts:
     background: np.ndarray  # [E, 3]
     foreground: np.ndarray  # [E, 3]
 
+    def sums(self, weights: np.ndarray | None = None):
+        """(per class, background, foreground) summed over the episodes, or [B, ...] sums under
+        B rows of episode weights (bootstrap multiplicities)."""
+        if weights is None:
+            return self.per_class.sum(0), self.background.sum(0), self.foreground.sum(0)
+        return (
+            np.einsum("be,eck->bck", weights, self.per_class),
+            weights @ self.background,
+            weights @ self.foreground,
+        )
+
+    def value(self, metric: str, weights: np.ndarray | None = None):
+        """A registered metric of these episodes (an array of B values under `weights`)."""
+        values = get_metric(metric).from_sums(*self.sums(weights))
+        return float(values) if weights is None else values
+
     def miou(self) -> float:
-        return float(miou_from(self.per_class.sum(0)))
+        return self.value("miou")
 
     def class_iou(self) -> dict[int, float]:
         return dict(zip(self.classes, iou(self.per_class.sum(0)).tolist()))
 
     def fb_iou(self) -> float:
-        return float(fb_iou_from(self.background.sum(0), self.foreground.sum(0)))
+        return self.value("fb_iou")
 
     def to_json(self) -> dict:
         """Per-class counts stored sparsely: [episode, class index, tp, fp, fn] for the rows that
@@ -178,12 +247,7 @@ def _resample_weights(n_episodes: int, n_boot: int, seed: int) -> np.ndarray:
 
 
 def _boot_stat(counts: EpisodeCounts, weights: np.ndarray, metric: str) -> np.ndarray:
-    if metric == "miou":
-        summed = np.einsum("be,eck->bck", weights, counts.per_class)
-        return miou_from(summed)
-    if metric == "fb_iou":
-        return fb_iou_from(weights @ counts.background, weights @ counts.foreground)
-    raise ValueError(metric)
+    return counts.value(metric, weights)
 
 
 def bootstrap_ci(counts: EpisodeCounts, metric="miou", n_boot=1000, level=0.95, seed=0):
@@ -204,5 +268,5 @@ def paired_bootstrap(
     diff = _boot_stat(a, weights, metric) - _boot_stat(b, weights, metric)
     tail = (1 - level) / 2 * 100
     low, high = float(np.nanpercentile(diff, tail)), float(np.nanpercentile(diff, 100 - tail))
-    observed = (a.miou() - b.miou()) if metric == "miou" else (a.fb_iou() - b.fb_iou())
+    observed = a.value(metric) - b.value(metric)
     return {"difference": observed, "low": low, "high": high, "significant": not low <= 0 <= high}

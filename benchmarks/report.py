@@ -33,6 +33,7 @@ from fsbench.benchmarks.figures import (  # noqa: F401
     qualitative_strip,
     training_curves,
 )
+from fsbench.benchmarks.metrics import METRICS
 from fsbench.core import FsbenchError
 
 MISSING = "–"
@@ -76,7 +77,9 @@ def paper_table(frame: pd.DataFrame, metric: str = "miou", rows=None) -> pd.Data
     stds = pd.DataFrame(
         [[data[(r, c)][1] for c in columns] for r in rows], index=rows, columns=index
     )
-    return pd.concat({"mean": means, "std": stds}, axis=1)
+    table = pd.concat({"mean": means, "std": stds}, axis=1)
+    table.attrs["metric"] = metric  # which way "best" is (bold)
+    return table
 
 
 def _cell_text(mean, std, bold, latex):
@@ -98,7 +101,11 @@ def _row_cells(table: pd.DataFrame, row: str, best: dict, latex: bool) -> list[s
 
 
 def _best(table: pd.DataFrame) -> dict:
+    """Each column's best mean: the highest, or the lowest for a lower-is-better metric."""
     means = table["mean"]
+    metric = METRICS.get(table.attrs.get("metric", "miou"))
+    if metric is not None and not metric.higher_is_better:
+        return {c: means[c].min() for c in means.columns}
     return {c: means[c].max() for c in means.columns}
 
 
@@ -345,12 +352,12 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
         written["rejected"] = [f"cells/{n}: {p}" for n, p in rejected.items()]
     if missing:
         written["missing"] = missing
-    for metric, label in (("miou", "miou"), ("fb_iou", "fb_iou")):
-        table = paper_table(frame, metric)
-        text_note = note if metric == "miou" else note.replace("mIoU %", "FB-IoU %")
-        reported = reported_rows(frame, metric, list(table["mean"].columns))
+    for metric in METRICS.values():  # one table per registered metric, in registration order
+        label, name = metric.name, metric.label
+        table = paper_table(frame, label)
+        text_note = note.replace("mIoU %", f"{name} %")
+        reported = reported_rows(frame, label, list(table["mean"].columns))
         (out / f"table_{label}.md").write_text(to_markdown(table, text_note, reported))
-        name = "mIoU" if metric == "miou" else "FB-IoU"
         (out / f"table_{label}.tex").write_text(
             to_latex(
                 table,
@@ -413,9 +420,11 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     from fsbench.benchmarks.results import ResultStore
 
     store = ResultStore(grid_dir.parent, grid_dir.name)
+    headline = next(iter(METRICS.values()))  # the first registered metric: mIoU
+    sign = 1 if headline.higher_is_better else -1
     best = max(
         (c for c in cells if c.get("qualitative")),
-        key=lambda c: c["summary"]["miou_mean"],
+        key=lambda c: sign * c["summary"][f"{headline.name}_mean"],
         default=None,
     )
     if best is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fsbench.benchmarks.metrics import EpisodeCounts
+from fsbench.benchmarks.metrics import METRICS, EpisodeCounts
 from fsbench.core import FsbenchError, atomic_write_bytes
 
 RESULT_VERSION = 1
@@ -85,9 +85,7 @@ def _nanmean(values: np.ndarray) -> list:
 
 
 def summarise(seed_results: list[dict]) -> dict:
-    """Mean and population std over seeds (PANet's convention) of mIoU, FB-IoU, class IoU."""
-    mious = np.array([s["miou"] for s in seed_results])
-    fbs = np.array([s["fb_iou"] for s in seed_results])
+    """Mean and population std over seeds (PANet's convention) of every metric, and class IoU."""
     classes = list(seed_results[0]["class_iou"])
     per_class = np.array(
         [
@@ -96,11 +94,12 @@ def summarise(seed_results: list[dict]) -> dict:
         ],
         dtype=float,
     )
+    summary = {}
+    for name in METRICS:
+        values = np.array([s[name] for s in seed_results])
+        summary[f"{name}_mean"], summary[f"{name}_std"] = float(values.mean()), float(values.std())
     return {
-        "miou_mean": float(mious.mean()),
-        "miou_std": float(mious.std()),
-        "fb_iou_mean": float(fbs.mean()),
-        "fb_iou_std": float(fbs.std()),
+        **summary,
         # over the seeds in which the class occurred; None when it never did
         "class_iou_mean": {c: finite_or_none(v) for c, v in zip(classes, _nanmean(per_class))},
         "seeds": len(seed_results),
@@ -113,8 +112,7 @@ def seed_result(raw: dict) -> dict:
     return {
         "seed": raw["seed"],
         "manifest_fingerprint": raw["manifest_fingerprint"],
-        "miou": counts.miou(),
-        "fb_iou": counts.fb_iou(),
+        **{name: counts.value(name) for name in METRICS},
         "class_iou": {str(c): finite_or_none(v) for c, v in counts.class_iou().items()},
         "episodes": len(counts.per_class),
         "eval_seconds": raw["eval_seconds"],

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from fsbench.benchmarks.metrics import EpisodeCounts
+from fsbench.benchmarks.metrics import METRICS, EpisodeCounts
 from fsbench.core import FsbenchError
 
 CELL_TAG = "fsbench.cell_id"
@@ -418,11 +418,10 @@ class Tracker:
         params = [_param(k, v) for k, v in sorted(flatten("", config, {}).items())]
         summary = result["summary"]
         # Grouped for the UI: the headline numbers first, then iou/…, seed/…, train/…, eval/….
-        metrics = {
-            "miou": summary["miou_mean"],
-            "miou_std": summary["miou_std"],
-            "fb_iou": summary["fb_iou_mean"],
-            "fb_iou_std": summary["fb_iou_std"],
+        metrics = {}
+        for name in (m for m in METRICS if f"{m}_mean" in summary):
+            metrics[name], metrics[f"{name}_std"] = summary[f"{name}_mean"], summary[f"{name}_std"]
+        metrics |= {
             "time/train_seconds": timings["train_seconds"],
             "time/eval_seconds": timings["eval_seconds"],
         }
@@ -430,8 +429,8 @@ class Tracker:
             if key in timings:
                 metrics[f"eval/{key}"] = timings[key]
         for seed in result["seeds"]:
-            metrics[f"seed/{seed['seed']}/miou"] = seed["miou"]
-            metrics[f"seed/{seed['seed']}/fb_iou"] = seed["fb_iou"]
+            for name in (m for m in METRICS if m in seed):
+                metrics[f"seed/{seed['seed']}/{name}"] = seed[name]
         names = class_names(config["dataset"]["name"])
         for class_id, value in summary["class_iou_mean"].items():
             if value is not None:  # None: the class never occurred

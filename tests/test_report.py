@@ -393,3 +393,35 @@ def test_figures_embed_no_type3_fonts(tmp_path):
         assert b"/TrueType" in data or b"/CIDFontType2" in data, pdf
     csv = (grid / "report" / "table_class_iou.csv").read_text().splitlines()
     assert csv[0].startswith("method,shot,fold") or csv[0].startswith("class,")
+
+
+def test_a_registered_metric_reaches_records_frame_tables_and_direction(tmp_path):
+    """A metric is one registration: cells written before it existed get it from their counts,
+    the report writes its tables, and a lower-is-better metric bolds the lowest mean."""
+    from fsbench.benchmarks.cells import seed_frame
+    from fsbench.benchmarks.metrics import METRICS, EpisodeCounts, register_metric
+
+    @register_metric("fg_error", "FG error", higher_is_better=False)
+    def fg_error(per_class, background, foreground):
+        """Share of foreground-labelled or -predicted pixels that are wrong: (fp + fn) / all."""
+        return (foreground[..., 1] + foreground[..., 2]) / foreground.sum(-1)
+
+    try:
+        grid = tmp_path / "hand"
+        write_cells(grid, RESULTS)  # records without the new metric
+        frame = seed_frame([json.loads(c.read_text()) for c in (grid / "cells").glob("*.json")])
+        expected = [
+            100 * EpisodeCounts.from_json(s["counts"]).value("fg_error")
+            for c in sorted((grid / "cells").glob("*.json"))
+            for s in json.loads(c.read_text())["seeds"]
+        ]
+        assert sorted(frame["fg_error"]) == pytest.approx(sorted(expected))
+        assert frame["fg_error"].min() == pytest.approx(100 * (1 - 0.45))  # tp 45 of 100
+        build_report(grid, n_boot=50)
+        table = (grid / "report" / "table_fg_error.md").read_text().splitlines()
+        # panet_nopar fold 0 (seeds 0.41, 0.45 → errors 59, 55) has the lowest error: bold
+        assert table[3].startswith("| panet_nopar | **57.0 ± 2.0** |"), table
+        assert "FG error %" in (grid / "report" / "table_fg_error.md").read_text()
+        assert (grid / "report" / "table_miou.md").exists()
+    finally:
+        METRICS.pop("fg_error", None)
