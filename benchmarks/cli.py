@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -358,14 +359,14 @@ def cmd_config(args) -> int:
 
 def cmd_manifest(args) -> int:
     from fsbench.datasets.episodes import EpisodeManifest
-    from fsbench.datasets.protocols import get_protocol
+    from fsbench.datasets.protocols import resolve
     from fsbench.datasets.registry import DATASETS
 
-    protocol = get_protocol(args.protocol).for_dataset(args.dataset)
+    protocol = resolve(args.protocol, args.dataset)
     if args.dataset in ("pascal5i", "coco20i") and not args.data_root:
         raise FsbenchError(f"--data-root is required for {args.dataset} (the dataset folder)")
     kwargs = {"data_root": args.data_root} if args.data_root else {}
-    dataset = DATASETS.get(args.dataset)(protocol=args.protocol, **kwargs)
+    dataset = DATASETS.build(args.dataset, protocol=protocol, **kwargs)
     dataset.check_fold(args.fold)
     manifest = EpisodeManifest.build(
         dataset,
@@ -386,36 +387,34 @@ def cmd_manifest(args) -> int:
     return 0
 
 
+def _needs_folder(builder) -> bool:
+    """A real dataset's builder takes `data_root` without a default (a generated one makes its
+    data when given none)."""
+    parameter = inspect.signature(builder).parameters.get("data_root")
+    return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
 def cmd_list(args) -> int:
-    from fsbench.datasets.protocols import PROTOCOLS
-    from fsbench.datasets.registry import DATASETS
+    from fsbench.datasets.protocols import PROTOCOLS, resolve
+    from fsbench.datasets.registry import DATASETS, dataset_class
     from fsbench.methods import METHODS
 
     if args.dataset:
-        if args.dataset == "pascal5i" or args.dataset == "coco20i" and not args.data_root:
-            # Fold definitions are fixed by the benchmark: no data needed to list them.
-            from fsbench.datasets.coco import COCO_CLASSES, fold_classes
-            from fsbench.datasets.pascal import VOC_CLASSES
-            from fsbench.datasets.protocols import get_protocol
-
-            if args.dataset == "pascal5i":
-                names, folds = VOC_CLASSES, [list(range(5 * f + 1, 5 * f + 6)) for f in range(4)]
-            else:
-                style = args.split_style or get_protocol(args.protocol).coco_split
-                names, folds = COCO_CLASSES, [fold_classes(f, style) for f in range(4)]
-                print(f"COCO-20i folds, {style} convention:")
-        elif args.dataset == "fss1000" and not args.data_root:
-            from fsbench.datasets.fss import SPLITS, split_classes
-
-            splits = split_classes()  # HSNet's splits: fixed, no data needed
-            names = [n for s in SPLITS for n in splits[s]]
-            folds = [list(range(761, 1001))]
+        protocol = resolve(args.protocol, args.dataset)
+        # Fold definitions the benchmark fixes need no data to list (real datasets, no folder).
+        published = None
+        if not args.data_root and _needs_folder(DATASETS.get(args.dataset)):
+            published = dataset_class(args.dataset).published_folds(protocol, args.split_style)
+        if published:
+            names, folds, heading = published
+            if heading:
+                print(heading)
         else:
             kwargs = {"data_root": args.data_root} if args.data_root else {}
             if args.split_style:
                 kwargs["split_style"] = args.split_style
             try:
-                dataset = DATASETS.get(args.dataset)(protocol=args.protocol, **kwargs)
+                dataset = DATASETS.build(args.dataset, protocol=protocol, **kwargs)
             except TypeError as error:
                 raise FsbenchError(
                     f"dataset {args.dataset}: {error}; give its folder with --data-root"
@@ -426,7 +425,7 @@ def cmd_list(args) -> int:
             print(f"fold {fold}: " + ", ".join(f"{c} {names[c - 1]}" for c in classes))
         return 0
     print("methods:")
-    for name in (m for m in METHODS.list() if not m.startswith("test_")):
+    for name in METHODS.list():
         print(f"  {name:<20} {_trains(METHODS, name):<9} {_summary(METHODS.get(name))}")
     print("datasets:")
     for name in DATASETS.list():
@@ -444,16 +443,18 @@ def _summary(builder) -> str:
 
 
 def _trains(registry, name: str) -> str:
-    """'trains' or 'no train', read from the method's tiny test variant (cheap to build) when
-    it has one."""
+    """'trains' or 'no train', as the method's class declares it; a builder that declares no
+    class is built without keywords to ask it ('?' when that fails)."""
     import torch
 
-    probe = f"test_{name}" if f"test_{name}" in registry else name
-    with torch.random.fork_rng():
-        try:
-            return "trains" if registry.get(probe)().trainable else "no train"
-        except Exception:  # noqa: BLE001 - e.g. a method that needs keywords
-            return "?"
+    declared = registry.provides(name)
+    if declared is None:
+        with torch.random.fork_rng():
+            try:
+                declared = registry.build(name)
+            except Exception:  # noqa: BLE001 - e.g. a method that needs keywords
+                return "?"
+    return "trains" if declared.trainable else "no train"
 
 
 def cmd_report(args) -> int:

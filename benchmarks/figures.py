@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from fsbench.benchmarks.cells import _nanmean, _rows_in_grid_order, row_label, seed_frame
+from fsbench.benchmarks.metrics import get_metric
 from fsbench.core import FsbenchError
-from fsbench.datasets.protocols import get_protocol
+from fsbench.datasets.protocols import record_protocol
 
 
 def _style():
@@ -98,7 +99,7 @@ def grouped_bars(frame, out_dir, name, rows, title, group="fold", metric="miou",
         _bars(ax, groups, [names.get(r, r) for r in rows], means, errors, labels)
         if panel:
             ax.set_title(f"{value}-shot" if panel == "shot" else f"{panel} {value}", fontsize=9)
-    axes[0][0].set_ylabel(f"{'mIoU' if metric == 'miou' else 'FB-IoU'} (%)")
+    axes[0][0].set_ylabel(f"{get_metric(metric).label} (%)")
     fig.suptitle(title, fontsize=10, y=1.04)
     axes[0][-1].legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, out_dir, name)
@@ -284,7 +285,8 @@ def _qualitative_rows(result: dict, store, max_episodes: int):
     try:
         if key not in _OPENED:  # one dataset object per process (logging draws one per cell)
             with existing_only():  # a report reads results: it never generates a dataset
-                _OPENED[key] = DATASETS.get(config["dataset"]["name"])(
+                _OPENED[key] = DATASETS.build(
+                    config["dataset"]["name"],
                     protocol=config["protocol"],
                     **{k: v for k, v in config["dataset"].items() if k != "name"},
                 )
@@ -297,7 +299,7 @@ def _qualitative_rows(result: dict, store, max_episodes: int):
         (Path(store.manifests_dir) / f"{seed['manifest_fingerprint'][:16]}.json").read_text()
     )
     size = config["input_size"]
-    resize = get_protocol(config["protocol"]).resize
+    resize = record_protocol(result).resize
     rows = []
     for item in kept[:max_episodes]:
         spec = manifest["episodes"][item["episode"]]

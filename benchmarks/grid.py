@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -13,7 +14,13 @@ import yaml
 from fsbench.benchmarks.method_entries import MethodSpec, _methods, _train_overrides
 from fsbench.benchmarks.train import PRECISIONS, TrainConfig
 from fsbench.core import FsbenchError, canonical_sha256, import_plugins
-from fsbench.datasets.protocols import PROTOCOLS, check_sampler, get_protocol
+from fsbench.datasets.protocols import (
+    PROTOCOLS,
+    Protocol,
+    check_sampler,
+    get_protocol,
+    resolve,
+)
 from fsbench.datasets.registry import DATASETS
 
 GRID_KEYS = {
@@ -94,6 +101,8 @@ class Cell:
     eval_precision: str = "fp32"
     train_replicate: bool = False  # one of several training seeds of the same row (train_seeds)
     sampler: str = "fsbench"  # who draws the test episodes: "official" replay or fsbench's
+    # The protocol resolved for the cell's dataset, once (its name above is the identity).
+    preset: Protocol | None = field(default=None, compare=False)
 
     def config(self) -> dict:
         """The resolved config: everything that decides the result (and nothing else)."""
@@ -172,9 +181,9 @@ class GridSpec:
         """Every cell of the grid, in a fixed order (method, fold, way, shot, annotation)."""
         from fsbench.methods import METHODS
 
-        protocol = get_protocol(self.protocol).for_dataset(self.dataset["name"])
         name = self.dataset["name"]
-        sampler = check_sampler(self.sampler or protocol.default_sampler(name), protocol, name)
+        protocol = resolve(self.protocol, name)
+        sampler = check_sampler(self.sampler, protocol, name)
         trainable = {m.row(): _is_trainable(METHODS, m) and not m.checkpoint for m in self.methods}
         cells = []
         for method, fold, way, shot, annotation, train_seed in itertools.product(
@@ -211,20 +220,27 @@ class GridSpec:
                     eval_precision=self.eval_precision,
                     train_replicate=bool(self.train_seeds) and trainable[method.row()],
                     sampler=sampler,
+                    preset=protocol,
                 )
             )
         return cells
 
 
 def _is_trainable(registry, method: MethodSpec) -> bool:
-    """Build the model once (RNG state untouched) to ask it; also checks its keywords early."""
+    """Read off the class the builder declares (no model is built, no weight file read); its
+    keywords are checked against the builder's signature. A builder that declares no class is
+    built once (RNG state untouched) to ask it."""
     import torch
 
-    with torch.random.fork_rng():
-        try:
-            return bool(registry.get(method.name)(**method.kwargs).trainable)
-        except TypeError as error:
-            raise FsbenchError(f"method {method.name}: bad keyword ({error})") from None
+    builder, declared = registry.get(method.name), registry.provides(method.name)
+    try:
+        if declared is not None:
+            inspect.signature(builder).bind(**method.kwargs)
+            return bool(declared.trainable)
+        with torch.random.fork_rng():
+            return bool(registry.build(method.name, **method.kwargs).trainable)
+    except TypeError as error:
+        raise FsbenchError(f"method {method.name}: bad keyword ({error})") from None
 
 
 # -- loading ---------------------------------------------------------------------------------

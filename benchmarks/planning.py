@@ -9,7 +9,6 @@ from fsbench.benchmarks.results import ResultStore
 from fsbench.benchmarks.tasks import open_dataset
 from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import EpisodeManifest
-from fsbench.datasets.protocols import get_protocol
 
 
 @dataclass
@@ -57,9 +56,9 @@ def _setting(cell) -> tuple:
 
 
 def _manifest(dataset, cell, seed: int) -> EpisodeManifest:
-    fold, way, shot, episodes, protocol, sampler = _setting(cell)
+    fold, way, shot, episodes, _, sampler = _setting(cell)
     return EpisodeManifest.build(
-        dataset, get_protocol(protocol), fold, way, shot, episodes, seed, sampler=sampler
+        dataset, cell.preset, fold, way, shot, episodes, seed, sampler=sampler
     )
 
 
@@ -73,7 +72,7 @@ def plan_grid(
     manifests = {}
     damaged = _damaged_manifests(store, {c.id for c in cells} & done) if build_manifests else {}
     if build_manifests and (todo or damaged):
-        dataset = open_dataset(grid.dataset, grid.protocol)
+        dataset = open_dataset(grid.dataset, cells[0].preset)
         for cell in (c for c in cells if c.id in damaged):  # finished cells' records, repaired
             for seed in damaged[cell.id]:
                 store.save_manifest(_manifest(dataset, cell, seed))
@@ -98,7 +97,8 @@ def plan_grid(
                 "checkpoint_every": grid.checkpoint_every,
                 "resume_path": str(store.resume_path(key)),
             }
-            config = {**cell.config(), "execution": execution}
+            # The resolved protocol travels with the job: tasks never look it up again.
+            config = {**cell.config(), "preset": cell.preset.to_dict(), "execution": execution}
             jobs[key] = Job(key, config, cell.train is not None, [])
         job = jobs[key]
         job.cells.append(cell)
@@ -108,7 +108,6 @@ def plan_grid(
                     {
                         "cell_id": cell.id,
                         "seed": seed,
-                        "protocol": cell.protocol,
                         "annotation": cell.annotation,
                         "manifest": manifests[(cell.id, seed)].to_json(),
                     }

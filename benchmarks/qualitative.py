@@ -13,7 +13,7 @@ from fsbench.benchmarks.results import ResultStore
 from fsbench.benchmarks.tasks import build_model, open_dataset
 from fsbench.core import FsbenchError, import_plugins
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
-from fsbench.datasets.protocols import get_protocol
+from fsbench.datasets.protocols import record_protocol
 
 
 def cell_model(result: dict, grid_dir: Path):
@@ -47,9 +47,9 @@ def predict_episodes(result: dict, store: ResultStore, episodes: list[int]) -> l
     manifest = EpisodeManifest.load(
         store.manifests_dir / f"{seed['manifest_fingerprint'][:16]}.json"
     )
-    protocol = get_protocol(config["protocol"])
+    protocol = record_protocol(result)
     loader = EpisodeLoader(
-        open_dataset(config["dataset"], config["protocol"]),
+        open_dataset(config["dataset"], protocol),
         config["input_size"],
         config["annotation"],
         weak_seed=seed["seed"],

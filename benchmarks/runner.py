@@ -26,7 +26,6 @@ from fsbench.benchmarks.results import (
 from fsbench.benchmarks.tasks import available_cores, eval_task, train_task
 from fsbench.benchmarks.watchdog import RayWatchdog
 from fsbench.core import FsbenchError
-from fsbench.datasets.protocols import get_protocol
 
 
 class Driver:
@@ -110,7 +109,7 @@ class Driver:
             "title": cell.title,
             "display": cell.method.display or None,  # tables' and figures' name (not identity)
             "config": cell.config(),
-            "protocol": get_protocol(cell.protocol).to_dict(),
+            "protocol": cell.preset.to_dict(),  # as resolved for the dataset
             "summary": summarise(seeds),
             "seeds": seeds,
             "train": train,

@@ -25,7 +25,7 @@ from fsbench.benchmarks.evaluate import (
 from fsbench.benchmarks.train import TrainConfig, train
 from fsbench.core import FsbenchError, import_plugins
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
-from fsbench.datasets.protocols import get_protocol
+from fsbench.datasets.protocols import Protocol
 from fsbench.datasets.registry import DATASETS
 
 
@@ -35,10 +35,15 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def open_dataset(dataset_cfg: dict, protocol: str = "panet"):
+def open_dataset(dataset_cfg: dict, protocol: str | Protocol = "panet"):
     """The dataset of a config; the protocol sets its defaults (COCO fold convention, crowds)."""
     kwargs = {k: v for k, v in dataset_cfg.items() if k != "name"}
-    return DATASETS.get(dataset_cfg["name"])(protocol=protocol, **kwargs)
+    return DATASETS.build(dataset_cfg["name"], protocol=protocol, **kwargs)
+
+
+def job_protocol(config: dict) -> Protocol:
+    """The protocol the planner resolved for the job's dataset (a task never looks it up)."""
+    return Protocol.from_dict(config["preset"])
 
 
 def load_plugins(config: dict) -> None:
@@ -53,7 +58,7 @@ def build_model(config: dict):
 
     load_plugins(config)
     torch.manual_seed((config.get("train") or {}).get("seed", 0))
-    model = METHODS.get(config["method"])(**config["method_kwargs"])
+    model = METHODS.build(config["method"], **config["method_kwargs"])
     if config.get("checkpoint"):
         load_checkpoint(model, config["checkpoint"], config["method"])
     return model
@@ -122,13 +127,13 @@ def train_task(
     started_at = time.time()
     _limit_threads(threads)
     device = resolve_device(device)
-    protocol = get_protocol(config["protocol"])
+    protocol = job_protocol(config)
     model = build_model(config)
     cfg = TrainConfig.from_dict(config["train"])
     execution = config.get("execution") or {}
     result = train(
         model,
-        open_dataset(config["dataset"], config["protocol"]),
+        open_dataset(config["dataset"], protocol),
         protocol,
         config["fold"],
         config["way"],
@@ -181,14 +186,15 @@ def eval_task(
     if state_dict is not None:
         model.load_state_dict(state_dict)
     model.to(device).eval()
-    dataset = open_dataset(model_config["dataset"], model_config["protocol"])
+    protocol = job_protocol(model_config)
+    dataset = open_dataset(model_config["dataset"], protocol)
     # One encoder cache for every item: annotations change the support masks, not the images.
     cache = FeatureCache(
         model,
         EpisodeLoader(
             dataset,
             model_config["input_size"],
-            resize=get_protocol(model_config["protocol"]).resize,
+            resize=protocol.resize,
         ),
         device,
         cache_bytes,
@@ -205,7 +211,7 @@ def eval_task(
         (
             cache.loader.annotated(item.get("annotation", "mask"), weak_seed=item["seed"]),
             manifest,
-            get_protocol(item["protocol"]),
+            protocol,
         )
         for item, manifest in zip(items, manifests)
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from functools import lru_cache
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from fsbench.core import atomic_write_text, canonical_sha256, default_cache_dir
+from fsbench.datasets.base import FewShotDataset
 from fsbench.datasets.pascal import (
     DatasetError,
     IndexLock,
@@ -118,13 +120,30 @@ def fold_classes(fold: int, split_style: str) -> list[int]:
     return list(range(fold + 1, 81, 4))
 
 
-class Coco20i:
+class Coco20i(FewShotDataset):
     """COCO-20i: category ids → 1…80 in sorted id order; per-class masks merge the instances."""
 
     name = "coco20i"
     num_classes = 80
     num_folds = 4
     class_names = COCO_CLASSES
+    layout = "coco"
+    replayed_by = frozenset({"panet", "pfenet", "hsnet"})
+
+    @classmethod
+    def published_folds(cls, protocol, split_style=None):
+        style = split_style or protocol.coco_split
+        folds = [fold_classes(f, style) for f in range(4)]
+        return COCO_CLASSES, folds, f"COCO-20i folds, {style} convention:"
+
+    @classmethod
+    def protocol_for(cls, protocol):
+        """PFENet tests COCO at 641 px on 20001 episodes (its coco_split*.yaml)."""
+        return dataclasses.replace(
+            protocol,
+            input_size=protocol.coco_input_size or protocol.input_size,
+            episodes=protocol.coco_episodes or protocol.episodes,
+        )
 
     def __init__(
         self,
@@ -135,7 +154,7 @@ class Coco20i:
         year: int | None = None,
         cache_dir=None,
     ):
-        preset = get_protocol(protocol)
+        preset = get_protocol(protocol) if isinstance(protocol, str) else protocol
         self.split_style = split_style or preset.coco_split
         self.crowd = crowd or preset.coco_crowd
         if self.split_style not in SPLIT_STYLES:

@@ -125,9 +125,7 @@ class EpisodeManifest:
         """The episodes of one setting. `sampler` "official" (the default of a named protocol)
         replays the protocol's own test script (datasets/replay.py); "fsbench" draws with
         fsbench's sampler, seeded by the whole spec."""
-        sampler = check_sampler(
-            sampler or protocol.default_sampler(dataset.name), protocol, dataset.name
-        )
+        sampler = check_sampler(sampler, protocol, dataset)
         split = dataset.test_split(protocol)
         min_pixels = protocol.min_object_pixels
         spec = {

@@ -6,17 +6,21 @@ val 521…760, test 761…1000, each split in sorted name order). Image ids are 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from fsbench.core import FsbenchError, canonical_sha256
+from fsbench.datasets.base import FewShotDataset, Replay
 from fsbench.datasets.pascal import DatasetError, check_file_name, read_rgb
 from fsbench.datasets.registry import DATASETS
 
 LISTS = Path(__file__).parent / "lists" / "hsnet" / "fss"
 SPLITS = ("trn", "val", "test")
+# Test episodes per protocol on FSS-1000: HSNet's test loader walks its 240 × 10 test images.
+TEST_EPISODES = {"hsnet": 2400}
 EXPECTED_LAYOUT = (
     "expected FSS-1000/<class>/<n>.jpg with a binary <n>.png mask beside each image (n = 1…10), "
     "class folders named as in HSNet's splits, under --data-root"
@@ -28,12 +32,32 @@ def split_classes() -> dict[str, list[str]]:
     return {s: sorted((LISTS / f"{s}.txt").read_text().split("\n")[:-1]) for s in SPLITS}
 
 
-class Fss1000:
+class Fss1000(FewShotDataset):
     """The class folders of the splits found under the root (a generated set holds a subset)."""
 
     name = "fss1000"
     num_classes = 1000
     num_folds = 1
+    replayed_by = frozenset({"hsnet"})  # HSNet's test.py; PANet and PFENet never tested on it
+
+    @classmethod
+    def protocol_for(cls, protocol):
+        """The protocol's FSS-1000 episode count (HSNet: every test image once)."""
+        if protocol.name in TEST_EPISODES:
+            return dataclasses.replace(protocol, episodes=TEST_EPISODES[protocol.name])
+        return protocol
+
+    @classmethod
+    def published_folds(cls, protocol, split_style=None):
+        splits = split_classes()  # HSNet's: the 240 test classes are ids 761…1000
+        return [n for s in SPLITS for n in splits[s]], [list(range(761, 1001))], ""
+
+    def official_episodes(self, protocol, fold, way, shot, n_episodes, seed, queries) -> Replay:
+        self.check_fold(fold)
+        episodes = self.hsnet_test_episodes(shot, n_episodes, seed)
+        ids = self.list_ids(self.test_split(protocol))
+        source = "HSNet's test split (class folders found)"
+        return Replay(tuple(episodes), source, canonical_sha256(ids))
 
     def __init__(self, data_root, protocol: str = "hsnet", cache_dir=None):
         root = Path(data_root).expanduser()

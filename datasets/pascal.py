@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from fsbench.core import FsbenchError, atomic_write_text, canonical_sha256, default_cache_dir
+from fsbench.datasets.base import FewShotDataset
 from fsbench.datasets.registry import DATASETS
 
 VOC_CLASSES = (
@@ -98,13 +99,19 @@ def read_rgb(path: Path) -> np.ndarray:
         ) from None
 
 
-class Pascal5i:
+class Pascal5i(FewShotDataset):
     """Images, masks and class → image lists of one VOC root; folds follow Shaban et al. (OSLSM)."""
 
     name = "pascal5i"
     num_classes = 20
     num_folds = 4
     class_names = VOC_CLASSES
+    layout = "pascal"
+    replayed_by = frozenset({"panet", "pfenet", "hsnet"})
+
+    @classmethod
+    def published_folds(cls, protocol, split_style=None):
+        return VOC_CLASSES, [list(range(5 * f + 1, 5 * f + 6)) for f in range(4)], ""
 
     def __init__(
         self,

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from fsbench.core import FsbenchError
+from fsbench.datasets.registry import dataset_class
 
 
 @dataclass(frozen=True)
@@ -31,41 +32,18 @@ class Protocol:
     official_sampler: str | None = None
     coco_input_size: int = 0  # COCO-20i's input side when it differs (0: input_size)
     coco_episodes: int = 0  # ... and its episode count (0: episodes)
-    fss_episodes: int = 0  # FSS-1000's episode count (0: episodes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def for_dataset(self, dataset_name: str) -> Protocol:
-        """The preset as it applies to a dataset: PFENet tests COCO at 641 px on 20001 episodes,
-        HSNet tests FSS-1000 on its 2400 test images."""
-        if "fss" in dataset_name:
-            return dataclasses.replace(self, episodes=self.fss_episodes or self.episodes)
-        if "coco" not in dataset_name:
-            return self
-        return dataclasses.replace(
-            self,
-            input_size=self.coco_input_size or self.input_size,
-            episodes=self.coco_episodes or self.episodes,
-        )
-
-    def replays(self, dataset_name: str | None = None) -> bool:
-        """Whether the official test script of this protocol can be replayed on the dataset."""
-        if not self.official_sampler:
-            return False
-        kinds = OFFICIAL_DATASETS[self.official_sampler]
-        return dataset_name is None or any(kind in dataset_name for kind in kinds)
-
-    def default_sampler(self, dataset_name: str | None = None) -> str:
-        return "official" if self.replays(dataset_name) else "fsbench"
-
-
-# The datasets (by name) whose official test episodes each lineage's script draws.
-OFFICIAL_DATASETS = {
-    "panet": ("pascal", "coco"),
-    "pfenet": ("pascal", "coco"),
-    "hsnet": ("pascal", "coco", "fss"),
-}
+    @classmethod
+    def from_dict(cls, data: dict) -> Protocol:
+        """A resolved protocol as a cell record or a task config carries it (keys of earlier
+        versions that are no longer fields are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["seeds"] = tuple(values.get("seeds", ()))
+        return cls(**values)
 
 
 # `official`: the episodes the protocol's own test script draws (datasets/replay.py), the default
@@ -73,11 +51,32 @@ OFFICIAL_DATASETS = {
 SAMPLERS = ("official", "fsbench")
 
 
-def check_sampler(sampler: str, protocol: Protocol, dataset_name: str | None = None) -> str:
+def resolve(protocol: str | Protocol, dataset) -> Protocol:
+    """The preset as it applies to a dataset (name, class or object), resolved once per cell:
+    the dataset class owns its adjustments (COCO-20i's input size, FSS-1000's episode count)."""
+    preset = get_protocol(protocol) if isinstance(protocol, str) else protocol
+    return dataset_class(dataset).protocol_for(preset)
+
+
+def replays(protocol: Protocol, dataset=None) -> bool:
+    """Whether the protocol's official test script can be replayed on the dataset (any, if None)."""
+    if not protocol.official_sampler:
+        return False
+    return dataset is None or protocol.official_sampler in dataset_class(dataset).replayed_by
+
+
+def default_sampler(protocol: Protocol, dataset=None) -> str:
+    return "official" if replays(protocol, dataset) else "fsbench"
+
+
+def check_sampler(sampler: str | None, protocol: Protocol, dataset=None) -> str:
+    """`sampler`, or the protocol's default on the dataset when None, checked."""
+    sampler = sampler or default_sampler(protocol, dataset)
     if sampler not in SAMPLERS:
         raise FsbenchError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
-    if sampler == "official" and not protocol.replays(dataset_name):
-        where = f" on {dataset_name}" if dataset_name and protocol.official_sampler else ""
+    if sampler == "official" and not replays(protocol, dataset):
+        name = dataset if isinstance(dataset, str) else getattr(dataset, "name", None)
+        where = f" on {name}" if name and protocol.official_sampler else ""
         raise FsbenchError(
             f"protocol {protocol.name!r} has no official test script to replay{where}; "
             "use sampler: fsbench"
@@ -139,9 +138,16 @@ PROTOCOLS: dict[str, Protocol] = {
         min_object_pixels=1,
         only_present_classes=False,
         official_sampler="hsnet",
-        fss_episodes=2400,  # its FSS-1000 test loader walks all 240 × 10 test images
     ),
 }
+
+
+def record_protocol(result: dict) -> Protocol:
+    """The protocol a cell record was scored under (as the runner resolved and wrote it)."""
+    recorded = result.get("protocol")
+    if isinstance(recorded, dict):
+        return Protocol.from_dict(recorded)
+    return resolve(result["config"]["protocol"], result["config"]["dataset"]["name"])
 
 
 def get_protocol(name: str) -> Protocol:

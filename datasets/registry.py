@@ -1,5 +1,5 @@
-"""The dataset registry. The registry machinery and the error type live in fsbench.core; they
-are re-exported here for plugins written against earlier versions."""
+"""The dataset registry, typed by `FewShotDataset`. The registry machinery and the error type live
+in fsbench.core; they are re-exported here for plugins written against earlier versions."""
 
 from __future__ import annotations
 
@@ -10,13 +10,19 @@ from fsbench.core import (  # noqa: F401  (re-exported)
     import_plugins,
     load_entry_points,
 )
+from fsbench.datasets.base import FewShotDataset
 
-DATASETS = Registry(
-    "dataset",
-    builtins=(
-        "fsbench.datasets.pascal",
-        "fsbench.datasets.coco",
-        "fsbench.datasets.generated",
-        "fsbench.datasets.fss",
-    ),
-)
+# Every module of fsbench.datasets registers its own datasets (a new one is one new file).
+DATASETS = Registry("dataset", packages=("fsbench.datasets",), base=FewShotDataset)
+
+
+def dataset_class(dataset) -> type[FewShotDataset]:
+    """The class of a dataset given by registry name, object or class, known without opening
+    it; `FewShotDataset` (no replay, presets unchanged) when a plugin's builder declares none."""
+    if isinstance(dataset, str):
+        dataset = DATASETS.provides(dataset)
+    elif dataset is not None and not isinstance(dataset, type):
+        dataset = type(dataset)
+    if dataset is None or not issubclass(dataset, FewShotDataset):
+        return FewShotDataset
+    return dataset

@@ -19,15 +19,12 @@ import gzip
 import hashlib
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fsbench.core import FsbenchError
-from fsbench.datasets.coco import Coco20i
-from fsbench.datasets.fss import Fss1000
-from fsbench.datasets.pascal import Pascal5i
+from fsbench.datasets.base import Replay  # noqa: F401  (re-exported)
 
 LISTS = Path(__file__).parent / "lists"
 # PFENet's configs: data loader workers of its val loader (pascal_split*.yaml, coco_split*.yaml).
@@ -35,49 +32,26 @@ PFENET_WORKERS = {"pascal": 8, "coco": 16}
 PFENET_PASSES = 20  # validate(): `for e in range(20)`; fsbench goes on past them (see below)
 
 
-@dataclass(frozen=True)
-class Replay:
-    """Episodes as (classes, supports per class, queries) tuples, and the lists they came from."""
-
-    episodes: tuple[tuple[tuple[int, ...], tuple[tuple[str, ...], ...], tuple[str, ...]], ...]
-    lists: str  # "official files (...)", "shipped (...)" or "built (...)"
-    lists_sha256: str  # of the per-class lists the draws index into
-
-
 def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode()).hexdigest()
 
 
-def _kind(dataset) -> str:
-    if isinstance(dataset, Pascal5i):
-        return "pascal"
-    if isinstance(dataset, Coco20i):
-        return "coco"
-    if isinstance(dataset, Fss1000):
-        return "fss"
-    raise FsbenchError(
-        f"dataset {dataset.name!r}: official episode replay knows PASCAL-5i, COCO-20i and "
-        "FSS-1000 layouts; use sampler: fsbench for other datasets"
-    )
-
-
 def official_episodes(dataset, protocol, fold, way, shot, n_episodes, seed, queries=1) -> Replay:
     """The episodes `protocol`'s official test script draws for `seed` on `dataset`."""
-    lineage, kind = protocol.official_sampler, _kind(dataset)
+    lineage, kind = protocol.official_sampler, getattr(dataset, "layout", "")
+    if lineage not in getattr(dataset, "replayed_by", ()):
+        raise FsbenchError(
+            f"dataset {dataset.name!r}: {lineage or protocol.name}'s test script draws no "
+            "episodes on it to replay; use sampler: fsbench"
+        )
     if lineage != "panet" and (way != 1 or queries != 1):
         raise FsbenchError(
             f"{lineage}'s test script draws 1-way episodes with one query; use sampler: fsbench "
             f"for {way}-way episodes under the {protocol.name} geometry"
         )
+    if kind not in ("pascal", "coco"):  # the dataset owns its official draws (e.g. FSS-1000)
+        return dataset.official_episodes(protocol, fold, way, shot, n_episodes, seed, queries)
     split = dataset.test_split(protocol)
-    if kind == "fss" and lineage != "hsnet":
-        raise FsbenchError(
-            f"{lineage}'s test script has no FSS-1000 episodes to replay; use sampler: fsbench"
-        )
-    if kind == "fss":  # the dataset owns its HSNet test loader's draws
-        episodes = dataset.hsnet_test_episodes(shot, n_episodes, seed)
-        queries = dataset.list_ids(split)
-        return Replay(tuple(episodes), "HSNet's test split (class folders found)", _sha(queries))
     if lineage == "panet":
         lists, labels, source = (_panet_pascal if kind == "pascal" else _panet_coco)(
             dataset, split, fold

@@ -3,11 +3,35 @@
     import fsbench
     frame = fsbench.run("quickstart.yaml", ["shots=[1]"], serial=True)
 
-The code lives in the repository's methods/, datasets/ and benchmarks/ folders, installed as
-fsbench.methods, fsbench.datasets and fsbench.benchmarks.
+Extension points: `register_method` (a `FewShotMethod` builder), `register_dataset` (a
+`FewShotDataset` builder), `register_metric` (a function of summed counts). The code lives in
+the repository's methods/, datasets/ and benchmarks/ folders, installed as fsbench.methods,
+fsbench.datasets and fsbench.benchmarks; ARCHITECTURE.md says how they fit.
 """
 
 from fsbench.benchmarks.api import RunOptions, register_dataset, register_method, run
+from fsbench.benchmarks.metrics import Metric, register_metric
 from fsbench.core import FsbenchError
+from fsbench.datasets.base import FewShotDataset
 
-__all__ = ["FsbenchError", "RunOptions", "register_dataset", "register_method", "run"]
+__all__ = [
+    "FewShotDataset",
+    "FewShotMethod",
+    "FsbenchError",
+    "Metric",
+    "RunOptions",
+    "register_dataset",
+    "register_method",
+    "register_metric",
+    "run",
+]
+
+
+def __getattr__(name: str):
+    # `fsbench.FewShotMethod` on first use: importing fsbench (e.g. for the report, or on a
+    # machine that only reads results) does not import torch.
+    if name == "FewShotMethod":
+        from fsbench.methods.layers import FewShotMethod
+
+        return FewShotMethod
+    raise AttributeError(f"module 'fsbench' has no attribute {name!r}")

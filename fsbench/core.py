@@ -10,8 +10,10 @@ import hashlib
 import importlib
 import json
 import os
+import pkgutil
 import sys
 import threading
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,20 +74,29 @@ def default_cache_dir() -> Path:
 # Installed packages register methods and datasets through this entry-point group, e.g. in their
 # pyproject.toml: [project.entry-points."fsbench.plugins"] my_methods = "my_pkg.methods"
 PLUGIN_GROUP = "fsbench.plugins"
+# ... and any process (driver, Ray worker) imports the modules this variable names, comma-separated
+# (the test suite registers its small test-only variants this way).
+PLUGIN_ENV = "FSBENCH_PLUGINS"
 _entry_points_loaded = False
 
 
 class Registry:
     """A named table of builders; registering a name twice is an error, not a silent replace."""
 
-    def __init__(self, kind: str, builtins: tuple[str, ...] = ()):
+    def __init__(self, kind: str, packages: tuple[str, ...] = (), base: type | None = None):
         self.kind = kind
+        self.base = base  # what every builder must build (a method's or dataset's base class)
         self._builders: dict[str, Callable] = {}
-        self._builtins = list(builtins)  # modules registering into this table, imported on use
+        # Packages whose modules register into this table, all imported on first use: a bundled
+        # method or dataset is added as one file, without a list to edit.
+        self._packages = list(packages)
 
     def _load_builtins(self) -> None:
-        while self._builtins:
-            importlib.import_module(self._builtins.pop(0))
+        while self._packages:
+            package = importlib.import_module(self._packages.pop(0))
+            for module in pkgutil.iter_modules(package.__path__):
+                if not module.name.startswith("_"):
+                    importlib.import_module(f"{package.__name__}.{module.name}")
         load_entry_points()
 
     def register(self, name: str | None = None):
@@ -108,6 +119,28 @@ class Registry:
             )
         return self._builders[name]
 
+    def build(self, name: str, /, **kwargs):
+        """Build `name` with `kwargs`; what it builds must be an instance of the base class."""
+        built = self.get(name)(**kwargs)
+        if self.base is not None and not isinstance(built, self.base):
+            raise FsbenchError(
+                f"{self.kind} {name!r} built a {type(built).__name__}, not a "
+                f"{self.base.__name__}; subclass {self.base.__module__}.{self.base.__name__}"
+            )
+        return built
+
+    def provides(self, name: str) -> type | None:
+        """The class `name` builds, known without building it: the builder itself when it is a
+        class, else its return annotation (`def my_set(...) -> MySet`); None when not declared."""
+        builder = self.get(name)
+        if isinstance(builder, type):
+            return builder
+        try:
+            declared = typing.get_type_hints(builder).get("return")
+        except Exception:  # noqa: BLE001 - an unresolvable annotation declares nothing
+            return None
+        return declared if isinstance(declared, type) else None
+
     def list(self, pattern: str = "*") -> list[str]:
         self._load_builtins()
         return sorted(n for n in self._builders if fnmatch.fnmatchcase(n, pattern))
@@ -118,13 +151,20 @@ class Registry:
 
 
 def load_entry_points() -> None:
-    """Import every module of the `fsbench.plugins` entry-point group (once per process)."""
+    """Import the modules $FSBENCH_PLUGINS names and those of the `fsbench.plugins` entry-point
+    group (once per process)."""
     global _entry_points_loaded
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
     from importlib import metadata
 
+    named = tuple(m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip())
+    try:
+        import_plugins(named)
+    except FsbenchError as error:
+        _entry_points_loaded = False
+        raise FsbenchError(f"{PLUGIN_ENV}: {error}") from None
     for entry in metadata.entry_points(group=PLUGIN_GROUP):
         try:
             entry.load()

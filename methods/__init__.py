@@ -1,6 +1,6 @@
-"""Few-shot segmentation methods; `METHODS.get(name)(**kwargs)` builds one."""
+"""Few-shot segmentation methods; `METHODS.build(name, **kwargs)` builds one. Every module of this
+package registers its own (imported on the registry's first use)."""
 
-from fsbench.methods import bounds, canet, finetune, panet, sgone  # noqa: F401  (registration)
 from fsbench.methods.registry import METHODS
 
 __all__ = ["METHODS"]

@@ -26,22 +26,12 @@ class ConstantPrediction(FewShotMethod):
 
 
 @METHODS.register()
-def all_background():
+def all_background() -> ConstantPrediction:
     """Lower bound: no pixel is foreground (mIoU 0, FB-IoU ≈ background share / 2)."""
     return ConstantPrediction(0)
 
 
 @METHODS.register()
-def all_foreground():
+def all_foreground() -> ConstantPrediction:
     """Every pixel is the first episode class (the upper end of recall, the floor of precision)."""
     return ConstantPrediction(1)
-
-
-@METHODS.register()
-def test_all_background():
-    return all_background()
-
-
-@METHODS.register()
-def test_all_foreground():
-    return all_foreground()

@@ -296,12 +296,7 @@ class CANet(FewShotMethod):
 
 
 @METHODS.register()
-def canet(blocks=(3, 4, 6), **kwargs):
+def canet(blocks=(3, 4, 6), **kwargs) -> CANet:
     """CANet with a dilated ResNet-50 (ImageNet weights from a local torchvision file); keywords
     as `CANet`: channels, iterations, pretrained, freeze_backbone, dropout, init."""
     return CANet(tuple(blocks), **kwargs)
-
-
-@METHODS.register()
-def test_canet(**kwargs):
-    return canet(**{"blocks": (1, 1, 1), "channels": 16, "iterations": 2, **kwargs})

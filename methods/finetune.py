@@ -135,33 +135,18 @@ class Finetune(FewShotMethod):
 
 
 @METHODS.register()
-def linear_probe(width=1.0, pretrained=None, steps=100, lr=0.1):
+def linear_probe(width=1.0, pretrained=None, steps=100, lr=0.1) -> LinearProbe:
     """Linear classifier fitted on the support set of each episode (frozen VGG-16 encoder)."""
     return LinearProbe(width=width, pretrained=pretrained, steps=steps, lr=lr)
 
 
 @METHODS.register()
-def finetune_linear(width=1.0, pretrained=None, steps=100, lr=0.1):
+def finetune_linear(width=1.0, pretrained=None, steps=100, lr=0.1) -> LinearProbe:
     """The former name of linear_probe (kept so that finished results still rebuild)."""
     return linear_probe(width=width, pretrained=pretrained, steps=steps, lr=lr)
 
 
 @METHODS.register()
-def finetune(width=1.0, pretrained=None, steps=50, lr=0.01, momentum=0.9):
+def finetune(width=1.0, pretrained=None, steps=50, lr=0.01, momentum=0.9) -> Finetune:
     """OSLSM's fine-tuning baseline: trained on the base classes, fine-tuned on the supports."""
     return Finetune(width=width, pretrained=pretrained, steps=steps, lr=lr, momentum=momentum)
-
-
-@METHODS.register()
-def test_linear_probe(**kwargs):
-    return linear_probe(**{"width": 1 / 16, "steps": 5, **kwargs})
-
-
-@METHODS.register()
-def test_finetune(**kwargs):
-    return finetune(**{"width": 1 / 16, "steps": 5, **kwargs})
-
-
-@METHODS.register()
-def test_finetune_linear(**kwargs):
-    return test_linear_probe(**kwargs)

@@ -23,7 +23,7 @@ class PANet(FewShotMethod):
 
     cacheable_encoder = True
 
-    def __init__(self, alpha=20.0, par_weight=1.0, width=1.0, pretrained=None, trainable=True):
+    def __init__(self, alpha=20.0, par_weight=1.0, width=1.0, pretrained=None):
         super().__init__()
         if alpha <= 0 or par_weight < 0 or width <= 0:
             raise FsbenchError(
@@ -32,7 +32,6 @@ class PANet(FewShotMethod):
             )
         self.alpha = float(alpha)
         self.par_weight = float(par_weight)
-        self.trainable = trainable
         self.encoder = VGG16Encoder(width=width, pretrained=pretrained)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -170,37 +169,25 @@ class PANet(FewShotMethod):
         return loss
 
 
+class UntrainedPANet(PANet):
+    """PANet's prototypes and scores on the encoder as built: evaluated without training."""
+
+    trainable = False
+
+
 @METHODS.register()
-def panet(alpha=20.0, par_weight=1.0, width=1.0, pretrained=None):
+def panet(alpha=20.0, par_weight=1.0, width=1.0, pretrained=None) -> PANet:
     """PANet with prototype alignment regularisation (the paper's full model)."""
     return PANet(alpha=alpha, par_weight=par_weight, width=width, pretrained=pretrained)
 
 
 @METHODS.register()
-def panet_nopar(alpha=20.0, width=1.0, pretrained=None):
+def panet_nopar(alpha=20.0, width=1.0, pretrained=None) -> PANet:
     """PANet without PAR (the paper's ablation)."""
     return PANet(alpha=alpha, par_weight=0.0, width=width, pretrained=pretrained)
 
 
 @METHODS.register()
-def prototype_notrain(alpha=20.0, width=1.0, pretrained=None):
+def prototype_notrain(alpha=20.0, width=1.0, pretrained=None) -> UntrainedPANet:
     """PANet's test-time computation on an untrained (or ImageNet-only) encoder."""
-    return PANet(alpha=alpha, par_weight=0.0, width=width, pretrained=pretrained, trainable=False)
-
-
-TEST_WIDTH = 1 / 16
-
-
-@METHODS.register()
-def test_panet(**kwargs):
-    return panet(**{"width": TEST_WIDTH, **kwargs})
-
-
-@METHODS.register()
-def test_panet_nopar(**kwargs):
-    return panet_nopar(**{"width": TEST_WIDTH, **kwargs})
-
-
-@METHODS.register()
-def test_prototype_notrain(**kwargs):
-    return prototype_notrain(**{"width": TEST_WIDTH, **kwargs})
+    return UntrainedPANet(alpha=alpha, par_weight=0.0, width=width, pretrained=pretrained)

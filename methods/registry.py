@@ -1,5 +1,7 @@
-"""The method registry (builders of `FewShotMethod` modules)."""
+"""The method registry, typed by `FewShotMethod`: every module of fsbench.methods registers its
+own builders (a new bundled method is one new file)."""
 
 from fsbench.core import Registry
+from fsbench.methods.layers import FewShotMethod
 
-METHODS = Registry("method")
+METHODS = Registry("method", packages=("fsbench.methods",), base=FewShotMethod)

@@ -141,11 +141,6 @@ class SGOne(FewShotMethod):
 
 
 @METHODS.register()
-def sgone(width=1.0, pretrained=None, init="official"):
+def sgone(width=1.0, pretrained=None, init="official") -> SGOne:
     """SG-One with a VGG-16 backbone (ImageNet weights from a local torchvision file)."""
     return SGOne(width=width, pretrained=pretrained, init=init)
-
-
-@METHODS.register()
-def test_sgone(**kwargs):
-    return sgone(**{"width": 1 / 16, **kwargs})

@@ -6,8 +6,16 @@ import os
 
 import pytest
 
-from fsbench.datasets.pascal import Pascal5i
-from fsbench.datasets.synthetic import write_voc
+# The suite's small method variants (tests/small_methods.py) are a plugin: every process the tests
+# start (CLI subprocesses, Ray workers) inherits these two variables and registers them too.
+TESTS = os.path.dirname(os.path.abspath(__file__))
+os.environ["FSBENCH_PLUGINS"] = "small_methods"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [TESTS] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+)
+
+from fsbench.datasets.pascal import Pascal5i  # noqa: E402
+from fsbench.datasets.synthetic import write_voc  # noqa: E402
 
 TEST_IMAGES = 200
 TEST_SIZE = 64

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import parity_episode, seeded_state_dict
 
 from fsbench.core import FsbenchError
 from fsbench.methods import METHODS
-from helpers import parity_episode, seeded_state_dict
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "official_parity.json").read_text())
 TOLERANCE = 1e-4

@@ -1,6 +1,7 @@
 """A researcher's own method, from a module outside the package: on Ray (the default executor),
 through `--import`, and as an installed `fsbench.plugins` entry point."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -28,7 +29,7 @@ class Brightness(FewShotMethod):
 
 
 @fsbench.register_method()
-def brightness():
+def brightness() -> Brightness:
     """Query pixels brighter than the query's mean are foreground (a plugin example)."""
     return Brightness()
 '''
@@ -112,7 +113,7 @@ def test_installed_plugin_entry_point(tmp_path):
         [sys.executable, "-m", "fsbench.benchmarks.cli", "list"],
         capture_output=True,
         text=True,
-        env={**__import__("os").environ, "PYTHONPATH": str(site)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ["PYTHONPATH"]])},
     )
     assert listed.returncode == 0, listed.stderr
     line = next(x for x in listed.stdout.splitlines() if "brightness" in x)

@@ -1,0 +1,104 @@
+"""What every dataset is: the interface the engine reads, and the protocol switches a dataset owns.
+
+A dataset class subclasses `FewShotDataset` and is registered by a builder function whose return
+annotation names it (`@DATASETS.register() def my_set(data_root, **kw) -> MySet`), so the engine
+knows its class — which lineages can replay its test episodes, how a protocol applies to it —
+before opening any data. FSS-1000 (`datasets/fss.py`) is the worked example of a dataset added
+as one file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Episodes as (classes, supports per class, queries) tuples, and the lists they came from."""
+
+    episodes: tuple[tuple[tuple[int, ...], tuple[tuple[str, ...], ...], tuple[str, ...]], ...]
+    lists: str  # "official files (...)", "shipped (...)" or "built (...)"
+    lists_sha256: str  # of the per-class lists the draws index into
+
+
+class FewShotDataset(ABC):
+    """Images, per-class masks and class → image lists of one dataset root, split into folds.
+
+    Class ids run 1…num_classes; image ids are strings the dataset resolves to files. The
+    engine opens a dataset with `protocol=<name>` and calls only what is declared here.
+    """
+
+    name: str
+    num_classes: int
+    num_folds: int
+    class_names: tuple[str, ...]
+    # The layout family whose official test episodes datasets/replay.py knows ("pascal", "coco");
+    # "" for a dataset that owns its replay (`official_episodes`) or has none.
+    layout: str = ""
+    # The lineages (Protocol.official_sampler) whose test script draws episodes on this dataset.
+    replayed_by: frozenset[str] = frozenset()
+
+    @classmethod
+    def protocol_for(cls, protocol):
+        """The preset as it applies to this dataset (e.g. PFENet tests COCO at 641 px)."""
+        return protocol
+
+    @classmethod
+    def published_folds(cls, protocol, split_style: str | None = None):
+        """(class names, test classes per fold, a heading or "") when the benchmark fixes them,
+        so `fsbench list --dataset` needs no data; None when only the data can tell."""
+        return None
+
+    def official_episodes(self, protocol, fold, way, shot, n_episodes, seed, queries) -> Replay:
+        """A dataset whose official episodes datasets/replay.py does not know draws them here."""
+        raise NotImplementedError(type(self).__name__)
+
+    # -- folds and splits -------------------------------------------------------------------
+    @abstractmethod
+    def check_fold(self, fold: int) -> None:
+        """Raise a `DatasetError` naming the valid folds."""
+
+    @abstractmethod
+    def fold_classes(self, fold: int) -> list[int]:
+        """The test (novel) classes of a fold."""
+
+    @abstractmethod
+    def train_classes(self, fold: int) -> list[int]:
+        """The training (base) classes of a fold."""
+
+    @abstractmethod
+    def train_split(self, protocol) -> str:
+        """The split training episodes draw from under `protocol` (a `Protocol`)."""
+
+    @abstractmethod
+    def test_split(self, protocol) -> str:
+        """The split test episodes draw from under `protocol`."""
+
+    # -- lists --------------------------------------------------------------------------------
+    @abstractmethod
+    def list_ids(self, split: str) -> list[str]:
+        """Every image id of a split, in a fixed order."""
+
+    @abstractmethod
+    def class_images(self, split: str, class_id: int, min_pixels: int = 1) -> list[str]:
+        """The images of a split holding at least `min_pixels` of the class, in a fixed order."""
+
+    @abstractmethod
+    def fingerprint(self, split: str, min_pixels: int = 1) -> str:
+        """sha256 over everything the split's episodes are drawn from."""
+
+    # -- pixels -------------------------------------------------------------------------------
+    @abstractmethod
+    def load_image(self, image_id: str) -> np.ndarray:
+        """H×W×3 uint8 RGB."""
+
+    @abstractmethod
+    def load_masks(self, image_id: str, classes) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class boolean masks [len(classes), H, W] and the void mask [H, W]."""
+
+    @abstractmethod
+    def instance_masks(self, image_id: str, class_id: int) -> list[np.ndarray]:
+        """The class's objects as separate boolean masks (weak annotations are made from them)."""

@@ -1,0 +1,62 @@
+"""Test-only variants of the bundled methods: tiny widths and few steps, so the suite trains and
+evaluates in seconds. The package does not register them; tests/conftest.py names this module in
+$FSBENCH_PLUGINS, which every process imports (the test process, CLI subprocesses, Ray workers)."""
+
+from fsbench.methods.bounds import ConstantPrediction, all_background, all_foreground
+from fsbench.methods.canet import CANet, canet
+from fsbench.methods.finetune import Finetune, LinearProbe, finetune, linear_probe
+from fsbench.methods.panet import PANet, UntrainedPANet, panet, panet_nopar, prototype_notrain
+from fsbench.methods.registry import METHODS
+from fsbench.methods.sgone import SGOne, sgone
+
+TEST_WIDTH = 1 / 16
+
+
+@METHODS.register()
+def test_panet(**kwargs) -> PANet:
+    return panet(**{"width": TEST_WIDTH, **kwargs})
+
+
+@METHODS.register()
+def test_panet_nopar(**kwargs) -> PANet:
+    return panet_nopar(**{"width": TEST_WIDTH, **kwargs})
+
+
+@METHODS.register()
+def test_prototype_notrain(**kwargs) -> UntrainedPANet:
+    return prototype_notrain(**{"width": TEST_WIDTH, **kwargs})
+
+
+@METHODS.register()
+def test_sgone(**kwargs) -> SGOne:
+    return sgone(**{"width": TEST_WIDTH, **kwargs})
+
+
+@METHODS.register()
+def test_canet(**kwargs) -> CANet:
+    return canet(**{"blocks": (1, 1, 1), "channels": 16, "iterations": 2, **kwargs})
+
+
+@METHODS.register()
+def test_linear_probe(**kwargs) -> LinearProbe:
+    return linear_probe(**{"width": TEST_WIDTH, "steps": 5, **kwargs})
+
+
+@METHODS.register()
+def test_finetune(**kwargs) -> Finetune:
+    return finetune(**{"width": TEST_WIDTH, "steps": 5, **kwargs})
+
+
+@METHODS.register()
+def test_finetune_linear(**kwargs) -> LinearProbe:
+    return test_linear_probe(**kwargs)
+
+
+@METHODS.register()
+def test_all_background() -> ConstantPrediction:
+    return all_background()
+
+
+@METHODS.register()
+def test_all_foreground() -> ConstantPrediction:
+    return all_foreground()
