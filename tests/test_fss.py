@@ -59,3 +59,36 @@ def test_list_names_hsnet_test_classes_without_data(capsys):
     assert main(["list", "--dataset", "fss1000"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("fold 0: 761 ") and out[0].count(",") == 239
+
+
+def test_a_dataset_class_owns_its_protocol_switches(tmp_path):
+    """How a protocol applies to a dataset is the dataset class's, read without opening data;
+    a plugin dataset that declares nothing keeps the preset and uses fsbench's sampler."""
+    from fsbench.core import FsbenchError
+    from fsbench.datasets.base import FewShotDataset
+    from fsbench.datasets.protocols import check_sampler, get_protocol, resolve
+    from fsbench.datasets.registry import DATASETS
+
+    assert resolve("hsnet", "synthetic_fss1000").episodes == 2400
+    assert resolve("panet", "fss1000").episodes == 1000
+    assert resolve("pfenet", "coco20i").input_size == 641
+    assert resolve("pfenet", "coco20i").episodes == 20001
+    assert resolve("pfenet", "pascal5i").input_size == 473
+    panet = get_protocol("panet")
+    assert check_sampler(None, panet, "fss1000") == "fsbench"
+    assert check_sampler(None, get_protocol("hsnet"), "fss1000") == "official"
+    with pytest.raises(FsbenchError, match="no official test script to replay on fss1000"):
+        check_sampler("official", panet, "fss1000")
+
+    class Plain(FewShotDataset):  # abstract methods: never opened here
+        name = "plain"
+
+    @DATASETS.register("plain_plugin")
+    def plain_plugin(data_root=None, **kwargs) -> Plain:
+        raise AssertionError("not opened")
+
+    try:
+        assert resolve("pfenet", "plain_plugin") == get_protocol("pfenet")
+        assert check_sampler(None, panet, "plain_plugin") == "fsbench"
+    finally:
+        DATASETS._builders.pop("plain_plugin")
