@@ -30,17 +30,18 @@ class RunOptions:
 def execute(grid, results_root: Path, options: RunOptions):
     """Plan, run and record `grid` (a GridSpec) under `results_root`, holding the grid's lock;
     returns (driver, tracker, store)."""
-    from fsbench.benchmarks import runner
+    from fsbench.benchmarks.executors import RayExecutor, SerialExecutor
     from fsbench.benchmarks.results import GridLock, ResultStore
+    from fsbench.benchmarks.runner import run_grid
 
     store = ResultStore(results_root, grid.name)
     with GridLock(store, f"fsbench run {grid.name}"):
         if options.serial:
-            executor = runner.SerialExecutor(
+            executor = SerialExecutor(
                 grid.device, options.threads, grid.cache_bytes, grid.eval_batch_size
             )
         else:
-            executor = runner.RayExecutor(
+            executor = RayExecutor(
                 options.ray_address,
                 options.num_cpus,
                 grid.device,
@@ -58,9 +59,7 @@ def execute(grid, results_root: Path, options: RunOptions):
 
                 uri = options.tracking_uri or default_tracking_uri(store.root)
                 tracker = Tracker(uri, store.root, grid.name, asynchronous=True)
-            driver = runner.run_grid(
-                grid, store, executor, tracker, options.rerun, options.progress
-            )
+            driver = run_grid(grid, store, executor, tracker, options.rerun, options.progress)
         finally:
             if hasattr(executor, "stop"):
                 executor.stop()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fsbench.benchmarks.figures import qualitative_figure
+from fsbench.benchmarks.report.figures import qualitative_figure
 from fsbench.benchmarks.results import ResultStore
 from fsbench.benchmarks.tasks import build_model, open_dataset
 from fsbench.core import FsbenchError, import_plugins

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from fsbench.benchmarks.metrics import METRICS, EpisodeCounts
+from fsbench.benchmarks.panels import class_names, qualitative_strip
 from fsbench.core import FsbenchError
 
 CELL_TAG = "fsbench.cell_id"
@@ -379,8 +380,6 @@ class Tracker:
         # a --rerun) must not count: they go to MLflow's deleted runs, and the file is logged anew.
         for stale in previous:
             client.delete_run(stale.info.run_id)
-        from fsbench.benchmarks.figures import class_names
-
         config = result["config"]
         environment = result["environment"]
         timings = result["timings"]
@@ -528,8 +527,6 @@ def _param(key, value):
 
 def _qualitative(result: dict, store, folder: Path):
     try:
-        from fsbench.benchmarks.figures import qualitative_strip
-
         return qualitative_strip(result, store, folder / "qualitative.png", max_episodes=2)
     except Exception as error:  # noqa: BLE001 - a figure must never stop the logging
         print(f"fsbench: qualitative figure skipped ({error})", file=sys.stderr)

@@ -38,6 +38,7 @@ class Fss1000(FewShotDataset):
     name = "fss1000"
     num_classes = 1000
     num_folds = 1
+    class_names = tuple(n for s in SPLITS for n in split_classes()[s])  # HSNet's class ids
     replayed_by = frozenset({"hsnet"})  # HSNet's test.py; PANet and PFENet never tested on it
 
     @classmethod
@@ -49,8 +50,7 @@ class Fss1000(FewShotDataset):
 
     @classmethod
     def published_folds(cls, protocol, split_style=None):
-        splits = split_classes()  # HSNet's: the 240 test classes are ids 761…1000
-        return [n for s in SPLITS for n in splits[s]], [list(range(761, 1001))], ""
+        return cls.class_names, [list(range(761, 1001))], ""  # HSNet's 240 test classes
 
     def official_episodes(self, protocol, fold, way, shot, n_episodes, seed, queries) -> Replay:
         self.check_fold(fold)
@@ -65,10 +65,12 @@ class Fss1000(FewShotDataset):
             raise DatasetError(f"{root}: dataset folder does not exist; {EXPECTED_LAYOUT}")
         self.root = (root / "FSS-1000" if (root / "FSS-1000").is_dir() else root).resolve()
         self.splits = split_classes()
-        names = [n for s in SPLITS for n in self.splits[s]]
-        self.class_names = tuple(names)
-        self._ids = {n: i for i, n in enumerate(names, start=1)}
-        present = {n for n in names if (self.root / check_file_name(n, "HSNet's split")).is_dir()}
+        self._ids = {n: i for i, n in enumerate(self.class_names, start=1)}
+        present = {
+            n
+            for n in self.class_names
+            if (self.root / check_file_name(n, "HSNet's split")).is_dir()
+        }
         if not present:
             raise DatasetError(f"{self.root}: no class folder of FSS-1000; {EXPECTED_LAYOUT}")
         self._present = present

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fsbench.benchmarks.cells import row_label, train_seed
 from fsbench.benchmarks.metrics import (
     EpisodeCounts,
     _boot_stat,
     _resample_weights,
     bootstrap_ci,
 )
+from fsbench.benchmarks.report.frame import row_label, train_seed
 
 
 def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFrame:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from fsbench.benchmarks.cells import _nanmean, _rows_in_grid_order, row_label, seed_frame
 from fsbench.benchmarks.metrics import get_metric
-from fsbench.core import FsbenchError
-from fsbench.datasets.protocols import record_protocol
+from fsbench.benchmarks.panels import class_names, qualitative_rows
+from fsbench.benchmarks.report.frame import _nanmean, _rows_in_grid_order, row_label, seed_frame
 
 
 def _style():
@@ -161,17 +158,6 @@ def training_curves(cells, out_dir, name="training_curves"):
     return _save(fig, out_dir, name)
 
 
-def class_names(dataset: str) -> dict[int, str]:
-    """Class id → name for the bundled datasets (ids otherwise)."""
-    if "coco" in dataset:
-        from fsbench.datasets.coco import COCO_CLASSES as names
-    elif "pascal" in dataset:
-        from fsbench.datasets.pascal import VOC_CLASSES as names
-    else:
-        return {}
-    return dict(enumerate(names, start=1))
-
-
 def per_class_figure(cells, out_dir, name="per_class_iou"):
     """Per-class IoU (mean over episode seeds) of every row, one panel per shot, classes named."""
     plt = _style()
@@ -256,73 +242,9 @@ def alpha_figure(frame, out_dir, name="miou_vs_alpha"):
     return _save(fig, out_dir, name)
 
 
-def _input_view(dataset, image_id, classes, size, resize):
-    """An image and its first class's mask in the network's input frame (EpisodeLoader's
-    geometry, padding black), so predictions line up."""
-    from PIL import Image
-
-    from fsbench.datasets.resize import fit
-
-    mask = dataset.load_masks(image_id, classes)[0][0].astype(np.uint8)
-    pixels = fit(dataset.load_image(image_id), size, resize, Image.BILINEAR, 0)
-    return pixels, fit(mask, size, resize, Image.NEAREST, 0) > 0
-
-
-_OPENED: dict = {}  # datasets opened for figures, by config
-
-
-def _qualitative_rows(result: dict, store, max_episodes: int):
-    """[(spec, [(image, mask, title) × 3])] for the cell's saved episodes: support + mask,
-    query + prediction, query + ground truth (None when the dataset cannot be opened)."""
-    from fsbench.datasets.registry import DATASETS
-    from fsbench.datasets.synthetic import existing_only
-
-    kept = result.get("qualitative") or []
-    if not kept:
-        return None
-    config = result["config"]
-    key = json.dumps([config["dataset"], config["protocol"]], sort_keys=True)
-    try:
-        if key not in _OPENED:  # one dataset object per process (logging draws one per cell)
-            with existing_only():  # a report reads results: it never generates a dataset
-                _OPENED[key] = DATASETS.build(
-                    config["dataset"]["name"],
-                    protocol=config["protocol"],
-                    **{k: v for k, v in config["dataset"].items() if k != "name"},
-                )
-        dataset = _OPENED[key]
-    except FsbenchError as error:
-        print(f"fsbench: report: qualitative figure skipped ({error})", file=sys.stderr)
-        return None
-    seed = next(s for s in result["seeds"] if s["seed"] == kept[0]["seed"])
-    manifest = json.loads(
-        (Path(store.manifests_dir) / f"{seed['manifest_fingerprint'][:16]}.json").read_text()
-    )
-    size = config["input_size"]
-    resize = record_protocol(result).resize
-    rows = []
-    for item in kept[:max_episodes]:
-        spec = manifest["episodes"][item["episode"]]
-        support_id, query_id = spec["support"][0][0], spec["query"][0]
-        support, support_label = _input_view(dataset, support_id, spec["classes"], size, resize)
-        query, query_label = _input_view(dataset, query_id, spec["classes"], size, resize)
-        prediction = np.asarray(item["prediction"])
-        rows.append(
-            (
-                spec,
-                [
-                    (support, support_label, "support + mask"),
-                    (query, prediction == 1, "query + prediction"),
-                    (query, query_label, "query + ground truth"),
-                ],
-            )
-        )
-    return rows
-
-
 def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
     """Support (with mask) | query with prediction | query with ground truth, for saved episodes."""
-    rows = _qualitative_rows(result, store, max_episodes)
+    rows = qualitative_rows(result, store, max_episodes)
     if not rows:
         return None
     plt = _style()
@@ -341,26 +263,3 @@ def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def qualitative_strip(result: dict, store, path: Path, max_episodes: int = 2):
-    """The same panels as `qualitative_figure` as one PNG composed with numpy (milliseconds,
-    not matplotlib's ~0.8 s): a row per episode, support | prediction | ground truth, the mask
-    tinted white over a darkened image."""
-    from PIL import Image
-
-    rows = _qualitative_rows(result, store, max_episodes)
-    if not rows:
-        return None
-    strips = []
-    for _, panels in rows:
-        tiles = []
-        for image, mask, _ in panels:
-            tile = np.asarray(image, dtype=np.float32) * 0.55
-            tile[mask] = 0.45 * np.asarray(image, dtype=np.float32)[mask] + 0.55 * 255
-            tiles.append(tile.astype(np.uint8))
-            tiles.append(np.full((tile.shape[0], 4, 3), 255, np.uint8))
-        strips.append(np.concatenate(tiles[:-1], axis=1))
-        strips.append(np.full((4, strips[-1].shape[1], 3), 255, np.uint8))
-    Image.fromarray(np.concatenate(strips[:-1], axis=0)).save(path)
-    return Path(path)

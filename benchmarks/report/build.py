@@ -1,0 +1,198 @@
+"""The `report` command: the tables (tables.py), statistics (statistics.py) and figures
+(figures.py) of a grid's valid, current cells (frame.py) under `<grid>/report/`; and the notebook
+API over the same frame."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fsbench.benchmarks.metrics import METRICS
+from fsbench.benchmarks.report.figures import (
+    alpha_figure,
+    grouped_bars,
+    per_class_figure,
+    qualitative_figure,
+    training_curves,
+)
+from fsbench.benchmarks.report.frame import (
+    _rows_in_grid_order,
+    current_cells,
+    load_cells,
+    row_label,
+    seed_frame,
+)
+from fsbench.benchmarks.report.statistics import statistics, statistics_markdown
+from fsbench.benchmarks.report.tables import (
+    footnote,
+    paper_table,
+    reported_rows,
+    to_csv_frame,
+    to_latex,
+    to_markdown,
+)
+from fsbench.core import FsbenchError
+
+
+# -- the report command ----------------------------------------------------------------------
+def grid_plan(grid_dir: Path) -> dict:
+    """The grid's last run's plan.json (cells, compare pairs); {} when absent or damaged."""
+    try:
+        plan = json.loads((Path(grid_dir) / "plan.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return plan if isinstance(plan, dict) else {}
+
+
+def missing_cells(grid_dir: Path, present: set[str]) -> list[str]:
+    """Titles (and ids) of the cells of the grid's last run (its plan.json) lacking a result."""
+    try:
+        plan = json.loads((Path(grid_dir) / "plan.json").read_text())
+        return [f"{c['title']} ({c['id']})" for c in plan["cells"] if c["id"] not in present]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no plan written (older results): nothing to compare with
+
+
+def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
+    """Write tables, statistics and figures under `<grid_dir>/report/`; returns their paths."""
+    grid_dir = Path(grid_dir)
+    rejected: dict[str, str] = {}
+    cells, superseded = current_cells(load_cells(grid_dir, rejected))
+    for name, problem in rejected.items():
+        print(f"fsbench: report: left out cells/{name}: {problem}", file=sys.stderr)
+    missing = missing_cells(grid_dir, {c["cell_id"] for c in cells})
+    if missing:
+        print(
+            f"fsbench: report: {len(missing)} cells of the grid have no valid result: "
+            + ", ".join(missing[:10])
+            + (" …" if len(missing) > 10 else ""),
+            file=sys.stderr,
+        )
+    if not cells:
+        raise FsbenchError(f"{grid_dir}: no finished cells to report (run the grid first)")
+    out = grid_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    frame = seed_frame(cells)
+    note = footnote(frame)
+    if superseded:
+        note += (
+            f" {len(superseded)} older cells with the same rows and settings were left out "
+            f"(superseded: {', '.join(sorted(c['cell_id'] for c in superseded))})."
+        )
+    written: dict[str, list] = {"tables": [], "figures": []}
+    displays = frame.groupby("row")["display"].first().to_dict()
+    if rejected:
+        written["rejected"] = [f"cells/{n}: {p}" for n, p in rejected.items()]
+    if missing:
+        written["missing"] = missing
+    for metric in METRICS.values():  # one table per registered metric, in registration order
+        label, name = metric.name, metric.label
+        table = paper_table(frame, label)
+        text_note = note.replace("mIoU %", f"{name} %")
+        reported = reported_rows(frame, label, list(table["mean"].columns))
+        (out / f"table_{label}.md").write_text(to_markdown(table, text_note, reported))
+        (out / f"table_{label}.tex").write_text(
+            to_latex(
+                table,
+                text_note,
+                caption=f"{name} (%) on {grid_dir.name}: folds are means over episode seeds, "
+                "Mean is mean ± std over episode seeds of the fold mean.",
+                reported=reported,
+                label=f"tab:{grid_dir.name}-{label}",
+                display=displays,
+            )
+        )
+        to_csv_frame(table).to_csv(out / f"table_{label}.csv")
+        written["tables"] += [out / f"table_{label}.{s}" for s in ("md", "tex", "csv")]
+    class_table = pd.DataFrame(
+        {
+            (row_label(c["config"]), c["config"]["shot"], c["config"]["fold"]): {
+                int(k): np.nan if v is None else 100 * v
+                for k, v in c["summary"]["class_iou_mean"].items()
+            }
+            for c in cells
+        }
+    ).T.sort_index()
+    class_table = class_table[sorted(class_table.columns)]
+    class_table.index.names = ["method", "shot", "fold"]
+    class_table.columns.name = "class"
+    class_table.to_csv(out / "table_class_iou.csv", float_format="%.2f")
+    written["tables"].append(out / "table_class_iou.csv")
+    stats = statistics(cells, n_boot, grid_plan(grid_dir).get("compare", ()))
+    stats.to_csv(out / "statistics.csv", index=False, float_format="%.3f")
+    (out / "statistics.md").write_text(statistics_markdown(stats))
+    written["tables"] += [out / "statistics.csv", out / "statistics.md"]
+    rows = _rows_in_grid_order(frame)
+    methods = frame.groupby("row")["method"].first().str.removeprefix("test_")
+    with_par = [r for r in rows if methods[r] == "panet"]
+    without_par = [r for r in rows if methods[r] == "panet_nopar"]
+    if with_par and without_par:  # the ablation exists in this grid
+        written["figures"] += grouped_bars(
+            frame,
+            out,
+            "par_per_fold",
+            with_par + without_par,
+            "PAR on vs off, per fold (mean ± std over episode seeds)",
+        )
+    else:
+        written["figures"] += grouped_bars(
+            frame, out, "miou_per_fold", rows, "mIoU per fold (mean ± std over episode seeds)"
+        )
+    written["figures"] += grouped_bars(
+        frame,
+        out,
+        "shots",
+        rows,
+        "1-shot vs 5-shot (mean ± std over folds and episode seeds)",
+        group="shot",
+        panel=None,
+    )
+    written["figures"] += per_class_figure(cells, out)
+    written["figures"] += training_curves(cells, out)
+    written["figures"] += alpha_figure(frame, out)
+    from fsbench.benchmarks.results import ResultStore
+
+    store = ResultStore(grid_dir.parent, grid_dir.name)
+    headline = next(iter(METRICS.values()))  # the first registered metric: mIoU
+    sign = 1 if headline.higher_is_better else -1
+    best = max(
+        (c for c in cells if c.get("qualitative")),
+        key=lambda c: sign * c["summary"][f"{headline.name}_mean"],
+        default=None,
+    )
+    if best is not None:
+        figure = qualitative_figure(best, store, out / "qualitative.png", max_episodes=3)
+        if figure is not None:
+            written["figures"].append(figure)
+    return written
+
+
+# -- notebook API ----------------------------------------------------------------------------
+def grid_folder(grid: str | Path = "quickstart", results: str | Path | None = None) -> Path:
+    folder = Path(grid)
+    if folder.is_dir():
+        return folder
+    from fsbench.benchmarks.results import default_results_root
+
+    folder = (Path(results) if results else default_results_root()) / str(grid)
+    if not folder.is_dir():
+        raise FsbenchError(f"{folder}: no results for grid {grid!r} (run it first)")
+    return folder
+
+
+def results_frame(
+    grid: str | Path = "quickstart", results: str | Path | None = None
+) -> pd.DataFrame:
+    """One row per (cell, seed) of a grid's current results (superseded cells left out)."""
+    return seed_frame(current_cells(load_cells(grid_folder(grid, results)))[0])
+
+
+def results_table(
+    grid: str | Path = "quickstart", metric: str = "miou", results: str | Path | None = None
+) -> pd.DataFrame:
+    """The paper-layout table (columns `mean` and `std` × (shot, fold)) as a DataFrame."""
+    return paper_table(results_frame(grid, results), metric)
