@@ -5,7 +5,6 @@ pushes every cell that has no finished child run yet (so nothing is logged twice
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import queue
@@ -15,81 +14,25 @@ import threading
 import time
 from pathlib import Path
 
-from fsbench.benchmarks.metrics import METRICS, EpisodeCounts
-from fsbench.benchmarks.panels import class_names, qualitative_strip
+from fsbench.benchmarks.cell_run import (  # noqa: F401 (names older callers import from here)
+    CELL_TAG,
+    KIND_TAG,
+    RECORD_TAG,
+    cell_metrics,
+    cell_tags,
+    curve_points,
+    default_tracking_uri,
+    episode_rows,
+    flatten,
+    manifest_datasets,
+    record_digest,
+    redacted,
+)
+from fsbench.benchmarks.panels import qualitative_strip
 from fsbench.core import FsbenchError
-
-CELL_TAG = "fsbench.cell_id"
-KIND_TAG = "fsbench.kind"
-# The digest of the cell record a run was logged from: a rerun's new file replaces the run.
-RECORD_TAG = "fsbench.record"
-
-
-def record_digest(result: dict) -> str:
-    """Identity of one cell record (a rerun's differs: new times, even in the same second)."""
-    return hashlib.sha256(json.dumps(result, sort_keys=True).encode()).hexdigest()[:16]
-
 
 RESULTS_TAG = "fsbench.results"  # the results folder an invocation wrote
 LIVE_INTERVAL_SECONDS = 5.0  # a training curve reaches MLflow at least this often
-
-
-def redacted(uri: str) -> str:
-    """`uri` with any password replaced by ***, for messages (user:PASS@host → user:***@host)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-
-
-def default_tracking_uri(results_root: Path) -> str:
-    return (
-        os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{Path(results_root).resolve()}/mlflow.db"
-    )
-
-
-def flatten(prefix: str, value, out: dict) -> dict:
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
-    else:
-        out[prefix] = value
-    return out
-
-
-def episode_rows(result: dict, manifests_dir: Path) -> list[dict]:
-    """Per-episode rows (classes, query ids, TP/FP/FN and IoU per episode class) for every seed."""
-    rows = []
-    for seed in result["seeds"]:
-        counts = seed["counts"]
-        manifest_file = manifests_dir / f"{seed['manifest_fingerprint'][:16]}.json"
-        try:
-            episodes = json.loads(manifest_file.read_text())["episodes"]
-        except (OSError, ValueError, KeyError, TypeError):
-            episodes = []  # missing or damaged (the next `run` rewrites it): rows without ids
-        for index, per_class in enumerate(EpisodeCounts.from_json(counts).per_class.tolist()):
-            spec = episodes[index] if index < len(episodes) else {}
-            for class_id, (tp, fp, fn) in zip(counts["classes"], per_class):
-                if tp + fp + fn == 0:
-                    continue
-                rows.append(
-                    {
-                        "seed": seed["seed"],
-                        "episode": index,
-                        "class": class_id,
-                        "query": " ".join(spec.get("query", [])),
-                        "support": " ".join(sum(spec.get("support", []), [])),
-                        "tp": tp,
-                        "fp": fp,
-                        "fn": fn,
-                        "iou": tp / (tp + fp + fn),
-                    }
-                )
-    return rows
 
 
 class Tracker:
@@ -381,67 +324,20 @@ class Tracker:
         for stale in previous:
             client.delete_run(stale.info.run_id)
         config = result["config"]
-        environment = result["environment"]
         timings = result["timings"]
         now = time.time()
         start_ms = int(1000 * timings.get("started_at", now))
         end_ms = int(1000 * timings.get("ended_at", now))
-        tags = {
-            KIND_TAG: "cell",
-            CELL_TAG: cell_id,
-            "method": config["method"],
-            "row": config["row"],
-            "dataset": config["dataset"]["name"],
-            "fold": str(config["fold"]),
-            "way": str(config["way"]),
-            "shot": str(config["shot"]),
-            "protocol": config["protocol"],
-            "git_sha": environment["git_sha"],
-            "device": environment["device"],
-            "manifest_fingerprints": ",".join(
-                s["manifest_fingerprint"][:16] for s in result["seeds"]
-            ),
-            RECORD_TAG: digest,
-            "fsbench.finished_at": result.get("finished_at", ""),
-            # MLflow's own source fields (the UI's "Source" and git commit columns)
-            "mlflow.source.type": "LOCAL",
-            "mlflow.source.name": "fsbench",
-            "mlflow.source.git.commit": environment["git_sha"],
-            "fsbench.git_dirty": str(environment.get("git_dirty")),
-        }
+        tags = cell_tags(result, digest)
         tags["mlflow.parentRunId"] = self._parent()
         run = client.create_run(
             self.experiment_id, start_time=start_ms, run_name=result["title"], tags=tags
         )
         run_id = run.info.run_id
         params = [_param(k, v) for k, v in sorted(flatten("", config, {}).items())]
-        summary = result["summary"]
-        # Grouped for the UI: the headline numbers first, then iou/…, seed/…, train/…, eval/….
-        metrics = {}
-        for name in (m for m in METRICS if f"{m}_mean" in summary):
-            metrics[name], metrics[f"{name}_std"] = summary[f"{name}_mean"], summary[f"{name}_std"]
-        metrics |= {
-            "time/train_seconds": timings["train_seconds"],
-            "time/eval_seconds": timings["eval_seconds"],
-        }
-        for key in ("encoded_images", "distinct_images"):  # older cells lack them
-            if key in timings:
-                metrics[f"eval/{key}"] = timings[key]
-        for seed in result["seeds"]:
-            for name in (m for m in METRICS if m in seed):
-                metrics[f"seed/{seed['seed']}/{name}"] = seed[name]
-        names = class_names(config["dataset"]["name"])
-        for class_id, value in summary["class_iou_mean"].items():
-            if value is not None:  # None: the class never occurred
-                metrics[f"iou/{names.get(int(class_id), class_id)}"] = value
+        metrics = cell_metrics(result)
         entries = [Metric(k, float(v), end_ms, 0) for k, v in metrics.items()]
-        train = result.get("train") or {}
-        times = train.get("curve_times") or []
-        for index, point in enumerate(train.get("curve", [])):
-            stamp = times[index] if index < len(times) else end_ms
-            for name, value in point.items():
-                if name != "step":
-                    entries.append(Metric(f"train/{name}", float(value), stamp, point["step"]))
+        entries += [Metric(*point) for point in curve_points(result, end_ms)]
         for start in range(0, max(len(entries), len(params)), 500):
             client.log_batch(
                 run_id,
@@ -498,24 +394,10 @@ def _manifest_inputs(result: dict, store) -> list:
     """Each seed's episode manifest as an MLflow dataset input (name, fingerprint, source)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    config = result["config"]
-    inputs = []
-    for seed in result["seeds"]:
-        fingerprint = seed["manifest_fingerprint"]
-        path = Path(store.manifests_dir) / f"{fingerprint[:16]}.json"
-        profile = {"episodes": seed["episodes"], "seed": seed["seed"], "fold": config["fold"]}
-        dataset = Dataset(
-            name=(
-                f"{config['dataset']['name']} fold{config['fold']} {config['way']}w"
-                f"{config['shot']}s seed {seed['seed']} ({config['protocol']})"
-            ),
-            digest=fingerprint[:16],
-            source_type="local",
-            source=path.as_uri(),
-            profile=json.dumps(profile),
-        )
-        inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", "evaluation")]))
-    return inputs
+    return [
+        DatasetInput(Dataset(**fields), [InputTag("mlflow.data.context", "evaluation")])
+        for fields in manifest_datasets(result, store.manifests_dir)
+    ]
 
 
 def _param(key, value):
