@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from fsbench.benchmarks.metrics import METRICS, EpisodeCounts
 from fsbench.benchmarks.panels import class_names
@@ -25,8 +26,6 @@ def record_digest(result: dict) -> str:
 
 def redacted(uri: str) -> str:
     """`uri` with any password replaced by ***, for messages (user:PASS@host → user:***@host)."""
-    from urllib.parse import urlsplit, urlunsplit
-
     parts = urlsplit(uri)
     if parts.password is None:
         return uri

@@ -9,10 +9,13 @@ import inspect
 import itertools
 from dataclasses import dataclass, field
 
+import torch
+
 from fsbench.benchmarks.method_entries import MethodSpec
 from fsbench.benchmarks.train import TrainConfig
 from fsbench.core import FsbenchError, canonical_sha256
 from fsbench.datasets.protocols import Protocol, check_sampler, resolve
+from fsbench.methods import METHODS
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,6 @@ class GridSpec:
 
     def expand(self) -> list[Cell]:
         """Every cell of the grid, in a fixed order (method, fold, way, shot, annotation)."""
-        from fsbench.methods import METHODS
-
         name = self.dataset["name"]
         protocol = resolve(self.protocol, name)
         sampler = check_sampler(self.sampler, protocol, name)
@@ -164,8 +165,6 @@ def _is_trainable(registry, method: MethodSpec) -> bool:
     """Read off the class the builder declares (no model is built, no weight file read); its
     keywords are checked against the builder's signature. A builder that declares no class is
     built once (RNG state untouched) to ask it."""
-    import torch
-
     builder, declared = registry.get(method.name), registry.provides(method.name)
     try:
         if declared is not None:

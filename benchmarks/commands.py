@@ -4,6 +4,7 @@ mistake is an `FsbenchError`, which cli.py prints as one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from fsbench.core import FsbenchError
 
@@ -142,10 +145,6 @@ def _dry_run(grid, store, args) -> int:
 
 def cmd_config(args) -> int:
     """The grid as fsbench resolved it (YAML), then its cells."""
-    import dataclasses
-
-    import yaml
-
     from fsbench.benchmarks.grid import load_grid
 
     grid = load_grid(args.grid, args.overrides, smoke=args.smoke, imports=args.imports or ())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fsbench.benchmarks.train import TrainConfig
 from fsbench.core import FsbenchError
+from fsbench.methods import METHODS
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,6 @@ def _checkpoint(entry: dict) -> tuple:
 
 
 def _methods(raw_methods) -> tuple[MethodSpec, ...]:
-    from fsbench.methods import METHODS
-
     if not raw_methods:
         raise FsbenchError("methods: the grid lists no method")
     specs = []

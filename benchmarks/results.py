@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import hashlib
 import io
 import json
 import os
 import platform
+import socket
 import subprocess
 import warnings
 from functools import lru_cache
@@ -57,7 +60,6 @@ def environment() -> dict:
 
 
 def file_sha256(path: Path) -> str:
-    import hashlib
 
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -227,9 +229,6 @@ class GridLock:
         self.store, self.what, self._fd = store, what, None
 
     def __enter__(self):
-        import fcntl
-        import socket
-
         try:
             self.store.grid_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -27,6 +27,7 @@ from fsbench.core import FsbenchError, import_plugins
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import Protocol
 from fsbench.datasets.registry import DATASETS
+from fsbench.methods import METHODS
 
 
 def resolve_device(requested: str) -> str:
@@ -54,8 +55,6 @@ def load_plugins(config: dict) -> None:
 
 def build_model(config: dict):
     """The cell's model, initialised from its seed (untrained methods: seed 0)."""
-    from fsbench.methods import METHODS
-
     load_plugins(config)
     torch.manual_seed((config.get("train") or {}).get("seed", 0))
     model = METHODS.build(config["method"], **config["method_kwargs"])

@@ -21,30 +21,31 @@ import multiprocessing
 import resource
 import time
 
+from fsbench.benchmarks.evaluate import FeatureCache, distinct_images, evaluate, evaluate_prototypes
+from fsbench.benchmarks.tasks import available_cores, device_label, resolve_device
+from fsbench.benchmarks.train import TrainConfig, train
+from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
+from fsbench.datasets.pascal import Pascal5i
+from fsbench.datasets.protocols import get_protocol
+from fsbench.datasets.synthetic import ensure_synthetic_voc
+from fsbench.methods import METHODS
+
 # One fold's test pool ≈ a third of the generated images (see datasets/synthetic.py's classes).
 IMAGES_PER_POOL_IMAGE = 3.05
 
 
 def _dataset(pool: int, image_size: int):
-    from fsbench.datasets.pascal import Pascal5i
-    from fsbench.datasets.synthetic import ensure_synthetic_voc
-
     return Pascal5i(ensure_synthetic_voc(round(pool * IMAGES_PER_POOL_IMAGE), image_size))
 
 
 def _model(width: float, seed: int = 0):
     import torch
 
-    from fsbench.methods import METHODS
-
     torch.manual_seed(seed)
     return METHODS.get("panet")(width=width).eval()
 
 
 def _manifests(dataset, shot: int, episodes: int, seeds):
-    from fsbench.datasets.episodes import EpisodeManifest
-    from fsbench.datasets.protocols import get_protocol
-
     protocol = get_protocol("panet")
     return [
         EpisodeManifest.build(dataset, protocol, 0, 1, shot, episodes, s) for s in seeds
@@ -54,9 +55,6 @@ def _manifests(dataset, shot: int, episodes: int, seeds):
 def _evaluate_all(args_tuple):
     """In a fresh process: plan, encode and score every seed's manifest; report peak RSS."""
     import torch
-
-    from fsbench.benchmarks.evaluate import FeatureCache, distinct_images, evaluate_prototypes
-    from fsbench.datasets.episodes import EpisodeLoader
 
     pool, image_size, width, size, shot, episodes, seeds, device, cache_bytes, threads = args_tuple
     torch.set_num_threads(threads)
@@ -90,9 +88,6 @@ def _evaluate_all(args_tuple):
 
 def _per_episode_seconds(dataset, manifest, protocol, model, size, device, count):
     """An official-style loop: load the episode's images, run model(episode), score it."""
-    from fsbench.benchmarks.evaluate import evaluate
-    from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
-
     subset = EpisodeManifest(manifest.spec, manifest.episodes[:count])
     loader = EpisodeLoader(dataset, size, resize=protocol.resize)
     evaluate(model, loader, EpisodeManifest(subset.spec, subset.episodes[:1]), protocol, device)
@@ -119,9 +114,6 @@ def _encoder_images_per_second(model, size, device, batch=16, repeats=2):
 def _train_steps_per_second(dataset, width, size, device, workers, steps):
     import torch
 
-    from fsbench.benchmarks.train import TrainConfig, train
-    from fsbench.datasets.protocols import get_protocol
-
     cfg = TrainConfig(steps=steps, lr_milestones=(steps + 1,), log_every=steps)
     torch.manual_seed(0)
     model = _model(width).train()
@@ -132,8 +124,6 @@ def _train_steps_per_second(dataset, width, size, device, workers, steps):
 
 def main(argv=None) -> None:
     import torch
-
-    from fsbench.benchmarks.tasks import available_cores, device_label, resolve_device
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pool", type=int, default=2500, help="fold-0 test images (≈)")
@@ -177,8 +167,6 @@ def main(argv=None) -> None:
         )
         print(f"  official-style loop: {official} encodings, {1 / per_episode:.2f} episodes/s")
         if args.skip_full:
-            from fsbench.benchmarks.evaluate import distinct_images
-
             print(f"  fsbench plan: {len(distinct_images(manifests))} encodings (not run)")
             continue
         with context.Pool(1) as workers:

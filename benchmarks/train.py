@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fsbench.benchmarks.metrics import SegmentationMeter
 from fsbench.core import FsbenchError, atomic_write_bytes, seeded_rng
 from fsbench.datasets.episodes import EpisodeLoader, sample_episode
 
@@ -372,7 +373,6 @@ def train(
 @torch.no_grad()
 def validate(model, loader, dataset, protocol, val_classes, way, shot, cfg, device) -> float:
     """mIoU on a fixed episode list of the held-out training classes."""
-    from fsbench.benchmarks.metrics import SegmentationMeter
 
     model.eval()
     rng = seeded_rng("validation-episodes", cfg.seed, val_classes, way, shot)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 
@@ -63,8 +64,6 @@ class RayWatchdog:
     GRACE_SECONDS = 3.0
 
     def __init__(self, ray):
-        import subprocess
-
         self.process = None
         if not os.path.isdir("/proc"):  # not Linux: nothing to watch with
             return

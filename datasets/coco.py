@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -362,8 +363,6 @@ class _redirect:
     """Silence pycocotools' prints (it reports progress on stdout)."""
 
     def __init__(self, target):
-        import contextlib
-
         self._context = contextlib.redirect_stdout(target)
 
     def __enter__(self):

@@ -16,6 +16,8 @@ from fsbench.core import FsbenchError, canonical_sha256
 from fsbench.datasets.base import FewShotDataset, Replay
 from fsbench.datasets.pascal import DatasetError, check_file_name, read_rgb
 from fsbench.datasets.registry import DATASETS
+from fsbench.datasets.synthetic import ensure_generated, finish_image, render_scene
+from fsbench.datasets.synthetic_coco import coco_class_style
 
 LISTS = Path(__file__).parent / "lists" / "hsnet" / "fss"
 SPLITS = ("trn", "val", "test")
@@ -198,8 +200,6 @@ class Fss1000(FewShotDataset):
 def write_fss(root: Path, n_images: int, image_size: int, seed: int) -> Path:
     """`root/FSS-1000`: n_images / 10 classes (two thirds from HSNet's train split, the rest from
     its test split, first names in sorted order), ten images each, one object per image."""
-    from fsbench.datasets.synthetic import _finish, _scene, coco_class_style
-
     n_classes = max(2, n_images // 10)
     splits = split_classes()
     n_test = max(1, n_classes // 3)
@@ -210,9 +210,11 @@ def write_fss(root: Path, n_images: int, image_size: int, seed: int) -> Path:
         for number in range(1, 11):
             rng = np.random.default_rng([seed, index, number])
             size = (image_size, image_size)
-            image, objects = _scene(rng, size, image_size, [1 + index % 80], coco_class_style)
+            image, objects = render_scene(rng, size, image_size, [1 + index % 80], coco_class_style)
             mask = objects[0][1] if objects else np.zeros((image_size, image_size), bool)
-            Image.fromarray(_finish(image, rng)).save(folder / name / f"{number}.jpg", quality=92)
+            Image.fromarray(finish_image(image, rng)).save(
+                folder / name / f"{number}.jpg", quality=92
+            )
             Image.fromarray((mask * 255).astype(np.uint8), mode="L").save(
                 folder / name / f"{number}.png"
             )
@@ -230,9 +232,7 @@ def synthetic_fss1000(
     data_root: str | None = None, n_images: int = 300, image_size: int = 96, seed: int = 0, **kwargs
 ) -> Fss1000:
     """Generated FSS-1000-layout data (n_images / 10 classes of HSNet's names), cached."""
-    from fsbench.datasets.synthetic import _ensure
-
     cache = Path(data_root) if data_root else None
     if n_images < 20:
         raise FsbenchError("synthetic_fss1000 needs n_images ≥ 20 (ten images per class)")
-    return Fss1000(_ensure("fss", write_fss, n_images, image_size, seed, cache), **kwargs)
+    return Fss1000(ensure_generated("fss", write_fss, n_images, image_size, seed, cache), **kwargs)

@@ -8,7 +8,8 @@ from pathlib import Path
 from fsbench.datasets.coco import Coco20i
 from fsbench.datasets.pascal import Pascal5i
 from fsbench.datasets.registry import DATASETS
-from fsbench.datasets.synthetic import ensure_synthetic_coco, ensure_synthetic_voc
+from fsbench.datasets.synthetic import ensure_synthetic_voc
+from fsbench.datasets.synthetic_coco import ensure_synthetic_coco
 
 
 @DATASETS.register("synthetic_pascal5i")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -22,8 +23,6 @@ MAP_EPS = 1e-5
 
 def imagenet_weights_path(filename: str) -> Path:
     """Where named ImageNet weights live: $FSBENCH_WEIGHTS, else the fsbench cache's weights/."""
-    import os
-
     folder = os.environ.get("FSBENCH_WEIGHTS")
     return (Path(folder).expanduser() if folder else default_cache_dir() / "weights") / filename
 

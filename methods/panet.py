@@ -13,6 +13,7 @@ from fsbench.methods.layers import (
     cosine_scores,
     masked_average_pool,
 )
+from fsbench.methods.official import load_mapped_state_dict
 from fsbench.methods.registry import METHODS
 
 COSINE_EPS = 1e-8  # F.cosine_similarity's default
@@ -40,8 +41,6 @@ class PANet(FewShotMethod):
     def load_official_state_dict(self, state_dict) -> None:
         """Weights saved from the official FewShotSeg (kaixin96/PANet: `model.state_dict()`, with
         or without DataParallel's `module.`): its 13 VGG convs, stage by stage."""
-        from fsbench.methods.official import load_mapped_state_dict
-
         official = [  # models/vgg.py: features = [stage, pool, stage, pool, …], convs at 0, 2, 4
             f"encoder.backbone.features.{2 * stage}.{2 * index}.{kind}"
             for stage, n_convs in enumerate((2, 2, 3, 3, 3))

@@ -18,8 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import Episode
-from fsbench.methods.layers import FewShotMethod, combine_binary_heads, masked_average_pool
+from fsbench.methods.layers import (
+    FewShotMethod,
+    VGG16Encoder,
+    combine_binary_heads,
+    masked_average_pool,
+)
+from fsbench.methods.official import load_mapped_state_dict
 from fsbench.methods.registry import METHODS
 
 # DeepLab VGG-16: (convs, channels) per block; pools 1-3 stride 2, pools 4-5 stride 1 (3×3).
@@ -51,8 +58,6 @@ class SGOne(FewShotMethod):
         # vgg_sg.py's _initialize_weights covers the VGG part only; `init: xavier` extends it
         # to the two exit convs (what fsbench used before matching the official code).
         if init not in ("official", "xavier"):
-            from fsbench.core import FsbenchError
-
             raise FsbenchError(f"SG-One init {init!r} is not official or xavier")
         exits = {id(m) for m in (*self.classifier, self.exit)} if init == "official" else set()
         for module in self.modules():
@@ -64,11 +69,7 @@ class SGOne(FewShotMethod):
         self.to(memory_format=torch.channels_last)
 
     def _load_vgg(self, pretrained: str, width: float) -> None:
-        from fsbench.methods.layers import VGG16Encoder
-
         if width != 1:
-            from fsbench.core import FsbenchError
-
             raise FsbenchError(f"pretrained VGG-16 weights need width=1, not width={width}")
         reference = VGG16Encoder(pretrained="imagenet" if pretrained == "imagenet" else pretrained)
         source = [m for m in reference.modules() if isinstance(m, nn.Conv2d)]
@@ -88,8 +89,6 @@ class SGOne(FewShotMethod):
     def load_official_state_dict(self, state_dict) -> None:
         """Weights saved from the official OneModel (xiaomengyc/SG-One, `model.state_dict()`,
         with or without DataParallel's `module.`)."""
-        from fsbench.methods.official import load_mapped_state_dict
-
         names = {
             **{f"netB.features_{i + 1}": f"blocks.{i}" for i in range(5)},
             "netB.cls.0": "guidance",

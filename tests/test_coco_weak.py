@@ -13,7 +13,7 @@ from fsbench.datasets.coco import Coco20i, fold_classes
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.pascal import DatasetError
 from fsbench.datasets.protocols import get_protocol
-from fsbench.datasets.synthetic import COCO_CATEGORY_IDS, write_coco
+from fsbench.datasets.synthetic_coco import COCO_CATEGORY_IDS, write_coco
 from fsbench.datasets.weak import box_masks, scribble
 from fsbench.methods import METHODS
 

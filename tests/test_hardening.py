@@ -205,7 +205,7 @@ def test_list_file_entries_cannot_leave_the_data_root(tmp_path):
 
 def test_coco_annotation_with_an_unknown_category(tmp_path):
     from fsbench.datasets.coco import Coco20i
-    from fsbench.datasets.synthetic import write_coco
+    from fsbench.datasets.synthetic_coco import write_coco
 
     write_coco(tmp_path, 40, 32, seed=0)
     path = tmp_path / "annotations" / "instances_train2014.json"

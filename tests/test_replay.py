@@ -118,7 +118,7 @@ def test_pfenet_replay_equals_official_sampler_across_passes(recorded_voc, run):
 @pytest.fixture(scope="module")
 def recorded_coco(tmp_path_factory):
     from fsbench.datasets.coco import Coco20i
-    from fsbench.datasets.synthetic import write_coco
+    from fsbench.datasets.synthetic_coco import write_coco
 
     root = tmp_path_factory.mktemp("replay_coco")
     data = FIXTURE["coco_data"]

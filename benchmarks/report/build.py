@@ -35,6 +35,7 @@ from fsbench.benchmarks.report.tables import (
     to_latex,
     to_markdown,
 )
+from fsbench.benchmarks.results import ResultStore, default_results_root
 from fsbench.core import FsbenchError
 
 
@@ -154,8 +155,6 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     written["figures"] += per_class_figure(cells, out)
     written["figures"] += training_curves(cells, out)
     written["figures"] += alpha_figure(frame, out)
-    from fsbench.benchmarks.results import ResultStore
-
     store = ResultStore(grid_dir.parent, grid_dir.name)
     headline = next(iter(METRICS.values()))  # the first registered metric: mIoU
     sign = 1 if headline.higher_is_better else -1
@@ -176,8 +175,6 @@ def grid_folder(grid: str | Path = "quickstart", results: str | Path | None = No
     folder = Path(grid)
     if folder.is_dir():
         return folder
-    from fsbench.benchmarks.results import default_results_root
-
     folder = (Path(results) if results else default_results_root()) / str(grid)
     if not folder.is_dir():
         raise FsbenchError(f"{folder}: no results for grid {grid!r} (run it first)")
