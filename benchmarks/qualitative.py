@@ -14,6 +14,7 @@ from fsbench.benchmarks.tasks import build_model, open_dataset
 from fsbench.core import FsbenchError, import_plugins
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import record_protocol
+from fsbench.methods.weights import read_state_dict
 
 
 def cell_model(result: dict, grid_dir: Path):
@@ -26,8 +27,8 @@ def cell_model(result: dict, grid_dir: Path):
         try:
             if problem is None:
                 path = grid_dir / result["checkpoint"]
-                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
+                model.load_state_dict(read_state_dict(path, "checkpoint", "rerun the grid"))
+        except Exception as error:  # noqa: BLE001 - a bad file raises many types
             problem = f"checkpoint {path} is not loadable ({type(error).__name__})"
         if problem:
             raise FsbenchError(

@@ -28,6 +28,7 @@ from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import Protocol
 from fsbench.datasets.registry import DATASETS
 from fsbench.methods import METHODS
+from fsbench.methods.weights import read_state_dict
 
 
 def resolve_device(requested: str) -> str:
@@ -68,17 +69,7 @@ def load_checkpoint(model, checkpoint: dict, method: str) -> None:
     `load_official_state_dict`, fsbench (a state dict fsbench saved) directly. A file holding
     {"state_dict": …} or {"model": …} (as training scripts save) is unwrapped."""
     path = Path(checkpoint["path"])
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FsbenchError(f"{path}: checkpoint file is missing") from None
-    except Exception as error:  # torch raises many types for a bad file
-        raise FsbenchError(f"{path}: not a readable torch checkpoint ({error})") from None
-    if isinstance(state, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
+    state = read_state_dict(path, "checkpoint", "check the method entry's `checkpoint:` path")
     if checkpoint["format"] == "official":
         if not hasattr(model, "load_official_state_dict"):
             raise FsbenchError(

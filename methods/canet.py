@@ -30,9 +30,9 @@ from torch import nn
 
 from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import Episode
-from fsbench.methods.layers import FewShotMethod, combine_binary_heads, imagenet_weights_path
-from fsbench.methods.official import load_mapped_state_dict
+from fsbench.methods.layers import FewShotMethod, combine_binary_heads
 from fsbench.methods.registry import METHODS
+from fsbench.methods.weights import imagenet_weights_path, load_mapped_state_dict, read_state_dict
 
 RESNET50_FILE = "resnet50-0676ba61.pth"
 AREA_EPS = 5e-4  # one_shot_network.py: avg_pool(mask)·h·w + 0.0005
@@ -192,13 +192,11 @@ class CANet(FewShotMethod):
         path = imagenet_weights_path(RESNET50_FILE) if pretrained == "imagenet" else pretrained
         if tuple(blocks) != (3, 4, 6):
             raise FsbenchError("pretrained ResNet-50 weights need blocks=[3, 4, 6]")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FsbenchError(
-                f"{path}: ResNet-50 file not found; put torchvision's {RESNET50_FILE} there or "
-                "pass its path as `pretrained`"
-            ) from None
+        state = read_state_dict(
+            path,
+            "ResNet-50 file",
+            f"put torchvision's {RESNET50_FILE} there or pass its path as `pretrained`",
+        )
         wanted = self.backbone.state_dict()
         missing = [k for k in wanted if k not in state and not k.endswith("num_batches_tracked")]
         bad = [k for k in wanted if k in state and state[k].shape != wanted[k].shape]

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsbench.core import FsbenchError, default_cache_dir
+from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import Episode
+from fsbench.methods.weights import imagenet_weights_path, read_state_dict
 
 log = logging.getLogger("fsbench")
 
@@ -19,12 +19,6 @@ log = logging.getLogger("fsbench")
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_STAGES = ((2, 64, 1), (2, 128, 1), (3, 256, 1), (3, 512, 1), (3, 512, 2))
 MAP_EPS = 1e-5
-
-
-def imagenet_weights_path(filename: str) -> Path:
-    """Where named ImageNet weights live: $FSBENCH_WEIGHTS, else the fsbench cache's weights/."""
-    folder = os.environ.get("FSBENCH_WEIGHTS")
-    return (Path(folder).expanduser() if folder else default_cache_dir() / "weights") / filename
 
 
 class FewShotMethod(nn.Module):
@@ -116,18 +110,12 @@ class VGG16Encoder(nn.Module):
         `path` "imagenet" means torchvision's vgg16-397923af.pth in $FSBENCH_WEIGHTS (default:
         <fsbench cache>/weights), so grid files need no machine-specific path."""
         file = imagenet_weights_path(VGG16_FILE) if path == "imagenet" else Path(path).expanduser()
-        if not file.is_file():
-            raise FsbenchError(
-                f"{file}: pretrained VGG-16 file not found; put torchvision's {VGG16_FILE} there "
-                "(or set FSBENCH_WEIGHTS to its folder, or give its path as `pretrained`), or "
-                "leave `pretrained` unset for random initialisation"
-            )
-        try:
-            source = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises many types for a bad file
-            raise FsbenchError(f"{file}: not a readable torch state dict ({error})") from None
-        if isinstance(source, nn.Module):
-            source = source.state_dict()
+        source = read_state_dict(
+            file,
+            "pretrained VGG-16 file",
+            f"put torchvision's {VGG16_FILE} there (or set FSBENCH_WEIGHTS to its folder, or give "
+            "its path as `pretrained`), or leave `pretrained` unset for random initialisation",
+        )
         tensors = [v for k, v in source.items() if not k.startswith("classifier")][:26]
         target = self.state_dict()
         if len(tensors) < 26:

@@ -13,8 +13,8 @@ from fsbench.methods.layers import (
     cosine_scores,
     masked_average_pool,
 )
-from fsbench.methods.official import load_mapped_state_dict
 from fsbench.methods.registry import METHODS
+from fsbench.methods.weights import load_mapped_state_dict
 
 COSINE_EPS = 1e-8  # F.cosine_similarity's default
 

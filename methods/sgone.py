@@ -26,8 +26,8 @@ from fsbench.methods.layers import (
     combine_binary_heads,
     masked_average_pool,
 )
-from fsbench.methods.official import load_mapped_state_dict
 from fsbench.methods.registry import METHODS
+from fsbench.methods.weights import load_mapped_state_dict
 
 # DeepLab VGG-16: (convs, channels) per block; pools 1-3 stride 2, pools 4-5 stride 1 (3×3).
 BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))

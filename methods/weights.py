@@ -1,15 +1,48 @@
-"""Loading weights saved by the official repositories onto fsbench's modules.
+"""Every weight file fsbench reads goes through here: ImageNet backbones (torchvision files),
+released official checkpoints, and fsbench's own saved models.
 
-Each method names, per official parameter prefix, its own module; the tensors below a prefix
-match one to one (same layer structure). `load_mapped_state_dict` strips DataParallel's
-`module.`, maps the names, and refuses anything that does not fit, naming the tensors.
+`read_state_dict` opens a torch file (tensors only, never arbitrary objects), unwraps the
+containers training scripts save ({"state_dict": …}, {"model": …}, a whole module) and names the
+problem and the fix in one line. `load_mapped_state_dict` puts an official state dict onto
+fsbench's modules: each method names, per official parameter prefix, its own module; the tensors
+below a prefix match one to one. It strips DataParallel's `module.`, maps the names, and refuses
+anything that does not fit, naming the tensors.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
-from fsbench.core import FsbenchError
+from fsbench.core import FsbenchError, default_cache_dir
+
+
+def imagenet_weights_path(filename: str) -> Path:
+    """Where named ImageNet weights live: $FSBENCH_WEIGHTS, else the fsbench cache's weights/."""
+    folder = os.environ.get("FSBENCH_WEIGHTS")
+    return (Path(folder).expanduser() if folder else default_cache_dir() / "weights") / filename
+
+
+def read_state_dict(path, what: str, fix: str) -> dict:
+    """The state dict in the torch file `path` (`what` it should be, `fix` when it is missing)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FsbenchError(f"{path}: {what} not found; {fix}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
+        raise FsbenchError(f"{path}: not a readable torch {what} ({error})") from None
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                return state[key]
+    if not isinstance(state, dict):
+        raise FsbenchError(f"{path}: holds a {type(state).__name__}, not a {what} (a state dict)")
+    return state
 
 
 def _rename(key: str, names: dict[str, str]) -> str | None:
