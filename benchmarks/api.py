@@ -111,7 +111,7 @@ def run(
     if report:
         build_report(store.grid_dir)
     ids = {cell.id for cell in spec.expand()}
-    return seed_frame([c for c in load_cells(store.grid_dir) if c["cell_id"] in ids])
+    return seed_frame([c for c in load_cells(store.grid_dir) if c.cell_id in ids])
 
 
 def register_method(name: str | None = None):

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from fsbench.benchmarks.metrics import METRICS, EpisodeCounts
 from fsbench.benchmarks.panels import class_names
+from fsbench.benchmarks.records import CellRecord
 
 CELL_TAG = "fsbench.cell_id"
 KIND_TAG = "fsbench.kind"
@@ -19,9 +20,9 @@ KIND_TAG = "fsbench.kind"
 RECORD_TAG = "fsbench.record"
 
 
-def record_digest(result: dict) -> str:
+def record_digest(result: CellRecord) -> str:
     """Identity of one cell record (a rerun's differs: new times, even in the same second)."""
-    return hashlib.sha256(json.dumps(result, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(result.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def redacted(uri: str) -> str:
@@ -49,12 +50,12 @@ def flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
-def episode_rows(result: dict, manifests_dir: Path) -> list[dict]:
+def episode_rows(result: CellRecord, manifests_dir: Path) -> list[dict]:
     """Per-episode rows (classes, query ids, TP/FP/FN and IoU per episode class) for every seed."""
     rows = []
-    for seed in result["seeds"]:
-        counts = seed["counts"]
-        manifest_file = manifests_dir / f"{seed['manifest_fingerprint'][:16]}.json"
+    for seed in result.seeds:
+        counts = seed.counts
+        manifest_file = manifests_dir / f"{seed.manifest_fingerprint[:16]}.json"
         try:
             episodes = json.loads(manifest_file.read_text())["episodes"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -66,7 +67,7 @@ def episode_rows(result: dict, manifests_dir: Path) -> list[dict]:
                     continue
                 rows.append(
                     {
-                        "seed": seed["seed"],
+                        "seed": seed.seed,
                         "episode": index,
                         "class": class_id,
                         "query": " ".join(spec.get("query", [])),
@@ -80,11 +81,11 @@ def episode_rows(result: dict, manifests_dir: Path) -> list[dict]:
     return rows
 
 
-def cell_tags(result: dict, digest: str) -> dict[str, str]:
-    config, environment = result["config"], result["environment"]
+def cell_tags(result: CellRecord, digest: str) -> dict[str, str]:
+    config, environment = result.config, result.environment
     return {
         KIND_TAG: "cell",
-        CELL_TAG: result["cell_id"],
+        CELL_TAG: result.cell_id,
         "method": config["method"],
         "row": config["row"],
         "dataset": config["dataset"]["name"],
@@ -94,9 +95,9 @@ def cell_tags(result: dict, digest: str) -> dict[str, str]:
         "protocol": config["protocol"],
         "git_sha": environment["git_sha"],
         "device": environment["device"],
-        "manifest_fingerprints": ",".join(s["manifest_fingerprint"][:16] for s in result["seeds"]),
+        "manifest_fingerprints": ",".join(s.manifest_fingerprint[:16] for s in result.seeds),
         RECORD_TAG: digest,
-        "fsbench.finished_at": result.get("finished_at", ""),
+        "fsbench.finished_at": result.finished_at,
         # MLflow's own source fields (the UI's "Source" and git commit columns)
         "mlflow.source.type": "LOCAL",
         "mlflow.source.name": "fsbench",
@@ -105,10 +106,10 @@ def cell_tags(result: dict, digest: str) -> dict[str, str]:
     }
 
 
-def cell_metrics(result: dict) -> dict[str, float]:
+def cell_metrics(result: CellRecord) -> dict[str, float]:
     """Grouped for the UI: every registered metric (mean, std) first, then time/…, eval/…,
     seed/<s>/<metric>, iou/<class name>."""
-    summary, timings = result["summary"], result["timings"]
+    summary, timings = result.summary, result.timings
     metrics = {}
     for name in (m for m in METRICS if f"{m}_mean" in summary):
         metrics[name], metrics[f"{name}_std"] = summary[f"{name}_mean"], summary[f"{name}_std"]
@@ -117,20 +118,20 @@ def cell_metrics(result: dict) -> dict[str, float]:
     for key in ("encoded_images", "distinct_images"):  # older cells lack them
         if key in timings:
             metrics[f"eval/{key}"] = timings[key]
-    for seed in result["seeds"]:
-        for name in (m for m in METRICS if m in seed):
-            metrics[f"seed/{seed['seed']}/{name}"] = seed[name]
-    names = class_names(result["config"]["dataset"]["name"])
+    for seed in result.seeds:
+        for name, value in seed.metrics.items():
+            metrics[f"seed/{seed.seed}/{name}"] = value
+    names = class_names(result.config["dataset"]["name"])
     for class_id, value in summary["class_iou_mean"].items():
         if value is not None:  # None: the class never occurred
             metrics[f"iou/{names.get(int(class_id), class_id)}"] = value
     return metrics
 
 
-def curve_points(result: dict, end_ms: int) -> list[tuple[str, float, int, int]]:
+def curve_points(result: CellRecord, end_ms: int) -> list[tuple[str, float, int, int]]:
     """(train/<loss>, value, wall-clock ms, step) of the training curve, at the times the
     points were recorded (records without them: the run's end)."""
-    train = result.get("train") or {}
+    train = result.train or {}
     times = train.get("curve_times") or []
     points = []
     for index, point in enumerate(train.get("curve", [])):
@@ -141,19 +142,19 @@ def curve_points(result: dict, end_ms: int) -> list[tuple[str, float, int, int]]
     return points
 
 
-def manifest_datasets(result: dict, manifests_dir: Path) -> list[dict]:
+def manifest_datasets(result: CellRecord, manifests_dir: Path) -> list[dict]:
     """Each seed's manifest as MLflow `Dataset` fields (name, 16-hex digest, source, profile)."""
-    config = result["config"]
+    config = result.config
     datasets = []
-    for seed in result["seeds"]:
-        fingerprint = seed["manifest_fingerprint"]
+    for seed in result.seeds:
+        fingerprint = seed.manifest_fingerprint
         path = Path(manifests_dir) / f"{fingerprint[:16]}.json"
-        profile = {"episodes": seed["episodes"], "seed": seed["seed"], "fold": config["fold"]}
+        profile = {"episodes": seed.episodes, "seed": seed.seed, "fold": config["fold"]}
         datasets.append(
             {
                 "name": (
                     f"{config['dataset']['name']} fold{config['fold']} {config['way']}w"
-                    f"{config['shot']}s seed {seed['seed']} ({config['protocol']})"
+                    f"{config['shot']}s seed {seed.seed} ({config['protocol']})"
                 ),
                 "digest": fingerprint[:16],
                 "source_type": "local",

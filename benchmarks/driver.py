@@ -11,12 +11,12 @@ from collections import defaultdict
 from fsbench.benchmarks.evaluate import distinct_images
 from fsbench.benchmarks.grid import Cell, GridSpec
 from fsbench.benchmarks.planning import Job, Plan
+from fsbench.benchmarks.records import CellRecord, SeedRecord
 from fsbench.benchmarks.results import (
     ResultStore,
     environment,
     file_sha256,
     now_iso,
-    seed_result,
     summarise,
 )
 
@@ -92,35 +92,32 @@ class Driver:
     def _finish(self, job: Job, cell: Cell) -> None:
         started = time.perf_counter()
         outputs = sorted(self.seed_outputs.pop(cell.id), key=lambda o: cell.seeds.index(o["seed"]))
-        seeds = [seed_result(o) for o in outputs]
+        seeds = [SeedRecord.from_evaluation(o) for o in outputs]
         train = self.train_info.get(job.key)
-        result = {
-            "version": 1,
-            "cell_id": cell.id,
-            "grid": self.grid.name,
-            "row_index": [m.row() for m in self.grid.methods].index(cell.method.row()),
-            "title": cell.title,
-            "display": cell.method.display or None,  # tables' and figures' name (not identity)
-            "config": cell.config(),
-            "protocol": cell.preset.to_dict(),  # as resolved for the dataset
-            "summary": summarise(seeds),
-            "seeds": seeds,
-            "train": train,
-            "checkpoint": None,
+        record = CellRecord(
+            cell_id=cell.id,
+            grid=self.grid.name,
+            row_index=[m.row() for m in self.grid.methods].index(cell.method.row()),
+            title=cell.title,
+            display=cell.method.display or None,  # tables' and figures' name (not identity)
+            config=cell.config(),
+            protocol=cell.preset.to_dict(),  # as resolved for the dataset
+            summary=summarise(seeds),
+            seeds=tuple(seeds),
+            train=train,
             **self.checkpoints.get(job.key, {}),
-            "model_key": job.key,
-            # modules that registered the grid's own methods/datasets (to rebuild the model)
-            "imports": list(self.grid.imports),
-            "plugin_paths": list(self.grid.plugin_paths),
-            "qualitative": [
+            model_key=job.key,
+            imports=tuple(self.grid.imports),
+            plugin_paths=tuple(self.grid.plugin_paths),
+            qualitative=tuple(
                 {
                     "seed": outputs[0]["seed"],
                     "episode": p["episode"],
                     "prediction": p["prediction"].tolist(),
                 }
                 for p in outputs[0]["predictions"]
-            ],
-            "timings": {
+            ),
+            timings={
                 # wall clock (epoch s) of the cell's work: its training's start to its last
                 # evaluation's end (MLflow's run times)
                 "started_at": min(
@@ -138,25 +135,24 @@ class Driver:
                     distinct_images(self.plan.manifests[(cell.id, s)] for s in cell.seeds)
                 ),
             },
-            "environment": {
+            environment={
                 **environment(),
                 "device": outputs[0]["device"],
                 "hosts": sorted({o["host"] for o in outputs}),
             },
-            "finished_at": now_iso(),
-        }
-        self.store.write_cell(result)
+            finished_at=now_iso(),
+        )
+        self.store.write_cell(record)
         self.written.append(cell.id)
         if self.tracker is not None:
-            self.tracker.log_cell(result, self.store)
+            self.tracker.log_cell(record, self.store)
         self.record_seconds += time.perf_counter() - started
-        self.task_seconds += result["timings"]["train_seconds"] + result["timings"]["eval_seconds"]
-        summary = result["summary"]
+        timings, summary = record.timings, record.summary
+        self.task_seconds += timings["train_seconds"] + timings["eval_seconds"]
         self._say(
             f"done {cell.title}: mIoU {100 * summary['miou_mean']:.1f} ± "
             f"{100 * summary['miou_std']:.1f}, FB-IoU {100 * summary['fb_iou_mean']:.1f} "
-            f"({result['timings']['train_seconds']:.0f}s train, "
-            f"{result['timings']['eval_seconds']:.1f}s eval)"
+            f"({timings['train_seconds']:.0f}s train, {timings['eval_seconds']:.1f}s eval)"
         )
         if self.bar:
             self.bar.update(1)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fsbench.benchmarks.records import CellRecord
 from fsbench.core import FsbenchError
-from fsbench.datasets.protocols import record_protocol
 from fsbench.datasets.registry import DATASETS, dataset_class
 from fsbench.datasets.resize import fit
 from fsbench.datasets.synthetic import existing_only
@@ -35,13 +35,13 @@ def input_view(dataset, image_id, classes, size, resize):
 _OPENED: dict = {}  # datasets opened for figures, by config
 
 
-def qualitative_rows(result: dict, store, max_episodes: int):
+def qualitative_rows(result: CellRecord, store, max_episodes: int):
     """[(spec, [(image, mask, title) × 3])] for the cell's saved episodes: support + mask,
     query + prediction, query + ground truth (None when the dataset cannot be opened)."""
-    kept = result.get("qualitative") or []
+    kept = result.qualitative
     if not kept:
         return None
-    config = result["config"]
+    config = result.config
     key = json.dumps([config["dataset"], config["protocol"]], sort_keys=True)
     try:
         if key not in _OPENED:  # one dataset object per process (logging draws one per cell)
@@ -55,12 +55,12 @@ def qualitative_rows(result: dict, store, max_episodes: int):
     except FsbenchError as error:
         print(f"fsbench: report: qualitative figure skipped ({error})", file=sys.stderr)
         return None
-    seed = next(s for s in result["seeds"] if s["seed"] == kept[0]["seed"])
+    seed = result.seed(kept[0]["seed"])
     manifest = json.loads(
-        (Path(store.manifests_dir) / f"{seed['manifest_fingerprint'][:16]}.json").read_text()
+        (Path(store.manifests_dir) / f"{seed.manifest_fingerprint[:16]}.json").read_text()
     )
     size = config["input_size"]
-    resize = record_protocol(result).resize
+    resize = result.preset().resize
     rows = []
     for item in kept[:max_episodes]:
         spec = manifest["episodes"][item["episode"]]
@@ -81,7 +81,7 @@ def qualitative_rows(result: dict, store, max_episodes: int):
     return rows
 
 
-def qualitative_strip(result: dict, store, path: Path, max_episodes: int = 2):
+def qualitative_strip(result: CellRecord, store, path: Path, max_episodes: int = 2):
     """The same panels as `qualitative_figure` as one PNG composed with numpy (milliseconds,
     not matplotlib's ~0.8 s): a row per episode, support | prediction | ground truth, the mask
     tinted white over a darkened image."""

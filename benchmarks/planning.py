@@ -35,10 +35,10 @@ def _damaged_manifests(store: ResultStore, finished: set[str]) -> dict[str, list
     damaged: dict[str, list[int]] = {}
     intact: dict[str, bool] = {}  # fingerprint → its file checks out (cells share manifests)
     for result in store.load_cells():
-        if result["cell_id"] not in finished:
+        if result.cell_id not in finished:
             continue
-        for seed in result.get("seeds", []):
-            fingerprint = seed.get("manifest_fingerprint", "")
+        for seed in result.seeds:
+            fingerprint = seed.manifest_fingerprint
             if fingerprint not in intact:
                 path = store.manifests_dir / f"{fingerprint[:16]}.json"
                 try:
@@ -46,7 +46,7 @@ def _damaged_manifests(store: ResultStore, finished: set[str]) -> dict[str, list
                 except FsbenchError:
                     intact[fingerprint] = False
             if not intact[fingerprint]:
-                damaged.setdefault(result["cell_id"], []).append(seed["seed"])
+                damaged.setdefault(result.cell_id, []).append(seed.seed)
     return damaged
 
 

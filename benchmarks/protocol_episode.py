@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from fsbench.benchmarks.evaluate import evaluate
 from fsbench.benchmarks.qualitative import cell_model
+from fsbench.benchmarks.records import read_cells
 from fsbench.benchmarks.tasks import build_model, open_dataset
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import PROTOCOLS
@@ -36,10 +36,9 @@ def main(argv=None) -> None:
     model = build_model(config)
     source = "untrained narrow PANet"
     grid_dir = Path(args.results, args.grid)
-    for path in sorted((grid_dir / "cells").glob("*.json")):
-        cell = json.loads(path.read_text())
-        c = cell["config"]
-        if (c["method"], c["fold"], c["shot"]) == ("panet", 0, 1) and cell.get("checkpoint"):
+    for cell in read_cells(grid_dir / "cells"):
+        c = cell.config
+        if (c["method"], c["fold"], c["shot"]) == ("panet", 0, 1) and cell.checkpoint:
             config, model = c, cell_model(cell, grid_dir)
             source = f"trained PANet of {args.grid} ({c['row']}, fold 0, 1-shot)"
     dataset = open_dataset(config["dataset"])

@@ -11,17 +11,19 @@ import os
 import platform
 import socket
 import subprocess
-import warnings
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
-
-from fsbench.benchmarks.metrics import METRICS, EpisodeCounts
+from fsbench.benchmarks.records import (  # noqa: F401 (re-exported)
+    RESULT_VERSION,
+    CellRecord,
+    SeedRecord,
+    finite_or_none,
+    read_cells,
+    summarise,
+)
 from fsbench.core import FsbenchError, atomic_write_bytes
-
-RESULT_VERSION = 1
 
 
 def default_results_root() -> Path:
@@ -75,56 +77,6 @@ def _cached_sha256(path: Path, mtime_ns: int) -> str:
     return file_sha256(path)
 
 
-def finite_or_none(value):
-    """JSON has no NaN: an undefined IoU (class never in an episode) is written as null."""
-    return None if value is None or value != value else float(value)
-
-
-def _nanmean(values: np.ndarray) -> list:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(values, axis=0).tolist()
-
-
-def summarise(seed_results: list[dict]) -> dict:
-    """Mean and population std over seeds (PANet's convention) of every metric, and class IoU."""
-    classes = list(seed_results[0]["class_iou"])
-    per_class = np.array(
-        [
-            [np.nan if s["class_iou"][c] is None else s["class_iou"][c] for c in classes]
-            for s in seed_results
-        ],
-        dtype=float,
-    )
-    summary = {}
-    for name in METRICS:
-        values = np.array([s[name] for s in seed_results])
-        summary[f"{name}_mean"], summary[f"{name}_std"] = float(values.mean()), float(values.std())
-    return {
-        **summary,
-        # over the seeds in which the class occurred; None when it never did
-        "class_iou_mean": {c: finite_or_none(v) for c, v in zip(classes, _nanmean(per_class))},
-        "seeds": len(seed_results),
-    }
-
-
-def seed_result(raw: dict) -> dict:
-    """Metrics of one seed's evaluation from its per-episode counts."""
-    counts = EpisodeCounts.from_json(raw["counts"])
-    return {
-        "seed": raw["seed"],
-        "manifest_fingerprint": raw["manifest_fingerprint"],
-        **{name: counts.value(name) for name in METRICS},
-        "class_iou": {str(c): finite_or_none(v) for c, v in counts.class_iou().items()},
-        "episodes": len(counts.per_class),
-        "eval_seconds": raw["eval_seconds"],
-        "encoded_images": raw["encoded_images"],
-        "distinct_images": raw.get("distinct_images"),
-        "device": raw["device"],
-        "counts": raw["counts"],
-    }
-
-
 class ResultStore:
     """Paths and atomic writes under one grid's results folder."""
 
@@ -141,43 +93,32 @@ class ResultStore:
     def finished_ids(self) -> set[str]:
         """Cells whose file is valid and whose checkpoint (if they have one) is intact: a
         deleted, truncated or corrupted checkpoint makes its cells run again."""
-        return {r["cell_id"] for r in self.load_cells() if self.checkpoint_problem(r, True) is None}
+        return {r.cell_id for r in self.load_cells() if self.checkpoint_problem(r, True) is None}
 
-    def checkpoint_problem(self, result: dict, full: bool = False) -> str | None:
+    def checkpoint_problem(self, record: CellRecord, full: bool = False) -> str | None:
         """Why the cell's checkpoint is unusable (None if it is fine or the cell has none);
         `full` also compares its sha256 with the one recorded at training."""
-        if not result.get("checkpoint"):
+        if not record.checkpoint:
             return None
-        path = self.grid_dir / result["checkpoint"]
+        path = self.grid_dir / record.checkpoint
         if not path.is_file():
             return f"checkpoint {path} is missing"
-        size = result.get("checkpoint_bytes")
+        size = record.checkpoint_bytes
         if size is not None and path.stat().st_size != size:
             return f"checkpoint {path} has {path.stat().st_size} bytes, not the {size} written"
-        digest = result.get("checkpoint_sha256")
+        digest = record.checkpoint_sha256
         if full and digest and _cached_sha256(path, path.stat().st_mtime_ns) != digest:
             return f"checkpoint {path} is corrupt (its sha256 differs from the one written)"
         return None
 
-    def load_cells(self) -> list[dict]:
-        """Every readable cell file (a torn or foreign file is skipped, never fatal)."""
-        cells = []
-        for path in sorted(self.cells_dir.glob("*.json")):
-            try:
-                raw = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if (
-                isinstance(raw, dict)
-                and raw.get("version") == RESULT_VERSION
-                and raw.get("cell_id") == path.stem
-            ):
-                cells.append(raw)
-        return cells
+    def load_cells(self, rejected: dict | None = None) -> list[CellRecord]:
+        """Every valid cell file of the grid (a torn, foreign or edited file is left out, never
+        fatal; `rejected` collects why)."""
+        return read_cells(self.cells_dir, self.grid_dir.name, rejected)
 
-    def write_cell(self, result: dict) -> Path:
-        path = self.cell_path(result["cell_id"])
-        atomic_write_bytes(path, json.dumps(result, indent=1, sort_keys=True).encode())
+    def write_cell(self, record: CellRecord) -> Path:
+        path = self.cell_path(record.cell_id)
+        atomic_write_bytes(path, json.dumps(record.to_json(), indent=1, sort_keys=True).encode())
         return path
 
     def write_plan(self, cells, compare=()) -> Path:

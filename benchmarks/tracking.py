@@ -29,6 +29,7 @@ from fsbench.benchmarks.cell_run import (  # noqa: F401 (names older callers imp
     redacted,
 )
 from fsbench.benchmarks.panels import qualitative_strip
+from fsbench.benchmarks.records import CellRecord
 from fsbench.core import FsbenchError
 
 RESULTS_TAG = "fsbench.results"  # the results folder an invocation wrote
@@ -111,7 +112,7 @@ class Tracker:
             if store is not None:  # cells finished earlier but missing or stale in MLflow
                 todo = {c.id for c in plan.todo}
                 for cell in self._unlogged(store):
-                    if cell["cell_id"] not in todo:
+                    if cell.cell_id not in todo:
                         self.log_cell(cell, store)
         except Exception as error:  # noqa: BLE001 - any failure means "log later"
             self._warn(error)
@@ -177,10 +178,10 @@ class Tracker:
             if not token:
                 return runs
 
-    def _unlogged(self, store) -> list[dict]:
+    def _unlogged(self, store) -> list[CellRecord]:
         """Cells of `store` without a FINISHED run logged from this very file."""
         logged = self.logged_cells()
-        return [c for c in store.load_cells() if logged.get(c["cell_id"]) != record_digest(c)]
+        return [c for c in store.load_cells() if logged.get(c.cell_id) != record_digest(c)]
 
     def finish_invocation(self, status: str = "FINISHED") -> None:
         self.flush()
@@ -203,7 +204,7 @@ class Tracker:
             if run.info.status == "FINISHED"
         }
 
-    def log_cell(self, result: dict, store) -> bool:
+    def log_cell(self, result: CellRecord, store) -> bool:
         """Create the cell's child run (replacing an unfinished one); False if MLflow is down.
         Asynchronous: queued for the logging thread (True)."""
         if not self.available or self.experiment_id is None:
@@ -296,7 +297,7 @@ class Tracker:
             self._thread.join()
             self._thread = None
 
-    def _log_now(self, result: dict, store) -> bool:
+    def _log_now(self, result: CellRecord, store) -> bool:
         try:
             self._log_cell(result, store)
             return True
@@ -305,11 +306,11 @@ class Tracker:
             self.pending += 1
             return False
 
-    def _log_cell(self, result: dict, store) -> None:
+    def _log_cell(self, result: CellRecord, store) -> None:
         from mlflow.entities import Metric, RunTag
 
         client = self.client
-        cell_id = result["cell_id"]
+        cell_id = result.cell_id
         previous = client.search_runs(
             [self.experiment_id], f"tags.{CELL_TAG} = '{cell_id}'", max_results=100
         )
@@ -323,15 +324,14 @@ class Tracker:
         # a --rerun) must not count: they go to MLflow's deleted runs, and the file is logged anew.
         for stale in previous:
             client.delete_run(stale.info.run_id)
-        config = result["config"]
-        timings = result["timings"]
+        config, timings = result.config, result.timings
         now = time.time()
         start_ms = int(1000 * timings.get("started_at", now))
         end_ms = int(1000 * timings.get("ended_at", now))
         tags = cell_tags(result, digest)
         tags["mlflow.parentRunId"] = self._parent()
         run = client.create_run(
-            self.experiment_id, start_time=start_ms, run_name=result["title"], tags=tags
+            self.experiment_id, start_time=start_ms, run_name=result.title, tags=tags
         )
         run_id = run.info.run_id
         params = [_param(k, v) for k, v in sorted(flatten("", config, {}).items())]
@@ -350,7 +350,7 @@ class Tracker:
         client.log_inputs(run_id, datasets=_manifest_inputs(result, store))
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
-            (folder / "config.json").write_text(json.dumps(result["config"], indent=1))
+            (folder / "config.json").write_text(json.dumps(result.config, indent=1))
             rows = episode_rows(result, store.manifests_dir)
             with open(folder / "episodes.csv", "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["episode"])
@@ -380,7 +380,7 @@ class Tracker:
             return 0, 0
         if self.client is None:
             raise ConnectionError(f"cannot open the tracking store {redacted(self.uri)}")
-        self.experiment_name = self.experiment_name or cells[0]["grid"]
+        self.experiment_name = self.experiment_name or cells[0].grid
         self.experiment_id = self._experiment(self.experiment_name)
         self._close_leftovers()
         missing = self._unlogged(store)
@@ -390,7 +390,7 @@ class Tracker:
         return pushed, len(cells)
 
 
-def _manifest_inputs(result: dict, store) -> list:
+def _manifest_inputs(result: CellRecord, store) -> list:
     """Each seed's episode manifest as an MLflow dataset input (name, fingerprint, source)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
@@ -407,7 +407,7 @@ def _param(key, value):
     return Param(key, text[:6000])
 
 
-def _qualitative(result: dict, store, folder: Path):
+def _qualitative(result: CellRecord, store, folder: Path):
     try:
         return qualitative_strip(result, store, folder / "qualitative.png", max_episodes=2)
     except Exception as error:  # noqa: BLE001 - a figure must never stop the logging

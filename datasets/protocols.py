@@ -142,14 +142,6 @@ PROTOCOLS: dict[str, Protocol] = {
 }
 
 
-def record_protocol(result: dict) -> Protocol:
-    """The protocol a cell record was scored under (as the runner resolved and wrote it)."""
-    recorded = result.get("protocol")
-    if isinstance(recorded, dict):
-        return Protocol.from_dict(recorded)
-    return resolve(result["config"]["protocol"], result["config"]["dataset"]["name"])
-
-
 def get_protocol(name: str) -> Protocol:
     if name not in PROTOCOLS:
         raise FsbenchError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")

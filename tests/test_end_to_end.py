@@ -114,10 +114,10 @@ def test_checkpoint_reproduces_saved_predictions_and_renders(tmp_path, small_gri
     assert done.returncode == 0, done.stderr[-2000:]
     store = ResultStore(tmp_path / "r", "tiny")
     (cell,) = store.load_cells()
-    assert cell["checkpoint"] and cell["qualitative"]
+    assert cell.checkpoint and cell.qualitative
     assert saved_matches_checkpoint(cell, store)
     figure = render(store.grid_dir, None, [0, 3])
-    assert figure.name == f"qualitative_{cell['cell_id']}.png" and figure.stat().st_size > 1000
+    assert figure.name == f"qualitative_{cell.cell_id}.png" and figure.stat().st_size > 1000
     shown = _run(
         ["qualitative", "tiny", "--results", str(tmp_path / "r"), "--episodes", "99"], tmp_path
     )

@@ -401,7 +401,7 @@ def test_a_registered_metric_reaches_records_frame_tables_and_direction(tmp_path
     """A metric is one registration: cells written before it existed get it from their counts,
     the report writes its tables, and a lower-is-better metric bolds the lowest mean."""
     from fsbench.benchmarks.metrics import METRICS, EpisodeCounts, register_metric
-    from fsbench.benchmarks.report.frame import seed_frame
+    from fsbench.benchmarks.report.frame import load_cells, seed_frame
 
     @register_metric("fg_error", "FG error", higher_is_better=False)
     def fg_error(per_class, background, foreground):
@@ -411,7 +411,7 @@ def test_a_registered_metric_reaches_records_frame_tables_and_direction(tmp_path
     try:
         grid = tmp_path / "hand"
         write_cells(grid, RESULTS)  # records without the new metric
-        frame = seed_frame([json.loads(c.read_text()) for c in (grid / "cells").glob("*.json")])
+        frame = seed_frame(load_cells(grid))
         expected = [
             100 * EpisodeCounts.from_json(s["counts"]).value("fg_error")
             for c in sorted((grid / "cells").glob("*.json"))
@@ -427,3 +427,30 @@ def test_a_registered_metric_reaches_records_frame_tables_and_direction(tmp_path
         assert (grid / "report" / "table_miou.md").exists()
     finally:
         METRICS.pop("fg_error", None)
+
+
+def test_cell_records_are_typed_and_round_trip(tmp_path):
+    """records.py is the one reader and writer of cell files: typed fields, numbers checked
+    against the counts, unknown keys (a later version's) kept on the way back out."""
+    from fsbench.benchmarks.records import CellRecord, RecordError, read_cells
+
+    grid = tmp_path / "hand"
+    write_cells(grid, RESULTS)
+    path = sorted((grid / "cells").glob("*.json"))[0]
+    raw = json.loads(path.read_text())
+    raw["from_the_future"] = {"kept": True}
+    record = CellRecord.from_json(raw, path.stem, "hand")
+    assert record.seeds[0].metric("miou") == raw["seeds"][0]["miou"]
+    assert record.mean("miou") == raw["summary"]["miou_mean"] and record.config["fold"] == 0
+    assert record.to_json()["from_the_future"] == {"kept": True}
+    assert CellRecord.from_json(record.to_json()).to_json() == record.to_json()
+    raw["seeds"][0]["miou"] += 0.01
+    with pytest.raises(RecordError, match="is not what its per-episode counts give"):
+        CellRecord.from_json(raw)
+    del raw["config"]["shot"]
+    with pytest.raises(RecordError, match="incomplete record"):
+        CellRecord.from_json(raw)
+    rejected = {}
+    path.write_text(json.dumps(raw))
+    assert len(read_cells(grid / "cells", "hand", rejected)) == len(RESULTS) - 1
+    assert list(rejected) == [path.name]

@@ -65,7 +65,7 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     cells, superseded = current_cells(load_cells(grid_dir, rejected))
     for name, problem in rejected.items():
         print(f"fsbench: report: left out cells/{name}: {problem}", file=sys.stderr)
-    missing = missing_cells(grid_dir, {c["cell_id"] for c in cells})
+    missing = missing_cells(grid_dir, {c.cell_id for c in cells})
     if missing:
         print(
             f"fsbench: report: {len(missing)} cells of the grid have no valid result: "
@@ -82,7 +82,7 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     if superseded:
         note += (
             f" {len(superseded)} older cells with the same rows and settings were left out "
-            f"(superseded: {', '.join(sorted(c['cell_id'] for c in superseded))})."
+            f"(superseded: {', '.join(sorted(c.cell_id for c in superseded))})."
         )
     written: dict[str, list] = {"tables": [], "figures": []}
     displays = frame.groupby("row")["display"].first().to_dict()
@@ -111,9 +111,9 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
         written["tables"] += [out / f"table_{label}.{s}" for s in ("md", "tex", "csv")]
     class_table = pd.DataFrame(
         {
-            (row_label(c["config"]), c["config"]["shot"], c["config"]["fold"]): {
+            (row_label(c.config), c.config["shot"], c.config["fold"]): {
                 int(k): np.nan if v is None else 100 * v
-                for k, v in c["summary"]["class_iou_mean"].items()
+                for k, v in c.summary["class_iou_mean"].items()
             }
             for c in cells
         }
@@ -159,8 +159,8 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     headline = next(iter(METRICS.values()))  # the first registered metric: mIoU
     sign = 1 if headline.higher_is_better else -1
     best = max(
-        (c for c in cells if c.get("qualitative")),
-        key=lambda c: sign * c["summary"][f"{headline.name}_mean"],
+        (c for c in cells if c.qualitative),
+        key=lambda c: sign * c.mean(headline.name),
         default=None,
     )
     if best is not None:

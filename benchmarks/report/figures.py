@@ -116,15 +116,15 @@ def _smooth(values, window=5):
 def training_curves(cells, out_dir, name="training_curves"):
     """Segmentation loss (the term every variant shares; PAR's term is plotted apart), smoothed."""
     plt = _style()
-    trained = [c for c in cells if c.get("train") and c["train"].get("curve")]
+    trained = [c for c in cells if c.train and c.train.get("curve")]
     if not trained:
         return []
     rows = [
         r
         for r in _rows_in_grid_order(seed_frame(cells))
-        if any(row_label(c["config"]) == r for c in trained)
+        if any(row_label(c.config) == r for c in trained)
     ]
-    has_par = any("par" in c["train"]["curve"][0] for c in trained)
+    has_par = any("par" in c.train["curve"][0] for c in trained)
     fig, axes = plt.subplots(
         1, 2 if has_par else 1, squeeze=False, figsize=(9 if has_par else 5, 3)
     )
@@ -132,9 +132,9 @@ def training_curves(cells, out_dir, name="training_curves"):
     for i, row in enumerate(rows):
         for term, ax in zip(("segmentation", "par"), axes[0]):
             curves = [
-                c["train"]["curve"]
+                c.train["curve"]
                 for c in trained
-                if row_label(c["config"]) == row and term in c["train"]["curve"][0]
+                if row_label(c.config) == row and term in c.train["curve"][0]
             ]
             if not curves:
                 continue
@@ -166,15 +166,15 @@ def per_class_figure(cells, out_dir, name="per_class_iou"):
     names = frame.groupby("row")["display"].first()
     values: dict = {}  # (shot, row) → class → [IoU per cell]
     for cell in cells:
-        key = (cell["config"]["shot"], row_label(cell["config"]))
-        for class_id, value in cell["summary"]["class_iou_mean"].items():
+        key = (cell.config["shot"], row_label(cell.config))
+        for class_id, value in cell.summary["class_iou_mean"].items():
             values.setdefault(key, {}).setdefault(int(class_id), []).append(
                 np.nan if value is None else value
             )
     classes = sorted({c for v in values.values() for c in v})
     if not classes:
         return []
-    labels = class_names(cells[0]["config"]["dataset"]["name"])
+    labels = class_names(cells[0].config["dataset"]["name"])
     shots = sorted({shot for shot, _ in values})
     fig, axes = plt.subplots(
         len(shots),
@@ -258,7 +258,7 @@ def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
             ax.imshow(np.ma.masked_where(~mask, mask), alpha=0.55, cmap="gray", vmin=0, vmax=1)
             ax.set_title(f"{title} (class {spec['classes'][0]})" if col == 0 else title, fontsize=8)
             ax.axis("off")
-    fig.suptitle(result["title"], fontsize=9)
+    fig.suptitle(result.title, fontsize=9)
     path = Path(path)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 
 from fsbench.benchmarks.metrics import (
-    EpisodeCounts,
     _boot_stat,
     _resample_weights,
     bootstrap_ci,
@@ -22,17 +21,17 @@ def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFram
     rows = []
     by_setting: dict = {}  # (row, fold, way, shot, annotation) → {train seed: {seed: counts}}
     for cell in cells:
-        config = cell["config"]
-        for seed in cell["seeds"]:
-            counts = EpisodeCounts.from_json(seed["counts"])
-            low, high = bootstrap_ci(counts, n_boot=n_boot, seed=seed["seed"])
+        config = cell.config
+        for seed in cell.seeds:
+            counts = seed.episode_counts()
+            low, high = bootstrap_ci(counts, n_boot=n_boot, seed=seed.seed)
             rows.append(
                 {
                     "kind": "ci",
                     "row": row_label(config),
                     "fold": config["fold"],
                     "shot": config["shot"],
-                    "seed": seed["seed"],
+                    "seed": seed.seed,
                     "value": 100 * counts.miou(),
                     "low": 100 * low,
                     "high": 100 * high,
@@ -44,9 +43,9 @@ def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFram
             )
             key = (config["row"], config["fold"], config["way"], config["shot"])
             key += (config["annotation"],)
-            by_setting.setdefault(key, {}).setdefault(train_seed(config), {})[seed["seed"]] = (
+            by_setting.setdefault(key, {}).setdefault(train_seed(config), {})[seed.seed] = (
                 counts,
-                seed["manifest_fingerprint"],
+                seed.manifest_fingerprint,
             )
     tests = []
     settings = sorted({k[1:] for k in by_setting}, key=str)
