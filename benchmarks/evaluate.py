@@ -1,5 +1,5 @@
 """Evaluation on fixed manifests, planned from them: every distinct image is encoded once per
-model, episodes are scored in batches (DESIGN §9)."""
+model, episodes are scored in batches."""
 
 from __future__ import annotations
 

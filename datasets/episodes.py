@@ -1,4 +1,4 @@
-"""Episode records, fixed fingerprinted episode manifests, and episode assembly (DESIGN §2)."""
+"""Episode records, fixed fingerprinted episode manifests, and episode assembly."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Named, frozen evaluation protocols: every run records which one it used (DESIGN §3)."""
+"""Named, frozen evaluation protocols: every run records which one it used."""
 
 from __future__ import annotations
 
