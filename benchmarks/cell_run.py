@@ -86,13 +86,13 @@ def cell_tags(result: CellRecord, digest: str) -> dict[str, str]:
     return {
         KIND_TAG: "cell",
         CELL_TAG: result.cell_id,
-        "method": config["method"],
-        "row": config["row"],
-        "dataset": config["dataset"]["name"],
-        "fold": str(config["fold"]),
-        "way": str(config["way"]),
-        "shot": str(config["shot"]),
-        "protocol": config["protocol"],
+        "method": config.method,
+        "row": config.row,
+        "dataset": config.dataset_name,
+        "fold": str(config.fold),
+        "way": str(config.way),
+        "shot": str(config.shot),
+        "protocol": config.protocol,
         "git_sha": environment["git_sha"],
         "device": environment["device"],
         "manifest_fingerprints": ",".join(s.manifest_fingerprint[:16] for s in result.seeds),
@@ -121,7 +121,7 @@ def cell_metrics(result: CellRecord) -> dict[str, float]:
     for seed in result.seeds:
         for name, value in seed.metrics.items():
             metrics[f"seed/{seed.seed}/{name}"] = value
-    names = class_names(result.config["dataset"]["name"])
+    names = class_names(result.config.dataset_name)
     for class_id, value in summary["class_iou_mean"].items():
         if value is not None:  # None: the class never occurred
             metrics[f"iou/{names.get(int(class_id), class_id)}"] = value
@@ -149,12 +149,12 @@ def manifest_datasets(result: CellRecord, manifests_dir: Path) -> list[dict]:
     for seed in result.seeds:
         fingerprint = seed.manifest_fingerprint
         path = Path(manifests_dir) / f"{fingerprint[:16]}.json"
-        profile = {"episodes": seed.episodes, "seed": seed.seed, "fold": config["fold"]}
+        profile = {"episodes": seed.episodes, "seed": seed.seed, "fold": config.fold}
         datasets.append(
             {
                 "name": (
-                    f"{config['dataset']['name']} fold{config['fold']} {config['way']}w"
-                    f"{config['shot']}s seed {seed.seed} ({config['protocol']})"
+                    f"{config.dataset_name} fold{config.fold} {config.way}w"
+                    f"{config.shot}s seed {seed.seed} ({config.protocol})"
                 ),
                 "digest": fingerprint[:16],
                 "source_type": "local",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fsbench.benchmarks.method_entries import MethodSpec
+from fsbench.benchmarks.records import CellConfig
 from fsbench.benchmarks.train import TrainConfig
 from fsbench.core import FsbenchError, canonical_sha256
 from fsbench.datasets.protocols import Protocol, check_sampler, resolve
@@ -41,33 +42,34 @@ class Cell:
     # The protocol resolved for the cell's dataset, once (its name above is the identity).
     preset: Protocol | None = field(default=None, compare=False)
 
-    def config(self) -> dict:
-        """The resolved config: everything that decides the result (and nothing else)."""
-        # A setting added later joins the identity only away from its default (finished
-        # results keep their ids): cells sampled before the official replay existed were
-        # fsbench-sampled, so only "official" joins it.
-        later = {} if self.eval_precision == "fp32" else {"eval_precision": self.eval_precision}
-        if self.sampler != "fsbench":
-            later["sampler"] = self.sampler
+    def settings(self) -> CellConfig:
+        """The resolved config, typed: everything that decides the result (and nothing else)."""
+        checkpoint = None
         if self.method.checkpoint:
             path, kind, digest = self.method.checkpoint
-            later["checkpoint"] = {"path": path, "format": kind, "sha256": digest}
-        return {
-            **later,
-            "method": self.method.name,
-            "method_kwargs": dict(sorted(self.method.kwargs.items())),
-            "row": self.method.row(),
-            "dataset": dict(sorted(self.dataset.items())),
-            "fold": self.fold,
-            "way": self.way,
-            "shot": self.shot,
-            "annotation": self.annotation,
-            "protocol": self.protocol,
-            "input_size": self.input_size,
-            "episodes": self.episodes,
-            "seeds": list(self.seeds),
-            "train": self.train.to_dict() if self.train else None,
-        }
+            checkpoint = {"path": path, "format": kind, "sha256": digest}
+        return CellConfig(
+            method=self.method.name,
+            method_kwargs=dict(self.method.kwargs),
+            row=self.method.row(),
+            dataset=dict(self.dataset),
+            fold=self.fold,
+            way=self.way,
+            shot=self.shot,
+            annotation=self.annotation,
+            protocol=self.protocol,
+            input_size=self.input_size,
+            episodes=self.episodes,
+            seeds=tuple(self.seeds),
+            train=self.train.to_dict() if self.train else None,
+            eval_precision=self.eval_precision,
+            sampler=self.sampler,
+            checkpoint=checkpoint,
+        )
+
+    def config(self) -> dict:
+        """`settings()` as the JSON a record stores and the id hashes."""
+        return self.settings().to_json()
 
     @property
     def id(self) -> str:

@@ -100,7 +100,7 @@ class Driver:
             row_index=[m.row() for m in self.grid.methods].index(cell.method.row()),
             title=cell.title,
             display=cell.method.display or None,  # tables' and figures' name (not identity)
-            config=cell.config(),
+            config=cell.settings(),
             protocol=cell.preset.to_dict(),  # as resolved for the dataset
             summary=summarise(seeds),
             seeds=tuple(seeds),

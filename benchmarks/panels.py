@@ -42,14 +42,14 @@ def qualitative_rows(result: CellRecord, store, max_episodes: int):
     if not kept:
         return None
     config = result.config
-    key = json.dumps([config["dataset"], config["protocol"]], sort_keys=True)
+    key = json.dumps([config.dataset, config.protocol], sort_keys=True)
     try:
         if key not in _OPENED:  # one dataset object per process (logging draws one per cell)
             with existing_only():  # a report reads results: it never generates a dataset
                 _OPENED[key] = DATASETS.build(
-                    config["dataset"]["name"],
-                    protocol=config["protocol"],
-                    **{k: v for k, v in config["dataset"].items() if k != "name"},
+                    config.dataset_name,
+                    protocol=config.protocol,
+                    **{k: v for k, v in config.dataset.items() if k != "name"},
                 )
         dataset = _OPENED[key]
     except FsbenchError as error:
@@ -59,7 +59,7 @@ def qualitative_rows(result: CellRecord, store, max_episodes: int):
     manifest = json.loads(
         (Path(store.manifests_dir) / f"{seed.manifest_fingerprint[:16]}.json").read_text()
     )
-    size = config["input_size"]
+    size = config.input_size
     resize = result.preset().resize
     rows = []
     for item in kept[:max_episodes]:

@@ -38,9 +38,9 @@ def main(argv=None) -> None:
     grid_dir = Path(args.results, args.grid)
     for cell in read_cells(grid_dir / "cells"):
         c = cell.config
-        if (c["method"], c["fold"], c["shot"]) == ("panet", 0, 1) and cell.checkpoint:
-            config, model = c, cell_model(cell, grid_dir)
-            source = f"trained PANet of {args.grid} ({c['row']}, fold 0, 1-shot)"
+        if (c.method, c.fold, c.shot) == ("panet", 0, 1) and cell.checkpoint:
+            config, model = c.to_json(), cell_model(cell, grid_dir)
+            source = f"trained PANet of {args.grid} ({c.row}, fold 0, 1-shot)"
     dataset = open_dataset(config["dataset"])
     # One episode whose images are in every protocol's test list: PFENet's first val episode,
     # objects of any size allowed (the generated images are too small for 2·32·32 px).

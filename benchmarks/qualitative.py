@@ -21,7 +21,7 @@ from fsbench.methods.weights import read_state_dict
 def cell_model(result: CellRecord, grid_dir: Path):
     """A finished cell's model in eval mode: its checkpoint, or its untrained initialisation."""
     import_plugins(result.imports, result.plugin_paths)
-    model = build_model(result.config)
+    model = build_model(result.config.to_json())
     if result.checkpoint:
         grid_dir = Path(grid_dir)
         problem = ResultStore(grid_dir.parent, grid_dir.name).checkpoint_problem(result, full=True)
@@ -49,9 +49,9 @@ def predict_episodes(result: CellRecord, store: ResultStore, episodes: list[int]
     manifest = EpisodeManifest.load(store.manifests_dir / f"{seed.manifest_fingerprint[:16]}.json")
     protocol = result.preset()
     loader = EpisodeLoader(
-        open_dataset(config["dataset"], protocol),
-        config["input_size"],
-        config["annotation"],
+        open_dataset(config.dataset, protocol),
+        config.input_size,
+        config.annotation,
         weak_seed=seed.seed,
         resize=protocol.resize,
     )

@@ -31,6 +31,73 @@ class RecordError(FsbenchError):
     """A cell file that must not be used: the message says why."""
 
 
+@dataclass(frozen=True)
+class CellConfig:
+    """Everything that decides a cell's result, and nothing else: its id hashes this (less
+    `row`, a label). Settings added later join the JSON only away from their defaults, so
+    finished results keep their ids."""
+
+    method: str
+    row: str
+    dataset: dict  # {"name": …, and the dataset's keywords}
+    fold: int
+    way: int
+    shot: int
+    protocol: str
+    annotation: str = "mask"
+    method_kwargs: dict = field(default_factory=dict)
+    input_size: int = 0
+    episodes: int = 0
+    seeds: tuple[int, ...] = ()
+    train: dict | None = None  # TrainConfig.to_dict(); None: the method does not train
+    eval_precision: str = "fp32"
+    sampler: str = "fsbench"
+    checkpoint: dict | None = None  # released weights evaluated as they are (path, format, sha)
+    extra: dict = field(default_factory=dict)  # keys this version does not know, kept as read
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset["name"]
+
+    @property
+    def train_seed(self) -> int | None:
+        """The training seed of a trained cell (None for methods that do not train)."""
+        return (self.train or {}).get("seed")
+
+    def to_json(self) -> dict:
+        later = {} if self.eval_precision == "fp32" else {"eval_precision": self.eval_precision}
+        if self.sampler != "fsbench":  # cells sampled before the official replay: fsbench's
+            later["sampler"] = self.sampler
+        if self.checkpoint:
+            later["checkpoint"] = self.checkpoint
+        return {
+            **later,
+            "method": self.method,
+            "method_kwargs": dict(sorted(self.method_kwargs.items())),
+            "row": self.row,
+            "dataset": dict(sorted(self.dataset.items())),
+            "fold": self.fold,
+            "way": self.way,
+            "shot": self.shot,
+            "annotation": self.annotation,
+            "protocol": self.protocol,
+            "input_size": self.input_size,
+            "episodes": self.episodes,
+            "seeds": list(self.seeds),
+            "train": self.train,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict) -> CellConfig:
+        for key in CONFIG_KEYS:
+            raw[key]
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        values = {k: raw[k] for k in known if k in raw}
+        values["seeds"] = tuple(values.get("seeds") or ())
+        return cls(**values, extra={k: v for k, v in raw.items() if k not in known})
+
+
 def finite_or_none(value):
     """JSON has no NaN: an undefined IoU (class never in an episode) is written as null."""
     return None if value is None or value != value else float(value)
@@ -136,7 +203,7 @@ class CellRecord:
     cell_id: str
     grid: str
     title: str
-    config: dict  # Cell.config(): everything that decides the result (its id hashes it)
+    config: CellConfig
     summary: dict  # summarise(seeds)
     seeds: tuple[SeedRecord, ...]
     protocol: dict = field(default_factory=dict)  # Protocol.to_dict(), resolved for the dataset
@@ -171,7 +238,7 @@ class CellRecord:
         """The protocol the cell was scored under, as the run resolved and recorded it."""
         if self.protocol:
             return Protocol.from_dict(self.protocol)
-        return resolve(self.config["protocol"], self.config["dataset"]["name"])
+        return resolve(self.config.protocol, self.config.dataset_name)
 
     # -- the file ---------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -182,7 +249,7 @@ class CellRecord:
             "row_index": self.row_index,
             "title": self.title,
             "display": self.display,
-            "config": self.config,
+            "config": self.config.to_json(),
             "protocol": self.protocol,
             "summary": self.summary,
             "seeds": [s.to_json() for s in self.seeds],
@@ -227,18 +294,18 @@ class CellRecord:
 
     @classmethod
     def _fields_of(cls, raw: dict) -> CellRecord:
-        for key in CONFIG_KEYS:
-            raw["config"][key]
+        config = CellConfig.from_json(raw["config"])
         if not raw["seeds"]:
             raise RecordError("no seed results")
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "seeds"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "seeds", "config"}
         values = {k: raw[k] for k in known if k in raw}
         for key in ("imports", "plugin_paths", "qualitative"):
             values[key] = tuple(values.get(key) or ())
         return cls(
             **values,
+            config=config,
             seeds=tuple(SeedRecord.from_json(s) for s in raw["seeds"]),
-            extra={k: v for k, v in raw.items() if k not in known and k != "seeds"},
+            extra={k: v for k, v in raw.items() if k not in known | {"seeds", "config"}},
         )
 
     def _check_numbers(self) -> None:

@@ -334,7 +334,7 @@ class Tracker:
             self.experiment_id, start_time=start_ms, run_name=result.title, tags=tags
         )
         run_id = run.info.run_id
-        params = [_param(k, v) for k, v in sorted(flatten("", config, {}).items())]
+        params = [_param(k, v) for k, v in sorted(flatten("", config.to_json(), {}).items())]
         metrics = cell_metrics(result)
         entries = [Metric(k, float(v), end_ms, 0) for k, v in metrics.items()]
         entries += [Metric(*point) for point in curve_points(result, end_ms)]
@@ -350,7 +350,7 @@ class Tracker:
         client.log_inputs(run_id, datasets=_manifest_inputs(result, store))
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
-            (folder / "config.json").write_text(json.dumps(result.config, indent=1))
+            (folder / "config.json").write_text(json.dumps(result.config.to_json(), indent=1))
             rows = episode_rows(result, store.manifests_dir)
             with open(folder / "episodes.csv", "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["episode"])

@@ -124,7 +124,7 @@ def test_grid_evaluates_an_official_checkpoint_without_training(tmp_path, small_
     frame = run(grid_dict, results=tmp_path / "results", serial=True, tracking=False)
     store = ResultStore(tmp_path / "results", "tiny")
     (record,) = store.load_cells()
-    assert record.train is None and record.config["checkpoint"]["format"] == "official"
+    assert record.train is None and record.config.checkpoint["format"] == "official"
     grid = parse_grid(grid_dict)
     manifest = EpisodeManifest.load(
         store.manifests_dir / f"{record.seeds[0].manifest_fingerprint[:16]}.json"

@@ -439,10 +439,13 @@ def test_cell_records_are_typed_and_round_trip(tmp_path):
     path = sorted((grid / "cells").glob("*.json"))[0]
     raw = json.loads(path.read_text())
     raw["from_the_future"] = {"kept": True}
+    raw["config"]["later_setting"] = 3
     record = CellRecord.from_json(raw, path.stem, "hand")
     assert record.seeds[0].metric("miou") == raw["seeds"][0]["miou"]
-    assert record.mean("miou") == raw["summary"]["miou_mean"] and record.config["fold"] == 0
+    assert record.mean("miou") == raw["summary"]["miou_mean"]
+    assert (record.config.fold, record.config.dataset_name) == (0, "synthetic_pascal5i")
     assert record.to_json()["from_the_future"] == {"kept": True}
+    assert record.config.to_json()["later_setting"] == 3
     assert CellRecord.from_json(record.to_json()).to_json() == record.to_json()
     raw["seeds"][0]["miou"] += 0.01
     with pytest.raises(RecordError, match="is not what its per-episode counts give"):

@@ -2,6 +2,7 @@
 tables), `statistics` (bootstrap intervals, paired comparisons), `figures`, and `build` (the
 `report` command and the notebook API). Imports neither torch nor ray."""
 
+from fsbench.benchmarks.records import RESULT_VERSION, CellConfig, CellRecord, SeedRecord
 from fsbench.benchmarks.report.build import (
     build_report,
     grid_folder,
@@ -11,7 +12,6 @@ from fsbench.benchmarks.report.build import (
     results_table,
 )
 from fsbench.benchmarks.report.frame import (
-    RESULT_VERSION,
     cell_problem,
     current_cells,
     display_name,
@@ -25,6 +25,9 @@ from fsbench.benchmarks.report.tables import paper_table, to_csv_frame, to_latex
 
 __all__ = [
     "RESULT_VERSION",
+    "CellConfig",
+    "CellRecord",
+    "SeedRecord",
     "build_report",
     "cell_problem",
     "current_cells",

@@ -111,7 +111,7 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
         written["tables"] += [out / f"table_{label}.{s}" for s in ("md", "tex", "csv")]
     class_table = pd.DataFrame(
         {
-            (row_label(c.config), c.config["shot"], c.config["fold"]): {
+            (row_label(c.config), c.config.shot, c.config.fold): {
                 int(k): np.nan if v is None else 100 * v
                 for k, v in c.summary["class_iou_mean"].items()
             }

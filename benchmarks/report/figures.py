@@ -166,7 +166,7 @@ def per_class_figure(cells, out_dir, name="per_class_iou"):
     names = frame.groupby("row")["display"].first()
     values: dict = {}  # (shot, row) → class → [IoU per cell]
     for cell in cells:
-        key = (cell.config["shot"], row_label(cell.config))
+        key = (cell.config.shot, row_label(cell.config))
         for class_id, value in cell.summary["class_iou_mean"].items():
             values.setdefault(key, {}).setdefault(int(class_id), []).append(
                 np.nan if value is None else value
@@ -174,7 +174,7 @@ def per_class_figure(cells, out_dir, name="per_class_iou"):
     classes = sorted({c for v in values.values() for c in v})
     if not classes:
         return []
-    labels = class_names(cells[0].config["dataset"]["name"])
+    labels = class_names(cells[0].config.dataset_name)
     shots = sorted({shot for shot, _ in values})
     fig, axes = plt.subplots(
         len(shots),

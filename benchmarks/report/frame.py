@@ -9,7 +9,12 @@ import numpy as np
 import pandas as pd
 
 from fsbench.benchmarks.metrics import METRICS
-from fsbench.benchmarks.records import RESULT_VERSION, CellRecord, RecordError, read_cells  # noqa: F401
+from fsbench.benchmarks.records import (
+    CellConfig,
+    CellRecord,
+    RecordError,
+    read_cells,
+)  # noqa: F401
 
 
 def load_cells(grid_dir: Path, rejected: dict | None = None) -> list[CellRecord]:
@@ -36,12 +41,12 @@ def current_cells(cells: list[CellRecord]) -> tuple[list[CellRecord], list[CellR
         c = cell.config
         key = (
             row_label(c),
-            c["dataset"]["name"],
-            c["fold"],
-            c["way"],
-            c["shot"],
-            c["protocol"],
-            train_seed(c),
+            c.dataset_name,
+            c.fold,
+            c.way,
+            c.shot,
+            c.protocol,
+            c.train_seed,
         )
         newest[key] = cell
     kept = list(newest.values())
@@ -49,13 +54,13 @@ def current_cells(cells: list[CellRecord]) -> tuple[list[CellRecord], list[CellR
     return kept, [c for c in cells if c.cell_id not in ids]
 
 
-def row_label(config: dict) -> str:
+def row_label(config: CellConfig) -> str:
     """The table row of a cell: its variant, plus way and annotation where they are not 1/mask."""
-    label = config["row"]
-    if config.get("way", 1) != 1:
-        label += f" {config['way']}-way"
-    if config.get("annotation", "mask") != "mask":
-        label += f" ({config['annotation']})"
+    label = config.row
+    if config.way != 1:
+        label += f" {config.way}-way"
+    if config.annotation != "mask":
+        label += f" ({config.annotation})"
     return label
 
 
@@ -81,7 +86,7 @@ def display_name(cell: CellRecord) -> str:
     config = cell.config
     name = cell.display
     if not name:
-        method, label = config["method"], config["row"]
+        method, label = config.method, config.row
         name = DISPLAY_NAMES.get(method, method)
         if label.startswith(f"{method}[") and label.endswith("]"):
             values = label[len(method) + 1 : -1].split(",")
@@ -91,16 +96,16 @@ def display_name(cell: CellRecord) -> str:
             name = f"{name} ({swept})"
         elif label != method:
             name = label  # the grid's own label
-    if config.get("way", 1) != 1:
-        name += f", {config['way']}-way"
-    if config.get("annotation", "mask") != "mask":
-        name += f" ({config['annotation']})"
+    if config.way != 1:
+        name += f", {config.way}-way"
+    if config.annotation != "mask":
+        name += f" ({config.annotation})"
     return name
 
 
-def train_seed(config: dict):
+def train_seed(config: CellConfig):
     """The training seed of a trained cell (None for methods that do not train)."""
-    return (config.get("train") or {}).get("seed")
+    return config.train_seed
 
 
 def seed_frame(cells: list[CellRecord]) -> pd.DataFrame:
@@ -113,14 +118,14 @@ def seed_frame(cells: list[CellRecord]) -> pd.DataFrame:
                 {
                     "row": row_label(config),
                     "display": display_name(cell),
-                    "method": config["method"],
-                    "dataset": config["dataset"]["name"],
-                    "fold": config["fold"],
-                    "way": config["way"],
-                    "shot": config["shot"],
-                    "annotation": config["annotation"],
-                    "protocol": config["protocol"],
-                    "alpha": config["method_kwargs"].get("alpha"),
+                    "method": config.method,
+                    "dataset": config.dataset_name,
+                    "fold": config.fold,
+                    "way": config.way,
+                    "shot": config.shot,
+                    "annotation": config.annotation,
+                    "protocol": config.protocol,
+                    "alpha": config.method_kwargs.get("alpha"),
                     "seed": seed.seed,
                     "train_seed": train_seed(config),
                     **{m: 100 * seed.metric(m) for m in METRICS},

@@ -29,8 +29,8 @@ def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFram
                 {
                     "kind": "ci",
                     "row": row_label(config),
-                    "fold": config["fold"],
-                    "shot": config["shot"],
+                    "fold": config.fold,
+                    "shot": config.shot,
                     "seed": seed.seed,
                     "value": 100 * counts.miou(),
                     "low": 100 * low,
@@ -41,8 +41,8 @@ def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFram
                     "significant": "",
                 }
             )
-            key = (config["row"], config["fold"], config["way"], config["shot"])
-            key += (config["annotation"],)
+            key = (config.row, config.fold, config.way, config.shot)
+            key += (config.annotation,)
             by_setting.setdefault(key, {}).setdefault(train_seed(config), {})[seed.seed] = (
                 counts,
                 seed.manifest_fingerprint,
