@@ -4,14 +4,16 @@ values: tracking.py turns them into MLflow entities (only it imports mlflow)."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from fsbench.benchmarks.metrics import METRICS, EpisodeCounts
-from fsbench.benchmarks.panels import class_names
+from fsbench.benchmarks.panels import class_names, qualitative_strip
 from fsbench.benchmarks.records import CellRecord
 
 CELL_TAG = "fsbench.cell_id"
@@ -163,3 +165,21 @@ def manifest_datasets(result: CellRecord, manifests_dir: Path) -> list[dict]:
             }
         )
     return datasets
+
+
+def write_artifacts(result: CellRecord, store, folder: Path) -> list[Path]:
+    """The cell run's files, written into `folder`: config.json, episodes.csv (a row per
+    episode class) and the qualitative strip (left out, with one line, when it cannot be drawn)."""
+    (folder / "config.json").write_text(json.dumps(result.config.to_json(), indent=1))
+    rows = episode_rows(result, store.manifests_dir)
+    with open(folder / "episodes.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["episode"])
+        writer.writeheader()
+        writer.writerows(rows)
+    written = [folder / "config.json", folder / "episodes.csv"]
+    try:
+        figure = qualitative_strip(result, store, folder / "qualitative.png", max_episodes=2)
+    except Exception as error:  # noqa: BLE001 - a figure must never stop the logging
+        print(f"fsbench: qualitative figure skipped ({error})", file=sys.stderr)
+        figure = None
+    return written + ([figure] if figure is not None else [])

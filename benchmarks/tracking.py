@@ -4,7 +4,6 @@ pushes every cell that has no finished child run yet (so nothing is logged twice
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import queue
@@ -27,8 +26,8 @@ from fsbench.benchmarks.cell_run import (  # noqa: F401 (names older callers imp
     manifest_datasets,
     record_digest,
     redacted,
+    write_artifacts,
 )
-from fsbench.benchmarks.panels import qualitative_strip
 from fsbench.benchmarks.records import CellRecord
 from fsbench.core import FsbenchError
 
@@ -349,18 +348,8 @@ class Tracker:
             client.log_batch(run_id, params=params[start : start + 100])
         client.log_inputs(run_id, datasets=_manifest_inputs(result, store))
         with tempfile.TemporaryDirectory() as folder:
-            folder = Path(folder)
-            (folder / "config.json").write_text(json.dumps(result.config.to_json(), indent=1))
-            rows = episode_rows(result, store.manifests_dir)
-            with open(folder / "episodes.csv", "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["episode"])
-                writer.writeheader()
-                writer.writerows(rows)
-            client.log_artifact(run_id, str(folder / "config.json"))
-            client.log_artifact(run_id, str(folder / "episodes.csv"))
-            figure = _qualitative(result, store, folder)
-            if figure is not None:
-                client.log_artifact(run_id, str(figure))
+            for artifact in write_artifacts(result, store, Path(folder)):
+                client.log_artifact(run_id, str(artifact))
         client.set_terminated(run_id, "FINISHED", end_time=end_ms)
 
     def log_report(self, report_dir: Path) -> None:
@@ -405,11 +394,3 @@ def _param(key, value):
 
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return Param(key, text[:6000])
-
-
-def _qualitative(result: CellRecord, store, folder: Path):
-    try:
-        return qualitative_strip(result, store, folder / "qualitative.png", max_episodes=2)
-    except Exception as error:  # noqa: BLE001 - a figure must never stop the logging
-        print(f"fsbench: qualitative figure skipped ({error})", file=sys.stderr)
-        return None

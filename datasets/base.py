@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fsbench.core import FsbenchError
+
 
 @dataclass(frozen=True)
 class Replay:
@@ -54,7 +56,10 @@ class FewShotDataset(ABC):
 
     def official_episodes(self, protocol, fold, way, shot, n_episodes, seed, queries) -> Replay:
         """A dataset whose official episodes datasets/replay.py does not know draws them here."""
-        raise NotImplementedError(type(self).__name__)
+        raise FsbenchError(
+            f"dataset {self.name!r} lists {protocol.official_sampler} in `replayed_by` but draws "
+            "no official episodes (`official_episodes`); use sampler: fsbench"
+        )
 
     # -- folds and splits -------------------------------------------------------------------
     @abstractmethod
