@@ -133,7 +133,7 @@ class FeatureCache:
         if cuda:
             images = images.pin_memory()
         started = time.perf_counter()
-        features = self.model.encode(images.to(self.device, non_blocking=True))[:count]
+        features = self.model.encode_for_cache(images.to(self.device, non_blocking=True))[:count]
         if cuda:
             torch.cuda.synchronize(self.device)
         self.encode_seconds += time.perf_counter() - started
@@ -292,7 +292,7 @@ def evaluate(
             way, shot = support_fg.shape[1:3]
             support = cache.get([i for s in specs for ids in s.support for i in ids])
             query = cache.get([i for s in specs for i in s.query])
-            logits = model.predict_batch(
+            logits = model.predict_cached(
                 support.unflatten(0, (len(specs), way, shot)),
                 support_fg,
                 support_bg,

@@ -10,6 +10,7 @@ from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
 from fsbench.methods import METHODS
+from fsbench.methods.layers import FewShotMethod
 
 PANET = get_protocol("panet")
 
@@ -295,3 +296,59 @@ def test_pfenet_scoring_upsamples_the_whole_input_onto_the_original_square(datas
     assert np.array_equal(counts.per_class, meter.counts().per_class)
     shifted = F.interpolate(logits[..., :24, :40], size=(48, 64), mode="bilinear").argmax(1)[0]
     assert not torch.equal(shifted, expected)  # the former crop-and-resize scored differently
+
+
+class TwoScales(FewShotMethod):
+    """A feature pyramid of two maps (strides 4 and 8): cosine similarity to masked-average
+    prototypes on each map, upsampled and summed."""
+
+    trainable = False
+    cacheable_encoder = True
+    feature_layout = "maps"
+
+    def __init__(self):
+        super().__init__()
+        self.fine = torch.nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.coarse = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)
+
+    def encode(self, images):
+        fine = self.fine(images)
+        return fine, self.coarse(torch.relu(fine))
+
+    def predict(self, support, fg, bg, query, out_size):
+        logits = 0
+        for s, q in zip(support, query):  # [N, K, C, h, w], [Q, C, h, w]
+            size = s.shape[-2:]
+            masks = torch.cat([bg.flatten(0, 1).amin(0, keepdim=True), fg.flatten(0, 1)])
+            masks = torch.nn.functional.interpolate(masks[:, None].float(), size=size)
+            way, shot = fg.shape[:2]
+            features = s.flatten(0, 1)  # [N·K, C, h, w]
+            prototypes = [(features * masks[0]).sum((0, 2, 3)) / (masks[0].sum() + 1e-5)]
+            for n in range(way):
+                m, f = masks[1 + n * shot : 1 + (n + 1) * shot], features[n * shot : (n + 1) * shot]
+                prototypes.append((f * m).sum((0, 2, 3)) / (m.sum() + 1e-5))
+            score = torch.nn.functional.cosine_similarity(
+                q[:, None], torch.stack(prototypes)[None, :, :, None, None], dim=2
+            )
+            logits = logits + torch.nn.functional.interpolate(score, size=out_size)
+        return logits
+
+
+@pytest.mark.parametrize("way, shot", [(1, 1), (2, 3)])
+def test_a_feature_pyramid_is_cached_as_one_vector_per_image(dataset, way, shot):
+    # The "maps" layout: the cache holds each image's two maps as one flat vector (4·8·8 + 6·4·4
+    # floats at 32 px), spills and reads them back like any map, and the cached, batched
+    # prediction equals model(episode) on loaded images, episode for episode.
+    torch.manual_seed(0)
+    model = TwoScales().eval()
+    manifest = EpisodeManifest.build(dataset, PANET, 0, way, shot, 10, 7)
+    loader = EpisodeLoader(dataset, 32)
+    plain, _, plain_kept = evaluate(model, loader, manifest, PANET, keep_predictions=3)
+    one = 4 * (4 * 8 * 8 + 6 * 4 * 4)
+    cache = FeatureCache(model, loader, "cpu", max_bytes=3 * one, batch_size=4)
+    cached, _, kept = evaluate(model, loader, manifest, PANET, cache=cache, keep_predictions=3)
+    assert cache.feature_bytes == one and cache.spilled > 0
+    assert np.array_equal(plain.per_class, cached.per_class)
+    assert np.array_equal(plain.foreground, cached.foreground)
+    assert all(torch.equal(a["prediction"], b["prediction"]) for a, b in zip(kept, plain_kept))
+    assert plain.miou() > 0
