@@ -11,14 +11,8 @@ from collections import defaultdict
 from fsbench.benchmarks.evaluate import distinct_images
 from fsbench.benchmarks.grid import Cell, GridSpec
 from fsbench.benchmarks.planning import Job, Plan
-from fsbench.benchmarks.records import CellRecord, SeedRecord
-from fsbench.benchmarks.results import (
-    ResultStore,
-    environment,
-    file_sha256,
-    now_iso,
-    summarise,
-)
+from fsbench.benchmarks.records import CellRecord, SeedRecord, summarise
+from fsbench.benchmarks.results import ResultStore, environment, file_sha256, now_iso
 
 
 class Driver:

@@ -30,11 +30,11 @@ class Plan:
     manifests: dict  # (cell id, seed) → EpisodeManifest
 
 
-def _damaged_manifests(store: ResultStore, finished: set[str]) -> dict[str, list[int]]:
+def _damaged_manifests(store: ResultStore, records, finished: set[str]) -> dict[str, list[int]]:
     """cell id → seeds of finished cells whose saved manifest is missing or damaged."""
     damaged: dict[str, list[int]] = {}
     intact: dict[str, bool] = {}  # fingerprint → its file checks out (cells share manifests)
-    for result in store.load_cells():
+    for result in records:
         if result.cell_id not in finished:
             continue
         for seed in result.seeds:
@@ -67,10 +67,12 @@ def plan_grid(
 ) -> Plan:
     """Cells, the ones still to do, their jobs and their (deterministic) manifests."""
     cells = grid.expand()
-    done = set() if rerun else store.finished_ids()
+    records = [] if rerun else store.load_cells()  # each cell file read and checked once
+    done = store.finished_ids(records)
     todo = [c for c in cells if c.id not in done]
     manifests = {}
-    damaged = _damaged_manifests(store, {c.id for c in cells} & done) if build_manifests else {}
+    finished = {c.id for c in cells} & done
+    damaged = _damaged_manifests(store, records, finished) if build_manifests else {}
     if build_manifests and (todo or damaged):
         dataset = open_dataset(grid.dataset, cells[0].preset)
         for cell in (c for c in cells if c.id in damaged):  # finished cells' records, repaired

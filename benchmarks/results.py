@@ -15,14 +15,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from fsbench.benchmarks.records import (  # noqa: F401 (re-exported)
-    RESULT_VERSION,
-    CellRecord,
-    SeedRecord,
-    finite_or_none,
-    read_cells,
-    summarise,
-)
+from fsbench.benchmarks.records import CellRecord, read_cells
 from fsbench.core import FsbenchError, atomic_write_bytes
 
 
@@ -90,10 +83,11 @@ class ResultStore:
     def cell_path(self, cell_id: str) -> Path:
         return self.cells_dir / f"{cell_id}.json"
 
-    def finished_ids(self) -> set[str]:
+    def finished_ids(self, records: list[CellRecord] | None = None) -> set[str]:
         """Cells whose file is valid and whose checkpoint (if they have one) is intact: a
         deleted, truncated or corrupted checkpoint makes its cells run again."""
-        return {r.cell_id for r in self.load_cells() if self.checkpoint_problem(r, True) is None}
+        records = self.load_cells() if records is None else records
+        return {r.cell_id for r in records if self.checkpoint_problem(r, True) is None}
 
     def checkpoint_problem(self, record: CellRecord, full: bool = False) -> str | None:
         """Why the cell's checkpoint is unusable (None if it is fine or the cell has none);

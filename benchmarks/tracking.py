@@ -110,7 +110,7 @@ class Tracker:
                 self._parent()
             if store is not None:  # cells finished earlier but missing or stale in MLflow
                 todo = {c.id for c in plan.todo}
-                for cell in self._unlogged(store):
+                for cell in self._unlogged(store.load_cells()):
                     if cell.cell_id not in todo:
                         self.log_cell(cell, store)
         except Exception as error:  # noqa: BLE001 - any failure means "log later"
@@ -177,10 +177,10 @@ class Tracker:
             if not token:
                 return runs
 
-    def _unlogged(self, store) -> list[CellRecord]:
-        """Cells of `store` without a FINISHED run logged from this very file."""
+    def _unlogged(self, cells: list[CellRecord]) -> list[CellRecord]:
+        """The cells without a FINISHED run logged from this very file."""
         logged = self.logged_cells()
-        return [c for c in store.load_cells() if logged.get(c.cell_id) != record_digest(c)]
+        return [c for c in cells if logged.get(c.cell_id) != record_digest(c)]
 
     def finish_invocation(self, status: str = "FINISHED") -> None:
         self.flush()
@@ -372,7 +372,7 @@ class Tracker:
         self.experiment_name = self.experiment_name or cells[0].grid
         self.experiment_id = self._experiment(self.experiment_name)
         self._close_leftovers()
-        missing = self._unlogged(store)
+        missing = self._unlogged(cells)
         pushed = sum(self.log_cell(c, store) for c in missing)
         if self.parent_run_id:
             self.finish_invocation("FINISHED" if pushed == len(missing) else "FAILED")

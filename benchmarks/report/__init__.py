@@ -12,13 +12,11 @@ from fsbench.benchmarks.report.build import (
     results_table,
 )
 from fsbench.benchmarks.report.frame import (
-    cell_problem,
     current_cells,
     display_name,
     load_cells,
     row_label,
     seed_frame,
-    train_seed,
 )
 from fsbench.benchmarks.report.statistics import statistics, statistics_markdown
 from fsbench.benchmarks.report.tables import paper_table, to_csv_frame, to_latex, to_markdown
@@ -29,7 +27,6 @@ __all__ = [
     "CellRecord",
     "SeedRecord",
     "build_report",
-    "cell_problem",
     "current_cells",
     "display_name",
     "grid_folder",
@@ -46,5 +43,4 @@ __all__ = [
     "to_csv_frame",
     "to_latex",
     "to_markdown",
-    "train_seed",
 ]

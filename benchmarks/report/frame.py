@@ -12,7 +12,6 @@ from fsbench.benchmarks.metrics import METRICS
 from fsbench.benchmarks.records import (
     CellConfig,
     CellRecord,
-    RecordError,
     read_cells,
 )  # noqa: F401
 
@@ -22,15 +21,6 @@ def load_cells(grid_dir: Path, rejected: dict | None = None) -> list[CellRecord]
     why): a report shows only what its grid computed, as the run wrote it."""
     grid_dir = Path(grid_dir)
     return read_cells(grid_dir / "cells", grid_dir.name, rejected)
-
-
-def cell_problem(raw, file_id: str, grid: str) -> str | None:
-    """Why a cell file's JSON must not be reported (None: it is valid); records.py checks."""
-    try:
-        CellRecord.from_json(raw, file_id, grid)
-    except RecordError as error:
-        return str(error)
-    return None
 
 
 def current_cells(cells: list[CellRecord]) -> tuple[list[CellRecord], list[CellRecord]]:
@@ -103,11 +93,6 @@ def display_name(cell: CellRecord) -> str:
     return name
 
 
-def train_seed(config: CellConfig):
-    """The training seed of a trained cell (None for methods that do not train)."""
-    return config.train_seed
-
-
 def seed_frame(cells: list[CellRecord]) -> pd.DataFrame:
     """One row per (cell, seed): the tidy data every table and figure is computed from."""
     rows = []
@@ -127,7 +112,7 @@ def seed_frame(cells: list[CellRecord]) -> pd.DataFrame:
                     "protocol": config.protocol,
                     "alpha": config.method_kwargs.get("alpha"),
                     "seed": seed.seed,
-                    "train_seed": train_seed(config),
+                    "train_seed": config.train_seed,
                     **{m: 100 * seed.metric(m) for m in METRICS},
                     "episodes": seed.episodes,
                     "fingerprint": seed.manifest_fingerprint[:12],

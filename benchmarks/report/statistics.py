@@ -10,7 +10,7 @@ from fsbench.benchmarks.metrics import (
     _resample_weights,
     bootstrap_ci,
 )
-from fsbench.benchmarks.report.frame import row_label, train_seed
+from fsbench.benchmarks.report.frame import row_label
 
 
 def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFrame:
@@ -43,7 +43,7 @@ def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFram
             )
             key = (config.row, config.fold, config.way, config.shot)
             key += (config.annotation,)
-            by_setting.setdefault(key, {}).setdefault(train_seed(config), {})[seed.seed] = (
+            by_setting.setdefault(key, {}).setdefault(config.train_seed, {})[seed.seed] = (
                 counts,
                 seed.manifest_fingerprint,
             )
