@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from fsbench.core import FsbenchError, atomic_write_text, canonical_sha256, seeded_rng  # noqa: F401
+from fsbench.datasets.augment import PAD, VOID
 from fsbench.datasets.cache import ByteLRU
 from fsbench.datasets.protocols import check_sampler
 from fsbench.datasets.replay import official_episodes
@@ -362,24 +363,50 @@ class EpisodeLoader:
         labels = torch.stack([self.query_label(i, classes) for i in spec.query])
         return torch.stack(fg).float(), torch.stack(bg).float(), labels
 
-    def load(self, spec: EpisodeSpec, flips=None) -> Episode:
-        """Assemble an episode; `flips` (one bool per image: supports class by class, then
-        queries) applies PANet's random horizontal flip (training)."""
+    def load(self, spec: EpisodeSpec, augment=None) -> Episode:
+        """Assemble an episode; `augment` (training) is (an `Augmentation`, one parameter per
+        image: supports class by class, then queries), as the step plan drew them."""
         classes = list(spec.classes)
-        flip = iter(flips) if flips is not None else None
+        augmentation, params = augment if augment is not None else (None, None)
+        drawn = iter(params) if params is not None else None
 
-        def maybe_flip(*tensors):
-            if flip is not None and next(flip):
-                return tuple(t.flip(-1) for t in tensors)
-            return tensors
+        def views(image_id, masks_of):
+            """(image, *masks) of one image, augmented when the plan says so."""
+            param = next(drawn) if drawn is not None else None
+            if augmentation is None:
+                return (self.image(image_id), *masks_of(None))
+            if augmentation.raw_pixels:
+                raw = self._raw_augmented(augmentation, image_id, classes, param)
+                tensors = (raw[0], *masks_of(raw[1:]))
+            else:
+                tensors = (self.image(image_id), *masks_of(None))
+            return augmentation.tensors(tensors, param)
+
+        def support(image_id, index):
+            def masks_of(raw):
+                if raw is None:
+                    return self.support_masks(image_id, index, classes)
+                masks, _, padding = raw
+                return masks[index], ~masks.any(0) & ~padding
+
+            return views(image_id, masks_of)
+
+        def query(image_id):
+            def masks_of(raw):
+                if raw is None:
+                    return (self.query_label(image_id, classes),)
+                masks, void, padding = raw
+                return (_label_of(masks, void | padding),)
+
+            return views(image_id, masks_of)
 
         support_images, support_fg, support_bg = [], [], []
         for index, ids in enumerate(spec.support):
-            row = [maybe_flip(self.image(i), *self.support_masks(i, index, classes)) for i in ids]
+            row = [support(i, index) for i in ids]
             support_images.append(torch.stack([image for image, _, _ in row]))
             support_fg.append(torch.stack([fg for _, fg, _ in row]).float())
             support_bg.append(torch.stack([bg for _, _, bg in row]).float())
-        queries = [maybe_flip(self.image(i), self.query_label(i, classes)) for i in spec.query]
+        queries = [query(i) for i in spec.query]
         return Episode(
             class_ids=classes,
             support_images=torch.stack(support_images),
@@ -390,3 +417,27 @@ class EpisodeLoader:
             support_ids=[list(s) for s in spec.support],
             query_ids=list(spec.query),
         )
+
+    def _raw_augmented(self, augmentation, image_id: str, classes, param):
+        """(image [3,S,S], masks [N,S,S], void [S,S], padding [S,S]) augmented on the decoded
+        image and its dense label (augmentations with `raw_pixels`)."""
+        masks, void = self.dataset.load_masks(image_id, classes)
+        label = np.zeros(void.shape, np.uint8)
+        label[void] = VOID
+        for index, mask in enumerate(masks, start=1):
+            label[mask] = index
+        pixels, label = augmentation.raw(
+            self.dataset.load_image(image_id), label, param, self.input_size
+        )
+        classes_at = torch.from_numpy(label.astype(np.int64))
+        masks = torch.stack([classes_at == index for index in range(1, len(classes) + 1)])
+        return normalise(pixels), masks, classes_at == VOID, classes_at == PAD
+
+
+def _label_of(masks: torch.Tensor, void: torch.Tensor) -> torch.Tensor:
+    """[S, S] long: 0 background, i for the i-th class of `masks` [N, S, S], 255 where `void`."""
+    target = torch.zeros(void.shape, dtype=torch.long)
+    target[void] = 255
+    for index in range(masks.shape[0]):
+        target[masks[index]] = index + 1
+    return target

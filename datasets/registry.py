@@ -26,3 +26,10 @@ def dataset_class(dataset) -> type[FewShotDataset]:
     if dataset is None or not issubclass(dataset, FewShotDataset):
         return FewShotDataset
     return dataset
+
+
+def open_dataset(dataset_cfg: dict, protocol="panet") -> FewShotDataset:
+    """The dataset of a grid's `dataset:` section; the protocol sets its defaults (COCO fold
+    convention, crowds)."""
+    kwargs = {k: v for k, v in dataset_cfg.items() if k != "name"}
+    return DATASETS.build(dataset_cfg["name"], protocol=protocol, **kwargs)

@@ -9,7 +9,7 @@ the repository's methods/, datasets/ and benchmarks/ folders, installed as fsben
 fsbench.datasets and fsbench.benchmarks; ARCHITECTURE.md says how they fit.
 """
 
-from fsbench.benchmarks.api import RunOptions, register_dataset, register_method, run
+from fsbench.benchmarks.cli.api import RunOptions, register_dataset, register_method, run
 from fsbench.benchmarks.metrics import Metric, register_metric
 from fsbench.core import FsbenchError
 from fsbench.datasets.base import FewShotDataset

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fsbench.datasets.episodes import Episode
-from fsbench.methods.layers import FewShotMethod
+from fsbench.methods.base import FewShotMethod
 from fsbench.methods.registry import METHODS
 
 

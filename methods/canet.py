@@ -30,7 +30,8 @@ from torch import nn
 
 from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import Episode
-from fsbench.methods.layers import FewShotMethod, combine_binary_heads
+from fsbench.methods.base import FewShotMethod
+from fsbench.methods.layers import combine_binary_heads
 from fsbench.methods.registry import METHODS
 from fsbench.methods.weights import imagenet_weights_path, load_mapped_state_dict, read_state_dict
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsbench.datasets.episodes import Episode
-from fsbench.methods.layers import FewShotMethod, VGG16Encoder, combine_binary_heads
+from fsbench.methods.base import FewShotMethod
+from fsbench.methods.layers import VGG16Encoder, combine_binary_heads
 from fsbench.methods.registry import METHODS
 
 

@@ -1,9 +1,10 @@
-"""Layers shared by the methods: PANet's VGG-16 encoder, masked average pooling, cosine scores."""
+"""Layers shared by the methods: PANet's VGG-16 encoder, masked average pooling, cosine scores.
+`FewShotMethod` (the method contract) lives in `methods/base.py` and is re-exported here for
+plugins written against earlier versions."""
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsbench.core import FsbenchError
-from fsbench.datasets.episodes import Episode
+from fsbench.methods.base import FewShotMethod  # noqa: F401 (re-exported)
 from fsbench.methods.weights import imagenet_weights_path, read_state_dict
 
 log = logging.getLogger("fsbench")
@@ -20,90 +21,6 @@ log = logging.getLogger("fsbench")
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_STAGES = ((2, 64, 1), (2, 128, 1), (3, 256, 1), (3, 512, 1), (3, 512, 2))
 MAP_EPS = 1e-5
-
-
-class FewShotMethod(nn.Module):
-    """Base of every method: `model(episode)` → logits [Q, 1+N, H, W]; `model.loss(episode)`.
-
-    `cacheable_encoder`: the method computes `encode(image)` independently of the episode, so the
-    evaluator may encode each distinct image once and call `predict` on cached features.
-    """
-
-    trainable = True
-    cacheable_encoder = False
-    # What `encode` returns per image, for the evaluator's cache: "map", one [C, h, w] tensor;
-    # "maps", a tuple of them (a feature pyramid), cached as one flat vector per image and
-    # unpacked before `predict_batch` sees them.
-    feature_layout = "map"
-
-    def loss(self, episode: Episode) -> dict[str, torch.Tensor]:
-        raise FsbenchError(f"method {type(self).__name__} is not trained; leave it out of training")
-
-    def encode_episode(self, episode: Episode):
-        """Supports and queries through `encode` in one batch: ([N,K,C,h,w], [Q,C,h,w]) (of
-        each map, for the "maps" layout)."""
-        way, shot = episode.support_fg.shape[:2]
-        features = self.encode(
-            torch.cat([episode.support_images.flatten(0, 1), episode.query_images])
-        )
-        support = _per_map(features, lambda f: f[: way * shot].unflatten(0, (way, shot)))
-        return support, _per_map(features, lambda f: f[way * shot :])
-
-    def encode_for_cache(self, images: torch.Tensor) -> torch.Tensor:
-        """`encode` as the evaluator's cache stores it: one tensor [B, C, h, w] per batch (the
-        "maps" layout flattened into [B, D, 1, 1]; `predict_cached` unpacks it)."""
-        features = self.encode(images)
-        if self.feature_layout == "map":
-            return features
-        self._map_shapes = tuple(tuple(f.shape[1:]) for f in features)
-        return torch.cat([f.flatten(1) for f in features], 1)[:, :, None, None]
-
-    def predict_cached(self, support_features, support_fg, support_bg, query_features, out_size):
-        """`predict_batch` on features as `encode_for_cache` made them."""
-        if self.feature_layout != "map":
-            support_features = self._unpack(support_features)
-            query_features = self._unpack(query_features)
-        return self.predict_batch(
-            support_features, support_fg, support_bg, query_features, out_size
-        )
-
-    def _unpack(self, packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        flat, maps, start = packed.flatten(-3), [], 0
-        for shape in self._map_shapes:
-            size = math.prod(shape)
-            maps.append(flat[..., start : start + size].unflatten(-1, shape))
-            start += size
-        return tuple(maps)
-
-    def predict_batch(self, support_features, support_fg, support_bg, query_features, out_size):
-        """Logits [B, Q, 1+N, H, W] of B episodes at once: supports [B,N,K,C,h,w], masks
-        [B,N,K,H,W], queries [B,Q,C,h,w] (tuples of them for the "maps" layout). Methods whose
-        prediction vectorises override it."""
-        episodes = zip(
-            _episodes(support_features), support_fg, support_bg, _episodes(query_features)
-        )
-        return torch.stack([self.predict(*episode, out_size) for episode in episodes])
-
-    def forward(self, episode: Episode) -> torch.Tensor:
-        """Encoder + `predict` methods: the same computation the evaluator's cache path runs."""
-        support, query = self.encode_episode(episode)
-        return self.predict(
-            support, episode.support_fg, episode.support_bg, query, episode.query_labels.shape[-2:]
-        )
-
-
-def _per_map(features, function):
-    """`function` of the features, or of each map of a "maps" layout."""
-    if isinstance(features, (tuple, list)):
-        return tuple(function(f) for f in features)
-    return function(features)
-
-
-def _episodes(features) -> list:
-    """The per-episode items of batched features [B, ...] (tuples of maps kept together)."""
-    if isinstance(features, (tuple, list)):
-        return list(zip(*features))
-    return list(features)
 
 
 def combine_binary_heads(heads: list[torch.Tensor]) -> torch.Tensor:

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import Episode
+from fsbench.methods.base import FewShotMethod
 from fsbench.methods.layers import (
-    FewShotMethod,
     VGG16Encoder,
     cosine_scores,
     masked_average_pool,
@@ -23,6 +23,7 @@ class PANet(FewShotMethod):
     """Metric learning on masked-average-pooled prototypes, with PAR during training."""
 
     cacheable_encoder = True
+    support_states = True  # per-support fg/bg prototypes: a few KB each
 
     def __init__(self, alpha=20.0, par_weight=1.0, width=1.0, pretrained=None):
         super().__init__()
@@ -78,23 +79,22 @@ class PANet(FewShotMethod):
         """Logits [B,Q,1+N,H,W] of B episodes in one pass: all supports pooled in one call, all
         queries scored against their own episode's prototypes, one upsampling."""
         batch, way, shot = support_fg.shape[:3]
-        pooled = self.support_prototypes(
+        pooled = self.support_state(
             support_features.flatten(0, 2), support_fg.flatten(0, 2), support_bg.flatten(0, 2)
         ).unflatten(0, (batch, way, shot))  # [B, N, K, 2, C]
         queries = query_features.shape[1]
         pooled = pooled[:, None].expand(batch, queries, *pooled.shape[1:]).flatten(0, 1)
-        logits = self.prototype_logits(query_features.flatten(0, 1), pooled[:, None], out_size)
+        logits = self.predict_states(query_features.flatten(0, 1), pooled[:, None], out_size)
         return logits.unflatten(0, (batch, queries))[:, :, 0]
 
-    @staticmethod
-    def support_prototypes(features, fg, bg):
+    def support_state(self, features, fg, bg):
         """Per-support foreground and background prototypes [n, 2, C] of features [n,C,h,w] under
         masks [n,H,W]: everything an episode needs from a support image, a few KB."""
         return torch.stack(
             [masked_average_pool(features, fg), masked_average_pool(features, bg)], 1
         )
 
-    def prototype_logits(self, query_features, pooled, out_size):
+    def predict_states(self, query_features, pooled, out_size):
         """Logits [Q, R, 1+N, H, W] of each query [Q,C,h,w] against R episodes' pooled supports
         [Q, R, N, K, 2, C]: class prototypes are the mean over shots, the background the mean
         over all supports (PANet's rule)."""

@@ -2,6 +2,6 @@
 own builders (a new bundled method is one new file)."""
 
 from fsbench.core import Registry
-from fsbench.methods.layers import FewShotMethod
+from fsbench.methods.base import FewShotMethod
 
 METHODS = Registry("method", packages=("fsbench.methods",), base=FewShotMethod)

@@ -20,8 +20,8 @@ from torch import nn
 
 from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import Episode
+from fsbench.methods.base import FewShotMethod
 from fsbench.methods.layers import (
-    FewShotMethod,
     VGG16Encoder,
     combine_binary_heads,
     masked_average_pool,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -19,6 +21,22 @@ from fsbench.datasets.synthetic import write_voc  # noqa: E402
 
 TEST_IMAGES = 200
 TEST_SIZE = 64
+
+# The quick tier (`pytest -m quick`, the contributor's minute): every test is marked `quick`
+# unless it uses one of these fixtures (they start a Ray cluster, an MLflow server or CLI
+# processes, or generate a large data set) or is marked `slow` itself (it runs a whole grid, a
+# local Ray instance or a full-size network). Plain `pytest` runs both tiers.
+SLOW_FIXTURES = {
+    "ray_cluster",  # a head and a worker node (test_ray_cluster.py)
+    "mlflow_server",  # a real `mlflow server`
+    "cli_process",  # the CLI in a subprocess, as a user's shell runs it
+    "recorded_voc",  # the 900-image layouts the official episodes were recorded on
+    "recorded_coco",
+    "coco_root",  # a 600-image generated COCO layout
+}
+# The guard: in a `-m quick` session, a quick test that takes longer than this fails the
+# session, naming the test (mark it slow, or use a smaller fixture).
+QUICK_LIMIT_SECONDS = 3.0
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +74,28 @@ def small_grid_dict(voc_root):
     }
 
 
+@pytest.fixture
+def cli_process():
+    """Runs `fsbench ARGS` in a fresh process (as a user's shell does): returns a function of
+    (args, cwd=None, env=None, timeout=…) giving the CompletedProcess."""
+
+    def run(args, cwd=None, env=None, timeout=600):
+        return subprocess.run(
+            [sys.executable, "-m", "fsbench.benchmarks.cli", *map(str, args)],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run
+
+
+def _is_slow(item) -> bool:
+    return "slow" in item.keywords or bool(SLOW_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
@@ -67,4 +107,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip)
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
+        elif "gpu" not in item.keywords:
+            item.add_marker(pytest.mark.quick)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+_QUICK_TIMES: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    if "quick" in report.keywords:
+        _QUICK_TIMES[report.nodeid] = _QUICK_TIMES.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "quick" not in (session.config.getoption("markexpr") or ""):
+        return
+    over = {k: v for k, v in _QUICK_TIMES.items() if v > QUICK_LIMIT_SECONDS}
+    if over:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        for nodeid, seconds in sorted(over.items(), key=lambda kv: -kv[1]):
+            reporter.write_line(
+                f"quick tier guard: {nodeid} took {seconds:.1f} s (limit "
+                f"{QUICK_LIMIT_SECONDS:.0f} s): mark it slow or give it a smaller fixture",
+                red=True,
+            )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

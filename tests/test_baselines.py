@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from fsbench.benchmarks.evaluate import FeatureCache, evaluate
+from fsbench.benchmarks.evaluation.cache import FeatureCache
+from fsbench.benchmarks.evaluation.evaluate import evaluate
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
 from fsbench.methods import METHODS

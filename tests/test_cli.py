@@ -6,7 +6,7 @@ import argparse
 import pytest
 import yaml
 
-from fsbench.benchmarks.cli import get_args_parser, main
+from fsbench.benchmarks.cli.main import get_args_parser, main
 
 
 def test_overrides_and_options_in_any_order(capsys, tmp_path):
@@ -67,7 +67,7 @@ def test_manifest_names_its_sampler_and_the_grid_takes_one(capsys, tmp_path, voc
     grid's `sampler:` joins the cell id only when official (old fsbench-sampled ids stay)."""
     import json
 
-    from fsbench.benchmarks.grid import parse_grid
+    from fsbench.benchmarks.grid.files import parse_grid
 
     for extra, sampler in (([], "official:panet"), (["--sampler", "fsbench"], "fsbench")):
         out = tmp_path / f"{sampler}.json"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fsbench.benchmarks.evaluate import evaluate
+from fsbench.benchmarks.evaluation.evaluate import evaluate
 from fsbench.datasets.coco import Coco20i, fold_classes
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.pascal import DatasetError
@@ -225,7 +225,7 @@ def test_bad_coco_json_and_missing_image(tmp_path, coco_root):
         [
             sys.executable,
             "-m",
-            "fsbench.benchmarks.cli",
+            "fsbench.benchmarks.cli.main",
             "manifest",
             "--dataset",
             "coco20i",

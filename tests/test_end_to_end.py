@@ -1,28 +1,15 @@
 """The whole path on a tiny grid: train, evaluate, results JSON, MLflow (sqlite), report, resume."""
 
 import json
-import subprocess
-import sys
 
 import yaml
 
 
-def _run(args, cwd, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "fsbench.benchmarks.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-
-
-def test_serial_grid_end_to_end_and_resume(tmp_path, small_grid_dict):
+def test_serial_grid_end_to_end_and_resume(cli_process, tmp_path, small_grid_dict):
     grid_file = tmp_path / "tiny.yaml"
     grid_file.write_text(yaml.safe_dump(small_grid_dict))
     results = tmp_path / "results"
-    first = _run(["run", str(grid_file), "--serial", "--results", str(results)], tmp_path)
+    first = cli_process(["run", str(grid_file), "--serial", "--results", str(results)], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     cells = sorted((results / "tiny" / "cells").glob("*.json"))
     assert len(cells) == 3
@@ -82,24 +69,26 @@ def test_serial_grid_end_to_end_and_resume(tmp_path, small_grid_dict):
     assert {"config.json", "episodes.csv", "qualitative.png"} <= artifacts
 
     before = {c.name: c.stat().st_mtime_ns for c in cells}
-    second = _run(
+    second = cli_process(
         ["run", str(grid_file), "--serial", "--results", str(results), "--no-report"], tmp_path
     )
     assert second.returncode == 0 and "0 cells written, 3 already done" in second.stdout
     grids = client.search_runs([experiment.experiment_id], "tags.`fsbench.kind` = 'grid'")
     assert len(grids) == 1  # one stable run per grid, whatever the number of invocations
     assert {c.name: c.stat().st_mtime_ns for c in cells} == before
-    sync = _run(["sync", "tiny", "--results", str(results)], tmp_path)
+    sync = cli_process(["sync", "tiny", "--results", str(results)], tmp_path)
     assert "pushed 0 of 3" in sync.stdout
 
 
-def test_checkpoint_reproduces_saved_predictions_and_renders(tmp_path, small_grid_dict):
-    from fsbench.benchmarks.qualitative import render, saved_matches_checkpoint
-    from fsbench.benchmarks.results import ResultStore
+def test_checkpoint_reproduces_saved_predictions_and_renders(
+    cli_process, tmp_path, small_grid_dict
+):
+    from fsbench.benchmarks.cli.qualitative import render, saved_matches_checkpoint
+    from fsbench.benchmarks.store.results import ResultStore
 
     grid_file = tmp_path / "tiny.yaml"
     grid_file.write_text(yaml.safe_dump(dict(small_grid_dict, methods=[{"name": "test_panet"}])))
-    done = _run(
+    done = cli_process(
         [
             "run",
             str(grid_file),
@@ -118,7 +107,7 @@ def test_checkpoint_reproduces_saved_predictions_and_renders(tmp_path, small_gri
     assert saved_matches_checkpoint(cell, store)
     figure = render(store.grid_dir, None, [0, 3])
     assert figure.name == f"qualitative_{cell.cell_id}.png" and figure.stat().st_size > 1000
-    shown = _run(
+    shown = cli_process(
         ["qualitative", "tiny", "--results", str(tmp_path / "r"), "--episodes", "99"], tmp_path
     )
     assert shown.returncode == 2 and "episode 99 is outside 0…5" in shown.stderr

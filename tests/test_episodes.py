@@ -13,6 +13,7 @@ from fsbench.datasets.protocols import get_protocol
 PANET = get_protocol("panet")
 
 
+@pytest.mark.slow
 def test_fingerprint_same_in_fresh_process_and_differs_by_seed(dataset, voc_root, tmp_path):
     manifest = EpisodeManifest.build(dataset, PANET, 1, 1, 1, 20, 1234)
     code = (

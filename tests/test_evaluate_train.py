@@ -4,13 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from fsbench.benchmarks.evaluate import FeatureCache, evaluate, evaluate_prototypes
-from fsbench.benchmarks.train import TrainConfig, split_validation_classes, train
+from fsbench.benchmarks.evaluation.cache import FeatureCache
+from fsbench.benchmarks.evaluation.evaluate import evaluate, evaluate_states
+from fsbench.benchmarks.grid.recipes import TrainConfig
+from fsbench.benchmarks.training.train import split_validation_classes, train
 from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
 from fsbench.datasets.protocols import get_protocol
 from fsbench.methods import METHODS
-from fsbench.methods.layers import FewShotMethod
+from fsbench.methods.base import FewShotMethod
 
 PANET = get_protocol("panet")
 
@@ -51,7 +53,7 @@ def test_prototype_plan_equals_per_episode_evaluation_and_encodes_each_image_onc
     jobs.append((loader.annotated("scribble", weak_seed=4), manifests[0], PANET))
     one_map = 32 * 4 * 4 * 4
     cache = FeatureCache(model, loader, "cpu", max_bytes=2 * one_map, batch_size=4)
-    results = evaluate_prototypes(model, cache, jobs, keep_predictions=2)
+    results = evaluate_states(model, cache, jobs, keep_predictions=2)
     for (job_loader, manifest, _), (counts, _, kept) in zip(jobs, results):
         plain, _, plain_kept = evaluate(model, job_loader, manifest, PANET, keep_predictions=2)
         assert np.array_equal(counts.per_class, plain.per_class)
@@ -63,7 +65,7 @@ def test_prototype_plan_equals_per_episode_evaluation_and_encodes_each_image_onc
     assert cache.spilled > 0 and len(cache._items) <= 2
     # A job's counts do not depend on which other jobs shared the plan.
     alone = FeatureCache(model, loader, "cpu", batch_size=4)
-    ((counts, _, _),) = evaluate_prototypes(model, alone, jobs[2:3])
+    ((counts, _, _),) = evaluate_states(model, alone, jobs[2:3])
     assert np.array_equal(counts.per_class, results[2][0].per_class)
 
 
@@ -222,8 +224,9 @@ def test_cuda_training_pipeline_and_bf16(dataset):
 def test_training_recipe_values_optimizer_groups_and_constant_lr():
     """SG-One's official recipe as grid values: per-group lr factors over the method's groups,
     SGD momentum 0.99, constant lr; Adam on request; unknown groups are one clear error."""
-    from fsbench.benchmarks.grid import _train_overrides
-    from fsbench.benchmarks.train import TrainConfig, make_optimizer
+    from fsbench.benchmarks.grid.files import _train_overrides
+    from fsbench.benchmarks.grid.recipes import TrainConfig
+    from fsbench.benchmarks.training.optim import make_optimizer
     from fsbench.core import FsbenchError
     from fsbench.methods import METHODS
 
@@ -254,7 +257,8 @@ def test_training_recipe_values_optimizer_groups_and_constant_lr():
 
 
 def test_constant_lr_schedule_ignores_milestones(dataset):
-    from fsbench.benchmarks.train import TrainConfig, train
+    from fsbench.benchmarks.grid.recipes import TrainConfig
+    from fsbench.benchmarks.training.train import train
     from fsbench.datasets.protocols import get_protocol
     from fsbench.methods import METHODS
 
@@ -272,7 +276,7 @@ def test_pfenet_scoring_upsamples_the_whole_input_onto_the_original_square(datas
     longer side's square; the label there is padded with 255, so only the image is scored."""
     import torch.nn.functional as F
 
-    from fsbench.benchmarks.evaluate import _Scorer
+    from fsbench.benchmarks.evaluation.evaluator import EpisodeCounter, QueryRef
     from fsbench.benchmarks.metrics import SegmentationMeter
 
     # objects of any size (the session dataset's 64-px images are too small for 2·32·32 px)
@@ -282,8 +286,8 @@ def test_pfenet_scoring_upsamples_the_whole_input_onto_the_original_square(datas
     loader = EpisodeLoader(dataset, 40, resize="keep_ratio_pad")
     torch.manual_seed(0)
     logits = torch.randn(1, 2, 40, 40)
-    scorer = _Scorer(loader, manifest, protocol, keep_predictions=1)
-    scorer.add(logits, loader.load(spec).query_labels, [(0, spec, 0)])
+    scorer = EpisodeCounter(loader, manifest, protocol, keep_predictions=1)
+    scorer.process(logits, loader.load(spec).query_labels, [QueryRef(0, spec, 0)])
     counts, kept = scorer.result()
     masks, void = dataset.load_masks(spec.query[0], list(spec.classes))  # 48 × 64 original
     label = torch.from_numpy(masks[0]).long()

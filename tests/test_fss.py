@@ -54,7 +54,7 @@ def test_bad_layouts_are_one_clear_error(tmp_path):
 
 
 def test_list_names_hsnet_test_classes_without_data(capsys):
-    from fsbench.benchmarks.cli import main
+    from fsbench.benchmarks.cli.main import main
 
     assert main(["list", "--dataset", "fss1000"]) == 0
     out = capsys.readouterr().out.strip().splitlines()

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from fsbench.benchmarks.grid import apply_overrides, load_grid, parse_grid
+from fsbench.benchmarks.grid.files import apply_overrides, load_grid, parse_grid
 from fsbench.core import FsbenchError
 
 
@@ -104,7 +104,7 @@ def test_included_dataset_keys_merge_when_the_dataset_is_the_same(tmp_path):
 
 
 def test_train_seeds_axis_and_declared_comparisons(small_grid_dict):
-    from fsbench.benchmarks.grid import parse_grid
+    from fsbench.benchmarks.grid.files import parse_grid
 
     grid = parse_grid(
         dict(

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from helpers import session_members
 
-from fsbench.benchmarks.cli import main
+from fsbench.benchmarks.cli.main import main
 from fsbench.core import FsbenchError
 
 
@@ -78,7 +78,7 @@ def test_grid_name_of_an_included_file_cannot_leave_results(tmp_path, quick_grid
 
 
 def test_numbers_in_yaml_and_overrides_are_what_users_mean(tmp_path, small_grid_dict):
-    from fsbench.benchmarks.grid import load_grid
+    from fsbench.benchmarks.grid.files import load_grid
 
     grid_file = tmp_path / "g.yaml"
     text = yaml.safe_dump(small_grid_dict).replace(
@@ -159,7 +159,7 @@ def test_read_only_results_folder(tmp_path, quick_grid, capsys):
 
 
 def test_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
-    from fsbench.benchmarks import results
+    from fsbench.benchmarks.store import results
 
     def full_disk(fd):
         raise OSError(28, "No space left on device")
@@ -171,7 +171,7 @@ def test_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
 
 
 def test_tracking_uri_password_never_printed(tmp_path, quick_grid, capsys):
-    from fsbench.benchmarks.tracking import redacted
+    from fsbench.benchmarks.tracking.tracker import redacted
 
     assert redacted("http://ann:s3cret@host:5000/x") == "http://ann:***@host:5000/x"
     assert redacted("sqlite:///results/mlflow.db") == "sqlite:///results/mlflow.db"
@@ -339,7 +339,7 @@ def test_report_never_writes_a_dataset(tmp_path, quick_grid, capsys):
 
 # -- locks -----------------------------------------------------------------------------------
 def test_second_writer_of_a_grid_is_told_who_holds_it(tmp_path, quick_grid, capsys):
-    from fsbench.benchmarks.results import GridLock, ResultStore
+    from fsbench.benchmarks.store.results import GridLock, ResultStore
 
     results = tmp_path / "r"
     with GridLock(ResultStore(results, "quick"), "the first run"):
@@ -364,9 +364,10 @@ def _runs(client, experiment, kind):
     )
 
 
+@pytest.mark.slow
 def test_mlflow_tells_the_truth_after_reruns_and_crashes(tmp_path, quick_grid, capsys):
-    from fsbench.benchmarks.records import CellRecord
-    from fsbench.benchmarks.tracking import record_digest
+    from fsbench.benchmarks.store.records import CellRecord
+    from fsbench.benchmarks.tracking.tracker import record_digest
 
     results = tmp_path / "r"
     _run_quick(capsys, quick_grid, results, "--no-report")
@@ -425,10 +426,10 @@ def test_mlflow_tells_the_truth_after_reruns_and_crashes(tmp_path, quick_grid, c
 
 
 def test_interrupted_invocation_is_recorded_killed(tmp_path, quick_grid):
-    from fsbench.benchmarks.grid import load_grid
-    from fsbench.benchmarks.results import ResultStore
-    from fsbench.benchmarks.runner import run_grid
-    from fsbench.benchmarks.tracking import Tracker
+    from fsbench.benchmarks.execution.runner import run_grid
+    from fsbench.benchmarks.grid.files import load_grid
+    from fsbench.benchmarks.store.results import ResultStore
+    from fsbench.benchmarks.tracking.tracker import Tracker
 
     class Interrupted:
         def run(self, jobs, driver):
@@ -444,6 +445,7 @@ def test_interrupted_invocation_is_recorded_killed(tmp_path, quick_grid):
     assert invocation.info.status == "KILLED"
 
 
+@pytest.mark.slow
 def test_corrupt_tracking_store_and_manifest_degrade_then_repair(tmp_path, quick_grid, capsys):
     results = tmp_path / "r"
     results.mkdir()
@@ -487,7 +489,7 @@ def test_local_ray_listens_on_loopback_and_dies_with_its_driver(tmp_path, quick_
         [
             sys.executable,
             "-m",
-            "fsbench.benchmarks.cli",
+            "fsbench.benchmarks.cli.main",
             "run",
             str(quick_grid),
             "--num-cpus",

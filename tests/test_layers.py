@@ -8,23 +8,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fsbench", "datasets", "methods", "benchmarks")
-TOP = {  # the report, the command line, the public API and the measurement scripts
-    "fsbench",
-    "fsbench.benchmarks.api",
-    "fsbench.benchmarks.cli",
-    "fsbench.benchmarks.commands",
-    "fsbench.benchmarks.qualitative",
-    "fsbench.benchmarks.throughput",
-    "fsbench.benchmarks.measure_scheduling",
-    "fsbench.benchmarks.protocol_episode",
-}
+# Bottom to top: a module may import its own layer and the ones below it, never one above.
+# The engine's subpackages are layers of their own, in the order benchmarks/__init__ lists them.
+LAYERS = (
+    ("fsbench.core",),
+    ("fsbench.datasets",),
+    ("fsbench.methods",),
+    ("fsbench.benchmarks.metrics",),
+    ("fsbench.benchmarks.grid",),
+    ("fsbench.benchmarks.store",),
+    ("fsbench.benchmarks.training", "fsbench.benchmarks.evaluation"),
+    ("fsbench.benchmarks.execution",),
+    ("fsbench.benchmarks.tracking",),
+    ("fsbench.benchmarks.report",),
+    ("fsbench.benchmarks.cli", "fsbench"),  # `import fsbench` is the API the CLI also serves
+    ("fsbench.benchmarks.tools",),
+)
 # Lazy fsbench imports, each keeping a heavy library off a light path: `import fsbench` and the
 # report import no torch; `fsbench --help` / `list` start fast; results load without torch.
 LAZY_ALLOWED = {
     "fsbench",
-    "fsbench.benchmarks.api",
-    "fsbench.benchmarks.commands",
-    "fsbench.benchmarks.results",
+    "fsbench.benchmarks.cli.api",
+    "fsbench.benchmarks.cli.commands",
+    "fsbench.benchmarks.store.results",
 }
 MAX_LINES = 420
 
@@ -37,14 +43,36 @@ def _module(path: Path) -> str:
 
 
 def _layer(module: str) -> int:
-    if module in TOP or module.startswith("fsbench.benchmarks.report"):
-        return 4
-    if module == "fsbench.core":
-        return 0
-    for layer, prefix in enumerate(("", "fsbench.datasets", "fsbench.methods")):
-        if prefix and module.startswith(prefix):
-            return layer
-    return 3  # the engine: the rest of fsbench.benchmarks
+    """The rank of the longest layer prefix of `module` (`fsbench.benchmarks` itself: its map)."""
+    best, rank = -1, len(LAYERS)
+    for index, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, rank = len(prefix), index
+    return rank
+
+
+def test_every_engine_module_sits_in_a_declared_layer():
+    modules, _ = _imports()
+    engine = [m for m in modules if m.startswith("fsbench.benchmarks.")]
+    assert len(engine) > 30
+    assert [m for m in engine if _layer(m) < 3] == []  # none falls through to fsbench itself
+    for prefixes in LAYERS[3:]:
+        for prefix in prefixes:
+            assert prefix in modules, f"{prefix}: a declared layer that does not exist"
+
+
+def test_parsing_a_grid_imports_no_trainer_worker_or_evaluator():
+    modules, found = _imports()
+    graph = {m: {t for t, top in edges if top} for m, edges in found.items()}
+    reached, todo = set(), ["fsbench.benchmarks.grid.files"]
+    while todo:
+        node = todo.pop()
+        if node not in reached:
+            reached.add(node)
+            todo.extend(graph.get(node, ()))
+    heavy = ("training", "execution", "evaluation", "tracking")
+    assert [m for m in reached if m.split(".")[2:3] and m.split(".")[2] in heavy] == []
 
 
 def _imports():

@@ -118,6 +118,7 @@ def test_par_loss_equals_hand_computation_one_way():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_pretrained_torchvision_vgg16_file(tmp_path):
     import torchvision
 

@@ -98,13 +98,13 @@ def test_official_checkpoints_with_dataparallel_prefix_and_clear_errors():
 def test_grid_evaluates_an_official_checkpoint_without_training(tmp_path, small_grid_dict):
     """`checkpoint: PATH` + `format: official` on a method entry: no training, the released
     weights are evaluated (equal to evaluating them directly), and the cell records them."""
-    from fsbench.benchmarks.api import run
-    from fsbench.benchmarks.evaluate import evaluate
-    from fsbench.benchmarks.grid import parse_grid
-    from fsbench.benchmarks.results import ResultStore
-    from fsbench.benchmarks.tasks import open_dataset
+    from fsbench.benchmarks.cli.api import run
+    from fsbench.benchmarks.evaluation.evaluate import evaluate
+    from fsbench.benchmarks.grid.files import parse_grid
+    from fsbench.benchmarks.store.results import ResultStore
     from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
     from fsbench.datasets.protocols import get_protocol
+    from fsbench.datasets.registry import open_dataset
 
     torch.manual_seed(3)
     released = METHODS.get("test_panet")()

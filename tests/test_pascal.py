@@ -1,6 +1,4 @@
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -91,19 +89,13 @@ def test_mask_label_out_of_range(broken_root, tmp_path):
         Pascal5i(root, cache_dir=tmp_path / "idx").class_index("trainaug")
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "fsbench.benchmarks.cli", *args], capture_output=True, text=True
-    )
-
-
-def test_cli_bad_input_is_one_line_and_status_2(broken_root, tmp_path):
+def test_cli_bad_input_is_one_line_and_status_2(cli_process, broken_root, tmp_path):
     root, voc = broken_root
     out = tmp_path / "m.json"
-    missing = _cli(
-        "manifest", "--data-root", str(tmp_path / "nope"), "--fold", "0", "--output", str(out)
+    missing = cli_process(
+        ["manifest", "--data-root", tmp_path / "nope", "--fold", "0", "--output", out]
     )
-    bad_fold = _cli("manifest", "--data-root", str(root), "--fold", "7", "--output", str(out))
+    bad_fold = cli_process(["manifest", "--data-root", root, "--fold", "7", "--output", out])
     for result, text in ((missing, "does not exist"), (bad_fold, "fold 7 is outside 0…3")):
         assert result.returncode == 2, result.stderr
         assert text in result.stderr

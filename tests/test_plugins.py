@@ -14,7 +14,7 @@ PLUGIN = '''\
 import torch
 
 import fsbench
-from fsbench.methods.layers import FewShotMethod
+from fsbench.methods.base import FewShotMethod
 
 
 class Brightness(FewShotMethod):
@@ -76,6 +76,7 @@ def test_own_method_from_a_module_outside_the_package_runs_on_ray(plugin_grid, t
     assert means["brightness"] > means["all_background"] == 0
 
 
+@pytest.mark.slow
 def test_import_option_and_unknown_module(plugin_grid, tmp_path):
     grid = yaml.safe_load(plugin_grid.read_text())
     del grid["imports"]
@@ -99,6 +100,7 @@ def test_import_option_and_unknown_module(plugin_grid, tmp_path):
     assert "imports: cannot import 'no_such_module'" in missing.stderr
 
 
+@pytest.mark.slow
 def test_installed_plugin_entry_point(tmp_path):
     site = tmp_path / "site"
     (site / "fake_plugin-0.1.dist-info").mkdir(parents=True)

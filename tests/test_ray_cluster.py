@@ -266,7 +266,7 @@ def test_worker_killed_mid_cell_is_retried_with_equal_results(
         [
             sys.executable,
             "-m",
-            "fsbench.benchmarks.cli",
+            "fsbench.benchmarks.cli.main",
             "run",
             str(grid_file),
             "--ray-address",
@@ -409,7 +409,7 @@ def test_tracking_server_down_mid_grid_then_sync(mlflow_server, grid_file, tmp_p
         [
             sys.executable,
             "-m",
-            "fsbench.benchmarks.cli",
+            "fsbench.benchmarks.cli.main",
             "run",
             str(grid_file),
             "--serial",
@@ -499,7 +499,7 @@ def test_ui_serves_the_results_store(tmp_path):
         [
             sys.executable,
             "-m",
-            "fsbench.benchmarks.cli",
+            "fsbench.benchmarks.cli.main",
             "ui",
             "--port",
             str(port),

@@ -27,8 +27,9 @@ def test_list_filters_by_pattern():
 
 
 def test_every_method_has_a_test_variant():
-    real = [n for n in METHODS.list() if not n.startswith("test_")]
-    assert all(f"test_{n}" in METHODS for n in real)
+    # the package's own methods (plugins that tests import, e.g. vote_method, bring their own)
+    real = [n for n in METHODS.list() if METHODS.get(n).__module__.startswith("fsbench.methods")]
+    assert len(real) >= 9 and all(f"test_{n}" in METHODS for n in real)
 
 
 def test_registry_is_typed_by_its_base_class():
@@ -63,7 +64,7 @@ def test_registry_is_typed_by_its_base_class():
 def test_grid_reads_trainable_off_the_class_without_building(small_grid_dict):
     """Expanding a grid checks a method's keywords against its builder but builds no model
     (a real method would load its weight file just to say whether it trains)."""
-    from fsbench.benchmarks.grid import parse_grid
+    from fsbench.benchmarks.grid.files import parse_grid
     from fsbench.methods.panet import UntrainedPANet
 
     built = []
@@ -84,6 +85,7 @@ def test_grid_reads_trainable_off_the_class_without_building(small_grid_dict):
         METHODS._builders.pop("counted_notrain")
 
 
+@pytest.mark.slow
 def test_the_package_registers_no_test_variants():
     """tests/small_methods.py registers the suite's tiny variants through $FSBENCH_PLUGINS;
     a user's process (no such variable) sees only the real methods."""

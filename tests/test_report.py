@@ -201,6 +201,7 @@ def test_training_seed_replicates_make_the_table_spread(tmp_path):
     assert "over training seeds 0, 1" in table
 
 
+@pytest.mark.slow
 def test_every_figure_kind_from_a_real_run(tmp_path, small_grid_dict):
     grid = dict(
         small_grid_dict,
@@ -213,7 +214,7 @@ def test_every_figure_kind_from_a_real_run(tmp_path, small_grid_dict):
         [
             sys.executable,
             "-m",
-            "fsbench.benchmarks.cli",
+            "fsbench.benchmarks.cli.main",
             "run",
             str(tmp_path / "figs.yaml"),
             "--serial",
@@ -233,6 +234,7 @@ def test_every_figure_kind_from_a_real_run(tmp_path, small_grid_dict):
     assert (report / "qualitative.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "grid",
     [
@@ -252,7 +254,7 @@ def test_paper_grids_run_at_smoke_size(grid, tmp_path):
         [
             sys.executable,
             "-m",
-            "fsbench.benchmarks.cli",
+            "fsbench.benchmarks.cli.main",
             "run",
             grid,
             "--smoke",
@@ -432,7 +434,7 @@ def test_a_registered_metric_reaches_records_frame_tables_and_direction(tmp_path
 def test_cell_records_are_typed_and_round_trip(tmp_path):
     """records.py is the one reader and writer of cell files: typed fields, numbers checked
     against the counts, unknown keys (a later version's) kept on the way back out."""
-    from fsbench.benchmarks.records import CellRecord, RecordError, read_cells
+    from fsbench.benchmarks.store.records import CellRecord, RecordError, read_cells
 
     grid = tmp_path / "hand"
     write_cells(grid, RESULTS)

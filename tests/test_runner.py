@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from fsbench.benchmarks.grid import parse_grid
+from fsbench.benchmarks.execution.runner import Driver, plan_grid
+from fsbench.benchmarks.execution.tasks import eval_task, train_task
+from fsbench.benchmarks.grid.files import parse_grid
 from fsbench.benchmarks.metrics import EpisodeCounts
-from fsbench.benchmarks.results import ResultStore
-from fsbench.benchmarks.runner import Driver, plan_grid
-from fsbench.benchmarks.tasks import eval_task, train_task
+from fsbench.benchmarks.store.results import ResultStore
 
 
 def test_cell_waits_for_its_training_record_when_evaluations_arrive_first(
@@ -78,7 +78,7 @@ def test_bf16_evaluation_on_cpu(tmp_path, small_grid_dict):
 def test_bf16_features_are_stored_as_float32(dataset):
     import torch
 
-    from fsbench.benchmarks.evaluate import FeatureCache
+    from fsbench.benchmarks.evaluation.cache import FeatureCache
     from fsbench.datasets.episodes import EpisodeLoader
     from fsbench.methods import METHODS
 

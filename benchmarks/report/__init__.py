@@ -2,7 +2,7 @@
 tables), `statistics` (bootstrap intervals, paired comparisons), `figures`, and `build` (the
 `report` command and the notebook API). Imports neither torch nor ray."""
 
-from fsbench.benchmarks.records import RESULT_VERSION, CellConfig, CellRecord, SeedRecord
+from fsbench.benchmarks.grid.identity import CellConfig
 from fsbench.benchmarks.report.build import (
     build_report,
     grid_folder,
@@ -20,6 +20,7 @@ from fsbench.benchmarks.report.frame import (
 )
 from fsbench.benchmarks.report.statistics import statistics, statistics_markdown
 from fsbench.benchmarks.report.tables import paper_table, to_csv_frame, to_latex, to_markdown
+from fsbench.benchmarks.store.records import RESULT_VERSION, CellRecord, SeedRecord
 
 __all__ = [
     "RESULT_VERSION",

@@ -35,7 +35,7 @@ from fsbench.benchmarks.report.tables import (
     to_latex,
     to_markdown,
 )
-from fsbench.benchmarks.results import ResultStore, default_results_root
+from fsbench.benchmarks.store.results import ResultStore, default_results_root
 from fsbench.core import FsbenchError
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from fsbench.benchmarks.metrics import get_metric
-from fsbench.benchmarks.panels import class_names, qualitative_rows
 from fsbench.benchmarks.report.frame import _nanmean, _rows_in_grid_order, row_label, seed_frame
+from fsbench.benchmarks.tracking.panels import class_names, qualitative_rows
 
 
 def _style():

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from fsbench.benchmarks.metrics import METRICS
-from fsbench.benchmarks.records import (
+from fsbench.benchmarks.store.records import (
     CellConfig,
     CellRecord,
     read_cells,

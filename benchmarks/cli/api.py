@@ -1,0 +1,127 @@
+"""The Python API (`import fsbench`): run a grid from a script or notebook, register methods
+and datasets. The CLI's `run` is this `execute` plus printing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fsbench.core import FsbenchError
+from fsbench.datasets.registry import DATASETS
+
+
+@dataclass
+class RunOptions:
+    """How a grid runs (what it computes is the grid's)."""
+
+    serial: bool = False  # in-process; else Ray (a local instance, or `ray_address`)
+    ray_address: str | None = None
+    num_cpus: int | None = None
+    threads: int | None = None
+    max_retries: int = 3
+    eval_gpu_fraction: float = 0.5
+    eval_group: str = "model"
+    tracking: bool = True
+    tracking_uri: str | None = None
+    rerun: bool = False
+    progress: bool = True
+
+
+def execute(grid, results_root: Path, options: RunOptions):
+    """Plan, run and record `grid` (a GridSpec) under `results_root`, holding the grid's lock;
+    returns (driver, tracker, store)."""
+    from fsbench.benchmarks.execution.executors import RayExecutor, SerialExecutor
+    from fsbench.benchmarks.execution.runner import run_grid
+    from fsbench.benchmarks.store.results import GridLock, ResultStore
+
+    store = ResultStore(results_root, grid.name)
+    with GridLock(store, f"fsbench run {grid.name}"):
+        if options.serial:
+            executor = SerialExecutor(
+                grid.device, options.threads, grid.cache_bytes, grid.eval_batch_size
+            )
+        else:
+            executor = RayExecutor(
+                options.ray_address,
+                options.num_cpus,
+                grid.device,
+                options.threads,
+                options.max_retries,
+                options.eval_gpu_fraction,
+                options.eval_group,
+                grid.cache_bytes,
+                grid.eval_batch_size,
+            ).start()
+        tracker = None
+        try:
+            if options.tracking:
+                from fsbench.benchmarks.tracking.tracker import Tracker, default_tracking_uri
+
+                uri = options.tracking_uri or default_tracking_uri(store.root)
+                tracker = Tracker(uri, store.root, grid.name, asynchronous=True)
+            driver = run_grid(grid, store, executor, tracker, options.rerun, options.progress)
+        finally:
+            if hasattr(executor, "stop"):
+                executor.stop()
+    return driver, tracker, store
+
+
+def run(
+    grid,
+    overrides=(),
+    *,
+    results=None,
+    smoke: bool = False,
+    imports=(),
+    report: bool = False,
+    **options,
+):
+    """Run a grid (a bundled name, a YAML path, or a dict) and return its results: one row per
+    (cell, episode seed) — row, method, dataset, fold, way, shot, seed, miou, fb_iou, … (%).
+
+    `options` are `RunOptions` fields (serial=True, ray_address=…, tracking=False, …); finished
+    cells are not recomputed (rerun=True forces). Example::
+
+        import fsbench
+
+        @fsbench.register_method()
+        def my_method(**kwargs): ...
+
+        frame = fsbench.run("quickstart.yaml", ["shots=[1]", "methods=[my_method]"])
+    """
+    from fsbench.benchmarks.grid.files import apply_overrides, load_grid, parse_grid
+    from fsbench.benchmarks.report import build_report, load_cells, seed_frame
+    from fsbench.benchmarks.store.results import default_results_root
+
+    unknown = set(options) - set(RunOptions.__dataclass_fields__)
+    if unknown:
+        raise FsbenchError(
+            f"fsbench.run: unknown option(s) {sorted(unknown)}; known: "
+            f"{sorted(RunOptions.__dataclass_fields__)}"
+        )
+    if isinstance(grid, dict):
+        raw = apply_overrides(grid, list(overrides))
+        if imports:
+            raw["imports"] = [*(raw.get("imports") or []), *imports]
+        spec = parse_grid(raw, (str(Path.cwd()),))
+    else:
+        spec = load_grid(grid, overrides, smoke=smoke, imports=imports)
+    root = Path(results).expanduser().resolve() if results else default_results_root()
+    driver, _, store = execute(spec, root, RunOptions(**options))
+    if report:
+        build_report(store.grid_dir)
+    ids = {cell.id for cell in spec.expand()}
+    return seed_frame([c for c in load_cells(store.grid_dir) if c.cell_id in ids])
+
+
+def register_method(name: str | None = None):
+    """Decorator: register a builder of a `FewShotMethod` under `name` (default: its name)."""
+    from fsbench.methods import METHODS
+
+    return METHODS.register(name)
+
+
+def register_dataset(name: str | None = None):
+    """Decorator: register a builder of a `FewShotDataset` under `name` (default: its name);
+    annotate its return type with the class so the engine knows it without opening data."""
+    return DATASETS.register(name)

@@ -1,0 +1,244 @@
+"""Executors run a plan's jobs (train, then evaluate) and hand every output to the driver:
+`SerialExecutor` in this process, `RayExecutor` on a local or existing Ray cluster. Only this
+module imports ray; how a grid runs never changes a number."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from fsbench.benchmarks.execution.driver import Driver
+from fsbench.benchmarks.execution.planning import Job
+from fsbench.benchmarks.execution.tasks import available_cores, eval_task, train_task
+from fsbench.benchmarks.execution.watchdog import RayWatchdog
+from fsbench.core import FsbenchError
+
+
+class SerialExecutor:
+    """In-process, one job after another (tests, debugging, machines without Ray)."""
+
+    name = "serial"
+
+    def __init__(self, device="auto", threads=None, cache_bytes=2 << 30, batch_size=16):
+        # In-process, one job at a time: use every core available to us unless told otherwise.
+        self.device, self.threads = device, threads or available_cores()
+        self.cache_bytes, self.batch_size = cache_bytes, batch_size
+
+    def run(self, jobs: list[Job], driver: Driver) -> None:
+        previous = _torch_threads()
+        try:
+            for job in jobs:
+                try:
+                    state = None
+                    if job.trainable:
+                        info = train_task(
+                            job.config,
+                            self.device,
+                            self.threads,
+                            reporter=lambda point, job=job: driver.on_progress(job, point),
+                        )
+                        state = info["state_dict"]
+                        driver.on_train(job, info, state)
+                    for output in eval_task(
+                        job.config,
+                        state,
+                        job.items,
+                        self.device,
+                        self.threads,
+                        self.cache_bytes,
+                        self.batch_size,
+                    ):
+                        driver.on_eval(job, output)
+                except FsbenchError as error:  # e.g. a corrupt image: this job's cells only
+                    driver.on_failure(job, str(error))
+                except Exception as error:  # one broken job must not lose the others' results
+                    driver.on_failure(job, f"{type(error).__name__}: {error}")
+        finally:
+            _torch_threads(previous)
+
+
+def _torch_threads(value=None):
+    import torch
+
+    if value is not None:
+        torch.set_num_threads(value)
+    return torch.get_num_threads()
+
+
+def _train_with_state(config, device, threads, progress=None, key=None):
+    """Ray task body: (state dict, info) as two objects, so evaluations fetch only the weights.
+    `progress` (a Ray queue) carries the training curve to the driver as it is made."""
+
+    def report(point):
+        try:
+            progress.put_nowait((key, point))
+        except Exception:  # noqa: BLE001 - progress is best effort; the curve is in the result
+            pass
+
+    info = train_task(config, device, threads, reporter=report if progress else None)
+    return info.pop("state_dict"), info
+
+
+class RayExecutor:
+    """Ray core tasks: train → evaluate per job as a task graph; retries on dead workers."""
+
+    name = "ray"
+
+    def __init__(
+        self,
+        address=None,
+        num_cpus=None,
+        device="auto",
+        threads=None,
+        max_retries=3,
+        eval_gpu_fraction=0.5,
+        eval_group="model",
+        cache_bytes=2 << 30,
+        batch_size=16,
+    ):
+        self.address, self.num_cpus, self.device = address, num_cpus, device
+        self.threads = threads or 1  # one core per task: Ray runs as many tasks as cores
+        self.max_retries, self.eval_gpu_fraction, self.eval_group = (
+            max_retries,
+            eval_gpu_fraction,
+            eval_group,
+        )
+        self.cache_bytes, self.batch_size = cache_bytes, batch_size
+        self._started_here = False
+        self._watchdog = None
+
+    def start(self):
+        try:
+            import ray
+        except ImportError:
+            raise FsbenchError(
+                "the Ray runner needs ray: pip install 'ray>=2.9' (or use --serial)"
+            ) from None
+        self.ray = ray
+        if not ray.is_initialized():
+            address = self.address or os.environ.get("RAY_ADDRESS")
+            kwargs = {
+                "include_dashboard": False,
+                "logging_level": "WARNING",
+                "log_to_driver": True,
+                "configure_logging": True,
+            }
+            try:
+                if address:
+                    ray.init(address=address, **kwargs)
+                else:
+                    with _loopback_only(ray):
+                        ray.init(
+                            num_cpus=self.num_cpus,
+                            _system_config={"enable_metrics_collection": False},
+                            **kwargs,
+                        )
+                    self._watchdog = RayWatchdog(ray)
+            except Exception as error:
+                where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+                raise FsbenchError(f"could not start or join {where}: {error}") from None
+            self._started_here = True
+        return self
+
+    def resources(self) -> dict:
+        """What each task asks for: one GPU to train when the cluster has GPUs, else CPUs."""
+        gpus = self.ray.cluster_resources().get("GPU", 0) if hasattr(self, "ray") else 0
+        if gpus and self.device != "cpu":
+            return {
+                "train": {"num_gpus": 1, "num_cpus": 1},
+                "eval": {"num_gpus": self.eval_gpu_fraction, "num_cpus": 1},
+            }
+        return {"train": {"num_cpus": self.threads}, "eval": {"num_cpus": self.threads}}
+
+    def run(self, jobs: list[Job], driver: Driver) -> None:
+        ray = self.ray
+        resources = self.resources()
+        train_remote = ray.remote(_train_with_state).options(
+            num_returns=2, max_retries=self.max_retries, **resources["train"]
+        )
+        eval_remote = ray.remote(eval_task).options(
+            max_retries=self.max_retries, **resources["eval"]
+        )
+        from ray.util.queue import Queue
+
+        progress = Queue(actor_options={"num_cpus": 0}) if any(j.trainable for j in jobs) else None
+        by_key = {job.key: job for job in jobs}
+
+        def drain():
+            while progress is not None and not progress.empty():
+                key, point = progress.get_nowait()
+                driver.on_progress(by_key[key], point)
+
+        pending = {}
+        for job in jobs:
+            state_ref = None
+            if job.trainable:
+                state_ref, info_ref = train_remote.remote(
+                    job.config, self.device, self.threads, progress, job.key
+                )
+                pending[info_ref] = ("train", job, state_ref)
+            groups = [[item] for item in job.items] if self.eval_group == "seed" else [job.items]
+            for group in groups:
+                ref = eval_remote.remote(
+                    job.config,
+                    state_ref,
+                    group,
+                    self.device,
+                    self.threads,
+                    self.cache_bytes,
+                    self.batch_size,
+                )
+                pending[ref] = ("eval", job, None)
+        failed_jobs = set()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+            drain()
+            if not ready:
+                continue
+            kind, job, state_ref = pending.pop(ready[0])
+            if job.key in failed_jobs:
+                continue
+            try:
+                if kind == "train":
+                    info = ray.get(ready[0])
+                    driver.on_train(job, info, ray.get(state_ref))
+                else:
+                    for output in ray.get(ready[0]):
+                        driver.on_eval(job, output)
+            except Exception as error:  # retries exhausted: report, keep the rest of the grid
+                failed_jobs.add(job.key)
+                driver.on_failure(job, _short_error(error))
+
+    def stop(self):
+        if self._started_here and self.ray.is_initialized():
+            self.ray.shutdown()
+        if self._watchdog is not None:
+            self._watchdog.close()  # kills what a shutdown left behind
+            self._watchdog = None
+
+
+@contextmanager
+def _loopback_only(ray):
+    """A local Ray instance on 127.0.0.1 only: Ray binds its servers to the node address, and
+    takes the loopback one when it is told it is not part of a cluster (its macOS/Windows
+    default); otherwise GCS, raylet and workers listen on every interface."""
+    import ray._private.ray_constants as constants
+
+    variable = constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved = os.environ.get(variable), constants.ENABLE_RAY_CLUSTER
+    os.environ[variable] = "0"  # for the processes Ray starts
+    constants.ENABLE_RAY_CLUSTER = False  # for this one (already imported)
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = saved[1]
+        if saved[0] is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = saved[0]
+
+
+def _short_error(error: Exception) -> str:
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"

@@ -1,0 +1,122 @@
+"""Planning a grid run: cells still to do, their (deterministic) manifests, one job per model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fsbench.benchmarks.grid.files import Cell, GridSpec
+from fsbench.benchmarks.store.results import ResultStore
+from fsbench.core import FsbenchError
+from fsbench.datasets.episodes import EpisodeManifest
+from fsbench.datasets.registry import open_dataset
+
+
+@dataclass
+class Job:
+    """One model: trained once (if it trains), then evaluated on every (cell, seed) it serves."""
+
+    key: str
+    config: dict
+    trainable: bool
+    cells: list[Cell]
+    items: list[dict] = field(default_factory=list)  # eval items: cell_id, seed, manifest, ...
+
+
+@dataclass
+class Plan:
+    cells: list[Cell]
+    todo: list[Cell]
+    jobs: list[Job]
+    manifests: dict  # (cell id, seed) → EpisodeManifest
+
+
+def _damaged_manifests(store: ResultStore, records, finished: set[str]) -> dict[str, list[int]]:
+    """cell id → seeds of finished cells whose saved manifest is missing or damaged."""
+    damaged: dict[str, list[int]] = {}
+    intact: dict[str, bool] = {}  # fingerprint → its file checks out (cells share manifests)
+    for result in records:
+        if result.cell_id not in finished:
+            continue
+        for seed in result.seeds:
+            fingerprint = seed.manifest_fingerprint
+            if fingerprint not in intact:
+                path = store.manifests_dir / f"{fingerprint[:16]}.json"
+                try:
+                    intact[fingerprint] = EpisodeManifest.load(path).fingerprint == fingerprint
+                except FsbenchError:
+                    intact[fingerprint] = False
+            if not intact[fingerprint]:
+                damaged.setdefault(result.cell_id, []).append(seed.seed)
+    return damaged
+
+
+def _setting(cell) -> tuple:
+    """What a cell's episodes depend on besides the seed (cells sharing it share manifests)."""
+    return (cell.fold, cell.way, cell.shot, cell.episodes, cell.protocol, cell.sampler)
+
+
+def _manifest(dataset, cell, seed: int) -> EpisodeManifest:
+    fold, way, shot, episodes, _, sampler = _setting(cell)
+    return EpisodeManifest.build(
+        dataset, cell.preset, fold, way, shot, episodes, seed, sampler=sampler
+    )
+
+
+def plan_grid(
+    grid: GridSpec, store: ResultStore, rerun: bool = False, build_manifests=True
+) -> Plan:
+    """Cells, the ones still to do, their jobs and their (deterministic) manifests."""
+    cells = grid.expand()
+    records = [] if rerun else store.load_cells()  # each cell file read and checked once
+    done = store.finished_ids(records)
+    todo = [c for c in cells if c.id not in done]
+    manifests = {}
+    finished = {c.id for c in cells} & done
+    damaged = _damaged_manifests(store, records, finished) if build_manifests else {}
+    if build_manifests and (todo or damaged):
+        dataset = open_dataset(grid.dataset, cells[0].preset)
+        for cell in (c for c in cells if c.id in damaged):  # finished cells' records, repaired
+            for seed in damaged[cell.id]:
+                store.save_manifest(_manifest(dataset, cell, seed))
+        by_setting = {}
+        for cell in todo:
+            for seed in cell.seeds:
+                key = (*_setting(cell), seed)
+                if key not in by_setting:
+                    by_setting[key] = _manifest(dataset, cell, seed)
+                    store.save_manifest(by_setting[key])
+                manifests[(cell.id, seed)] = by_setting[key]
+    jobs: dict[str, Job] = {}
+    for cell in todo:
+        key = cell.model_key()
+        if key not in jobs:
+            # How to run, not what is computed (outside the cell's identity). Paths entering a
+            # task are absolute; a retried or rerun training resumes from its checkpoint.
+            execution = {
+                "imports": list(grid.imports),  # a worker imports them before building anything
+                "plugin_paths": list(grid.plugin_paths),
+                "train_workers": grid.train_workers,
+                "checkpoint_every": grid.checkpoint_every,
+                # Encodings beyond cache_bytes spill here, up to spill_bytes of disk.
+                "spill_dir": str(store.root / "cache"),
+                "spill_bytes": grid.spill_bytes,
+                "resume_path": str(store.resume_path(key)),
+            }
+            # The resolved protocol travels with the job: tasks never look it up again.
+            config = {**cell.config(), "preset": cell.preset.to_dict(), "execution": execution}
+            jobs[key] = Job(key, config, cell.train is not None, [])
+        job = jobs[key]
+        job.cells.append(cell)
+        for seed in cell.seeds:
+            if (cell.id, seed) in manifests:
+                job.items.append(
+                    {
+                        "cell_id": cell.id,
+                        "seed": seed,
+                        "annotation": cell.annotation,
+                        "manifest": manifests[(cell.id, seed)].to_json(),
+                    }
+                )
+    # Longest jobs first (training, more shots): fewer idle workers at the end of a grid.
+    ordered = sorted(jobs.values(), key=lambda j: (not j.trainable, -max(c.shot for c in j.cells)))
+    return Plan(cells, todo, ordered, manifests)

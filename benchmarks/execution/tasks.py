@@ -1,0 +1,239 @@
+"""The work a worker does (train one cell, evaluate a group of cell × seed manifests).
+
+Plain functions of plain data: the serial runner calls them in-process, the Ray runner as tasks.
+They return results and never write `results/` or MLflow (only the driver does).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from fsbench.benchmarks.evaluation.cache import FeatureCache, distinct_images
+from fsbench.benchmarks.evaluation.evaluate import evaluate_model
+from fsbench.benchmarks.grid.recipes import TrainConfig
+from fsbench.benchmarks.training.train import train
+from fsbench.core import FsbenchError, import_plugins
+from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
+from fsbench.datasets.protocols import Protocol
+from fsbench.datasets.registry import open_dataset
+from fsbench.methods import METHODS
+from fsbench.methods.weights import read_state_dict
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def job_protocol(config: dict) -> Protocol:
+    """The protocol the planner resolved for the job's dataset (a task never looks it up)."""
+    return Protocol.from_dict(config["preset"])
+
+
+def load_plugins(config: dict) -> None:
+    """The grid's `imports:` (its own methods and datasets), in whatever process runs a task."""
+    execution = config.get("execution") or {}
+    import_plugins(execution.get("imports", ()), tuple(execution.get("plugin_paths", ())))
+
+
+def build_model(config: dict):
+    """The cell's model, initialised from its seed (untrained methods: seed 0)."""
+    load_plugins(config)
+    torch.manual_seed((config.get("train") or {}).get("seed", 0))
+    model = METHODS.build(config["method"], **config["method_kwargs"])
+    if config.get("checkpoint"):
+        load_checkpoint(model, config["checkpoint"], config["method"])
+    return model
+
+
+def load_checkpoint(model, checkpoint: dict, method: str) -> None:
+    """Released weights into `model`: `format` official through the method's
+    `load_official_state_dict`, fsbench (a state dict fsbench saved) directly. A file holding
+    {"state_dict": …} or {"model": …} (as training scripts save) is unwrapped."""
+    path = Path(checkpoint["path"])
+    state = read_state_dict(path, "checkpoint", "check the method entry's `checkpoint:` path")
+    if checkpoint["format"] == "official":
+        if not hasattr(model, "load_official_state_dict"):
+            raise FsbenchError(
+                f"method {method} has no official checkpoint format; use format: fsbench"
+            )
+        model.load_official_state_dict(state)
+        return
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise FsbenchError(
+            f"{path}: does not fit {method} with these kwargs ({first}); a checkpoint saved by "
+            "the official code needs format: official"
+        ) from None
+
+
+def device_label(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    # The kernels' instruction set is part of the record: trained weights agree bit for bit on one
+    # CPU type, not across types (AVX2 vs AVX-512 kernels round differently).
+    isa = torch.backends.cpu.get_cpu_capability()
+    arch = platform.processor() or platform.machine()
+    return f"cpu ({arch}, {isa}, {torch.get_num_threads()} threads)"
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's or Ray's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _limit_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def train_task(
+    config: dict, device: str = "auto", threads: int | None = None, reporter=None
+) -> dict:
+    """Train one cell's model; returns the selected state dict (CPU tensors) and its curve."""
+    started_at = time.time()
+    _limit_threads(threads)
+    device = resolve_device(device)
+    protocol = job_protocol(config)
+    model = build_model(config)
+    cfg = TrainConfig.from_dict(config["train"])
+    execution = config.get("execution") or {}
+    result = train(
+        model,
+        open_dataset(config["dataset"], protocol),
+        protocol,
+        config["fold"],
+        config["way"],
+        config["shot"],
+        cfg,
+        config["input_size"],
+        device,
+        workers=execution.get("train_workers", 0),
+        resume_path=execution.get("resume_path"),
+        checkpoint_every=execution.get("checkpoint_every", 0),
+        on_curve=reporter,  # each logged curve point, as it is made
+    )
+    return {
+        "resumed_from": result.resumed_from,
+        "state_dict": result.state_dict,
+        "curve": result.curve,
+        "curve_times": result.curve_times,  # wall clock of each point (MLflow's timestamps)
+        "started_at": started_at,
+        "ended_at": time.time(),
+        "validation": result.validation,
+        "best_step": result.best_step,
+        "seconds": result.seconds,
+        "train_classes": result.train_classes,
+        "val_classes": result.val_classes,
+        "train_list": result.train_list,
+        "device": device_label(device),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+
+
+def eval_task(
+    model_config: dict,
+    state_dict,
+    items: list[dict],
+    device: str = "auto",
+    threads: int | None = None,
+    cache_bytes: int = 2 << 30,
+    batch_size: int = 16,
+    keep_predictions: int = 2,
+) -> list[dict]:
+    """Evaluate one model on several (cell, seed) manifests with one shared feature cache.
+
+    items: [{"cell_id", "seed", "protocol", "annotation", "manifest": manifest JSON}].
+    """
+    started_at = time.time()
+    _limit_threads(threads)
+    device = resolve_device(device)
+    model = build_model(model_config)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    model.to(device).eval()
+    protocol = job_protocol(model_config)
+    dataset = open_dataset(model_config["dataset"], protocol)
+    execution = model_config.get("execution") or {}
+    # One encoder cache for every item: annotations change the support masks, not the images.
+    cache = FeatureCache(
+        model,
+        EpisodeLoader(
+            dataset,
+            model_config["input_size"],
+            resize=protocol.resize,
+        ),
+        device,
+        cache_bytes,
+        batch_size,
+        spill_dir=execution.get("spill_dir"),
+        spill_bytes=execution.get("spill_bytes"),
+    )
+    manifests = [EpisodeManifest.from_json(item["manifest"]) for item in items]
+    # The plan: every image any of these episodes uses, encoded once, in full batches, up front.
+    images = distinct_images(manifests)
+    precision = model_config.get("eval_precision", "fp32")
+    autocast = torch.autocast(
+        torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"
+    )
+    jobs = [
+        (
+            cache.loader.annotated(item.get("annotation", "mask"), weak_seed=item["seed"]),
+            manifest,
+            protocol,
+        )
+        for item, manifest in zip(items, manifests)
+    ]
+    with autocast:  # features are stored as float32 whatever the compute precision
+        results = evaluate_model(model, cache, jobs, device, keep_predictions)
+    task = uuid.uuid4().hex
+    outputs = []
+    for item, manifest, (counts, seconds, kept) in zip(items, manifests, results):
+        outputs.append(
+            {
+                "cell_id": item["cell_id"],
+                "seed": item["seed"],
+                "manifest_fingerprint": manifest.fingerprint,
+                "counts": counts.to_json(),
+                # The shared encoding is split evenly over the items it served.
+                "eval_seconds": seconds,
+                "started_at": started_at,  # wall clock of the task (shared by its items)
+                "ended_at": time.time(),
+                "task": task,  # the evaluation task (and feature cache) that served this item
+                "encoded_images": cache.encoded,
+                "distinct_images": len(images),
+                "peak_rss_bytes": peak_rss_bytes(),
+                "spill_bytes": cache.peak_spill_bytes,
+                "predictions": [
+                    {"episode": k["episode"], "prediction": k["prediction"].to(torch.uint8)}
+                    for k in kept
+                ],
+                "device": device_label(device),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            }
+        )
+    cache.close()
+    return outputs

@@ -1,0 +1,203 @@
+"""A grid as values: `GridSpec` (a parsed grid file) expands into `Cell`s (method variant ×
+dataset × fold × way × shot × annotation × training seed), each with its protocol resolved for
+its dataset and a stable content-hash id. Pure and deterministic; grid.py reads the files."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from fsbench.benchmarks.grid.entries import MethodSpec
+from fsbench.benchmarks.grid.identity import CellConfig
+from fsbench.benchmarks.grid.recipes import TrainConfig
+from fsbench.core import FsbenchError, canonical_sha256
+from fsbench.datasets.protocols import Protocol, check_sampler, resolve
+from fsbench.methods import METHODS
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (method variant, dataset, fold, way, shot, annotation, protocol): trained once,
+    evaluated on one manifest per seed."""
+
+    grid: str
+    method: MethodSpec
+    dataset: dict
+    fold: int
+    way: int
+    shot: int
+    annotation: str
+    protocol: str
+    input_size: int
+    episodes: int
+    seeds: tuple[int, ...]
+    train: TrainConfig | None  # None for methods that do not train
+    eval_precision: str = "fp32"
+    train_replicate: bool = False  # one of several training seeds of the same row (train_seeds)
+    sampler: str = "fsbench"  # who draws the test episodes: "official" replay or fsbench's
+    # The protocol resolved for the cell's dataset, once (its name above is the identity).
+    preset: Protocol | None = field(default=None, compare=False)
+
+    def settings(self) -> CellConfig:
+        """The resolved config, typed: everything that decides the result (and nothing else)."""
+        checkpoint = None
+        if self.method.checkpoint:
+            path, kind, digest = self.method.checkpoint
+            checkpoint = {"path": path, "format": kind, "sha256": digest}
+        return CellConfig(
+            method=self.method.name,
+            method_kwargs=dict(self.method.kwargs),
+            row=self.method.row(),
+            dataset=dict(self.dataset),
+            fold=self.fold,
+            way=self.way,
+            shot=self.shot,
+            annotation=self.annotation,
+            protocol=self.protocol,
+            input_size=self.input_size,
+            episodes=self.episodes,
+            seeds=tuple(self.seeds),
+            train=self.train.to_dict() if self.train else None,
+            eval_precision=self.eval_precision,
+            sampler=self.sampler,
+            checkpoint=checkpoint,
+        )
+
+    def config(self) -> dict:
+        """`settings()` as the JSON a record stores and the id hashes."""
+        return self.settings().to_json()
+
+    @property
+    def id(self) -> str:
+        identity = {k: v for k, v in self.config().items() if k != "row"}
+        return canonical_sha256(identity)[:16]
+
+    @property
+    def title(self) -> str:
+        weak = "" if self.annotation == "mask" else f" {self.annotation}"
+        seed = f" train-seed {self.train.seed}" if self.train and self.train_replicate else ""
+        return f"{self.method.row()} fold{self.fold} {self.way}w{self.shot}s{weak}{seed}"
+
+    def model_key(self) -> str:
+        """Cells with the same key share one model: a trained model serves every annotation
+        (PANet trains on dense masks and tests with weak ones); an untrained one also every shot."""
+        shared = ("seeds", "row", "annotation") + (() if self.train is not None else ("shot",))
+        identity = {k: v for k, v in self.config().items() if k not in shared}
+        return canonical_sha256(identity)[:16]
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    name: str
+    dataset: dict
+    methods: tuple[MethodSpec, ...]
+    protocol: str = "panet"
+    sampler: str | None = None  # None: the protocol's ("official" for the named ones)
+    input_size: int | None = None  # None: the protocol's
+    episodes: int | None = None  # None: the protocol's
+    seeds: tuple[int, ...] | None = None  # None: the protocol's
+    folds: tuple[int, ...] = (0, 1, 2, 3)
+    ways: tuple[int, ...] = (1,)
+    shots: tuple[int, ...] = (1, 5)
+    annotation: tuple[str, ...] = ("mask",)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    device: str = "auto"
+    eval_batch_size: int = 16
+    cache_bytes: int = 2 << 30
+    spill_bytes: int | None = None  # disk for spilled encodings (None: half the free space)
+    eval_precision: str = "fp32"
+    train_workers: int = 1  # DataLoader processes decoding episodes ahead of the step
+    checkpoint_every: int = 1000  # training steps between resumable checkpoints (0: none)
+    train_seeds: tuple[int, ...] | None = None  # one trained model per seed (None: train.seed)
+    compare: tuple[tuple[str, str], ...] = ()  # (variant, base) rows: paired comparisons
+    imports: tuple[str, ...] = ()  # modules registering the grid's own methods and datasets
+    plugin_paths: tuple[str, ...] = ()  # where they are found besides sys.path (the grid's folder)
+
+    def expand(self) -> list[Cell]:
+        """Every cell of the grid, in a fixed order (method, fold, way, shot, annotation)."""
+        name = self.dataset["name"]
+        protocol = resolve(self.protocol, name)
+        sampler = check_sampler(self.sampler, protocol, name)
+        trainable = {m.row(): _is_trainable(METHODS, m) and not m.checkpoint for m in self.methods}
+        input_size = self.input_size or protocol.input_size
+        for method in self.methods:
+            _check_input_size(
+                method, input_size, self.protocol, trainable[method.row()], self.train
+            )
+        cells = []
+        for method, fold, way, shot, annotation, train_seed in itertools.product(
+            self.methods,
+            self.folds,
+            self.ways,
+            self.shots,
+            self.annotation,
+            self.train_seeds or (None,),
+        ):
+            train = dataclasses.replace(self.train, **dict(method.train))
+            if train_seed is not None:
+                train = dataclasses.replace(train, seed=train_seed)
+            if (
+                not trainable[method.row()]
+                and self.train_seeds
+                and train_seed != self.train_seeds[0]
+            ):
+                continue  # an untrained method has no training seed: once
+            cells.append(
+                Cell(
+                    grid=self.name,
+                    method=method,
+                    dataset=self.dataset,
+                    fold=fold,
+                    way=way,
+                    shot=shot,
+                    annotation=annotation,
+                    protocol=self.protocol,
+                    input_size=input_size,
+                    episodes=self.episodes or protocol.episodes,
+                    seeds=tuple(self.seeds or protocol.seeds),
+                    train=train if trainable[method.row()] else None,
+                    eval_precision=self.eval_precision,
+                    train_replicate=bool(self.train_seeds) and trainable[method.row()],
+                    sampler=sampler,
+                    preset=protocol,
+                )
+            )
+        return cells
+
+
+def _check_input_size(method: MethodSpec, size: int, protocol: str, trains: bool, train) -> None:
+    """The method's input-size rule (declared on its class), for the test input and, if it
+    trains, the training input: one line naming the method, the size and the sizes that fit."""
+    declared = METHODS.provides(method.name)
+    if declared is None:
+        return
+    sizes = {f"protocol {protocol}'s input size": size}
+    training = dataclasses.replace(train, **dict(method.train)).input_size
+    if trains and training:
+        sizes["train.input_size"] = training
+    for where, value in sizes.items():
+        problem = declared.input_size_problem(value)
+        if problem:
+            raise FsbenchError(
+                f"method {method.row()}: {where} {value} does not fit: {problem}; set "
+                "input_size (or train.input_size) in the grid to one that fits"
+            )
+
+
+def _is_trainable(registry, method: MethodSpec) -> bool:
+    """Read off the class the builder declares (no model is built, no weight file read); its
+    keywords are checked against the builder's signature. A builder that declares no class is
+    built once (RNG state untouched) to ask it."""
+    builder, declared = registry.get(method.name), registry.provides(method.name)
+    try:
+        if declared is not None:
+            inspect.signature(builder).bind(**method.kwargs)
+            return bool(declared.trainable)
+        with torch.random.fork_rng():
+            return bool(registry.build(method.name, **method.kwargs).trainable)
+    except TypeError as error:
+        raise FsbenchError(f"method {method.name}: bad keyword ({error})") from None

@@ -1,0 +1,148 @@
+"""A grid's `methods:` entries: name, keywords, sweeps, labels, training recipe, and released
+weights (`checkpoint:`), validated into `MethodSpec`s."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fsbench.benchmarks.grid.recipes import MAPPINGS, TrainConfig
+from fsbench.core import FsbenchError
+from fsbench.methods import METHODS
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    kwargs: dict = field(default_factory=dict)
+    label: str = ""  # the row name in tables; defaults to name + swept values
+    train: tuple = ()  # (key, value) overrides of the grid's training settings (its recipe)
+    display: str = ""  # the name tables and figures print (default: the method's usual name)
+    # released weights to evaluate instead of training: (path, "official" | "fsbench", sha256)
+    checkpoint: tuple = ()
+
+    def row(self) -> str:
+        return self.label or self.name
+
+
+def _train_overrides(raw: dict, where: str) -> tuple:
+    """Validated training keys as a sorted (key, value) tuple (lists become tuples)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(raw, dict):
+        raise FsbenchError(
+            f"{where}: expected a mapping of settings (e.g. {{steps: 1000}}), got {raw!r}"
+        )
+    if set(raw) - fields:
+        raise FsbenchError(
+            f"{where}: unknown key(s) {sorted(set(raw) - fields)}; known: {sorted(fields)}"
+        )
+    items = []
+    for key, value in raw.items():
+        if key in MAPPINGS:
+            if not isinstance(value, dict):
+                example = "{bias: 2}" if key == "lr_mult" else "{backbone: eval}"
+                raise FsbenchError(
+                    f"{where}.{key}: expected a mapping of parameter group → value, e.g. {example}"
+                )
+            value = tuple(sorted(value.items()))
+        elif isinstance(value, list):
+            value = tuple(value)
+        items.append((key, value))
+    return tuple(sorted(items))
+
+
+CHECKPOINT_FORMATS = ("fsbench", "official")
+
+
+def _checkpoint(entry: dict) -> tuple:
+    """(absolute path, format, sha256) of a method entry's `checkpoint:`, or ()."""
+    if "checkpoint" not in entry:
+        if "format" in entry:
+            raise FsbenchError(f"methods: {entry['name']}: `format:` needs a `checkpoint:` path")
+        return ()
+    kind = entry.get("format", "fsbench")
+    if kind not in CHECKPOINT_FORMATS:
+        raise FsbenchError(
+            f"methods: {entry['name']}: format {kind!r} is not one of {CHECKPOINT_FORMATS} "
+            "(official: a state_dict saved by the method's official repository)"
+        )
+    path = Path(str(entry["checkpoint"])).expanduser().resolve()
+    if not path.is_file():
+        raise FsbenchError(
+            f"methods: {entry['name']}: checkpoint {path} does not exist; give the path of the "
+            "saved weights (a torch state dict)"
+        )
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return (str(path), kind, digest.hexdigest())
+
+
+def _methods(raw_methods) -> tuple[MethodSpec, ...]:
+    if not raw_methods:
+        raise FsbenchError("methods: the grid lists no method")
+    specs = []
+    if isinstance(raw_methods, str):  # methods=panet: the one method
+        raw_methods = [raw_methods]
+    if not isinstance(raw_methods, list):
+        raise FsbenchError(
+            f"methods: expected a list of methods, got {raw_methods!r} (e.g. methods=[panet])"
+        )
+    for entry in raw_methods:
+        entry = {"name": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise FsbenchError(
+                f"methods: entry {entry!r} has no method name; write a name "
+                "(e.g. panet) or a mapping with `name:` (e.g. {name: panet, kwargs: {alpha: 10}})"
+            )
+        entry = dict(entry)
+        unknown = set(entry) - {
+            "name",
+            "kwargs",
+            "sweep",
+            "label",
+            "train",
+            "display",
+            "checkpoint",
+            "format",
+        }
+        if unknown:
+            raise FsbenchError(
+                f"methods: unknown key(s) {sorted(unknown)} "
+                "(use name, kwargs, sweep, label, display, train, checkpoint, format)"
+            )
+        checkpoint = _checkpoint(entry)
+        recipe = _train_overrides(entry.get("train") or {}, f"methods: {entry['name']}: train")
+        METHODS.get(entry["name"])  # unknown method: one clear error listing close names
+        kwargs, sweep = dict(entry.get("kwargs") or {}), dict(entry.get("sweep") or {})
+        names = sorted(sweep)
+        for values in itertools.product(
+            *(sweep[n] if isinstance(sweep[n], list) else [sweep[n]] for n in names)
+        ):
+            swept = dict(zip(names, values))
+            suffix = ",".join(f"{n}={v}" for n, v in swept.items())
+            label = entry.get("label") or entry["name"]
+            display = str(entry.get("display") or "")
+            specs.append(
+                MethodSpec(
+                    entry["name"],
+                    {**kwargs, **swept},
+                    f"{label}[{suffix}]" if suffix else label,
+                    recipe,
+                    f"{display} ({suffix})" if display and suffix else display,
+                    checkpoint,
+                )
+            )
+    variants = [(s.name, sorted(s.kwargs.items()), s.train) for s in specs]
+    if len({repr(v) for v in variants}) != len(variants):
+        raise FsbenchError(
+            "methods: the same method with the same keywords and recipe is listed twice"
+        )
+    rows = [s.row() for s in specs]
+    if len(set(rows)) != len(rows):
+        raise FsbenchError(f"methods: two entries give the same row name; set `label:` ({rows})")
+    return tuple(specs)

@@ -1,0 +1,76 @@
+"""A cell's identity, typed: `CellConfig` is everything that decides a cell's result, and its
+JSON is what a cell id hashes and what a cell record stores (store/records.py reads it back)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+CONFIG_KEYS = ("row", "method", "dataset", "fold", "way", "shot", "protocol")
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    """Everything that decides a cell's result, and nothing else: its id hashes this (less
+    `row`, a label). Settings added later join the JSON only away from their defaults, so
+    finished results keep their ids."""
+
+    method: str
+    row: str
+    dataset: dict  # {"name": …, and the dataset's keywords}
+    fold: int
+    way: int
+    shot: int
+    protocol: str
+    annotation: str = "mask"
+    method_kwargs: dict = field(default_factory=dict)
+    input_size: int = 0
+    episodes: int = 0
+    seeds: tuple[int, ...] = ()
+    train: dict | None = None  # TrainConfig.to_dict(); None: the method does not train
+    eval_precision: str = "fp32"
+    sampler: str = "fsbench"
+    checkpoint: dict | None = None  # released weights evaluated as they are (path, format, sha)
+    extra: dict = field(default_factory=dict)  # keys this version does not know, kept as read
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset["name"]
+
+    @property
+    def train_seed(self) -> int | None:
+        """The training seed of a trained cell (None for methods that do not train)."""
+        return (self.train or {}).get("seed")
+
+    def to_json(self) -> dict:
+        later = {} if self.eval_precision == "fp32" else {"eval_precision": self.eval_precision}
+        if self.sampler != "fsbench":  # cells sampled before the official replay: fsbench's
+            later["sampler"] = self.sampler
+        if self.checkpoint:
+            later["checkpoint"] = self.checkpoint
+        return {
+            **later,
+            "method": self.method,
+            "method_kwargs": dict(sorted(self.method_kwargs.items())),
+            "row": self.row,
+            "dataset": dict(sorted(self.dataset.items())),
+            "fold": self.fold,
+            "way": self.way,
+            "shot": self.shot,
+            "annotation": self.annotation,
+            "protocol": self.protocol,
+            "input_size": self.input_size,
+            "episodes": self.episodes,
+            "seeds": list(self.seeds),
+            "train": self.train,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict) -> CellConfig:
+        for key in CONFIG_KEYS:
+            raw[key]
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        values = {k: raw[k] for k in known if k in raw}
+        values["seeds"] = tuple(values.get("seeds") or ())
+        return cls(**values, extra={k: v for k, v in raw.items() if k not in known})

@@ -1,0 +1,3 @@
+"""Measurement scripts, apart from the engine (figures printed, never timed tests):
+`python -m fsbench.benchmarks.tools.throughput`, `… .tools.measure_scheduling`,
+`… .tools.protocol_episode`."""

@@ -1,0 +1,186 @@
+"""What a cell's MLflow run holds, read off its cell record: tags, params, metrics (grouped
+for the UI), training-curve points, per-episode rows, the manifests as dataset inputs. Plain
+values: tracking.py turns them into MLflow entities (only it imports mlflow)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from fsbench.benchmarks.metrics import METRICS, EpisodeCounts
+from fsbench.benchmarks.store.records import CellRecord
+from fsbench.benchmarks.tracking.panels import class_names, qualitative_strip
+
+CELL_TAG = "fsbench.cell_id"
+KIND_TAG = "fsbench.kind"
+# The digest of the cell record a run was logged from: a rerun's new file replaces the run.
+RECORD_TAG = "fsbench.record"
+
+
+def record_digest(result: CellRecord) -> str:
+    """Identity of one cell record (a rerun's differs: new times, even in the same second)."""
+    return hashlib.sha256(json.dumps(result.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def redacted(uri: str) -> str:
+    """`uri` with any password replaced by ***, for messages (user:PASS@host → user:***@host)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def default_tracking_uri(results_root: Path) -> str:
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{Path(results_root).resolve()}/mlflow.db"
+    )
+
+
+def flatten(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def episode_rows(result: CellRecord, manifests_dir: Path) -> list[dict]:
+    """Per-episode rows (classes, query ids, TP/FP/FN and IoU per episode class) for every seed."""
+    rows = []
+    for seed in result.seeds:
+        counts = seed.counts
+        manifest_file = manifests_dir / f"{seed.manifest_fingerprint[:16]}.json"
+        try:
+            episodes = json.loads(manifest_file.read_text())["episodes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            episodes = []  # missing or damaged (the next `run` rewrites it): rows without ids
+        for index, per_class in enumerate(EpisodeCounts.from_json(counts).per_class.tolist()):
+            spec = episodes[index] if index < len(episodes) else {}
+            for class_id, (tp, fp, fn) in zip(counts["classes"], per_class):
+                if tp + fp + fn == 0:
+                    continue
+                rows.append(
+                    {
+                        "seed": seed.seed,
+                        "episode": index,
+                        "class": class_id,
+                        "query": " ".join(spec.get("query", [])),
+                        "support": " ".join(sum(spec.get("support", []), [])),
+                        "tp": tp,
+                        "fp": fp,
+                        "fn": fn,
+                        "iou": tp / (tp + fp + fn),
+                    }
+                )
+    return rows
+
+
+def cell_tags(result: CellRecord, digest: str) -> dict[str, str]:
+    config, environment = result.config, result.environment
+    return {
+        KIND_TAG: "cell",
+        CELL_TAG: result.cell_id,
+        "method": config.method,
+        "row": config.row,
+        "dataset": config.dataset_name,
+        "fold": str(config.fold),
+        "way": str(config.way),
+        "shot": str(config.shot),
+        "protocol": config.protocol,
+        "git_sha": environment["git_sha"],
+        "device": environment["device"],
+        "manifest_fingerprints": ",".join(s.manifest_fingerprint[:16] for s in result.seeds),
+        RECORD_TAG: digest,
+        "fsbench.finished_at": result.finished_at,
+        # MLflow's own source fields (the UI's "Source" and git commit columns)
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": "fsbench",
+        "mlflow.source.git.commit": environment["git_sha"],
+        "fsbench.git_dirty": str(environment.get("git_dirty")),
+    }
+
+
+def cell_metrics(result: CellRecord) -> dict[str, float]:
+    """Grouped for the UI: every registered metric (mean, std) first, then time/…, eval/…,
+    seed/<s>/<metric>, iou/<class name>."""
+    summary, timings = result.summary, result.timings
+    metrics = {}
+    for name in (m for m in METRICS if f"{m}_mean" in summary):
+        metrics[name], metrics[f"{name}_std"] = summary[f"{name}_mean"], summary[f"{name}_std"]
+    metrics["time/train_seconds"] = timings["train_seconds"]
+    metrics["time/eval_seconds"] = timings["eval_seconds"]
+    for key in ("encoded_images", "distinct_images", "peak_rss_bytes", "spill_bytes"):
+        # older cells lack some
+        if key in timings:
+            metrics[f"eval/{key}"] = timings[key]
+    for seed in result.seeds:
+        for name, value in seed.metrics.items():
+            metrics[f"seed/{seed.seed}/{name}"] = value
+    names = class_names(result.config.dataset_name)
+    for class_id, value in summary["class_iou_mean"].items():
+        if value is not None:  # None: the class never occurred
+            metrics[f"iou/{names.get(int(class_id), class_id)}"] = value
+    return metrics
+
+
+def curve_points(result: CellRecord, end_ms: int) -> list[tuple[str, float, int, int]]:
+    """(train/<loss>, value, wall-clock ms, step) of the training curve, at the times the
+    points were recorded (records without them: the run's end)."""
+    train = result.train or {}
+    times = train.get("curve_times") or []
+    points = []
+    for index, point in enumerate(train.get("curve", [])):
+        stamp = times[index] if index < len(times) else end_ms
+        for name, value in point.items():
+            if name != "step":
+                points.append((f"train/{name}", float(value), stamp, point["step"]))
+    return points
+
+
+def manifest_datasets(result: CellRecord, manifests_dir: Path) -> list[dict]:
+    """Each seed's manifest as MLflow `Dataset` fields (name, 16-hex digest, source, profile)."""
+    config = result.config
+    datasets = []
+    for seed in result.seeds:
+        fingerprint = seed.manifest_fingerprint
+        path = Path(manifests_dir) / f"{fingerprint[:16]}.json"
+        profile = {"episodes": seed.episodes, "seed": seed.seed, "fold": config.fold}
+        datasets.append(
+            {
+                "name": (
+                    f"{config.dataset_name} fold{config.fold} {config.way}w"
+                    f"{config.shot}s seed {seed.seed} ({config.protocol})"
+                ),
+                "digest": fingerprint[:16],
+                "source_type": "local",
+                "source": path.as_uri(),
+                "profile": json.dumps(profile),
+            }
+        )
+    return datasets
+
+
+def write_artifacts(result: CellRecord, store, folder: Path) -> list[Path]:
+    """The cell run's files, written into `folder`: config.json, episodes.csv (a row per
+    episode class) and the qualitative strip (left out, with one line, when it cannot be drawn)."""
+    (folder / "config.json").write_text(json.dumps(result.config.to_json(), indent=1))
+    rows = episode_rows(result, store.manifests_dir)
+    with open(folder / "episodes.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["episode"])
+        writer.writeheader()
+        writer.writerows(rows)
+    written = [folder / "config.json", folder / "episodes.csv"]
+    try:
+        figure = qualitative_strip(result, store, folder / "qualitative.png", max_episodes=2)
+    except Exception as error:  # noqa: BLE001 - a figure must never stop the logging
+        print(f"fsbench: qualitative figure skipped ({error})", file=sys.stderr)
+        figure = None
+    return written + ([figure] if figure is not None else [])

@@ -1,0 +1,396 @@
+"""MLflow tracking (only this module imports mlflow): one experiment per grid, a parent run per
+invocation, a child run per cell. If the server cannot be reached the grid goes on; `sync` later
+pushes every cell that has no finished child run yet (so nothing is logged twice)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from fsbench.benchmarks.store.records import CellRecord
+from fsbench.benchmarks.tracking.cell_run import (  # noqa: F401 (names older callers import from here)
+    CELL_TAG,
+    KIND_TAG,
+    RECORD_TAG,
+    cell_metrics,
+    cell_tags,
+    curve_points,
+    default_tracking_uri,
+    episode_rows,
+    flatten,
+    manifest_datasets,
+    record_digest,
+    redacted,
+    write_artifacts,
+)
+from fsbench.core import FsbenchError
+
+RESULTS_TAG = "fsbench.results"  # the results folder an invocation wrote
+LIVE_INTERVAL_SECONDS = 5.0  # a training curve reaches MLflow at least this often
+
+
+class Tracker:
+    """Driver-side MLflow logging that degrades to 'log later' instead of stopping the grid."""
+
+    def __init__(
+        self,
+        uri: str,
+        results_root: Path,
+        experiment: str | None = None,
+        asynchronous: bool = False,
+    ):
+        # No usage telemetry: it costs ~80 ms per logged cell here and phones home.
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise FsbenchError(
+                "tracking needs mlflow: pip install 'mlflow>=2.14' (or --no-tracking)"
+            ) from None
+        self.uri = uri
+        self.results_root = Path(results_root).resolve()
+        self.experiment_name = experiment
+        self.experiment_id = None
+        self.parent_run_id = None
+        self.available = True
+        self.pending = 0
+        # A logging thread keeps MLflow off the driver's path (the cell files stay the truth:
+        # what a stopped driver did not log, the next run or `sync` does).
+        self.asynchronous = asynchronous
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._training_runs: dict[str, str] = {}  # model key → its live training run
+        self._points: dict[str, list] = {}  # model key → curve points not written yet
+        self._flushed: dict[str, float] = {}  # model key → when its points were last written
+        self.client = None
+        try:  # a sqlite store is opened (and its schema checked) right here
+            self.client = MlflowClient(tracking_uri=uri)
+        except Exception as error:  # noqa: BLE001 - a damaged store means "log later"
+            self._warn(error)
+
+    def _warn(self, error: Exception) -> None:
+        if self.available:
+            print(
+                f"fsbench: MLflow at {redacted(self.uri)} unreachable "
+                f"({type(error).__name__}); results still go to results/; run "
+                "`run_benchmark.py sync` later",
+                file=sys.stderr,
+            )
+        self.available = False
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri:
+            location = (self.results_root / "mlartifacts" / name).as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def start_invocation(self, grid, plan, store=None) -> None:
+        """Open the experiment, repair what earlier invocations left (runs of killed drivers,
+        cells whose file is newer than their run or that were never logged) and, if there is
+        anything to do, create this invocation's parent run."""
+        self.experiment_name = self.experiment_name or grid.name
+        self._counts = {"cells_total": len(plan.cells), "cells_todo": len(plan.todo)}
+        if not self.available:
+            return
+        try:
+            self.experiment_id = self._experiment(self.experiment_name)
+            self._close_leftovers()
+            if plan.todo:
+                self._parent()
+            if store is not None:  # cells finished earlier but missing or stale in MLflow
+                todo = {c.id for c in plan.todo}
+                for cell in self._unlogged(store.load_cells()):
+                    if cell.cell_id not in todo:
+                        self.log_cell(cell, store)
+        except Exception as error:  # noqa: BLE001 - any failure means "log later"
+            self._warn(error)
+
+    def _parent(self) -> str:
+        """This invocation's parent run, created on first need (a no-op rerun leaves none)."""
+        if self.parent_run_id is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{self.experiment_name} invocation",
+                tags={
+                    KIND_TAG: "invocation",
+                    RESULTS_TAG: str(self.results_root),
+                    "mlflow.parentRunId": self._grid_run(),
+                },
+            )
+            self.parent_run_id = run.info.run_id
+            counts = getattr(self, "_counts", {})
+            if counts:
+                self.client.log_batch(
+                    self.parent_run_id, params=[_param(k, v) for k, v in counts.items()]
+                )
+        return self.parent_run_id
+
+    def _grid_run(self) -> str:
+        """The grid's one stable run: parent of every invocation, holder of the report."""
+        if getattr(self, "_grid_run_id", None) is None:
+            found = self._search(f"tags.{KIND_TAG} = 'grid'")
+            if found:
+                self._grid_run_id = found[0].info.run_id
+            else:
+                run = self.client.create_run(
+                    self.experiment_id,
+                    run_name=self.experiment_name,
+                    tags={KIND_TAG: "grid", RESULTS_TAG: str(self.results_root)},
+                )
+                self.client.set_terminated(run.info.run_id, "FINISHED")
+                self._grid_run_id = run.info.run_id
+        return self._grid_run_id
+
+    def _close_leftovers(self) -> None:
+        """Runs a killed driver left RUNNING. The caller holds the grid's lock, so no live
+        fsbench process writes this results folder's runs: an invocation still RUNNING is
+        marked KILLED, a cell run FAILED (the cell is logged again from its file, if any)."""
+        for run in self._search("attributes.status = 'RUNNING'"):
+            tags = run.data.tags
+            if tags.get(KIND_TAG) == "invocation" and tags.get(RESULTS_TAG, "") in (
+                "",
+                str(self.results_root),
+            ):
+                self.client.set_terminated(run.info.run_id, "KILLED")
+            elif tags.get(KIND_TAG) in ("cell", "training"):
+                self.client.set_terminated(run.info.run_id, "FAILED")
+
+    def _search(self, query: str) -> list:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], query, max_results=1000, page_token=token
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def _unlogged(self, cells: list[CellRecord]) -> list[CellRecord]:
+        """The cells without a FINISHED run logged from this very file."""
+        logged = self.logged_cells()
+        return [c for c in cells if logged.get(c.cell_id) != record_digest(c)]
+
+    def finish_invocation(self, status: str = "FINISHED") -> None:
+        self.flush()
+        for key in list(self._training_runs):  # trainings that never finished (failed, killed)
+            try:
+                self.client.set_terminated(self._training_runs.pop(key), "FAILED")
+            except Exception as error:  # noqa: BLE001
+                self._warn(error)
+        if self.available and self.parent_run_id:
+            try:
+                self.client.set_terminated(self.parent_run_id, status)
+            except Exception as error:  # noqa: BLE001
+                self._warn(error)
+
+    def logged_cells(self) -> dict[str, str]:
+        """cell id → the digest of the cell record its FINISHED run was logged from."""
+        return {
+            run.data.tags[CELL_TAG]: run.data.tags.get(RECORD_TAG, "")
+            for run in self._search(f"tags.{KIND_TAG} = 'cell'")
+            if run.info.status == "FINISHED"
+        }
+
+    def log_cell(self, result: CellRecord, store) -> bool:
+        """Create the cell's child run (replacing an unfinished one); False if MLflow is down.
+        Asynchronous: queued for the logging thread (True)."""
+        if not self.available or self.experiment_id is None:
+            self.pending += 1
+            return False
+        if self.asynchronous:
+            self._submit(self._log_now, result, store)
+            return True
+        return self._log_now(result, store)
+
+    def _submit(self, function, *args) -> None:
+        """Run `function(*args)` on the logging thread (started on first use)."""
+        if self._thread is None:
+            self._queue = queue.Queue()
+            self._thread = threading.Thread(target=self._drain, name="fsbench-mlflow", daemon=True)
+            self._thread.start()
+        self._queue.put((function, args))
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            function, args = item
+            if self.available:
+                function(*args)
+            elif function == self._log_now:
+                self.pending += 1
+
+    def log_progress(self, key: str, name: str, point: dict) -> None:
+        """A training curve point of the model `key`, logged while it trains (its own run)."""
+        if self.available and self.experiment_id is not None:
+            self._submit(self._log_point, key, name, point)
+
+    def finish_training(self, key: str) -> None:
+        if self._thread is not None:
+            self._submit(self._end_training, key)
+
+    def _log_point(self, key: str, name: str, point: dict) -> None:
+        """Buffer a curve point; write a model's buffer every few seconds (one batch, not one
+        transaction per point: a live curve without taxing the cores the grid runs on)."""
+        buffered = self._points.setdefault(key, [])
+        buffered.append(point)
+        if time.monotonic() - self._flushed.get(key, 0.0) >= LIVE_INTERVAL_SECONDS:
+            self._write_points(key, name)
+
+    def _write_points(self, key: str, name: str = "") -> None:
+        from mlflow.entities import Metric
+
+        points = self._points.pop(key, [])
+        self._flushed[key] = time.monotonic()
+        if not points:
+            return
+        try:
+            if key not in self._training_runs:
+                run = self.client.create_run(
+                    self.experiment_id,
+                    start_time=points[0].get("time"),
+                    run_name=name,
+                    tags={
+                        KIND_TAG: "training",
+                        "fsbench.model_key": key,
+                        "mlflow.parentRunId": self._parent(),
+                    },
+                )
+                self._training_runs[key] = run.info.run_id
+            metrics = [
+                Metric(f"train/{k}", float(v), p.get("time") or int(time.time() * 1000), p["step"])
+                for p in points
+                for k, v in p.items()
+                if k not in ("step", "time")
+            ]
+            for start in range(0, len(metrics), 1000):
+                self.client.log_batch(
+                    self._training_runs[key], metrics=metrics[start : start + 1000]
+                )
+        except Exception as error:  # noqa: BLE001
+            self._warn(error)
+
+    def _end_training(self, key: str) -> None:
+        self._write_points(key)
+        if key not in self._training_runs:  # no curve point was ever reported
+            return
+        try:
+            self.client.set_terminated(self._training_runs.pop(key), "FINISHED")
+        except Exception as error:  # noqa: BLE001
+            self._warn(error)
+
+    def flush(self) -> None:
+        """Wait until every queued cell is logged (or counted as pending)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _log_now(self, result: CellRecord, store) -> bool:
+        try:
+            self._log_cell(result, store)
+            return True
+        except Exception as error:  # noqa: BLE001
+            self._warn(error)
+            self.pending += 1
+            return False
+
+    def _log_cell(self, result: CellRecord, store) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        client = self.client
+        cell_id = result.cell_id
+        previous = client.search_runs(
+            [self.experiment_id], f"tags.{CELL_TAG} = '{cell_id}'", max_results=100
+        )
+        digest = record_digest(result)
+        if any(
+            r.info.status == "FINISHED" and r.data.tags.get(RECORD_TAG, "") == digest
+            for r in previous
+        ):
+            return  # this very file is logged (e.g. by an earlier sync): never twice
+        # Unfinished runs (a driver killed mid-log) and runs of an older file of this cell (before
+        # a --rerun) must not count: they go to MLflow's deleted runs, and the file is logged anew.
+        for stale in previous:
+            client.delete_run(stale.info.run_id)
+        config, timings = result.config, result.timings
+        now = time.time()
+        start_ms = int(1000 * timings.get("started_at", now))
+        end_ms = int(1000 * timings.get("ended_at", now))
+        tags = cell_tags(result, digest)
+        tags["mlflow.parentRunId"] = self._parent()
+        run = client.create_run(
+            self.experiment_id, start_time=start_ms, run_name=result.title, tags=tags
+        )
+        run_id = run.info.run_id
+        params = [_param(k, v) for k, v in sorted(flatten("", config.to_json(), {}).items())]
+        metrics = cell_metrics(result)
+        entries = [Metric(k, float(v), end_ms, 0) for k, v in metrics.items()]
+        entries += [Metric(*point) for point in curve_points(result, end_ms)]
+        for start in range(0, max(len(entries), len(params)), 500):
+            client.log_batch(
+                run_id,
+                metrics=entries[start : start + 500],
+                params=params[start : start + 100] if start == 0 else [],
+                tags=[RunTag(k, v) for k, v in tags.items()] if start == 0 else [],
+            )
+        for start in range(100, len(params), 100):
+            client.log_batch(run_id, params=params[start : start + 100])
+        client.log_inputs(run_id, datasets=_manifest_inputs(result, store))
+        with tempfile.TemporaryDirectory() as folder:
+            for artifact in write_artifacts(result, store, Path(folder)):
+                client.log_artifact(run_id, str(artifact))
+        client.set_terminated(run_id, "FINISHED", end_time=end_ms)
+
+    def log_report(self, report_dir: Path) -> None:
+        """The grid's report (tables, figures) as artifacts of its stable grid run."""
+        if not self.available or self.experiment_id is None or not Path(report_dir).is_dir():
+            return
+        try:
+            self.client.log_artifacts(self._grid_run(), str(report_dir), "report")
+        except Exception as error:  # noqa: BLE001
+            self._warn(error)
+
+    def sync(self, store) -> tuple[int, int]:
+        """Repair leftovers and push every cell of `store` without a FINISHED run logged from
+        its current file; (pushed, total)."""
+        cells = store.load_cells()
+        if not cells:
+            return 0, 0
+        if self.client is None:
+            raise ConnectionError(f"cannot open the tracking store {redacted(self.uri)}")
+        self.experiment_name = self.experiment_name or cells[0].grid
+        self.experiment_id = self._experiment(self.experiment_name)
+        self._close_leftovers()
+        missing = self._unlogged(cells)
+        pushed = sum(self.log_cell(c, store) for c in missing)
+        if self.parent_run_id:
+            self.finish_invocation("FINISHED" if pushed == len(missing) else "FAILED")
+        return pushed, len(cells)
+
+
+def _manifest_inputs(result: CellRecord, store) -> list:
+    """Each seed's episode manifest as an MLflow dataset input (name, fingerprint, source)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return [
+        DatasetInput(Dataset(**fields), [InputTag("mlflow.data.context", "evaluation")])
+        for fields in manifest_datasets(result, store.manifests_dir)
+    ]
+
+
+def _param(key, value):
+    from mlflow.entities import Param
+
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return Param(key, text[:6000])

@@ -1,0 +1,216 @@
+"""Episodic training (PANet's recipe as config values, not constants), deterministic per seed."""
+
+from __future__ import annotations
+
+import copy
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fsbench.benchmarks.grid.recipes import TrainConfig
+from fsbench.benchmarks.metrics import SegmentationMeter
+from fsbench.benchmarks.training.optim import (
+    make_optimizer,
+    make_scheduler,
+    step_losses,
+    train_mode,
+)
+from fsbench.benchmarks.training.plan import EpisodeStream, episode_plan
+from fsbench.core import FsbenchError, atomic_write_bytes, seeded_rng
+from fsbench.datasets.augment import AUGMENTATIONS
+from fsbench.datasets.episodes import EpisodeLoader, sample_episode
+from fsbench.methods.base import labels_of
+
+
+@dataclass
+class TrainResult:
+    state_dict: dict
+    curve: list[dict] = field(default_factory=list)  # step, total and per-term loss, lr
+    curve_times: list[int] = field(default_factory=list)  # wall clock (epoch ms) of each point
+    validation: list[dict] = field(default_factory=list)  # step, val mIoU
+    best_step: int | None = None
+    seconds: float = 0.0
+    train_classes: list[int] = field(default_factory=list)
+    val_classes: list[int] = field(default_factory=list)
+    resumed_from: int = 0  # the step a resumed training restarted after (0: from scratch)
+    train_list: str = ""  # the dataset list the episodes were drawn from
+
+
+def split_validation_classes(train_classes, cfg: TrainConfig, fold: int):
+    """Deterministically hold `cfg.val_classes` of the training classes out for validation."""
+    if cfg.val_classes >= len(train_classes):
+        raise FsbenchError(
+            f"val_classes={cfg.val_classes} leaves no training class "
+            f"(the fold has {len(train_classes)})"
+        )
+    order = seeded_rng("validation-classes", cfg.seed, fold).permutation(len(train_classes))
+    held = sorted(train_classes[i] for i in order[: cfg.val_classes])
+    return [c for c in train_classes if c not in held], held
+
+
+def _autocast(device: str, precision: str):
+    """bf16 autocast where asked (CUDA or CPU); fp32 otherwise."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _save_resume(path: Path, state: dict) -> None:
+    """Atomically: a kill mid-write leaves the previous checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def train(
+    model,
+    dataset,
+    protocol,
+    fold,
+    way,
+    shot,
+    cfg: TrainConfig,
+    input_size,
+    device="cpu",
+    progress=None,
+    on_curve=None,
+    workers: int = 0,
+    resume_path=None,
+    checkpoint_every: int = 0,
+) -> TrainResult:
+    """Train `model` on episodes of the fold's training classes; returns the selected weights.
+
+    `workers` DataLoader processes decode episodes ahead of the step (0: in this loop). With
+    `resume_path`, the state (weights, optimizer, scheduler, RNG, curve) is saved there every
+    `checkpoint_every` steps, and a training that finds it resumes from it: the result equals an
+    uninterrupted run's, bit for bit."""
+    if not model.trainable:
+        raise FsbenchError(f"{type(model).__name__} does not train")
+    started = time.perf_counter()
+    split = dataset.train_split(protocol)
+    train_classes, val_classes = split_validation_classes(dataset.train_classes(fold), cfg, fold)
+    loader = EpisodeLoader(dataset, cfg.input_size or input_size, resize=protocol.resize)
+    plan = episode_plan(dataset, protocol, split, fold, train_classes, way, shot, cfg)
+    model.to(device)
+    train_mode(model, cfg)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    result = TrainResult(
+        state_dict={}, train_classes=train_classes, val_classes=val_classes, train_list=split
+    )
+    best = -np.inf
+    running: dict[str, float] = {}
+    first, spent = 1, 0.0
+    resume_path = Path(resume_path) if resume_path else None
+    if resume_path is not None and resume_path.is_file():
+        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if cuda and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        result.curve, result.validation = state["curve"], state["validation"]
+        result.curve_times = state.get("curve_times", [])
+        result.best_step, best, running = state["best_step"], state["best"], state["running"]
+        result.state_dict = state["best_state"]
+        result.resumed_from = state["step"]
+        first, spent = state["step"] + 1, state["seconds"]
+    stream = torch.utils.data.DataLoader(
+        EpisodeStream(loader, plan[first - 1 :], AUGMENTATIONS.build(cfg.augmentation)),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=cuda,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+        # DataLoader draws its workers' base seed from a generator: a private one keeps the
+        # global torch RNG (dropout) the same whatever the worker count.
+        generator=torch.Generator().manual_seed(0),
+    )
+    for step, episodes in enumerate(stream, start=first):
+        episodes = [episode.to(device, non_blocking=cuda) for episode in episodes]
+        optimizer.zero_grad(set_to_none=True)
+        losses = step_losses(model, episodes, _autocast(device, cfg.precision))
+        optimizer.step()
+        scheduler.step()
+        for name, value in losses.items():
+            running[name] = running.get(name, 0.0) + value
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            count = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+            result.curve.append(
+                {
+                    "step": step,
+                    "lr": scheduler.get_last_lr()[0],
+                    **{k: v / count for k, v in running.items()},
+                }
+            )
+            result.curve_times.append(int(time.time() * 1000))
+            running = {}
+            if on_curve is not None:  # live progress (the driver logs it to MLflow)
+                on_curve({**result.curve[-1], "time": result.curve_times[-1]})
+        if val_classes and (step % cfg.val_every == 0 or step == cfg.steps):
+            score = validate(model, loader, dataset, protocol, val_classes, way, shot, cfg, device)
+            result.validation.append({"step": step, "miou": score})
+            if score > best:
+                best, result.best_step = score, step
+                result.state_dict = copy.deepcopy(model.state_dict())
+            train_mode(model, cfg)
+        if resume_path is not None and checkpoint_every and step % checkpoint_every == 0:
+            _save_resume(
+                resume_path,
+                {
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state() if cuda else None,
+                    "curve": result.curve,
+                    "curve_times": result.curve_times,
+                    "validation": result.validation,
+                    "best_step": result.best_step,
+                    "best": best,
+                    "best_state": result.state_dict,
+                    "running": running,
+                    "seconds": spent + time.perf_counter() - started,
+                },
+            )
+        if progress is not None:
+            progress(step, cfg.steps)
+    if not val_classes:
+        result.best_step = cfg.steps
+        result.state_dict = model.state_dict()
+    result.state_dict = {k: v.detach().cpu() for k, v in result.state_dict.items()}
+    result.seconds = spent + time.perf_counter() - started
+    return result
+
+
+@torch.no_grad()
+def validate(model, loader, dataset, protocol, val_classes, way, shot, cfg, device) -> float:
+    """mIoU on a fixed episode list of the held-out training classes."""
+
+    model.eval()
+    rng = seeded_rng("validation-episodes", cfg.seed, val_classes, way, shot)
+    meter = SegmentationMeter(val_classes)
+    for index in range(cfg.val_episodes):
+        spec = sample_episode(
+            rng,
+            dataset,
+            dataset.train_split(protocol),
+            val_classes,
+            min(way, len(val_classes)),
+            shot,
+            1,
+            protocol.min_object_pixels,
+        )
+        episode = loader.load(spec).to(device)
+        prediction = labels_of(model(episode), model.output_kind)
+        for query in range(prediction.shape[0]):
+            meter.update(prediction[query], episode.query_labels[query], spec.classes, index)
+    return meter.miou()

@@ -1,0 +1,138 @@
+"""Training augmentations as named recipes (`train.augment:` in a grid), in a registry a plugin
+can extend (`AUGMENTATIONS.register("name")` on an `Augmentation` subclass).
+
+An augmentation has two halves, so training stays deterministic whatever the worker count:
+`draw(rng)` gives one image's parameters, drawn up front in the main process from the step
+plan's seeded generator; the episode loader (possibly in a DataLoader worker) then applies them,
+either to the decoded image and its dense label before they are fitted to the input size
+(`raw`), or to the finished tensors (`tensors`).
+
+- `none`: nothing.
+- `flip` (= `flip: true`, PANet's): a horizontal flip with probability 0.5.
+- `pfenet`: PFENet's training transform (its `train.py`): RandScale [0.9, 1.1], RandRotate
+  ±10° with probability 0.5 (image padded with the ImageNet mean, label with void),
+  GaussianBlur 5×5 with probability 0.5, horizontal flip with probability 0.5, then a random
+  crop to the input size (padded with the mean / void when smaller), each image on its own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import correlate1d
+
+from fsbench.core import Registry
+
+MEAN_PIXELS = (123.675, 116.28, 103.53)  # ImageNet mean × 255: PFENet's padding value
+PAD = 254  # a padding pixel in a raw label (void everywhere, never support background)
+VOID = 255
+
+
+class Augmentation:
+    """No change (the `none` recipe); subclasses override `draw`, and `raw` (declaring
+    `raw_pixels = True`) or `tensors`."""
+
+    raw_pixels = False  # `raw` transforms the decoded image before it is fitted to the input
+
+    def draw(self, rng: np.random.Generator):
+        """One image's parameters (plain, picklable values)."""
+        return None
+
+    def raw(self, pixels: np.ndarray, label: np.ndarray, params, size: int):
+        """(pixels [S, S, 3] uint8, label [S, S] uint8) at the input size S from the decoded image
+        [H, W, 3] and its raw label [H, W] (0 background, i the i-th episode class, 255 void;
+        PAD where the transform padded)."""
+        return pixels, label
+
+    def tensors(self, tensors: tuple, params) -> tuple:
+        """The finished tensors of one image (image [3,S,S], then its masks [..., S, S])."""
+        return tensors
+
+
+AUGMENTATIONS = Registry("augmentation", base=Augmentation)
+
+
+@AUGMENTATIONS.register("none")
+class NoAugmentation(Augmentation):
+    pass
+
+
+@AUGMENTATIONS.register("flip")
+class Flip(Augmentation):
+    """PANet's random horizontal flip (one draw per image, as `flip: true` always drew)."""
+
+    def draw(self, rng):
+        return bool(rng.random() < 0.5)
+
+    def tensors(self, tensors, params):
+        return tuple(t.flip(-1) for t in tensors) if params else tensors
+
+
+def _gaussian_blur(pixels: np.ndarray) -> np.ndarray:
+    """cv2.GaussianBlur(image, (5, 5), 0): σ = 0.3·((5−1)·0.5 − 1) + 0.8 = 1.1, separable,
+    reflect-101 borders."""
+    sigma = 0.3 * ((5 - 1) * 0.5 - 1) + 0.8
+    taps = np.exp(-(np.arange(-2, 3) ** 2) / (2 * sigma**2))
+    taps /= taps.sum()
+    out = pixels.astype(np.float64)
+    for axis in (0, 1):
+        out = correlate1d(out, taps, axis=axis, mode="mirror")
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+@AUGMENTATIONS.register("pfenet")
+class PfenetAugmentation(Augmentation):
+    """PFENet's training transform (scale, rotate, blur, flip, crop), on raw pixels."""
+
+    raw_pixels = True
+
+    scale = (0.9, 1.1)
+    rotate = (-10.0, 10.0)
+
+    def draw(self, rng):
+        # a fixed number of draws per image, whatever is applied: the plan stays aligned
+        u = rng.random(7)
+        return (
+            self.scale[0] + (self.scale[1] - self.scale[0]) * u[0],  # scale
+            bool(u[1] < 0.5),  # rotate?
+            self.rotate[0] + (self.rotate[1] - self.rotate[0]) * u[2],  # angle (degrees)
+            bool(u[3] < 0.5),  # blur?
+            bool(u[4] < 0.5),  # flip?
+            float(u[5]),  # crop row offset, as a share of the free rows
+            float(u[6]),  # crop column offset
+        )
+
+    def raw(self, pixels, label, params, size):
+        scale, rotate, angle, blur, flip, row, col = params
+        image, target = Image.fromarray(pixels), Image.fromarray(label)
+        width, height = image.size
+        scaled = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image, target = image.resize(scaled, Image.BILINEAR), target.resize(scaled, Image.NEAREST)
+        if rotate:
+            fill = tuple(round(v) for v in MEAN_PIXELS)
+            image = image.rotate(angle, Image.BILINEAR, fillcolor=fill)
+            target = target.rotate(angle, Image.NEAREST, fillcolor=PAD)
+        pixels, label = np.asarray(image), np.asarray(target)
+        if blur:
+            pixels = _gaussian_blur(pixels)
+        if flip:
+            pixels, label = pixels[:, ::-1], label[:, ::-1]
+        return _random_crop(pixels, label, size, row, col)
+
+
+def _random_crop(pixels, label, size, row, col):
+    """PFENet's Crop(crop_type='rand'): pad to at least size × size (half before, half after,
+    mean / padding), then cut a size × size window at the drawn offsets."""
+    height, width = label.shape
+    pad_h, pad_w = max(size - height, 0), max(size - width, 0)
+    if pad_h or pad_w:
+        border = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
+        canvas = np.empty((height + pad_h, width + pad_w, 3), np.uint8)
+        canvas[:] = np.round(MEAN_PIXELS).astype(np.uint8)
+        canvas[border[0][0] : border[0][0] + height, border[1][0] : border[1][0] + width] = pixels
+        pixels, label = canvas, np.pad(label, border, constant_values=PAD)
+        height, width = label.shape
+    top = int(row * (height - size + 1))
+    left = int(col * (width - size + 1))
+    window = (slice(top, top + size), slice(left, left + size))
+    return np.ascontiguousarray(pixels[window]), np.ascontiguousarray(label[window])
