@@ -18,10 +18,12 @@ either to the decoded image and its dense label before they are fitted to the in
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy.ndimage import correlate1d
 
 from fsbench.core import Registry
+from fsbench.datasets.resize import normalise
 
 MEAN_PIXELS = (123.675, 116.28, 103.53)  # ImageNet mean × 255: PFENet's padding value
 PAD = 254  # a padding pixel in a raw label (void everywhere, never support background)
@@ -136,3 +138,26 @@ def _random_crop(pixels, label, size, row, col):
     left = int(col * (width - size + 1))
     window = (slice(top, top + size), slice(left, left + size))
     return np.ascontiguousarray(pixels[window]), np.ascontiguousarray(label[window])
+
+
+def augmented_views(dataset, image_id: str, classes, augmentation, param, size: int):
+    """(image [3,S,S], masks [N,S,S], void [S,S], padding [S,S]) of one image augmented on its
+    decoded pixels and dense label (augmentations with `raw_pixels`)."""
+    masks, void = dataset.load_masks(image_id, list(classes))
+    label = np.zeros(void.shape, np.uint8)
+    label[void] = VOID
+    for index, mask in enumerate(masks, start=1):
+        label[mask] = index
+    pixels, label = augmentation.raw(dataset.load_image(image_id), label, param, size)
+    classes_at = torch.from_numpy(label.astype(np.int64))
+    masks = torch.stack([classes_at == index for index in range(1, len(classes) + 1)])
+    return normalise(pixels), masks, classes_at == VOID, classes_at == PAD
+
+
+def label_of(masks, void):
+    """[S, S] long: 0 background, i for the i-th class of `masks` [N, S, S], 255 where `void`."""
+    target = torch.zeros(void.shape, dtype=torch.long)
+    target[void] = 255
+    for index in range(masks.shape[0]):
+        target[masks[index]] = index + 1
+    return target

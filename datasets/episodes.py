@@ -12,15 +12,20 @@ import torch
 from PIL import Image
 
 from fsbench.core import FsbenchError, atomic_write_text, canonical_sha256, seeded_rng  # noqa: F401
-from fsbench.datasets.augment import PAD, VOID
+from fsbench.datasets.augment import augmented_views, label_of
 from fsbench.datasets.cache import ByteLRU
 from fsbench.datasets.protocols import check_sampler
 from fsbench.datasets.replay import official_episodes
-from fsbench.datasets.resize import check_resize, content_size, fit
+from fsbench.datasets.resize import (  # noqa: F401 (IMAGENET_*, normalise re-exported)
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_resize,
+    content_size,
+    fit,
+    normalise,
+)
 from fsbench.datasets.weak import box_masks, scribble
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MANIFEST_VERSION = 1
 
 
@@ -234,14 +239,6 @@ class EpisodeManifest:
         return manifest
 
 
-def normalise(image: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 → 3xHxW float, ImageNet mean/std."""
-    tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div_(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (tensor - mean) / std
-
-
 ANNOTATIONS = ("mask", "scribble", "bbox")
 
 
@@ -376,7 +373,9 @@ class EpisodeLoader:
             if augmentation is None:
                 return (self.image(image_id), *masks_of(None))
             if augmentation.raw_pixels:
-                raw = self._raw_augmented(augmentation, image_id, classes, param)
+                raw = augmented_views(
+                    self.dataset, image_id, classes, augmentation, param, self.input_size
+                )
                 tensors = (raw[0], *masks_of(raw[1:]))
             else:
                 tensors = (self.image(image_id), *masks_of(None))
@@ -396,7 +395,7 @@ class EpisodeLoader:
                 if raw is None:
                     return (self.query_label(image_id, classes),)
                 masks, void, padding = raw
-                return (_label_of(masks, void | padding),)
+                return (label_of(masks, void | padding),)
 
             return views(image_id, masks_of)
 
@@ -417,27 +416,3 @@ class EpisodeLoader:
             support_ids=[list(s) for s in spec.support],
             query_ids=list(spec.query),
         )
-
-    def _raw_augmented(self, augmentation, image_id: str, classes, param):
-        """(image [3,S,S], masks [N,S,S], void [S,S], padding [S,S]) augmented on the decoded
-        image and its dense label (augmentations with `raw_pixels`)."""
-        masks, void = self.dataset.load_masks(image_id, classes)
-        label = np.zeros(void.shape, np.uint8)
-        label[void] = VOID
-        for index, mask in enumerate(masks, start=1):
-            label[mask] = index
-        pixels, label = augmentation.raw(
-            self.dataset.load_image(image_id), label, param, self.input_size
-        )
-        classes_at = torch.from_numpy(label.astype(np.int64))
-        masks = torch.stack([classes_at == index for index in range(1, len(classes) + 1)])
-        return normalise(pixels), masks, classes_at == VOID, classes_at == PAD
-
-
-def _label_of(masks: torch.Tensor, void: torch.Tensor) -> torch.Tensor:
-    """[S, S] long: 0 background, i for the i-th class of `masks` [N, S, S], 255 where `void`."""
-    target = torch.zeros(void.shape, dtype=torch.long)
-    target[void] = 255
-    for index in range(masks.shape[0]):
-        target[masks[index]] = index + 1
-    return target

@@ -19,6 +19,9 @@ from PIL import Image
 
 from fsbench.core import FsbenchError
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 RESIZES = ("square", "square_floor_nearest", "keep_ratio_pad")
 
 
@@ -86,3 +89,13 @@ def fit(array: np.ndarray, size: int, resize: str, resample, fill) -> np.ndarray
     out = np.full((size, size, *resized.shape[2:]), fill, resized.dtype)
     out[:height, :width] = resized
     return out
+
+
+def normalise(image: np.ndarray):
+    """HxWx3 uint8 → 3xHxW float tensor, ImageNet mean/std."""
+    import torch  # here: the report reads this module's geometry without torch
+
+    tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div_(255)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (tensor - mean) / std

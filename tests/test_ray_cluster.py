@@ -28,6 +28,8 @@ VOLATILE = {
     "finished_at",
     "environment",
     "eval_seconds",
+    "peak_rss_bytes",  # measured peaks of the task, like its times
+    "spill_bytes",
     "seconds",
     "host",
     "pid",
