@@ -341,12 +341,7 @@ class EpisodeLoader:
 
     def query_label(self, image_id: str, classes) -> torch.Tensor:
         """[S, S] long: 0 background, i for the i-th episode class, 255 void."""
-        masks, void = self.masks(image_id, classes)
-        target = torch.zeros(masks.shape[1:], dtype=torch.long)
-        target[void] = 255
-        for index in range(len(classes)):
-            target[masks[index]] = index + 1
-        return target
+        return label_of(*self.masks(image_id, classes))
 
     def load_masks(self, spec: EpisodeSpec):
         """Support fg / bg [N, K, S, S] (float) and query labels [Q, S, S] of an episode, without

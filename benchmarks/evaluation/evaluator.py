@@ -9,10 +9,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from fsbench.benchmarks.metrics import SegmentationMeter, batched_confusion
-from fsbench.datasets.episodes import EpisodeLoader, EpisodeSpec
+from fsbench.datasets.episodes import EpisodeLoader, EpisodeSpec, label_of
 from fsbench.methods.base import labels_of, resize_output
 
 
@@ -48,11 +49,7 @@ class Evaluator(ABC):
 def scoring_label(dataset, image_id, classes) -> torch.Tensor:
     """The query's label at original resolution, in episode indices (protocols scoring there)."""
     masks, void = dataset.load_masks(image_id, list(classes))
-    target = torch.zeros(void.shape, dtype=torch.long)
-    target[torch.from_numpy(void)] = 255
-    for index, mask in enumerate(masks, start=1):
-        target[torch.from_numpy(mask)] = index
-    return target
+    return label_of(torch.from_numpy(np.stack(masks)), torch.from_numpy(void))
 
 
 class EpisodeCounter(Evaluator):
