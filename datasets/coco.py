@@ -13,6 +13,7 @@ import numpy as np
 
 from fsbench.core import atomic_write_text, canonical_sha256, default_cache_dir
 from fsbench.datasets.base import FewShotDataset
+from fsbench.datasets.coco_checks import check_instances, segmentation_problem
 from fsbench.datasets.pascal import (
     DatasetError,
     IndexLock,
@@ -213,10 +214,17 @@ class Coco20i(FewShotDataset):
         if not path.is_file():
             raise DatasetError(f"{path}: annotation file is missing; {EXPECTED_LAYOUT}")
         try:
-            with open(os.devnull, "w") as quiet, _redirect(quiet):
-                return COCO(str(path))
-        except (ValueError, KeyError, TypeError, AssertionError) as error:
-            raise DatasetError(f"{path}: not a valid COCO instances file ({error!r})") from None
+            data = json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise DatasetError(
+                f"{path}: not a valid COCO instances file (not JSON: {error}); re-extract it"
+            ) from None
+        check_instances(data, path)
+        with open(os.devnull, "w") as quiet, _redirect(quiet):
+            coco = COCO()
+            coco.dataset = data
+            coco.createIndex()
+        return coco
 
     def _category_map(self, split: str) -> dict[int, int]:
         ids = sorted(self.coco(split).getCatIds())
@@ -244,7 +252,7 @@ class Coco20i(FewShotDataset):
             raise DatasetError(f"{path}: annotation file is missing; {EXPECTED_LAYOUT}")
         stat = path.stat()
         key = canonical_sha256(
-            [INDEX_VERSION, str(path), stat.st_size, stat.st_mtime_ns, self.crowd]
+            [INDEX_VERSION, str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, self.crowd]
         )[:16]
         cache_file = self.cache_dir / f"{self.name}-{split}{self.year}-{key}.json"
         if cache_file.is_file():
@@ -326,7 +334,31 @@ class Coco20i(FewShotDataset):
 
     def load_image(self, image_id: str) -> np.ndarray:
         split = self._split_of(image_id)
-        return read_rgb(self.image_folder(split) / self.class_index(split)["images"][image_id])
+        path = self.image_folder(split) / self.class_index(split)["images"][image_id]
+        pixels = read_rgb(path)
+        info = self.coco(split).imgs[int(image_id)]
+        if pixels.shape[:2] != (info["height"], info["width"]):
+            raise DatasetError(
+                f"{path}: image is {pixels.shape[1]}×{pixels.shape[0]} but "
+                f"{self.annotation_path(split).name} gives image {image_id} "
+                f"{info['width']}×{info['height']}; its masks would not match (re-extract it)"
+            )
+        return pixels
+
+    def _mask(self, split: str, ann: dict) -> np.ndarray:
+        """One annotation's mask; a bad RLE or polygon names the annotation and file."""
+        coco = self.coco(split)
+        try:
+            info = coco.imgs[ann["image_id"]]
+            problem = segmentation_problem(ann.get("segmentation"), info["height"], info["width"])
+            if problem:
+                raise ValueError(problem)
+            return coco.annToMask(ann).astype(bool)
+        except Exception as error:  # noqa: BLE001 - pycocotools raises bare Exception too
+            raise DatasetError(
+                f"{self.annotation_path(split)}: annotation {ann.get('id')} of image "
+                f"{ann.get('image_id')} has an unusable segmentation ({error}); fix or remove it"
+            ) from None
 
     def load_masks(self, image_id: str, classes) -> tuple[np.ndarray, np.ndarray]:
         """Per-class masks (union of the class's instances, as PANet) and the void mask (crowd
@@ -341,7 +373,7 @@ class Coco20i(FewShotDataset):
             crowd = bool(ann.get("iscrowd"))
             if crowd and self.crowd == "skip":
                 continue
-            mask = coco.annToMask(ann).astype(bool)
+            mask = self._mask(split, ann)
             if crowd and self.crowd == "ignore":
                 void |= mask
             elif categories[ann["category_id"]] in position:
@@ -353,7 +385,7 @@ class Coco20i(FewShotDataset):
         split = self._split_of(image_id)
         coco, categories = self.coco(split), self._category_map(split)
         return [
-            coco.annToMask(a).astype(bool)
+            self._mask(split, a)
             for a in coco.imgToAnns[int(image_id)]
             if categories[a["category_id"]] == class_id and not a.get("iscrowd")
         ]

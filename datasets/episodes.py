@@ -11,7 +11,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fsbench.core import FsbenchError, atomic_write_text, canonical_sha256, seeded_rng  # noqa: F401
+from fsbench.core import (  # noqa: F401
+    FsbenchError,
+    atomic_write_text,
+    canonical_sha256,
+    manifest_fingerprint,
+    seeded_rng,
+)
 from fsbench.datasets.augment import augmented_views, label_of
 from fsbench.datasets.cache import ByteLRU
 from fsbench.datasets.protocols import check_sampler
@@ -180,9 +186,7 @@ class EpisodeManifest:
 
     @property
     def fingerprint(self) -> str:
-        return canonical_sha256(
-            {"spec": self.spec, "episodes": [e.to_json() for e in self.episodes]}
-        )
+        return manifest_fingerprint(self.spec, [e.to_json() for e in self.episodes])
 
     def to_json(self) -> dict:
         return {

@@ -40,7 +40,7 @@ EXPECTED_LAYOUT = (
     "expected VOCdevkit/VOC2012/{JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png, "
     "ImageSets/Segmentation/{train,val,trainaug}.txt} under --data-root"
 )
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 LISTS = Path(__file__).parent / "lists"
 # Training lists of the protocols that are published files, not ImageSets lists (datasets/lists/):
 # PFENet's de-duplicated VOC + SBD list; HSNet's trn fold lists (`<id>__<class>` pairs: a class
@@ -84,6 +84,12 @@ def check_file_name(name: str, where: str) -> str:
             "remove that line"
         )
     return name
+
+
+def file_stamp(path: Path) -> list[int]:
+    """(size, mtime ns, inode): changes when a file is edited, replaced or swapped with another."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -272,9 +278,11 @@ class Pascal5i(FewShotDataset):
                 f"{which}: listed in ImageSets/Segmentation/{split}.txt but missing "
                 f"({len(missing)} ids in all); {EXPECTED_LAYOUT}"
             )
-        sizes = [self.mask_path(i).stat().st_size for i in ids]
+        # Keyed on every mask's and image's (size, mtime, inode): an edited, replaced or swapped
+        # file (equal sizes included) rebuilds the index instead of keeping stale class lists.
+        stamps = [[file_stamp(self.mask_path(i)), file_stamp(self.image_path(i))] for i in ids]
         key = canonical_sha256(
-            {"v": INDEX_VERSION, "root": str(self.root), "split": split, "ids": ids, "sizes": sizes}
+            {"v": INDEX_VERSION, "root": str(self.root), "split": split, "ids": ids, "st": stamps}
         )
         cache_file = self.cache_dir / f"{self.name}-{split}-{key[:16]}.json"
         if cache_file.is_file():
@@ -282,12 +290,30 @@ class Pascal5i(FewShotDataset):
         else:
             raw = {str(c): {} for c in range(1, self.num_classes + 1)}
             for image_id in ids:
-                values, counts = np.unique(self.load_label(image_id), return_counts=True)
+                label = self.load_label(image_id)
+                self._check_same_size(image_id, label.shape)
+                values, counts = np.unique(label, return_counts=True)
                 for value, count in zip(values.tolist(), counts.tolist()):
                     if 1 <= value <= self.num_classes:
                         raw[str(value)][image_id] = count
             atomic_write_text(cache_file, json.dumps(raw))
         return {int(c): dict(sorted(images.items())) for c, images in raw.items()}
+
+    def _check_same_size(self, image_id: str, label_shape) -> None:
+        """An image and its mask must have one size: a mask at another size would be resized
+        onto the image independently and scored against the wrong pixels."""
+        path = self.image_path(image_id)
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, SyntaxError, ValueError):
+            return  # undecodable: named when an episode loads it, failing only its cells
+        if (height, width) != tuple(label_shape):
+            raise DatasetError(
+                f"{path}: image is {width}×{height} but its mask {self.mask_path(image_id)} is "
+                f"{label_shape[1]}×{label_shape[0]}; each mask must match its image's size "
+                "(re-extract the pair)"
+            )
 
     def class_images(self, split: str, class_id: int, min_pixels: int = 1) -> list[str]:
         """Sorted ids of the split's images with at least `min_pixels` pixels of the class."""

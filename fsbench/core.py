@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import pkgutil
+import signal
 import sys
 import threading
 import typing
@@ -194,3 +195,43 @@ def import_plugins(modules=(), paths=()) -> None:
                 f"imports: cannot import {name!r} ({error}){where}; install it, or put it next "
                 "to the grid file or on PYTHONPATH (on a cluster: on every node)"
             ) from None
+        except FsbenchError:
+            raise  # a plugin's own clear message (e.g. a name registered twice)
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - the plugin's own bug
+            what = f"exit({error.code})" if isinstance(error, SystemExit) else repr(error)[:300]
+            raise FsbenchError(
+                f"imports: importing {name!r} failed with {what}; fix that module "
+                "(run `python -c 'import " + name + "'` to see its traceback)"
+            ) from None
+
+
+def manifest_fingerprint(spec: dict, episodes: list) -> str:
+    """The fingerprint of an episode manifest: its spec and its episodes in their JSON form
+    (kept here, torch-free, so that a result reader can check a manifest file it only reads)."""
+    return canonical_sha256({"spec": spec, "episodes": episodes})
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or a user's `kill`), taken as an interruption: the driver stops the
+    way Ctrl-C stops it (finished cells kept, the invocation recorded as killed), one line."""
+
+
+_SIGTERM_RECEIVED = threading.Event()
+
+
+def _raise_terminated(signum, frame):
+    _SIGTERM_RECEIVED.set()  # Ray's blocking calls re-raise it as a plain KeyboardInterrupt
+    raise Terminated()
+
+
+def terminated(interruption: BaseException) -> bool:
+    """Whether an interruption came from SIGTERM (even after Ray re-raised it as Ctrl-C)."""
+    return isinstance(interruption, Terminated) or _SIGTERM_RECEIVED.is_set()
+
+
+def catch_sigterm() -> Callable | int | None:
+    """Make SIGTERM raise `Terminated` in the main thread (again after ray.init, which installs
+    its own handler that exits through Ray's C++ teardown). Returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)

@@ -278,7 +278,9 @@ def _grid_folder(args) -> Path:
 
 def cmd_qualitative(args) -> int:
     from fsbench.benchmarks.cli.qualitative import render
+    from fsbench.core import import_plugins
 
+    import_plugins(tuple(args.imports or ()), (str(Path.cwd()),))
     print(render(_grid_folder(args), args.cell, args.episodes))
     return 0
 
@@ -312,7 +314,24 @@ def cmd_sync(args) -> int:
 
     root = _results_root(args)
     uri = args.tracking_uri or default_tracking_uri(root)
-    grids = [args.grid] if args.grid else sorted(p.parent.name for p in root.glob("*/cells"))
+    # a grid's folder (its cells, its plan or the lock of a run still starting)
+    found = sorted(
+        {
+            p.parent.name
+            for pattern in ("*/cells", "*/plan.json", "*/.lock")
+            for p in root.glob(pattern)
+        }
+    )
+    if args.grid and args.grid not in found:
+        check_grid_name(args.grid)
+        raise FsbenchError(
+            f"{root / args.grid}: no results for grid {args.grid!r} to sync "
+            f"({'grids here: ' + ', '.join(found) if found else 'none here'}; run it first, "
+            "or pass --results FOLDER)"
+        )
+    if not found:
+        raise FsbenchError(f"{root}: no grid results to sync (run a grid first, or --results)")
+    grids = [args.grid] if args.grid else found
     status = 0
     for name in grids:
         store = ResultStore(root, check_grid_name(name))

@@ -4,6 +4,7 @@ the subcommands themselves are in commands.py."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from fsbench.benchmarks.cli.commands import (
@@ -16,7 +17,7 @@ from fsbench.benchmarks.cli.commands import (
     cmd_sync,
     cmd_ui,
 )
-from fsbench.core import FsbenchError
+from fsbench.core import FsbenchError, catch_sigterm, terminated
 
 DEFAULT_GRID = "quickstart.yaml"
 RESULTS_HELP = "results root (default ./results or $FSBENCH_RESULTS)"
@@ -119,6 +120,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     qualitative.add_argument(
         "--episodes", type=int, nargs="+", default=[0, 1, 2, 3], help="episode indices to show"
     )
+    qualitative.add_argument("--import", dest="imports", action="append", help=IMPORT_HELP)
     qualitative.add_argument("--results", help=RESULTS_HELP)
 
     ui = commands.add_parser("ui", help="serve the MLflow UI for the results store")
@@ -194,6 +196,7 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.error("no command given")
+    previous = catch_sigterm()
     try:
         return {
             "config": cmd_config,
@@ -210,12 +213,17 @@ def main(argv=None) -> int:
         return 2
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
+        sigterm = terminated(interruption)
+        what = "terminated (SIGTERM)" if sigterm else "interrupted"
         print(
-            "fsbench: interrupted; finished cells are saved, rerun the same command to resume",
+            f"fsbench: {what}; finished cells are saved, rerun the same command to resume",
             file=sys.stderr,
         )
-        return 130
+        return 143 if sigterm else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

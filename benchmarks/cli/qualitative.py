@@ -13,17 +13,36 @@ from fsbench.benchmarks.execution.tasks import build_model
 from fsbench.benchmarks.report.figures import qualitative_figure
 from fsbench.benchmarks.store.records import CellRecord
 from fsbench.benchmarks.store.results import ResultStore
-from fsbench.core import FsbenchError, import_plugins
+from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeManifest
-from fsbench.datasets.registry import open_dataset
+from fsbench.datasets.registry import DATASETS, open_dataset
+from fsbench.methods import METHODS
 from fsbench.methods.base import labels_of
 from fsbench.methods.weights import read_state_dict
 
 
+def check_registered(result: CellRecord) -> None:
+    """A cell file is data: the modules it names are never imported from it (an edited file
+    would run code). A plugin method or dataset must come from the user's own `--import`."""
+    config = result.config
+    for kind, name, registry in (
+        ("method", config.method, METHODS),
+        ("dataset", config.dataset.get("name"), DATASETS),
+    ):
+        if name not in registry:
+            modules = " ".join(f"--import {m}" for m in result.imports) or "--import MODULE"
+            raise FsbenchError(
+                f"cell {result.cell_id}: {kind} {name!r} is not registered; pass the module "
+                f"that registers it ({modules}) — fsbench never imports what a result file names"
+            )
+
+
 def cell_model(result: CellRecord, grid_dir: Path):
     """A finished cell's model in eval mode: its checkpoint, or its untrained initialisation."""
-    import_plugins(result.imports, result.plugin_paths)
-    model = build_model(result.config.to_json())
+    check_registered(result)
+    config = result.config.to_json()
+    config.pop("execution", None)  # never the plugin imports recorded in a result
+    model = build_model(config)
     if result.checkpoint:
         grid_dir = Path(grid_dir)
         problem = ResultStore(grid_dir.parent, grid_dir.name).checkpoint_problem(result, full=True)

@@ -11,7 +11,7 @@ from fsbench.benchmarks.execution.driver import Driver
 from fsbench.benchmarks.execution.planning import Job
 from fsbench.benchmarks.execution.tasks import available_cores, eval_task, train_task
 from fsbench.benchmarks.execution.watchdog import RayWatchdog
-from fsbench.core import FsbenchError
+from fsbench.core import FsbenchError, catch_sigterm
 
 
 class SerialExecutor:
@@ -75,8 +75,21 @@ def _train_with_state(config, device, threads, progress=None, key=None):
         except Exception:  # noqa: BLE001 - progress is best effort; the curve is in the result
             pass
 
-    info = train_task(config, device, threads, reporter=report if progress else None)
+    try:
+        info = train_task(
+            config, device, threads, reporter=report if progress is not None else None
+        )
+    except RuntimeError as error:
+        if "DataLoader worker" in str(error):  # its episode loader was killed (OOM, a signal)
+            raise WorkerLost(str(error).splitlines()[0]) from None
+        raise
+    # (`is not None`: an empty Ray queue is falsy — it has __len__ — and lost every live curve)
     return info.pop("state_dict"), info
+
+
+class WorkerLost(RuntimeError):
+    """A training task's DataLoader worker died (what an OOM kill hits): retried like a lost Ray
+    worker, up to --max-retries, instead of failing the cell at once."""
 
 
 class RayExecutor:
@@ -123,6 +136,8 @@ class RayExecutor:
                 "log_to_driver": True,
                 "configure_logging": True,
             }
+            if address:
+                check_ray_address(address)
             try:
                 if address:
                     ray.init(address=address, **kwargs)
@@ -138,6 +153,7 @@ class RayExecutor:
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"
                 raise FsbenchError(f"could not start or join {where}: {error}") from None
             self._started_here = True
+            catch_sigterm()  # ray.init replaced it: SIGTERM must stop the driver as Ctrl-C does
         return self
 
     def resources(self) -> dict:
@@ -154,7 +170,10 @@ class RayExecutor:
         ray = self.ray
         resources = self.resources()
         train_remote = ray.remote(_train_with_state).options(
-            num_returns=2, max_retries=self.max_retries, **resources["train"]
+            num_returns=2,
+            max_retries=self.max_retries,
+            retry_exceptions=[WorkerLost],  # a killed DataLoader child: retried as a lost worker
+            **resources["train"],
         )
         eval_remote = ray.remote(eval_task).options(
             max_retries=self.max_retries, **resources["eval"]
@@ -215,6 +234,33 @@ class RayExecutor:
         if self._watchdog is not None:
             self._watchdog.close()  # kills what a shutdown left behind
             self._watchdog = None
+
+
+RAY_PROBE_SECONDS = 5.0
+
+
+def check_ray_address(address: str, timeout: float = RAY_PROBE_SECONDS) -> None:
+    """Refuse at once an address where no Ray head listens: ray.init would wait for minutes,
+    printing nothing and deaf to Ctrl-C. `auto`, `local` and ray:// client addresses are left
+    to Ray (they name no GCS port to probe)."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise FsbenchError(
+            f"Ray address {address!r} is not HOST:PORT (the head's GCS address, e.g. "
+            "10.0.0.5:6379, or `auto` on a cluster node)"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise FsbenchError(
+            f"no Ray head answers at {address} ({error.strerror or type(error).__name__} "
+            f"within {timeout:.0f} s); start it with `ray start --head --port {port}`, fix "
+            "--ray-address / RAY_ADDRESS, or drop it to run on a local Ray instance"
+        ) from None
 
 
 @contextmanager

@@ -137,10 +137,11 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
                     checkpoint,
                 )
             )
-    variants = [(s.name, sorted(s.kwargs.items()), s.train) for s in specs]
+    variants = [(s.name, sorted(s.kwargs.items()), s.train, s.checkpoint) for s in specs]
     if len({repr(v) for v in variants}) != len(variants):
         raise FsbenchError(
-            "methods: the same method with the same keywords and recipe is listed twice"
+            "methods: the same method with the same keywords, recipe and checkpoint is listed "
+            "twice"
         )
     rows = [s.row() for s in specs]
     if len(set(rows)) != len(rows):

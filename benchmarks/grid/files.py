@@ -73,9 +73,57 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+MAX_SEED = 2**32 - 1  # numpy's and the official scripts' seeds are 32-bit
+YAML_MAX_CHARS = 1_000_000
+YAML_MAX_VALUES = 100_000  # after alias expansion; the largest bundled grid has a few hundred
+
+
 def load_yaml(text: str):
-    """Safe YAML (no object construction) with numbers as users write them."""
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    """Safe YAML (no object construction) with numbers as users write them, within a budget:
+    a document over YAML_MAX_CHARS, or whose aliases expand it past YAML_MAX_VALUES values (an
+    alias bomb: a few lines that every later walk — hashing, printing — would take hours or
+    gigabytes over) is refused as invalid YAML before anything is built from it."""
+    if len(text) > YAML_MAX_CHARS:
+        raise yaml.YAMLError(f"{len(text)} characters, over the {YAML_MAX_CHARS} a grid may have")
+    loader = _YamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root) -> int:
+    """How many values the node graph holds with every alias expanded (memoised per node, so a
+    bomb is measured in microseconds); raises yaml.YAMLError past the budget or on a cycle."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise yaml.YAMLError("an alias refers to a value that contains it (a cycle)")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        active.discard(key)
+        if total > YAML_MAX_VALUES:
+            raise yaml.YAMLError(
+                f"its aliases (&anchor / *alias) expand it to over {YAML_MAX_VALUES} values; "
+                "write the values out or remove the nested aliases"
+            )
+        sizes[key] = total
+        return total
+
+    return size(root)
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -115,11 +163,47 @@ def read_grid_file(path: Path, seen=()) -> dict:
     if not isinstance(raw, dict):
         raise FsbenchError(f"{path}: a grid file must be a mapping of keys")
     include = raw.pop("include", None)
-    if include:
-        base = read_grid_file(path.parent / include, (*seen, path.resolve()))
+    includes = include if isinstance(include, list) else [include] if include else []
+    if not all(isinstance(name, str) and name for name in includes):
+        raise FsbenchError(
+            f"{path}: include: {include!r} is not a grid file name or a list of them"
+        )
+    base: dict = {}
+    for name in includes:  # in order: a later file overrides an earlier one, this file all
+        base = _merge(base, read_grid_file(path.parent / name, (*seen, path.resolve())))
+    if includes:
         raw = _merge(base, raw)
     raw.setdefault("name", path.stem)
     return raw
+
+
+def check_dataset_keys(dataset: dict) -> None:
+    """The `dataset:` keys must be parameters of the dataset's builder (or of the class it
+    builds, where the builder forwards **kwargs): a typo (`n_imgaes`) is refused here, not after
+    a default-sized set has been generated."""
+    import difflib
+    import inspect
+
+    builder = DATASETS.get(dataset["name"])
+    accepted: set[str] = set()
+    for function in (builder, DATASETS.provides(dataset["name"])):
+        if function is None:
+            return
+        parameters = inspect.signature(function).parameters.values()
+        accepted |= {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    else:
+        return  # the built class takes **kwargs too: anything may be meant
+    accepted -= {"self", "protocol"}
+    for key in dataset:
+        if key != "name" and key not in accepted:
+            close = difflib.get_close_matches(key, sorted(accepted), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise FsbenchError(
+                f"dataset: {dataset['name']} has no setting {key!r}; {hint}"
+                f"(it takes {', '.join(sorted(accepted))})"
+            )
 
 
 def bundled_grids() -> list[str]:
@@ -233,7 +317,7 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
     dataset = raw["dataset"] if isinstance(raw["dataset"], dict) else {"name": raw["dataset"]}
     if not isinstance(dataset.get("name"), str):
         raise FsbenchError(f"dataset: {raw['dataset']!r} names no dataset (e.g. pascal5i)")
-    DATASETS.get(dataset["name"])
+    check_dataset_keys(dataset)
     protocol = raw.get("protocol", "panet")
     if not isinstance(protocol, str) or protocol not in PROTOCOLS:
         raise FsbenchError(f"protocol: unknown {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -253,7 +337,7 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
         # 0 is impossible, not "the protocol's": only an absent (or null) key means that.
         input_size=_single_int(raw, "input_size", 16, 4096),
         episodes=_single_int(raw, "episodes", 1, MAX_EPISODES),
-        seeds=_tuple_of_ints(raw, "seeds") if raw.get("seeds") is not None else None,
+        seeds=_tuple_of_ints(raw, "seeds", 0, MAX_SEED) if raw.get("seeds") is not None else None,
         folds=folds,
         ways=_tuple_of_ints({"ways": [1], **raw}, "ways", 1, 5),
         shots=_tuple_of_ints({"shots": [1, 5], **raw}, "shots", 1),
@@ -272,7 +356,9 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
         ],
         imports=imports,
         plugin_paths=tuple(plugin_paths),
-        train_seeds=_tuple_of_ints(raw, "train_seeds", 0) if raw.get("train_seeds") else None,
+        train_seeds=(
+            _tuple_of_ints(raw, "train_seeds", 0, MAX_SEED) if raw.get("train_seeds") else None
+        ),
         compare=_compare(raw.get("compare"), raw["methods"]),
     )
     rows = {m.row() for m in spec.methods}

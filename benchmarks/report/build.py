@@ -36,7 +36,7 @@ from fsbench.benchmarks.report.tables import (
     to_markdown,
 )
 from fsbench.benchmarks.store.results import ResultStore, default_results_root
-from fsbench.core import FsbenchError
+from fsbench.core import FsbenchError, atomic_write_text
 
 
 # -- the report command ----------------------------------------------------------------------
@@ -95,8 +95,9 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
         table = paper_table(frame, label)
         text_note = note.replace("mIoU %", f"{name} %")
         reported = reported_rows(frame, label, list(table["mean"].columns))
-        (out / f"table_{label}.md").write_text(to_markdown(table, text_note, reported))
-        (out / f"table_{label}.tex").write_text(
+        atomic_write_text(out / f"table_{label}.md", to_markdown(table, text_note, reported))
+        atomic_write_text(
+            out / f"table_{label}.tex",
             to_latex(
                 table,
                 text_note,
@@ -105,9 +106,9 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
                 reported=reported,
                 label=f"tab:{grid_dir.name}-{label}",
                 display=displays,
-            )
+            ),
         )
-        to_csv_frame(table).to_csv(out / f"table_{label}.csv")
+        atomic_write_text(out / f"table_{label}.csv", to_csv_frame(table).to_csv())
         written["tables"] += [out / f"table_{label}.{s}" for s in ("md", "tex", "csv")]
     class_table = pd.DataFrame(
         {
@@ -121,11 +122,13 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     class_table = class_table[sorted(class_table.columns)]
     class_table.index.names = ["method", "shot", "fold"]
     class_table.columns.name = "class"
-    class_table.to_csv(out / "table_class_iou.csv", float_format="%.2f")
+    atomic_write_text(out / "table_class_iou.csv", class_table.to_csv(float_format="%.2f"))
     written["tables"].append(out / "table_class_iou.csv")
     stats = statistics(cells, n_boot, grid_plan(grid_dir).get("compare", ()))
-    stats.to_csv(out / "statistics.csv", index=False, float_format="%.3f")
-    (out / "statistics.md").write_text(statistics_markdown(stats))
+    atomic_write_text(
+        out / "statistics.csv", stats.to_csv(index=False, float_format="%.3f")
+    )
+    atomic_write_text(out / "statistics.md", statistics_markdown(stats))
     written["tables"] += [out / "statistics.csv", out / "statistics.md"]
     rows = _rows_in_grid_order(frame)
     methods = frame.groupby("row")["method"].first().str.removeprefix("test_")

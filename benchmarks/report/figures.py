@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import numpy as np
 from fsbench.benchmarks.metrics import get_metric
 from fsbench.benchmarks.report.frame import _nanmean, _rows_in_grid_order, row_label, seed_frame
 from fsbench.benchmarks.tracking.panels import class_names, qualitative_rows
+from fsbench.core import atomic_write_bytes
 
 
 def _style():
@@ -37,11 +39,19 @@ HATCHES = ["", "//", "..", "xx", "\\\\", "oo", "--", "++"]
 GREYS = ["0.15", "0.45", "0.7", "0.85", "0.3", "0.55", "0.9", "0.05"]
 
 
+def save_figure(fig, path: Path) -> None:
+    """Render in memory, then write whole or not at all: an interrupted report never leaves a
+    0-byte or truncated PNG/PDF beside the previous ones."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip("."), bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
     paths = []
     for suffix in ("png", "pdf"):
         path = out_dir / f"{name}.{suffix}"
-        fig.savefig(path, bbox_inches="tight")
+        save_figure(fig, path)
         paths.append(path)
     import matplotlib.pyplot as plt
 
@@ -260,6 +270,6 @@ def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
             ax.axis("off")
     fig.suptitle(result.title, fontsize=9)
     path = Path(path)
-    fig.savefig(path, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     return path

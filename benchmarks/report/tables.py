@@ -230,21 +230,28 @@ def to_latex(
     return "\n".join(lines) + "\n"
 
 
+LATEX_ESCAPES = {
+    "\\": "\\textbackslash{}",
+    "{": "\\{",
+    "}": "\\}",
+    "$": "\\$",
+    "^": "\\^{}",
+    "~": "\\textasciitilde{}",
+    "_": "\\_",
+    "%": "\\%",
+    "&": "\\&",
+    "#": "\\#",
+    "±": "$\\pm$",
+    "α": "$\\alpha$",
+    "λ": "$\\lambda$",
+    "—": "---",
+    "†": "$^\\dagger$",
+}
+
+
 def _latex_escape(text: str) -> str:
-    for char, escaped in (
-        ("\\", "\\textbackslash{}"),
-        ("_", "\\_"),
-        ("%", "\\%"),
-        ("&", "\\&"),
-        ("#", "\\#"),
-        ("±", "$\\pm$"),
-        ("α", "$\\alpha$"),
-        ("λ", "$\\lambda$"),
-        ("—", "---"),
-        ("†", "$^\\dagger$"),
-    ):
-        text = text.replace(char, escaped)
-    return text
+    """Every character LaTeX treats specially, in one pass (an escape is never escaped again)."""
+    return "".join(LATEX_ESCAPES.get(char, char) for char in text)
 
 
 def to_csv_frame(table: pd.DataFrame) -> pd.DataFrame:

@@ -139,6 +139,28 @@ def summarise(seeds: list[SeedRecord]) -> dict:
     }
 
 
+def _first_difference(recorded, expected, partial: bool = False, path: str = "") -> str | None:
+    """Where `recorded` differs from `expected` (as `[key]…`), None when equal to 1e-9. With
+    `partial`, top-level keys `expected` has but `recorded` lacks (metrics registered after the
+    record was written) are not differences."""
+    if isinstance(expected, dict):
+        if not isinstance(recorded, dict):
+            return path or "(whole)"
+        if set(recorded) - set(expected) or (not partial and set(expected) - set(recorded)):
+            extra = sorted(set(recorded) ^ set(expected), key=str)[0]
+            return f"{path}[{extra!r}]"
+        for key in recorded:
+            where = _first_difference(recorded[key], expected[key], path=f"{path}[{key!r}]")
+            if where is not None:
+                return where
+        return None
+    if expected is None or recorded is None or isinstance(recorded, bool):
+        return None if recorded is expected else path
+    if not isinstance(recorded, (int, float)):
+        return path
+    return None if np.isclose(recorded, expected, rtol=0, atol=1e-9) else path
+
+
 @dataclass(frozen=True)
 class CellRecord:
     """A finished cell, as its file holds it."""
@@ -252,6 +274,9 @@ class CellRecord:
         )
 
     def _check_numbers(self) -> None:
+        """Every number of the record is recomputed from its per-episode counts: each seed's
+        metrics, class IoU and episode count, then the whole summary (means, stds, class IoU
+        means, seeds). An edited number anywhere is refused, not carried into tables or MLflow."""
         try:
             for seed in self.seeds:
                 counts = seed.episode_counts()
@@ -262,9 +287,21 @@ class CellRecord:
                             f"seed {seed.seed}: {metric} {recorded} is not what its "
                             f"per-episode counts give ({value:.6f}); edited?"
                         )
-            mean = float(np.mean([s.metric("miou") for s in self.seeds]))
-            if not np.isclose(self.summary["miou_mean"], mean, rtol=0, atol=1e-9):
-                raise RecordError("its summary mIoU is not the mean of its seeds; edited?")
+                class_iou = {str(c): finite_or_none(v) for c, v in counts.class_iou().items()}
+                where = _first_difference(seed.class_iou, class_iou)
+                if where is not None:
+                    raise RecordError(
+                        f"seed {seed.seed}: class_iou{where} is not what its per-episode "
+                        "counts give; edited?"
+                    )
+                if seed.episodes != len(counts.per_class):
+                    raise RecordError(
+                        f"seed {seed.seed}: episodes {seed.episodes} but its counts hold "
+                        f"{len(counts.per_class)}; edited?"
+                    )
+            where = _first_difference(self.summary, summarise(list(self.seeds)), partial=True)
+            if where is not None:
+                raise RecordError(f"its summary{where} is not what its seeds give; edited?")
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
             raise RecordError(f"incomplete record ({type(error).__name__}: {error})") from None
 

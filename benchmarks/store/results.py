@@ -182,6 +182,7 @@ class GridLock:
                 f"{holder or 'another fsbench process'}; wait for it to finish (or stop it), "
                 "then run this again"
             ) from None
+        _HELD_LOCKS.add(fd)
         os.ftruncate(fd, 0)
         os.pwrite(
             fd,
@@ -194,9 +195,29 @@ class GridLock:
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
+            _HELD_LOCKS.discard(self._fd)
             os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing releases the lock
             self._fd = None
+
+
+# Descriptors of the grid locks this process holds. A forked child (a DataLoader worker) closes
+# its copies at once: a flock belongs to the open file, so a child orphaned by a SIGKILLed driver
+# would otherwise keep the grid locked until it noticed and exited. Closing a copy never releases
+# the parent's lock. (Exec'd children — Ray workers — never get it: the fd is close-on-exec.)
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
 def now_iso() -> str:

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 from fsbench.benchmarks.metrics import METRICS, EpisodeCounts
 from fsbench.benchmarks.store.records import CellRecord
 from fsbench.benchmarks.tracking.panels import class_names, qualitative_strip
+from fsbench.core import manifest_fingerprint
 
 CELL_TAG = "fsbench.cell_id"
 KIND_TAG = "fsbench.kind"
@@ -52,16 +53,27 @@ def flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
+def verified_episodes(manifest_file: Path, fingerprint: str) -> list[dict]:
+    """The episodes of a seed's manifest file when it is intact and is the one the seed was
+    scored on; [] otherwise (missing, edited, or another manifest: the next `run` rewrites it),
+    so rows go without image ids rather than with wrong ones."""
+    try:
+        raw = json.loads(manifest_file.read_text())
+        spec = {k: v for k, v in raw.items() if k not in ("fingerprint", "episodes")}
+        if manifest_fingerprint(spec, raw["episodes"]) != fingerprint:
+            return []
+        return raw["episodes"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
 def episode_rows(result: CellRecord, manifests_dir: Path) -> list[dict]:
     """Per-episode rows (classes, query ids, TP/FP/FN and IoU per episode class) for every seed."""
     rows = []
     for seed in result.seeds:
         counts = seed.counts
         manifest_file = manifests_dir / f"{seed.manifest_fingerprint[:16]}.json"
-        try:
-            episodes = json.loads(manifest_file.read_text())["episodes"]
-        except (OSError, ValueError, KeyError, TypeError):
-            episodes = []  # missing or damaged (the next `run` rewrites it): rows without ids
+        episodes = verified_episodes(manifest_file, seed.manifest_fingerprint)
         for index, per_class in enumerate(EpisodeCounts.from_json(counts).per_class.tolist()):
             spec = episodes[index] if index < len(episodes) else {}
             for class_id, (tp, fp, fn) in zip(counts["classes"], per_class):

@@ -87,13 +87,35 @@ class Tracker:
         self.available = False
 
     def _experiment(self, name: str) -> str:
+        local = self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
+        location = (self.results_root / "mlartifacts" / name).as_uri() if local else None
         found = self.client.get_experiment_by_name(name)
+        if found is not None and local and not self._inside(found.artifact_location):
+            # A results folder copied or moved: its store still points at the origin's
+            # artifacts. Retire that experiment (renamed, deleted) and log afresh here, so
+            # nothing is ever written into the origin; the cell files re-log every cell.
+            moved = f"{name} (moved from {found.artifact_location}) {found.experiment_id}"
+            self.client.rename_experiment(found.experiment_id, moved)
+            self.client.delete_experiment(found.experiment_id)
+            print(
+                f"fsbench: {self.results_root} was copied or moved (its MLflow experiment "
+                f"{name!r} kept artifacts at {found.artifact_location}); logging its cells "
+                "afresh under this folder",
+                file=sys.stderr,
+            )
+            found = None
         if found is not None:
             return found.experiment_id
-        location = None
-        if self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri:
-            location = (self.results_root / "mlartifacts" / name).as_uri()
         return self.client.create_experiment(name, artifact_location=location)
+
+    def _inside(self, artifact_location: str) -> bool:
+        """Whether a local experiment's artifacts live under the results folder in use."""
+        if not artifact_location.startswith("file:"):
+            return True  # not ours to judge (a server's artifact store)
+        from urllib.parse import unquote, urlparse
+
+        path = Path(unquote(urlparse(artifact_location).path))
+        return path == self.results_root or self.results_root in path.parents
 
     def start_invocation(self, grid, plan, store=None) -> None:
         """Open the experiment, repair what earlier invocations left (runs of killed drivers,

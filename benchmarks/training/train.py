@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +67,35 @@ def _save_resume(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+RESUME_KEYS = ("step", "model", "optimizer", "scheduler", "torch_rng", "curve", "validation",
+               "best_step", "best", "best_state", "running", "seconds")
+
+
+def _load_resume(path: Path) -> dict | None:
+    """The resume state at `path`, loaded as tensors only (a resume file is data: a planted
+    pickle is refused, never run). A torn, empty, foreign or incomplete file is named, moved
+    aside to `<name>.bad` and the training starts from step 1: only time is lost."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"lacks {', '.join(missing)}")
+        return state
+    except Exception as error:  # noqa: BLE001 - any unreadable file is discarded the same way
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else "empty"
+        aside = path.with_name(path.name + ".bad")
+        os.replace(path, aside)
+        print(
+            f"fsbench: {path}: not a usable resume file ({type(error).__name__}: {reason}); "
+            f"moved to {aside.name}, training this cell from step 1",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+
+
 def train(
     model,
     dataset,
@@ -108,8 +139,8 @@ def train(
     running: dict[str, float] = {}
     first, spent = 1, 0.0
     resume_path = Path(resume_path) if resume_path else None
-    if resume_path is not None and resume_path.is_file():
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+    state = _load_resume(resume_path) if resume_path is not None else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
