@@ -50,7 +50,7 @@ def test_config_prints_the_resolved_grid(capsys):
     out = capsys.readouterr().out
     resolved = yaml.safe_load(out)
     assert resolved["shots"] == [1] and resolved["train"]["lr"] == 0.002
-    assert "# 20 cells" in out and "panet fold0 1w1s" in out
+    assert "# 20 cells" in out and "PANet · fold 0 · 1-shot" in out
 
 
 def test_list_describes_methods(capsys):

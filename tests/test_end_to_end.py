@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 
@@ -39,8 +40,10 @@ def test_serial_grid_end_to_end_and_resume(cli_process, tmp_path, small_grid_dic
     panet_run = next(r for r in runs if r.data.tags["method"] == "test_panet")
     assert panet_run.data.params["train.steps"] == "4"
     metrics = panet_run.data.metrics
-    assert {"miou", "fb_iou", "seed/1/miou", "train/total"} <= set(metrics)
-    assert any(k.startswith("iou/") for k in metrics) and "fsbench.cell_id" in panet_run.data.tags
+    assert {"miou", "miou_std", "fb_iou", "train/total"} <= set(metrics)
+    assert metrics["miou"] == pytest.approx(100 * record["summary"]["miou_mean"])  # percent
+    assert not any(k.startswith(("iou/", "seed/")) for k in metrics)  # artifacts, not metrics
+    assert "fsbench.cell_id" in panet_run.data.tags
     # real times: the run spans the cell's training and evaluation; curves at their wall clock
     info = panet_run.info
     assert info.end_time - info.start_time >= 1000 * record["timings"]["train_seconds"] - 50

@@ -116,7 +116,7 @@ def test_train_seeds_axis_and_declared_comparisons(small_grid_dict):
     cells = grid.expand()
     trained = [c for c in cells if c.train is not None]
     assert sorted(c.train.seed for c in trained) == [0, 1, 2]  # one model per training seed
-    assert len({c.id for c in trained}) == 3 and all("train-seed" in c.title for c in trained)
+    assert len({c.id for c in trained}) == 3 and all("train seed" in c.title for c in trained)
     assert len([c for c in cells if c.train is None]) == 2  # untrained rows: once each
     assert grid.compare == (("test_panet", "test_prototype_notrain"),)
     with pytest.raises(FsbenchError, match="not rows of the grid"):

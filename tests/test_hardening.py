@@ -314,7 +314,7 @@ def test_report_shows_only_valid_cells_of_its_grid(tmp_path, quick_grid, capsys)
     ]:
         said = [line for line in err.splitlines() if f"left out cells/{name}:" in line]
         assert len(said) == 1 and why in said[0], (name, err)
-    assert "cells of the grid have no valid result" in err and "fold0 1w1s" in err
+    assert "cells of the grid have no valid result" in err and "fold 0 · 1-shot" in err
     table = (results / "quick" / "report" / "table_miou.md").read_text()
     edited_row = json.loads(real[0].read_text())["config"]["row"]
     assert "99.0 ±" not in table and f"| {edited_row} |" not in table
@@ -399,7 +399,7 @@ def test_mlflow_tells_the_truth_after_reruns_and_crashes(tmp_path, quick_grid, c
         record = CellRecord.from_json(cell)
         assert record.to_json() == cell  # a record reads and writes back to the same file
         assert run.data.tags["fsbench.record"] == record_digest(record)
-        assert run.data.metrics["miou"] == pytest.approx(cell["summary"]["miou_mean"])
+        assert run.data.metrics["miou"] == pytest.approx(100 * cell["summary"]["miou_mean"])
 
     # a killed driver's leftovers: RUNNING invocation and cell runs, repaired by the next `run`
     killed = client.create_run(

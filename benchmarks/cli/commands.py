@@ -44,7 +44,7 @@ def cmd_run(args) -> int:
     if args.dry_run:
         return _dry_run(grid, store, args)
     from fsbench.benchmarks.cli.api import RunOptions, execute
-    from fsbench.benchmarks.tracking.tracker import redacted
+    from fsbench.benchmarks.tracking.tracker import redacted, runs_url
 
     started = time.perf_counter()
     # One run per results folder and grid (its lock): a second one would compute every cell again.
@@ -93,13 +93,14 @@ def cmd_run(args) -> int:
         if table.exists():
             print("\n" + table.read_text())
         if tracker is not None:
-            tracker.log_report(store.grid_dir / "report")
+            tracker.log_report(store.grid_dir / "report", written.get("rows"))
     if tracker is not None:
         if tracker.available:
             print(
-                f"MLflow: {redacted(tracker.uri)}  — browse it with:  python run_benchmark.py ui"
+                f"MLflow: {redacted(tracker.uri)}  — browse it with:  python run_benchmark.py ui "
+                + grid.name
                 + (f" --results {root}" if args.results else "")
-                + "  (then open http://127.0.0.1:5000)"
+                + f"  (then open {runs_url('http://127.0.0.1:5000', tracker.experiment_id)})"
             )
         else:
             print(
@@ -261,10 +262,39 @@ def _trains(registry, name: str) -> str:
 def cmd_report(args) -> int:
     from fsbench.benchmarks.report import build_report
 
-    written = build_report(_grid_folder(args))
+    folder = _grid_folder(args)
+    written = build_report(folder)
     for kind, paths in written.items():
-        print(f"{kind}: " + ", ".join(str(p) for p in paths))
+        if kind != "rows":
+            print(f"{kind}: " + ", ".join(str(p) for p in paths))
+    _refresh_tracked_report(args, folder, written)
     return 1 if written.get("rejected") else 0
+
+
+def _refresh_tracked_report(args, folder: Path, written: dict) -> None:
+    """`report` refreshes the grid run's report artifacts and row runs where the grid's
+    tracking store is reachable (the default store when it exists, or --tracking-uri)."""
+    from fsbench.benchmarks.store.results import GridLock, ResultStore
+    from fsbench.benchmarks.tracking.tracker import Tracker, default_tracking_uri
+
+    root = folder.parent
+    uri = getattr(args, "tracking_uri", None) or default_tracking_uri(root)
+    if uri.startswith("sqlite:") and not (root / "mlflow.db").is_file():
+        return  # never tracked: do not create a store
+    lock = GridLock(ResultStore(root, folder.name), f"fsbench report {folder.name}")
+    try:
+        lock.__enter__()
+    except FsbenchError as busy:  # a run holds the grid: it logs its own report at its end
+        print(f"fsbench: MLflow report not refreshed: {busy}", file=sys.stderr)
+        return
+    try:
+        tracker = Tracker(uri, root, folder.name)
+        if tracker.client is not None and tracker.client.get_experiment_by_name(folder.name):
+            tracker.log_report(folder / "report", written.get("rows"))
+            if tracker.available:
+                print(f"MLflow: refreshed the report and row runs of {folder.name!r}")
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _grid_folder(args) -> Path:
@@ -286,10 +316,17 @@ def cmd_qualitative(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from fsbench.benchmarks.tracking.tracker import default_tracking_uri, redacted
+    """Serve the MLflow UI light (one worker, no job runner) and print the URL that opens the
+    grid's runs view directly (MLflow 3 otherwise opens an experiment on its GenAI overview)."""
+    from fsbench.benchmarks.tracking.tracker import default_tracking_uri, redacted, runs_url
 
-    uri = args.tracking_uri or default_tracking_uri(_results_root(args))
-    print(f"MLflow UI for {redacted(uri)} on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    root = _results_root(args)
+    uri = args.tracking_uri or default_tracking_uri(root)
+    base = f"http://{args.host}:{args.port}"
+    grid = args.grid or _latest_grid(root)
+    experiment_id = _experiment_id(uri, grid) if grid else None
+    where = runs_url(base, experiment_id) if experiment_id else base
+    print(f"MLflow UI for {redacted(uri)}: open {where}  (Ctrl-C stops it)", flush=True)
     command = [
         sys.executable,
         "-m",
@@ -301,10 +338,34 @@ def cmd_ui(args) -> int:
         args.host,
         "--port",
         str(args.port),
+        "--workers",
+        "1",
     ]
     if uri.startswith("sqlite:"):
-        command += ["--default-artifact-root", (_results_root(args) / "mlartifacts").as_uri()]
-    return subprocess.call(command)
+        command += ["--default-artifact-root", (root / "mlartifacts").as_uri()]
+    # one process, not fourteen: no uvicorn worker pool and no huey job consumers (they serve
+    # MLflow's GenAI jobs, which a results store never has)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return subprocess.call(command, env=env)
+
+
+def _latest_grid(root: Path) -> str | None:
+    """The grid whose cells changed last under `root` (None when there are none)."""
+    grids = [p.parent for p in root.glob("*/cells") if p.is_dir()]
+    return max(grids, key=lambda p: p.stat().st_mtime).name if grids else None
+
+
+def _experiment_id(uri: str, grid: str) -> str | None:
+    """The grid's experiment id in the store, None when the store or experiment is absent."""
+    if uri.startswith("sqlite:") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        found = MlflowClient(tracking_uri=uri).get_experiment_by_name(grid)
+    except Exception:  # noqa: BLE001 - the UI still starts; the printed URL is the root
+        return None
+    return found.experiment_id if found is not None else None
 
 
 def cmd_sync(args) -> int:

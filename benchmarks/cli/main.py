@@ -111,6 +111,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="tables and figures of a grid's results")
     report.add_argument("grid", nargs="?", default="quickstart", help="grid name or results folder")
     report.add_argument("--results", help=RESULTS_HELP)
+    report.add_argument("--tracking-uri", help=TRACKING_HELP)
 
     qualitative = commands.add_parser(
         "qualitative", help="figure of episodes re-predicted from a cell's saved checkpoint"
@@ -124,6 +125,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     qualitative.add_argument("--results", help=RESULTS_HELP)
 
     ui = commands.add_parser("ui", help="serve the MLflow UI for the results store")
+    ui.add_argument(
+        "grid", nargs="?", default=None, help="grid whose runs view to open (default: latest)"
+    )
     ui.add_argument(
         "--host",
         default="127.0.0.1",

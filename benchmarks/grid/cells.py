@@ -13,6 +13,7 @@ import torch
 
 from fsbench.benchmarks.grid.entries import MethodSpec
 from fsbench.benchmarks.grid.identity import CellConfig
+from fsbench.benchmarks.grid.names import cell_title
 from fsbench.benchmarks.grid.recipes import TrainConfig
 from fsbench.core import FsbenchError, canonical_sha256
 from fsbench.datasets.protocols import Protocol, check_sampler, resolve
@@ -78,9 +79,9 @@ class Cell:
 
     @property
     def title(self) -> str:
-        weak = "" if self.annotation == "mask" else f" {self.annotation}"
-        seed = f" train-seed {self.train.seed}" if self.train and self.train_replicate else ""
-        return f"{self.method.row()} fold{self.fold} {self.way}w{self.shot}s{weak}{seed}"
+        """`PANet w/o PAR · fold 0 · 1-shot`: the cell's name in the console, records and MLflow."""
+        seed = self.train.seed if self.train and self.train_replicate else None
+        return cell_title(self.settings(), self.method.display, seed)
 
     def model_key(self) -> str:
         """Cells with the same key share one model: a trained model serves every annotation

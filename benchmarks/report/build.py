@@ -58,6 +58,40 @@ def missing_cells(grid_dir: Path, present: set[str]) -> list[str]:
         return []  # no plan written (older results): nothing to compare with
 
 
+def row_summaries(frame: pd.DataFrame) -> list[dict]:
+    """One entry per table row and shot — what the report's Mean column says, in percent (as
+    the frame is) — for the MLflow row runs: {row, display, shot, metrics {miou, miou_std, …,
+    miou_fold<f>}, cells (ids), folds, spread (what ± spans)}."""
+    tables = {name: paper_table(frame, name) for name in METRICS if name in frame}
+    summaries = []
+    for shot in sorted(frame["shot"].unique()):
+        part = frame[frame["shot"] == shot]
+        for row in _rows_in_grid_order(part):
+            cells = part[part["row"] == row]
+            metrics = {}
+            for name, table in tables.items():
+                mean, std = (table[k].loc[row, (f"{shot}-shot", "Mean")] for k in ("mean", "std"))
+                if not np.isnan(mean):
+                    metrics[name], metrics[f"{name}_std"] = mean, std
+                for fold in sorted(cells["fold"].unique()):
+                    value = table["mean"].loc[row, (f"{shot}-shot", f"Fold-{fold}")]
+                    if name == "miou" and not np.isnan(value):
+                        metrics[f"miou_fold{fold}"] = value
+            replicated = cells["train_seed"].nunique() > 1
+            summaries.append(
+                {
+                    "row": row,
+                    "display": cells["display"].iloc[0],
+                    "shot": int(shot),
+                    "metrics": metrics,
+                    "cells": sorted(cells["cell_id"].unique()),
+                    "folds": sorted(int(f) for f in cells["fold"].unique()),
+                    "spread": "training seeds" if replicated else "episode seeds",
+                }
+            )
+    return summaries
+
+
 def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     """Write tables, statistics and figures under `<grid_dir>/report/`; returns their paths."""
     grid_dir = Path(grid_dir)
@@ -170,6 +204,7 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
         figure = qualitative_figure(best, store, out / "qualitative.png", max_episodes=3)
         if figure is not None:
             written["figures"].append(figure)
+    written["rows"] = row_summaries(frame)
     return written
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fsbench.benchmarks.grid import names
+from fsbench.benchmarks.grid.names import DISPLAY_NAMES, GREEK  # noqa: F401 (re-exported)
 from fsbench.benchmarks.metrics import METRICS
 from fsbench.benchmarks.store.records import (
     CellConfig,
@@ -54,43 +56,9 @@ def row_label(config: CellConfig) -> str:
     return label
 
 
-# How papers name the bundled methods (a grid's `display:` overrides, per method entry).
-DISPLAY_NAMES = {
-    "panet": "PANet",
-    "panet_nopar": "PANet w/o PAR",
-    "prototype_notrain": "PANet, untrained",
-    "sgone": "SG-One",
-    "canet": "CANet",
-    "finetune_linear": "Linear probe",  # its former name
-    "linear_probe": "Linear probe",
-    "finetune": "Fine-tuning (OSLSM)",
-    "all_background": "All background",
-    "all_foreground": "All foreground",
-}
-GREEK = {"alpha": "α", "par_weight": "λ"}
-
-
 def display_name(cell: CellRecord) -> str:
-    """The name a paper prints for a cell's row: the grid's `display:`, else the method's
-    usual name with its swept values, way and annotation."""
-    config = cell.config
-    name = cell.display
-    if not name:
-        method, label = config.method, config.row
-        name = DISPLAY_NAMES.get(method, method)
-        if label.startswith(f"{method}[") and label.endswith("]"):
-            values = label[len(method) + 1 : -1].split(",")
-            swept = ", ".join(
-                GREEK.get(k, k) + "=" + v for k, _, v in (x.partition("=") for x in values)
-            )
-            name = f"{name} ({swept})"
-        elif label != method:
-            name = label  # the grid's own label
-    if config.way != 1:
-        name += f", {config.way}-way"
-    if config.annotation != "mask":
-        name += f" ({config.annotation})"
-    return name
+    """The name a paper prints for a cell's row (grid/names.py)."""
+    return names.display_name(cell.config, cell.display)
 
 
 def seed_frame(cells: list[CellRecord]) -> pd.DataFrame:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from fsbench.benchmarks.grid.names import cell_title, display_name
 from fsbench.benchmarks.metrics import METRICS, EpisodeCounts
 from fsbench.benchmarks.store.records import CellRecord
 from fsbench.benchmarks.tracking.panels import class_names, qualitative_strip
@@ -95,6 +96,25 @@ def episode_rows(result: CellRecord, manifests_dir: Path) -> list[dict]:
     return rows
 
 
+def runs_url(base: str, experiment_id) -> str:
+    """The UI address that opens an experiment's runs table (the machine-learning view), rows
+    sorted by mIoU, best first."""
+    if experiment_id is None:
+        return base
+    return (
+        f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        "&orderByKey=metrics.%60miou%60&orderByAsc=false"
+    )
+
+
+def run_name(result: CellRecord) -> str:
+    """The cell run's name: its title (`PANet w/o PAR · fold 0 · 1-shot`); records written
+    before titles were display names get one computed."""
+    if " · " in result.title:
+        return result.title
+    return cell_title(result.config, result.display)
+
+
 def cell_tags(result: CellRecord, digest: str) -> dict[str, str]:
     config, environment = result.config, result.environment
     return {
@@ -111,6 +131,13 @@ def cell_tags(result: CellRecord, digest: str) -> dict[str, str]:
         "device": environment["device"],
         "manifest_fingerprints": ",".join(s.manifest_fingerprint[:16] for s in result.seeds),
         RECORD_TAG: digest,
+        "display": display_name(config, result.display),
+        "mlflow.note.content": cell_description(result),
+        **{
+            f"eval.{key}": str(result.timings[key])
+            for key in ("encoded_images", "distinct_images")
+            if result.timings.get(key) is not None
+        },
         "fsbench.finished_at": result.finished_at,
         # MLflow's own source fields (the UI's "Source" and git commit columns)
         "mlflow.source.type": "LOCAL",
@@ -121,26 +148,50 @@ def cell_tags(result: CellRecord, digest: str) -> dict[str, str]:
 
 
 def cell_metrics(result: CellRecord) -> dict[str, float]:
-    """Grouped for the UI: every registered metric (mean, std) first, then time/…, eval/…,
-    seed/<s>/<metric>, iou/<class name>."""
+    """What the runs table compares, in the tables' units: every registered metric's mean and
+    std over seeds in percent, then time/… and eval/… peaks. Per-seed values and per-class IoU
+    are table artifacts (seeds.csv, class_iou.csv), not dozens of mostly-empty metrics."""
     summary, timings = result.summary, result.timings
     metrics = {}
     for name in (m for m in METRICS if f"{m}_mean" in summary):
-        metrics[name], metrics[f"{name}_std"] = summary[f"{name}_mean"], summary[f"{name}_std"]
+        metrics[name] = 100 * summary[f"{name}_mean"]
+        metrics[f"{name}_std"] = 100 * summary[f"{name}_std"]
     metrics["time/train_seconds"] = timings["train_seconds"]
     metrics["time/eval_seconds"] = timings["eval_seconds"]
-    for key in ("encoded_images", "distinct_images", "peak_rss_bytes", "spill_bytes"):
-        # older cells lack some
-        if key in timings:
+    for key in ("peak_rss_bytes", "spill_bytes"):  # older cells lack them
+        if timings.get(key) is not None:
             metrics[f"eval/{key}"] = timings[key]
-    for seed in result.seeds:
-        for name, value in seed.metrics.items():
-            metrics[f"seed/{seed.seed}/{name}"] = value
-    names = class_names(result.config.dataset_name)
-    for class_id, value in summary["class_iou_mean"].items():
-        if value is not None:  # None: the class never occurred
-            metrics[f"iou/{names.get(int(class_id), class_id)}"] = value
     return metrics
+
+
+def cell_description(result: CellRecord) -> str:
+    """The run's description (MLflow's note): what the cell is and what its numbers depend on."""
+    config = result.config
+    seeds = ", ".join(str(s.seed) for s in result.seeds)
+    train = config.train
+    if train is None:
+        trained = (
+            f"released weights {Path(config.checkpoint['path']).name}"
+            if config.checkpoint
+            else "untrained"
+        )
+        rule = "no training"
+    else:
+        trained = f"trained {train['steps']} steps (train seed {train.get('seed', 0)})"
+        rule = (
+            f"checkpoint: best of {train['val_classes']} held-out training classes"
+            if train.get("val_classes")
+            else "checkpoint: last step"
+        )
+    return (
+        f"**{cell_title(config, result.display)}**: {display_name(config, result.display)} "
+        f"(`{config.row}`) on {config.dataset_name} fold {config.fold}, {config.way}-way "
+        f"{config.shot}-shot, {config.annotation} supports, input {config.input_size} px. "
+        f"Protocol {config.protocol}: {config.episodes} episodes × seeds {seeds} "
+        f"(manifests {', '.join(s.manifest_fingerprint[:12] for s in result.seeds)}). "
+        f"{trained.capitalize()}; {rule}. Metrics in percent, mean ± std over episode seeds; "
+        "per-class IoU in class_iou.csv, per-seed values in seeds.csv."
+    )
 
 
 def curve_points(result: CellRecord, end_ms: int) -> list[tuple[str, float, int, int]]:
@@ -180,6 +231,10 @@ def manifest_datasets(result: CellRecord, manifests_dir: Path) -> list[dict]:
     return datasets
 
 
+def _percent(value) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
 def write_artifacts(result: CellRecord, store, folder: Path) -> list[Path]:
     """The cell run's files, written into `folder`: config.json, episodes.csv (a row per
     episode class) and the qualitative strip (left out, with one line, when it cannot be drawn)."""
@@ -189,7 +244,28 @@ def write_artifacts(result: CellRecord, store, folder: Path) -> list[Path]:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["episode"])
         writer.writeheader()
         writer.writerows(rows)
-    written = [folder / "config.json", folder / "episodes.csv"]
+    names = class_names(result.config.dataset_name)
+    with open(folder / "class_iou.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["class_id", "class", "iou_percent", *[f"seed_{s.seed}" for s in result.seeds]]
+        )
+        for class_id, value in result.summary["class_iou_mean"].items():
+            per_seed = [s.class_iou.get(class_id) for s in result.seeds]
+            writer.writerow(
+                [class_id, names.get(int(class_id), class_id), _percent(value)]
+                + [_percent(v) for v in per_seed]
+            )
+    with open(folder / "seeds.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        metrics = [m for m in METRICS if m in result.seeds[0].metrics]
+        writer.writerow(["seed", "episodes", "manifest", *[f"{m}_percent" for m in metrics]])
+        for seed in result.seeds:
+            writer.writerow(
+                [seed.seed, seed.episodes, seed.manifest_fingerprint[:16]]
+                + [_percent(seed.metrics[m]) for m in metrics]
+            )
+    written = [folder / n for n in ("config.json", "episodes.csv", "class_iou.csv", "seeds.csv")]
     try:
         figure = qualitative_strip(result, store, folder / "qualitative.png", max_episodes=2)
     except Exception as error:  # noqa: BLE001 - a figure must never stop the logging

@@ -1,0 +1,108 @@
+"""What a researcher sees in the MLflow UI, read back through the MLflow client after a grid on
+local Ray: display-named runs, one row run per table row holding the report's Mean column (in
+percent) with its cells nested under it, few metrics per cell, live training curves, a grid run
+with the grid's settings, and a `report` that refreshes them."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import yaml
+
+from fsbench.benchmarks.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def tracked_grid(tmp_path_factory, voc_root):
+    """A tiny two-method, two-fold grid run on local Ray with the default (sqlite) store."""
+    tmp = tmp_path_factory.mktemp("view")
+    grid = {
+        "name": "view",
+        "dataset": {"name": "pascal5i", "data_root": str(voc_root)},
+        "protocol": "panet",
+        "input_size": 32,
+        "episodes": 6,
+        "seeds": [1, 2],
+        "folds": [0, 1],
+        "shots": [1],
+        "methods": [{"name": "test_panet"}, "all_background"],
+        "train": {"steps": 12, "lr_milestones": [10], "log_every": 2},
+    }
+    path = tmp / "view.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    results = tmp / "r"
+    code = main(["run", str(path), "--num-cpus", "2", "--quiet", "--results", str(results)])
+    assert code == 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("view")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return {"client": client, "runs": runs, "results": results, "experiment": experiment}
+
+
+def _kind(runs, kind):
+    return [r for r in runs if r.data.tags.get("fsbench.kind") == kind]
+
+
+@pytest.mark.slow
+def test_cell_runs_are_named_for_people_in_percent_with_few_metrics(tracked_grid):
+    cells = _kind(tracked_grid["runs"], "cell")
+    assert len(cells) == 4
+    names = {r.info.run_name for r in cells}
+    assert "All background · fold 1 · 1-shot" in names
+    assert any(name.startswith("test_panet · fold 0 · 1-shot") for name in names), names
+    for run in cells:
+        metrics = run.data.metrics
+        assert len(metrics) <= 15, sorted(metrics)
+        assert 0 <= metrics["miou"] <= 100 and 0 <= metrics["fb_iou"] <= 100
+        assert not any(k.startswith(("iou/", "seed/")) for k in metrics)
+        assert "Protocol panet: 6 episodes × seeds 1, 2" in run.data.tags["mlflow.note.content"]
+    background = next(r for r in cells if r.info.run_name.startswith("All background"))
+    assert background.data.metrics["fb_iou"] > 1  # percent, not a fraction
+    artifacts = {a.path for a in tracked_grid["client"].list_artifacts(background.info.run_id)}
+    assert {"class_iou.csv", "seeds.csv", "episodes.csv"} <= artifacts
+
+
+@pytest.mark.slow
+def test_row_runs_hold_the_reports_mean_column_with_cells_nested(tracked_grid):
+    runs = tracked_grid["runs"]
+    rows = {r.data.tags["row"]: r for r in _kind(runs, "row")}
+    assert set(rows) == {"test_panet", "all_background"}
+    table = tracked_grid["results"] / "view" / "report" / "table_miou.csv"
+    with open(table) as handle:
+        mean = {line[""]: float(line["1-shot Mean mean"]) for line in csv.DictReader(handle)}
+    for row, run in rows.items():
+        assert abs(run.data.metrics["miou"] - mean[row]) < 0.1, row
+        assert run.info.run_name.endswith("· 1-shot")
+        nested = [
+            r
+            for r in _kind(runs, "cell")
+            if r.data.tags.get("mlflow.parentRunId") == run.info.run_id
+        ]
+        assert len(nested) == 2, row  # its two folds
+    grid_run = _kind(runs, "grid")[0]
+    assert grid_run.data.tags["grid.folds"] == "0, 1"
+    assert all(r.data.tags["mlflow.parentRunId"] == grid_run.info.run_id for r in rows.values())
+
+
+@pytest.mark.slow
+def test_training_curves_reach_mlflow_live_on_ray(tracked_grid):
+    trainings = _kind(tracked_grid["runs"], "training")
+    assert len(trainings) == 2  # one model per fold
+    history = tracked_grid["client"].get_metric_history(trainings[0].info.run_id, "train/total")
+    assert [m.step for m in history] == [2, 4, 6, 8, 10, 12]
+
+
+@pytest.mark.slow
+def test_report_refreshes_the_grid_run_and_no_artifact_leaves_the_folder(tracked_grid, capsys):
+    results = tracked_grid["results"]
+    client, experiment = tracked_grid["client"], tracked_grid["experiment"]
+    before = {r.info.run_id for r in _kind(client.search_runs([experiment.experiment_id]), "row")}
+    assert main(["report", "view", "--results", str(results)]) == 0
+    assert "refreshed the report and row runs" in capsys.readouterr().out
+    after = {r.info.run_id for r in _kind(client.search_runs([experiment.experiment_id]), "row")}
+    assert after and not after & before  # new row runs replaced the old ones
+    for run in client.search_runs([experiment.experiment_id], max_results=1000):
+        assert run.info.artifact_uri.startswith(results.as_uri()), run.info.artifact_uri
