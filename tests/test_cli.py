@@ -83,3 +83,25 @@ def test_manifest_names_its_sampler_and_the_grid_takes_one(capsys, tmp_path, voc
     assert "sampler" in official.config() and "sampler" not in own.config()
     with pytest.raises(Exception, match="sampler"):
         parse_grid({**base, "sampler": "random"})
+
+
+@pytest.mark.slow
+def test_the_run_docstring_example_runs(tmp_path, monkeypatch, capsys):
+    import textwrap
+
+    import fsbench
+    from fsbench.benchmarks.cli import api
+    from fsbench.methods import METHODS
+
+    doc = api.run.__doc__
+    example = textwrap.dedent(doc.split("Example (run by tests/test_cli.py)::")[1])
+    monkeypatch.setenv("FSBENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(METHODS, "_builders", dict(METHODS._builders))  # my_method stays here
+    # the user's class: a trainable FewShotMethod (the suite's narrow PANet); a shorter run
+    namespace = {"MyMethod": lambda **kwargs: METHODS.build("test_panet")}
+    shorter = '"episodes=20", "train.steps=4", "train.lr_milestones=[3]"'
+    example = example.replace('"compare=[]"]', f'"compare=[]", {shorter}]')
+    exec(compile(example, "fsbench.run docstring", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "fold" in printed and len(namespace["frame"]) == 4 * 2  # 4 folds × 2 seeds
+    assert fsbench.run is api.run

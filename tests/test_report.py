@@ -102,8 +102,8 @@ def test_known_table_text(tmp_path):
     table = (grid / "report" / "table_miou.md").read_text().splitlines()
     assert table[0] == "| Method | 1-shot Fold-0 | 1-shot Fold-1 | 1-shot Mean |"
     # Mean column: per seed mean over folds (0.35, 0.38) → 36.5 ± 1.5
-    assert table[2] == "| panet | 41.0 ± 1.0 | **32.0 ± 2.0** | **36.5 ± 1.5** |"
-    assert table[3] == "| panet_nopar | **43.0 ± 2.0** | 20.0 ± 0.0 | 31.5 ± 1.0 |"
+    assert table[2] == "| PANet | 41.0 ± 1.0 | **32.0 ± 2.0** | **36.5 ± 1.5** |"
+    assert table[3] == "| PANet w/o PAR | **43.0 ± 2.0** | 20.0 ± 0.0 | 31.5 ± 1.0 |"
 
 
 def test_latex_numbers_equal_results_files_and_bold_is_best(tmp_path):
@@ -143,7 +143,7 @@ def test_partial_grid_marks_missing_cells(tmp_path):
     write_cells(grid, {k: v for k, v in RESULTS.items() if k != ("panet_nopar", 1, 1)})
     build_report(grid, n_boot=50)
     table = (grid / "report" / "table_miou.md").read_text()
-    assert "| panet_nopar | **43.0 ± 2.0** | – | – |" in table
+    assert "| PANet w/o PAR | **43.0 ± 2.0** | – | – |" in table
 
 
 def test_reported_rows_beside_reproduced_labelled_never_bold(tmp_path):
@@ -207,7 +207,7 @@ def test_training_seed_replicates_make_the_table_spread(tmp_path):
     build_report(grid, n_boot=20)
     table = (grid / "report" / "table_miou.md").read_text()
     # fold 0: models at 41.0 and 51.0 (means over episode seeds) → 46.0 ± 5.0
-    assert "| panet | **46.0 ± 5.0** |" in table
+    assert "| PANet | **46.0 ± 5.0** |" in table
     assert "over training seeds 0, 1" in table
 
 
@@ -300,7 +300,7 @@ def test_superseded_cells_are_left_out_not_mixed(tmp_path):
     (grid / "cells" / "panetnew-0-1.json").write_text(json.dumps(newer))
     build_report(grid, n_boot=50)
     table = (grid / "report" / "table_miou.md").read_text()
-    assert "| panet | **90.0 ± 0.0** |" in table  # the newer cell only, not an average of both
+    assert "| PANet | **90.0 ± 0.0** |" in table  # the newer cell only, not an average of both
     assert "superseded: panet-0-1" in table
 
 
@@ -435,7 +435,7 @@ def test_a_registered_metric_reaches_records_frame_tables_and_direction(tmp_path
         build_report(grid, n_boot=50)
         table = (grid / "report" / "table_fg_error.md").read_text().splitlines()
         # panet_nopar fold 0 (seeds 0.41, 0.45 → errors 59, 55) has the lowest error: bold
-        assert table[3].startswith("| panet_nopar | **57.0 ± 2.0** |"), table
+        assert table[3].startswith("| PANet w/o PAR | **57.0 ± 2.0** |"), table
         assert "FG error %" in (grid / "report" / "table_fg_error.md").read_text()
         assert (grid / "report" / "table_miou.md").exists()
     finally:

@@ -80,14 +80,22 @@ def run(
     (cell, episode seed) — row, method, dataset, fold, way, shot, seed, miou, fb_iou, … (%).
 
     `options` are `RunOptions` fields (serial=True, ray_address=…, tracking=False, …); finished
-    cells are not recomputed (rerun=True forces). Example::
+    cells are not recomputed (rerun=True forces). Example (run by tests/test_cli.py)::
 
         import fsbench
+        from fsbench.methods.base import FewShotMethod
 
         @fsbench.register_method()
-        def my_method(**kwargs): ...
+        def my_method(**kwargs) -> FewShotMethod:
+            return MyMethod(**kwargs)  # your FewShotMethod subclass
 
-        frame = fsbench.run("quickstart.yaml", ["shots=[1]", "methods=[my_method]"])
+        frame = fsbench.run(
+            "quickstart.yaml",
+            ["shots=[1]", "methods=[my_method]", "compare=[]"],  # compare named removed rows
+            serial=True,
+            tracking=False,
+        )
+        print(frame.groupby("fold")["miou"].mean())
     """
     from fsbench.benchmarks.grid.files import apply_overrides, load_grid, parse_grid
     from fsbench.benchmarks.report import build_report, load_cells, seed_frame

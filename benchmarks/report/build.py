@@ -120,6 +120,8 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
         )
     written: dict[str, list] = {"tables": [], "figures": []}
     displays = frame.groupby("row")["display"].first().to_dict()
+    replicated = frame.groupby("row")["train_seed"].nunique().max() > 1
+    spread = "training seeds (each a mean over episode seeds)" if replicated else "episode seeds"
     if rejected:
         written["rejected"] = [f"cells/{n}: {p}" for n, p in rejected.items()]
     if missing:
@@ -129,14 +131,16 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
         table = paper_table(frame, label)
         text_note = note.replace("mIoU %", f"{name} %")
         reported = reported_rows(frame, label, list(table["mean"].columns))
-        atomic_write_text(out / f"table_{label}.md", to_markdown(table, text_note, reported))
+        atomic_write_text(
+            out / f"table_{label}.md", to_markdown(table, text_note, reported, displays)
+        )
         atomic_write_text(
             out / f"table_{label}.tex",
             to_latex(
                 table,
                 text_note,
                 caption=f"{name} (%) on {grid_dir.name}: folds are means over episode seeds, "
-                "Mean is mean ± std over episode seeds of the fold mean.",
+                f"Mean is mean ± std over {spread} of the fold mean.",
                 reported=reported,
                 label=f"tab:{grid_dir.name}-{label}",
                 display=displays,

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
+from fsbench.benchmarks.grid.names import cell_title
 from fsbench.benchmarks.metrics import get_metric
-from fsbench.benchmarks.report.frame import _nanmean, _rows_in_grid_order, row_label, seed_frame
+from fsbench.benchmarks.report.frame import (
+    _nanmean,
+    _rows_in_grid_order,
+    display_name,
+    row_label,
+    seed_frame,
+)
 from fsbench.benchmarks.tracking.panels import class_names, qualitative_rows
 from fsbench.core import atomic_write_bytes
 
@@ -135,6 +142,7 @@ def training_curves(cells, out_dir, name="training_curves"):
         if any(row_label(c.config) == r for c in trained)
     ]
     has_par = any("par" in c.train["curve"][0] for c in trained)
+    displays = {row_label(c.config): display_name(c) for c in trained}
     fig, axes = plt.subplots(
         1, 2 if has_par else 1, squeeze=False, figsize=(9 if has_par else 5, 3)
     )
@@ -156,7 +164,7 @@ def training_curves(cells, out_dir, name="training_curves"):
                     color=GREYS[i % len(GREYS)],
                     linewidth=0.8,
                     alpha=0.8,
-                    label=row if j == 0 else None,
+                    label=displays.get(row, row) if j == 0 else None,
                 )
     axes[0][0].set_title("query segmentation loss (every cell, smoothed)", fontsize=9)
     if has_par:
@@ -258,6 +266,7 @@ def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
     if not rows:
         return None
     plt = _style()
+    names = class_names(result.config.dataset_name)
     fig, axes = plt.subplots(len(rows), 3, figsize=(7, 2.4 * len(rows)), squeeze=False)
     for row, (spec, panels) in enumerate(rows):
         for col, (image, mask, title) in enumerate(panels):
@@ -266,9 +275,11 @@ def qualitative_figure(result: dict, store, path: Path, max_episodes: int = 2):
             ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.5)
             ax.contour(mask.astype(float), levels=[0.5], colors="black", linewidths=0.6)
             ax.imshow(np.ma.masked_where(~mask, mask), alpha=0.55, cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"{title} (class {spec['classes'][0]})" if col == 0 else title, fontsize=8)
+            class_id = int(spec["classes"][0])
+            what = names.get(class_id, f"class {class_id}")
+            ax.set_title(f"{title} ({what})" if col == 0 else title, fontsize=8)
             ax.axis("off")
-    fig.suptitle(result.title, fontsize=9)
+    fig.suptitle(cell_title(result.config, result.display), fontsize=9)
     path = Path(path)
     save_figure(fig, path)
     plt.close(fig)

@@ -16,6 +16,11 @@ MISSING = "–"
 REPORTED = Path(__file__).parents[1] / "reported.yaml"  # published numbers, by protocol
 
 
+def _spread(values: pd.Series) -> float:
+    """Population std over seeds; NaN for a single seed (there is no spread to state)."""
+    return values.std(ddof=0) if len(values) > 1 else np.nan
+
+
 def paper_table(frame: pd.DataFrame, metric: str = "miou", rows=None) -> pd.DataFrame:
     """Rows = variants, columns = (shot, Fold-0…Fold-3, Mean); values (mean, std) over seeds.
 
@@ -39,13 +44,13 @@ def paper_table(frame: pd.DataFrame, metric: str = "miou", rows=None) -> pd.Data
             for fold in folds:
                 values = cells[cells["fold"] == fold][metric]
                 data[(row, (f"{shot}-shot", f"Fold-{fold}"))] = (
-                    (values.mean(), values.std(ddof=0)) if len(values) else (np.nan, np.nan)
+                    (values.mean(), _spread(values)) if len(values) else (np.nan, np.nan)
                 )
             per_seed = cells.pivot_table(index=unit, columns="fold", values=metric)
             complete = len(per_seed.columns) == len(folds) and len(per_seed)
             fold_means = per_seed.mean(axis=1) if complete else pd.Series(dtype=float)
             data[(row, (f"{shot}-shot", "Mean"))] = (
-                (fold_means.mean(), fold_means.std(ddof=0)) if complete else (np.nan, np.nan)
+                (fold_means.mean(), _spread(fold_means)) if complete else (np.nan, np.nan)
             )
     index = pd.MultiIndex.from_tuples(columns)
     means = pd.DataFrame(
@@ -62,7 +67,9 @@ def paper_table(frame: pd.DataFrame, metric: str = "miou", rows=None) -> pd.Data
 def _cell_text(mean, std, bold, latex):
     if mean != mean:
         return MISSING
-    text = f"{mean:.1f} ± {std:.1f}" if not latex else f"{mean:.1f} $\\pm$ {std:.1f}"
+    # std NaN: a single seed, so no spread to state ("–", never a "± 0.0" that claims one)
+    spread = ("–" if not latex else "--") if std != std else f"{std:.1f}"
+    text = f"{mean:.1f} ± {spread}" if not latex else f"{mean:.1f} $\\pm$ {spread}"
     if bold:
         return f"\\textbf{{{text}}}" if latex else f"**{text}**"
     return text
@@ -124,16 +131,22 @@ REPORTED_NOTE = (
 
 
 def to_markdown(
-    table: pd.DataFrame, footnote: str = "", reported: pd.DataFrame | None = None
+    table: pd.DataFrame,
+    footnote: str = "",
+    reported: pd.DataFrame | None = None,
+    display: dict | None = None,
 ) -> str:
+    """The table as Markdown, rows by their display names (`display`: row → name)."""
     means, best = table["mean"], _best(table)
+    display = display or {}
     header = ["Method"] + [f"{s} {f}" for s, f in means.columns]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + [":-:"] * len(means.columns)) + "|",
     ]
     for row in means.index:
-        lines.append("| " + " | ".join([row] + _row_cells(table, row, best, latex=False)) + " |")
+        name = display.get(row, row)
+        lines.append("| " + " | ".join([name] + _row_cells(table, row, best, latex=False)) + " |")
     if reported is not None and len(reported):
         for label, values in reported.iterrows():
             lines.append("| " + " | ".join([f"*{label}*"] + [str(v) for v in values]) + " |")

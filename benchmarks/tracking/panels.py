@@ -88,8 +88,17 @@ def qualitative_strip(result: CellRecord, store, path: Path, max_episodes: int =
     rows = qualitative_rows(result, store, max_episodes)
     if not rows:
         return None
+    names = class_names(result.config.dataset_name)
     strips = []
-    for _, panels in rows:
+    for spec, panels in rows:
+        class_id = int(spec["classes"][0])
+        width = panels[0][0].shape[1]
+        strips.append(
+            _caption(
+                [f"support: {names.get(class_id, f'class {class_id}')}", "prediction", "truth"],
+                width,
+            )
+        )
         tiles = []
         for image, mask, _ in panels:
             tile = np.asarray(image, dtype=np.float32) * 0.55
@@ -98,5 +107,18 @@ def qualitative_strip(result: CellRecord, store, path: Path, max_episodes: int =
             tiles.append(np.full((tile.shape[0], 4, 3), 255, np.uint8))
         strips.append(np.concatenate(tiles[:-1], axis=1))
         strips.append(np.full((4, strips[-1].shape[1], 3), 255, np.uint8))
-    Image.fromarray(np.concatenate(strips[:-1], axis=0)).save(path)
+    title = _caption([result.title], strips[1].shape[1], columns=1)
+    Image.fromarray(np.concatenate([title, *strips[:-1]], axis=0)).save(path)
     return Path(path)
+
+
+def _caption(texts: list[str], width: int, columns: int = 3) -> np.ndarray:
+    """A white band with each text left-aligned over its column (PIL's default bitmap font)."""
+    from PIL import ImageDraw
+
+    total = width * columns + 4 * (columns - 1) if columns > 1 else width
+    band = Image.new("RGB", (total, 14), "white")
+    draw = ImageDraw.Draw(band)
+    for index, text in enumerate(texts):
+        draw.text((index * (width + 4) + 2, 1), text, fill="black")
+    return np.asarray(band)

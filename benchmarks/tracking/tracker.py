@@ -4,7 +4,6 @@ pushes every cell that has no finished child run yet (so nothing is logged twice
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import sys
@@ -30,6 +29,13 @@ from fsbench.benchmarks.tracking.cell_run import (  # noqa: F401 (names older ca
     run_name,
     runs_url,
     write_artifacts,
+)
+from fsbench.benchmarks.tracking.grid_runs import (  # noqa: F401 (grid_settings re-exported)
+    _manifest_inputs,
+    _param,
+    describe_grid,
+    grid_settings,
+    log_rows,
 )
 from fsbench.core import FsbenchError
 
@@ -130,7 +136,7 @@ class Tracker:
         try:
             self.experiment_id = self._experiment(self.experiment_name)
             self._close_leftovers()
-            self.describe_grid(grid)
+            describe_grid(self, grid)  # the grid run's settings and note
             if plan.todo:
                 self._parent()
             if store is not None:  # cells finished earlier but missing or stale in MLflow
@@ -389,74 +395,7 @@ class Tracker:
             self.flush()  # every cell run exists before it is nested under its row
             self.client.log_artifacts(self._grid_run(), str(report_dir), "report")
             if rows:
-                self._log_rows(rows)
-        except Exception as error:  # noqa: BLE001
-            self._warn(error)
-
-    def _log_rows(self, rows: list[dict]) -> None:
-        from mlflow.entities import Metric, RunTag
-
-        for old in self._search(f"tags.{KIND_TAG} = 'row'"):  # replaced by this report's
-            self.client.delete_run(old.info.run_id)
-        cell_runs = {
-            run.data.tags[CELL_TAG]: run.info.run_id
-            for run in self._search(f"tags.{KIND_TAG} = 'cell'")
-        }
-        now = int(time.time() * 1000)
-        for row in rows:
-            folds = ", ".join(str(f) for f in row["folds"])
-            metrics = ", ".join(
-                f"{k} {v:.1f}" for k, v in row["metrics"].items() if k in ("miou", "fb_iou")
-            )
-            note = (
-                f"**{row['display']} · {row['shot']}-shot** (`{row['row']}`): the report's Mean "
-                f"column — the mean over folds {folds} per seed, then mean ± std over "
-                f"{row['spread']} ({metrics}; percent). Its {len(row['cells'])} cells are "
-                "nested under this run; table_miou.md in the grid run holds the paper table."
-            )
-            tags = {
-                KIND_TAG: "row",
-                "row": row["row"],
-                "display": row["display"],
-                "shot": str(row["shot"]),
-                "fsbench.spread": row["spread"],
-                "mlflow.parentRunId": self._grid_run(),
-                "mlflow.note.content": note,
-            }
-            run = self.client.create_run(
-                self.experiment_id,
-                start_time=now,
-                run_name=f"{row['display']} · {row['shot']}-shot",
-                tags=tags,
-            )
-            run_id = run.info.run_id
-            self.client.log_batch(
-                run_id,
-                metrics=[Metric(k, float(v), now, 0) for k, v in row["metrics"].items()],
-                tags=[RunTag("fsbench.cells", ",".join(row["cells"])[:5000])],
-            )
-            self.client.set_terminated(run_id, "FINISHED", end_time=now)
-            for cell_id in row["cells"]:
-                if cell_id in cell_runs:
-                    self.client.set_tag(cell_runs[cell_id], "mlflow.parentRunId", run_id)
-
-    def describe_grid(self, grid) -> None:
-        """The grid run's settings (tags `grid.*`, rewritten by each invocation) and note."""
-        if not self.available or self.experiment_id is None:
-            return
-        try:
-            settings = grid_settings(grid)
-            run_id = self._grid_run()
-            for key, value in settings.items():
-                self.client.set_tag(run_id, f"grid.{key}", value)
-            self.client.set_tag(
-                run_id,
-                "mlflow.note.content",
-                f"**Grid {grid.name}**: "
-                + "; ".join(f"{k} {v}" for k, v in settings.items())
-                + ". One row run per method × shot holds the report's Mean column; expand "
-                "it for its cells. The report (tables, figures) is under Artifacts › report.",
-            )
+                log_rows(self, rows)
         except Exception as error:  # noqa: BLE001
             self._warn(error)
 
@@ -476,37 +415,3 @@ class Tracker:
         if self.parent_run_id:
             self.finish_invocation("FINISHED" if pushed == len(missing) else "FAILED")
         return pushed, len(cells)
-
-
-def grid_settings(grid) -> dict[str, str]:
-    """What a grid run shows of its grid: dataset, protocol, sizes, axes, methods, training."""
-    train = grid.train
-    return {
-        "dataset": json.dumps(grid.dataset, sort_keys=True),
-        "protocol": grid.protocol,
-        "input_size": str(grid.input_size or "protocol's"),
-        "episodes": str(grid.episodes or "protocol's"),
-        "seeds": ", ".join(map(str, grid.seeds)) if grid.seeds else "protocol's",
-        "folds": ", ".join(map(str, grid.folds)),
-        "ways": ", ".join(map(str, grid.ways)),
-        "shots": ", ".join(map(str, grid.shots)),
-        "methods": ", ".join(m.row() for m in grid.methods),
-        "train": f"{train.steps} steps, lr {train.lr}, {train.lr_schedule} schedule",
-    }
-
-
-def _manifest_inputs(result: CellRecord, store) -> list:
-    """Each seed's episode manifest as an MLflow dataset input (name, fingerprint, source)."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    return [
-        DatasetInput(Dataset(**fields), [InputTag("mlflow.data.context", "evaluation")])
-        for fields in manifest_datasets(result, store.manifests_dir)
-    ]
-
-
-def _param(key, value):
-    from mlflow.entities import Param
-
-    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return Param(key, text[:6000])
