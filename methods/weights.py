@@ -33,7 +33,14 @@ def read_state_dict(path, what: str, fix: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
-        raise FsbenchError(f"{path}: not a readable torch {what} ({error})") from None
+        # one line (torch's own message runs to a page, and a Ray error keeps only its last
+        # line): the file, what is wrong, the fix
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = lines[0][:200] if lines else type(error).__name__
+        raise FsbenchError(
+            f"{path}: not a readable torch {what} ({type(error).__name__}: {reason}); it must "
+            "hold tensors only — re-save it with torch.save(model.state_dict(), path)"
+        ) from None
     if isinstance(state, torch.nn.Module):
         state = state.state_dict()
     if isinstance(state, dict):

@@ -629,3 +629,17 @@ def test_a_killed_dataloader_child_is_retried_on_ray(tmp_path, small_grid_dict, 
     )
     assert (tmp_path / "killed_once").is_file()  # the child was killed once …
     assert code == 0 and "1 cells written" in out and "0 failed" in out, err  # … and retried
+
+
+def test_a_refused_checkpoint_pickle_names_its_file_in_one_line(tmp_path):
+    from fsbench.benchmarks.execution.executors import _short_error
+    from fsbench.methods.weights import read_state_dict
+
+    path, marker = tmp_path / "released.pt", tmp_path / "marker"
+    path.write_bytes(pickle.dumps({"state_dict": _Planted(marker)}))
+    with pytest.raises(FsbenchError) as raised:
+        read_state_dict(path, "checkpoint", "check the path")
+    assert not marker.exists()
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(f"{path}: not a readable torch checkpoint")
+    assert str(path) in _short_error(raised.value)  # what a Ray task failure prints
