@@ -75,6 +75,17 @@ def small_grid_dict(voc_root):
 
 
 @pytest.fixture
+def quick_grid(tmp_path, small_grid_dict):
+    """The tiny grid without training: one untrained method, one seed (seconds per run)."""
+    import yaml
+
+    grid = dict(small_grid_dict, seeds=[1], methods=["all_background", "test_prototype_notrain"])
+    path = tmp_path / "quick.yaml"
+    path.write_text(yaml.safe_dump({**grid, "name": "quick"}))
+    return path
+
+
+@pytest.fixture
 def cli_process():
     """Runs `fsbench ARGS` in a fresh process (as a user's shell does): returns a function of
     (args, cwd=None, env=None, timeout=…) giving the CompletedProcess."""

@@ -64,3 +64,18 @@ def parity_episode(size: int, shots: int):
         mask[:, 12 + shot : 36 + shot, 15 - shot : 40 - 2 * shot] = 1
         masks.append(mask)
     return query, torch.cat(supports), torch.cat(masks)
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """`fsbench ARGS` in this process: (exit code, stdout, stderr)."""
+    from fsbench.benchmarks.cli.main import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(err: str, says: str) -> bool:
+    """Whether stderr is exactly one `fsbench: error:` line saying `says`."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    return len(lines) == 1 and lines[0].startswith("fsbench: error:") and says in lines[0]

@@ -14,30 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import session_members
+from helpers import cli, one_line_error, session_members
 
 from fsbench.benchmarks.cli.main import main
 from fsbench.core import FsbenchError
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(err: str, says: str) -> bool:
-    lines = [line for line in err.splitlines() if line.strip()]
-    return len(lines) == 1 and lines[0].startswith("fsbench: error:") and says in lines[0]
-
-
-@pytest.fixture
-def quick_grid(tmp_path, small_grid_dict):
-    """The tiny grid without training: one untrained method, one seed (seconds per run)."""
-    grid = dict(small_grid_dict, seeds=[1], methods=["all_background", "test_prototype_notrain"])
-    path = tmp_path / "quick.yaml"
-    path.write_text(yaml.safe_dump({**grid, "name": "quick"}))
-    return path
 
 
 # -- grid files and overrides ------------------------------------------------------------------

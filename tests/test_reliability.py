@@ -15,30 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import cli, one_line_error
 from PIL import Image, PngImagePlugin
 
-from fsbench.benchmarks.cli.main import main
 from fsbench.benchmarks.store.records import CellRecord, RecordError
 from fsbench.core import FsbenchError
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(err: str, says: str) -> bool:
-    lines = [line for line in err.splitlines() if line.strip()]
-    return len(lines) == 1 and lines[0].startswith("fsbench: error:") and says in lines[0]
-
-
-@pytest.fixture
-def quick_grid(tmp_path, small_grid_dict):
-    grid = dict(small_grid_dict, seeds=[1], methods=["all_background", "test_prototype_notrain"])
-    path = tmp_path / "quick.yaml"
-    path.write_text(yaml.safe_dump({**grid, "name": "quick"}))
-    return path
 
 
 @pytest.fixture
@@ -472,6 +453,7 @@ def test_a_tampered_manifest_never_gives_episode_rows_ids(tmp_path, finished_cel
     assert rows and not any(row["query"] for row in rows)
 
 
+@pytest.mark.slow  # a subprocess importing fsbench
 def test_an_orphaned_forked_child_does_not_hold_the_grid_lock(tmp_path):
     import signal
     import subprocess
