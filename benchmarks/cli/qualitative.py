@@ -40,9 +40,7 @@ def check_registered(result: CellRecord) -> None:
 def cell_model(result: CellRecord, grid_dir: Path):
     """A finished cell's model in eval mode: its checkpoint, or its untrained initialisation."""
     check_registered(result)
-    config = result.config.to_json()
-    config.pop("execution", None)  # never the plugin imports recorded in a result
-    model = build_model(config)
+    model = build_model(result.config.to_json())  # a CellConfig: no `execution`, no imports
     if result.checkpoint:
         grid_dir = Path(grid_dir)
         problem = ResultStore(grid_dir.parent, grid_dir.name).checkpoint_problem(result, full=True)
