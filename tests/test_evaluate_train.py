@@ -1,4 +1,5 @@
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -356,3 +357,27 @@ def test_a_feature_pyramid_is_cached_as_one_vector_per_image(dataset, way, shot)
     assert np.array_equal(plain.foreground, cached.foreground)
     assert all(torch.equal(a["prediction"], b["prediction"]) for a, b in zip(kept, plain_kept))
     assert plain.miou() > 0
+
+
+def test_system_sampler_measures_this_process_and_stays_bounded(monkeypatch):
+    from fsbench.benchmarks.execution import sampler as sampler_module
+    from fsbench.benchmarks.tracking.cell_run import system_points
+
+    monkeypatch.setattr(sampler_module, "MAX_SAMPLES", 4)
+    with sampler_module.SystemSampler(interval=0.02) as system:
+        block = torch.ones(16, 2**20)  # 64 MiB held while sampling
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            block.add_(1.0)  # busy: CPU time accrues
+    samples = system.samples
+    assert 2 <= len(samples) <= 5  # halved whenever it reached 4
+    assert system.interval > 0.02  # and the interval doubled
+    assert [s["time"] for s in samples] == sorted(s["time"] for s in samples)
+    assert max(s["cpu_utilization_percentage"] for s in samples) > 20
+    assert samples[-1]["process_memory_rss_megabytes"] > 64
+    points = system_points(samples)
+    assert {p[0] for p in points} >= {
+        "system/cpu_utilization_percentage",
+        "system/process_memory_rss_megabytes",
+    }
+    assert [p[3] for p in points if p[0].endswith("rss_megabytes")] == list(range(len(samples)))

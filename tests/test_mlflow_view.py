@@ -54,8 +54,12 @@ def test_cell_runs_are_named_for_people_in_percent_with_few_metrics(tracked_grid
     assert "All background · fold 1 · 1-shot" in names
     assert any(name.startswith("test_panet · fold 0 · 1-shot") for name in names), names
     for run in cells:
-        metrics = run.data.metrics
+        metrics = {k: v for k, v in run.data.metrics.items() if not k.startswith("system/")}
         assert len(metrics) <= 15, sorted(metrics)
+        # the System metrics tab: the worker's CPU and memory over the cell's training and eval
+        system = run.data.metrics
+        assert system["system/process_memory_rss_megabytes"] > 50, sorted(system)
+        assert system["system/cpu_utilization_percentage"] >= 0
         assert 0 <= metrics["miou"] <= 100 and 0 <= metrics["fb_iou"] <= 100
         assert not any(k.startswith(("iou/", "seed/")) for k in metrics)
         assert "Protocol panet: 6 episodes × seeds 1, 2" in run.data.tags["mlflow.note.content"]
@@ -93,6 +97,10 @@ def test_training_curves_reach_mlflow_live_on_ray(tracked_grid):
     assert len(trainings) == 2  # one model per fold
     history = tracked_grid["client"].get_metric_history(trainings[0].info.run_id, "train/total")
     assert [m.step for m in history] == [2, 4, 6, 8, 10, 12]
+    for training in trainings:
+        client = tracked_grid["client"]
+        rss = client.get_metric_history(training.info.run_id, "system/process_memory_rss_megabytes")
+        assert rss and all(m.value > 50 for m in rss)
 
 
 @pytest.mark.slow

@@ -174,10 +174,14 @@ def test_declared_comparisons_per_fold_and_fold_mean_with_holm(tmp_path):
     )
     build_report(grid, n_boot=200)
     stats = (grid / "report" / "statistics.md").read_text()
-    # fold 1: 32.0 vs 20.0 → +12.0; fold 0: 41.0 vs 43.0 → -2.0; fold mean: +5.0
-    assert "| panet | panet_nopar | 1 | 1 | +12.0 |" in stats
-    assert "| panet | panet_nopar | 1 | 0 | -2.0 |" in stats
-    assert "| panet | panet_nopar | 1 | **mean** | +5.0 |" in stats
+    # fold 1: 32.0 vs 20.0 → +12.0; fold 0: 41.0 vs 43.0 → -2.0; fold mean: +5.0 (rows named
+    # as the tables name them)
+    assert "| PANet | PANet w/o PAR | 1 | 1 | +12.0 |" in stats
+    assert "| PANet | PANet w/o PAR | 1 | 0 | -2.0 |" in stats
+    assert "| PANet | PANet w/o PAR | 1 | **mean** | +5.0 |" in stats
+    # a 12-point gap: no replicate crosses zero, so p is only known to be below 1/B
+    line = next(x for x in stats.splitlines() if "| 1 | 1 | +12.0 |" in x)
+    assert "| < 1/200 |" in line, line
     table = pd.read_csv(grid / "report" / "statistics.csv")
     paired = table[table["kind"] == "paired"]
     assert len(paired) == 3

@@ -48,7 +48,7 @@ class Driver:
 
     def on_train(self, job: Job, info: dict, state_dict) -> None:
         if self.tracker is not None:
-            self.tracker.finish_training(job.key)
+            self.tracker.finish_training(job.key, info.get("system") or [])
         path = self.store.save_checkpoint(job.key, state_dict)
         self.store.resume_path(job.key).unlink(missing_ok=True)  # the final weights are saved
         self.checkpoints[job.key] = {
@@ -88,6 +88,7 @@ class Driver:
         outputs = sorted(self.seed_outputs.pop(cell.id), key=lambda o: cell.seeds.index(o["seed"]))
         seeds = [SeedRecord.from_evaluation(o) for o in outputs]
         train = self.train_info.get(job.key)
+        tasks = {o["task"]: o for o in outputs}  # the evaluation task(s) that served this cell
         record = CellRecord(
             cell_id=cell.id,
             grid=self.grid.name,
@@ -131,6 +132,11 @@ class Driver:
                 # peaks of the evaluation task(s): resident memory, disk spilled by the cache
                 "peak_rss_bytes": max(o.get("peak_rss_bytes") or 0 for o in outputs),
                 "spill_bytes": max(o.get("spill_bytes") or 0 for o in outputs),
+                # the evaluation task(s)' system metrics, once per task, in time order
+                "system": sorted(
+                    (s for o in tasks.values() for s in o.get("system", [])),
+                    key=lambda s: s["time"],
+                ),
             },
             environment={
                 **environment(),

@@ -19,6 +19,7 @@ import torch
 
 from fsbench.benchmarks.evaluation.cache import FeatureCache, distinct_images
 from fsbench.benchmarks.evaluation.evaluate import evaluate_model
+from fsbench.benchmarks.execution.sampler import SystemSampler
 from fsbench.benchmarks.grid.recipes import TrainConfig
 from fsbench.benchmarks.training.train import train
 from fsbench.core import FsbenchError, import_plugins
@@ -119,21 +120,22 @@ def train_task(
     model = build_model(config)
     cfg = TrainConfig.from_dict(config["train"])
     execution = config.get("execution") or {}
-    result = train(
-        model,
-        open_dataset(config["dataset"], protocol),
-        protocol,
-        config["fold"],
-        config["way"],
-        config["shot"],
-        cfg,
-        config["input_size"],
-        device,
-        workers=execution.get("train_workers", 0),
-        resume_path=execution.get("resume_path"),
-        checkpoint_every=execution.get("checkpoint_every", 0),
-        on_curve=reporter,  # each logged curve point, as it is made
-    )
+    with SystemSampler() as system:
+        result = train(
+            model,
+            open_dataset(config["dataset"], protocol),
+            protocol,
+            config["fold"],
+            config["way"],
+            config["shot"],
+            cfg,
+            config["input_size"],
+            device,
+            workers=execution.get("train_workers", 0),
+            resume_path=execution.get("resume_path"),
+            checkpoint_every=execution.get("checkpoint_every", 0),
+            on_curve=reporter,  # each logged curve point, as it is made
+        )
     return {
         "resumed_from": result.resumed_from,
         "state_dict": result.state_dict,
@@ -150,6 +152,7 @@ def train_task(
         "device": device_label(device),
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "system": system.samples,  # the MLflow runs' system metrics
     }
 
 
@@ -206,7 +209,7 @@ def eval_task(
         )
         for item, manifest in zip(items, manifests)
     ]
-    with autocast:  # features are stored as float32 whatever the compute precision
+    with autocast, SystemSampler() as system:  # features are stored as float32 anyway
         results = evaluate_model(model, cache, jobs, device, keep_predictions)
     task = uuid.uuid4().hex
     outputs = []
@@ -226,6 +229,7 @@ def eval_task(
                 "distinct_images": len(images),
                 "peak_rss_bytes": peak_rss_bytes(),
                 "spill_bytes": cache.peak_spill_bytes,
+                "system": system.samples,  # the task's series (shared by its items)
                 "predictions": [
                     {"episode": k["episode"], "prediction": k["prediction"].to(torch.uint8)}
                     for k in kept

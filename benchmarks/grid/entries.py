@@ -140,8 +140,7 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
     variants = [(s.name, sorted(s.kwargs.items()), s.train, s.checkpoint) for s in specs]
     if len({repr(v) for v in variants}) != len(variants):
         raise FsbenchError(
-            "methods: the same method with the same keywords, recipe and checkpoint is listed "
-            "twice"
+            "methods: the same method with the same keywords, recipe and checkpoint is listed twice"
         )
     rows = [s.row() for s in specs]
     if len(set(rows)) != len(rows):

@@ -163,9 +163,7 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     atomic_write_text(out / "table_class_iou.csv", class_table.to_csv(float_format="%.2f"))
     written["tables"].append(out / "table_class_iou.csv")
     stats = statistics(cells, n_boot, grid_plan(grid_dir).get("compare", ()))
-    atomic_write_text(
-        out / "statistics.csv", stats.to_csv(index=False, float_format="%.3f")
-    )
+    atomic_write_text(out / "statistics.csv", stats.to_csv(index=False, float_format="%.3f"))
     atomic_write_text(out / "statistics.md", statistics_markdown(stats))
     written["tables"] += [out / "statistics.csv", out / "statistics.md"]
     rows = _rows_in_grid_order(frame)

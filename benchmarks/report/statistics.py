@@ -10,7 +10,7 @@ from fsbench.benchmarks.metrics import (
     _resample_weights,
     bootstrap_ci,
 )
-from fsbench.benchmarks.report.frame import row_label
+from fsbench.benchmarks.report.frame import display_name, row_label
 
 
 def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFrame:
@@ -19,6 +19,7 @@ def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFram
     by a paired bootstrap over episodes (both rows resampled alike, on the same manifests;
     training-seed replicates paired by seed), with Holm-corrected p-values over all of them."""
     rows = []
+    names = {cell.config.row: display_name(cell) for cell in cells}  # what the tables print
     by_setting: dict = {}  # (row, fold, way, shot, annotation) → {train seed: {seed: counts}}
     for cell in cells:
         config = cell.config
@@ -29,6 +30,7 @@ def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFram
                 {
                     "kind": "ci",
                     "row": row_label(config),
+                    "name": display_name(cell),
                     "fold": config.fold,
                     "shot": config.shot,
                     "seed": seed.seed,
@@ -36,6 +38,7 @@ def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFram
                     "low": 100 * low,
                     "high": 100 * high,
                     "versus": "",
+                    "versus_name": "",
                     "p": np.nan,
                     "p_holm": np.nan,
                     "significant": "",
@@ -74,6 +77,7 @@ def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFram
             {
                 "kind": "paired",
                 "row": variant,
+                "name": names.get(variant, variant),
                 "fold": fold,
                 "shot": shot,
                 "seed": "all",
@@ -81,6 +85,8 @@ def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFram
                 "low": 100 * low,
                 "high": 100 * high,
                 "versus": base,
+                "versus_name": names.get(base, base),
+                "resamples": len(replicates),  # p at its floor (2/B) reads "< 1/B"
                 "p": p,
                 "p_holm": p_holm,
                 "significant": "yes" if p_holm < 0.05 else "no",
@@ -156,9 +162,9 @@ def statistics_markdown(stats: pd.DataFrame) -> str:
     for _, r in paired.iterrows():
         fold = "**mean**" if r["fold"] == "Mean" else r["fold"]
         lines.append(
-            f"| {r['row']} | {r['versus']} | {r['shot']} | {fold} | {r['value']:+.1f} | "
-            f"[{r['low']:+.1f}, {r['high']:+.1f}] | {r['p']:.3f} | {r['p_holm']:.3f} | "
-            f"{r['significant']} |"
+            f"| {r['name']} | {r['versus_name']} | {r['shot']} | {fold} | {r['value']:+.1f} | "
+            f"[{r['low']:+.1f}, {r['high']:+.1f}] | {_p_text(r['p'], r['resamples'])} | "
+            f"{r['p_holm']:.3f} | {r['significant']} |"
         )
     lines += [
         "",
@@ -168,3 +174,11 @@ def statistics_markdown(stats: pd.DataFrame) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _p_text(p: float, resamples) -> str:
+    """A p-value as the bootstrap can know it: at its floor (no replicate crossed zero) it is
+    only known to be below 1/B, so it reads "< 1/B" rather than the floor's number."""
+    if resamples and p <= 2 / resamples + 1e-12:
+        return f"< 1/{int(resamples)}"
+    return f"{p:.3f}"

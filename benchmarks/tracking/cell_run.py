@@ -208,6 +208,25 @@ def curve_points(result: CellRecord, end_ms: int) -> list[tuple[str, float, int,
     return points
 
 
+def system_points(samples: list[dict]) -> list[tuple[str, float, int, int]]:
+    """(system/<name>, value, wall-clock ms, step) of a worker's sampled series: MLflow's
+    System metrics tab plots the `system/` metrics."""
+    return [
+        (f"system/{name}", float(value), sample["time"], step)
+        for step, sample in enumerate(samples)
+        for name, value in sample.items()
+        if name != "time"
+    ]
+
+
+def metric_points(result: CellRecord, end_ms: int) -> list[tuple[str, float, int, int]]:
+    """Every metric point of a cell run: the summary (at the run's end), the training curve,
+    and the system metrics of its training and evaluation."""
+    points = [(k, float(v), end_ms, 0) for k, v in cell_metrics(result).items()]
+    series = (result.train or {}).get("system", []) + result.timings.get("system", [])
+    return points + curve_points(result, end_ms) + system_points(series)
+
+
 def manifest_datasets(result: CellRecord, manifests_dir: Path) -> list[dict]:
     """Each seed's manifest as MLflow `Dataset` fields (name, 16-hex digest, source, profile)."""
     config = result.config

@@ -17,17 +17,17 @@ from fsbench.benchmarks.tracking.cell_run import (  # noqa: F401 (names older ca
     CELL_TAG,
     KIND_TAG,
     RECORD_TAG,
-    cell_metrics,
     cell_tags,
-    curve_points,
     default_tracking_uri,
     episode_rows,
     flatten,
     manifest_datasets,
+    metric_points,
     record_digest,
     redacted,
     run_name,
     runs_url,
+    system_points,
     write_artifacts,
 )
 from fsbench.benchmarks.tracking.grid_runs import (  # noqa: F401 (grid_settings re-exported)
@@ -266,9 +266,9 @@ class Tracker:
         if self.available and self.experiment_id is not None:
             self._submit(self._log_point, key, name, point)
 
-    def finish_training(self, key: str) -> None:
+    def finish_training(self, key: str, system: list[dict] = ()) -> None:
         if self._thread is not None:
-            self._submit(self._end_training, key)
+            self._submit(self._end_training, key, list(system))
 
     def _log_point(self, key: str, name: str, point: dict) -> None:
         """Buffer a curve point; write a model's buffer every few seconds (one batch, not one
@@ -311,11 +311,16 @@ class Tracker:
         except Exception as error:  # noqa: BLE001
             self._warn(error)
 
-    def _end_training(self, key: str) -> None:
+    def _end_training(self, key: str, system: list[dict]) -> None:
+        from mlflow.entities import Metric
+
         self._write_points(key)
         if key not in self._training_runs:  # no curve point was ever reported
             return
         try:
+            run_id, points = self._training_runs[key], [Metric(*p) for p in system_points(system)]
+            for start in range(0, len(points), 1000):
+                self.client.log_batch(run_id, metrics=points[start : start + 1000])
             self.client.set_terminated(self._training_runs.pop(key), "FINISHED")
         except Exception as error:  # noqa: BLE001
             self._warn(error)
@@ -365,9 +370,7 @@ class Tracker:
         )
         run_id = run.info.run_id
         params = [_param(k, v) for k, v in sorted(flatten("", config.to_json(), {}).items())]
-        metrics = cell_metrics(result)
-        entries = [Metric(k, float(v), end_ms, 0) for k, v in metrics.items()]
-        entries += [Metric(*point) for point in curve_points(result, end_ms)]
+        entries = [Metric(*point) for point in metric_points(result, end_ms)]
         for start in range(0, max(len(entries), len(params)), 500):
             client.log_batch(
                 run_id,

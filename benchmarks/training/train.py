@@ -67,8 +67,20 @@ def _save_resume(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-RESUME_KEYS = ("step", "model", "optimizer", "scheduler", "torch_rng", "curve", "validation",
-               "best_step", "best", "best_state", "running", "seconds")
+RESUME_KEYS = (
+    "step",
+    "model",
+    "optimizer",
+    "scheduler",
+    "torch_rng",
+    "curve",
+    "validation",
+    "best_step",
+    "best",
+    "best_state",
+    "running",
+    "seconds",
+)
 
 
 def _load_resume(path: Path) -> dict | None:
