@@ -9,7 +9,7 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fsbench.benchmarks.grid.recipes import MAPPINGS, TrainConfig
+from fsbench.benchmarks.grid.recipes import MAPPINGS, RECIPES, TrainConfig
 from fsbench.core import FsbenchError
 from fsbench.methods import METHODS
 
@@ -35,6 +35,14 @@ def _train_overrides(raw: dict, where: str) -> tuple:
         raise FsbenchError(
             f"{where}: expected a mapping of settings (e.g. {{steps: 1000}}), got {raw!r}"
         )
+    if "recipe" in raw:  # a named recipe, under the keys written beside it
+        raw = dict(raw)
+        name = raw.pop("recipe")
+        if name not in RECIPES:
+            raise FsbenchError(
+                f"{where}.recipe: {name!r} is not a named recipe; known: {sorted(RECIPES)}"
+            )
+        raw = {**RECIPES[name], **raw}
     if set(raw) - fields:
         raise FsbenchError(
             f"{where}: unknown key(s) {sorted(set(raw) - fields)}; known: {sorted(fields)}"

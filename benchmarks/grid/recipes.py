@@ -18,6 +18,44 @@ BATCHNORM_MODES = ("train", "eval")
 MAPPINGS = ("lr_mult", "batchnorm")
 
 
+# Named recipes: `train: {recipe: pfenet, steps: …}` — the official training settings of a
+# lineage (every optimiser key, so a method's recipe replaces the grid's); keys written beside
+# `recipe` override them. Expanded when a grid is read: a cell's identity holds the values.
+RECIPES = {
+    # juhongm999/hsnet train.py: Adam 1e-3 (no weight decay), constant, a batch of 20 1-shot
+    # episodes, backbone frozen in eval mode (train_mode()), no augmentation, 400 px.
+    "hsnet": {
+        "optimizer": "adam",
+        "lr": 0.001,
+        "weight_decay": 0.0,
+        "lr_schedule": "constant",
+        "episodes_per_step": 20,
+        "batchnorm": {"backbone": "eval"},
+        "lr_mult": {},
+        "nesterov": False,
+        "augment": "none",
+        "input_size": 400,
+    },
+    # dvlab-research/PFENet train.py + config: SGD 2.5e-3, momentum 0.9, wd 1e-4, poly 0.9,
+    # batch 4 with the backbone's BatchNorm in train mode (model.train()), its augmentation and
+    # 473 crops. Its poly_learning_rate(index_split=-1) gives every group lr × 10: lr_mult 10.
+    "pfenet": {
+        "optimizer": "sgd",
+        "lr": 0.0025,
+        "lr_mult": {"head": 10.0},
+        "momentum": 0.9,
+        "weight_decay": 0.0001,
+        "lr_schedule": "poly",
+        "poly_power": 0.9,
+        "episodes_per_step": 4,
+        "batchnorm": {},
+        "nesterov": False,
+        "augment": "pfenet",
+        "input_size": 473,
+    },
+}
+
+
 def original(default):
     """A setting of the first cell records: always part of a cell's identity."""
     return field(default=default, metadata={"identity": "always"})
