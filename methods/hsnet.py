@@ -19,8 +19,8 @@ released checkpoints load (`load_official_state_dict`) and give its outputs
 N-way (no official code; HSNet is 1-way): each class's normalised vote as above; a pixel goes
 to the class with the largest one when it reaches 0.5 (ties: the first class), else background.
 Training: cross-entropy of the 1-shot logits at the input size against the query mask, where
-HSNet's loader makes ignore (255) pixels background; k-shot episodes train each shot as a
-1-shot episode (the official trains 1-shot only).
+HSNet's loader makes ignore (255) pixels background; a k-shot episode trains as the
+1-shot episode of its first support (the official trains 1-shot only and tests k-shot).
 """
 
 from __future__ import annotations
@@ -125,22 +125,32 @@ class HSNet(FewShotMethod):
     output_kind = "labels"
     batched_loss = True  # a step's episodes are one batch, as the official step
 
-    def __init__(self, backbone: str = "resnet50", pretrained=None):
+    def __init__(
+        self, backbone: str = "resnet50", pretrained=None, blocks=None, freeze_backbone=True
+    ):
         super().__init__()
         if backbone not in BOTTLENECKS:
             raise FsbenchError(f"HSNet backbone {backbone!r}: one of {sorted(BOTTLENECKS)}")
+        if blocks is not None and (backbone == "vgg16" or pretrained):
+            raise FsbenchError("HSNet blocks=[…] (a shallower ResNet) is for untrained backbones")
         self.backbone_type = backbone
-        self.backbone = getattr(models, backbone)(weights=None)
-        counts = BOTTLENECKS[backbone]
+        counts = list(blocks) if blocks is not None else BOTTLENECKS[backbone]
+        if blocks is not None:
+            self.backbone = models.ResNet(models.resnet.Bottleneck, counts)
+        else:
+            self.backbone = getattr(models, backbone)(weights=None)
         self.lids = reduce(add, [[i + 1] * n for i, n in enumerate(counts)])
         stack = torch.tensor(self.lids).bincount().flip(0).cumsum(0)[:3]
         self.stack_ids = [int(s) for s in stack]
         self.hpn_learner = HPNLearner(list(reversed(counts[-3:])))
         if pretrained:
             self._load_imagenet(pretrained)
+        # The official backbone is frozen (features under no_grad, BatchNorm in eval); an
+        # untrained one on generated data may learn (`freeze_backbone: false`).
+        self.freeze_backbone = bool(freeze_backbone)
         for parameter in self.backbone.parameters():
-            parameter.requires_grad_(False)
-        self.backbone.eval()
+            parameter.requires_grad_(not self.freeze_backbone)
+        self.backbone.train(not self.freeze_backbone and self.training)
 
     def _load_imagenet(self, pretrained) -> None:
         name = WEIGHT_FILES[self.backbone_type]
@@ -170,12 +180,16 @@ class HSNet(FewShotMethod):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.backbone.eval()  # as the official train_mode(): no BatchNorm statistics learnt
+        if self.freeze_backbone:
+            self.backbone.eval()  # as the official train_mode(): no BatchNorm statistics learnt
         return self
 
     # -- encodings ---------------------------------------------------------------------------
-    @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
+            return self._encode(images)
+
+    def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.backbone_type == "vgg16":
             feats, x = [], images
             for index, module in enumerate(self.backbone.features):
@@ -275,8 +289,8 @@ class HSNet(FewShotMethod):
             way, shot = episode.support_fg.shape[:2]
             for n in range(way):
                 target = (episode.query_labels == n + 1).long()  # ignore (255) → background
-                for k in range(shot):
-                    for q in range(target.shape[0]):
+                for k in range(1):  # the official trains 1-shot: a k-shot episode trains its
+                    for q in range(target.shape[0]):  # first support's 1-shot episode
                         queries.append(episode.query_images[q])
                         supports.append(episode.support_images[n, k])
                         masks.append(episode.support_fg[n, k])
@@ -303,7 +317,7 @@ def vote(agg: torch.Tensor, shot: int) -> torch.Tensor:
 
 
 @METHODS.register()
-def hsnet(backbone: str = "resnet50", pretrained=None) -> HSNet:
+def hsnet(backbone: str = "resnet50", pretrained=None, blocks=None, freeze_backbone=True) -> HSNet:
     """HSNet (ICCV 2021): multi-layer hypercorrelation squeezed by centre-pivot 4D convolutions;
     backbone resnet50 | resnet101 | vgg16 (ImageNet weights: pretrained=imagenet or a path)."""
-    return HSNet(backbone, pretrained)
+    return HSNet(backbone, pretrained, blocks, freeze_backbone)

@@ -128,13 +128,25 @@ def _classifier(dim):
 class PFENet(FewShotMethod):
     batched_loss = True
 
-    def __init__(self, layers=50, vgg=False, ppm_scales=(60, 30, 15, 8), pretrained=None):
+    def __init__(
+        self,
+        layers=50,
+        vgg=False,
+        ppm_scales=(60, 30, 15, 8),
+        pretrained=None,
+        blocks=None,
+        reduce_dim=256,
+        freeze_backbone=True,
+    ):
         super().__init__()
         if not vgg and layers not in BLOCKS:
             raise FsbenchError(f"PFENet layers={layers}: one of {sorted(BLOCKS)} (or vgg: true)")
+        if blocks is not None and (vgg or pretrained):
+            raise FsbenchError("PFENet blocks=[…] (a shallower ResNet) is for untrained backbones")
         self.vgg, self.layers, self.ppm_scales = bool(vgg), layers, tuple(ppm_scales)
-        self.backbone = vgg16_bn_layers() if vgg else deep_stem_resnet(BLOCKS[layers])
-        dim, feat_dim = 256, (512 + 256) if vgg else (1024 + 512)
+        blocks = tuple(blocks) if blocks is not None else BLOCKS[layers]
+        self.backbone = vgg16_bn_layers() if vgg else deep_stem_resnet(blocks)
+        dim, feat_dim = reduce_dim, (512 + 256) if vgg else (1024 + 512)
         self.cls = _classifier(dim)
         self.down_query = _relu_conv(feat_dim, dim, 1, 0.5)
         self.down_supp = _relu_conv(feat_dim, dim, 1, 0.5)
@@ -144,13 +156,16 @@ class PFENet(FewShotMethod):
         self.res1 = _relu_conv(dim * len(ppm_scales), dim, 1)
         self.res2 = _two_convs(dim)
         self.alpha_conv = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(512, 256, 1, bias=False), nn.ReLU())
+            nn.Sequential(nn.Conv2d(2 * dim, dim, 1, bias=False), nn.ReLU())
             for _ in range(len(ppm_scales) - 1)
         )
         if pretrained:
             self._load_imagenet(pretrained)
+        # The official backbone is frozen (no_grad); an untrained one on generated data may
+        # learn (`freeze_backbone: false`).
+        self.freeze_backbone = bool(freeze_backbone)
         for parameter in self.backbone.parameters():
-            parameter.requires_grad_(False)
+            parameter.requires_grad_(not self.freeze_backbone)
 
     @classmethod
     def input_size_problem(cls, size: int) -> str | None:
@@ -199,7 +214,7 @@ class PFENet(FewShotMethod):
     def _features(self, images, mask=None):
         """(layer-2, layer-3, layer-4) features of a batch; with `mask` (full size, [B, 1, H,
         W]), layer 4 sees layer 3 masked (a support). Layer 2 is resized to layer 3 for VGG."""
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
             x = images
             for layer in self.backbone[:3]:
                 x = layer(x)
@@ -229,6 +244,8 @@ class PFENet(FewShotMethod):
         prototype = sum(prototypes[1:], prototypes[0]) / len(prototypes)
         outputs, pyramid = [], []
         for index, scale in enumerate(self.ppm_scales):
+            if scale <= 1:  # the official's fractional bins: a share of the feature size
+                scale = int(query_feat.shape[2] * scale)
             query_bin = F.adaptive_avg_pool2d(query_feat, scale)
             prior_bin = F.interpolate(prior, (scale, scale), mode="bilinear", align_corners=True)
             merged = self.init_merge[index](
@@ -296,7 +313,15 @@ class PFENet(FewShotMethod):
 
 
 @METHODS.register()
-def pfenet(layers: int = 50, vgg: bool = False, ppm_scales=(60, 30, 15, 8), pretrained=None):
+def pfenet(
+    layers: int = 50,
+    vgg: bool = False,
+    ppm_scales=(60, 30, 15, 8),
+    pretrained=None,
+    blocks=None,
+    reduce_dim: int = 256,
+    freeze_backbone: bool = True,
+) -> PFENet:
     """PFENet (TPAMI 2020): training-free prior mask + feature enrichment; ResNet-50/101 with
     the deep stem (layers) or VGG-16-BN (vgg: true); ImageNet: pretrained=imagenet or a path."""
-    return PFENet(layers, vgg, tuple(ppm_scales), pretrained)
+    return PFENet(layers, vgg, tuple(ppm_scales), pretrained, blocks, reduce_dim, freeze_backbone)

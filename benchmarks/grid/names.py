@@ -17,6 +17,8 @@ DISPLAY_NAMES = {
     "finetune": "Fine-tuning (OSLSM)",
     "all_background": "All background",
     "all_foreground": "All foreground",
+    "hsnet": "HSNet",
+    "pfenet": "PFENet",
 }
 GREEK = {"alpha": "α", "par_weight": "λ"}
 
