@@ -27,7 +27,8 @@ RECORDED_IDS = json.loads((Path(__file__).parent / "fixtures" / "cell_ids.json")
 def test_every_bundled_grid_keeps_the_cell_ids_of_finished_results():
     # recorded with the code before the recipes of this file existed: new settings at their
     # defaults must not move a single id (the finished results are found by them). A key may
-    # carry overrides ("quickstart.yaml input_size=128": the default's size when recorded)
+    # carry overrides ("quickstart.yaml input_size=128": the default's size when recorded; a
+    # `methods=` list: the grid's methods when recorded, before HSNet and PFENet joined it)
     for key, ids in RECORDED_IDS.items():
         path, *overrides = key.split()
         name, _, smoke = path.partition(":")
