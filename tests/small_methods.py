@@ -5,7 +5,9 @@ $FSBENCH_PLUGINS, which every process imports (the test process, CLI subprocesse
 from fsbench.methods.bounds import ConstantPrediction, all_background, all_foreground
 from fsbench.methods.canet import CANet, canet
 from fsbench.methods.finetune import Finetune, LinearProbe, finetune, linear_probe
+from fsbench.methods.hsnet import HSNet, hsnet
 from fsbench.methods.panet import PANet, UntrainedPANet, panet, panet_nopar, prototype_notrain
+from fsbench.methods.pfenet import PFENet, pfenet
 from fsbench.methods.registry import METHODS
 from fsbench.methods.sgone import SGOne, sgone
 
@@ -60,3 +62,13 @@ def test_all_background() -> ConstantPrediction:
 @METHODS.register()
 def test_all_foreground() -> ConstantPrediction:
     return all_foreground()
+
+
+@METHODS.register()
+def test_hsnet(**kwargs) -> HSNet:
+    return hsnet(**{"blocks": (1, 1, 1, 1), **kwargs})
+
+
+@METHODS.register()
+def test_pfenet(**kwargs) -> PFENet:
+    return pfenet(**{"blocks": (1, 1, 1, 1), "reduce_dim": 16, "ppm_scales": (1.0, 0.5), **kwargs})

@@ -2,6 +2,8 @@
 
     python -m fsbench.benchmarks.tools.throughput        # full width, 417 px, CPU or GPU
     python -m fsbench.benchmarks.tools.throughput --width 0.0625 --input-size 64   # a quick look
+    python -m fsbench.benchmarks.tools.throughput --method hsnet    # ResNet-50, hsnet, 400 px
+    python -m fsbench.benchmarks.tools.throughput --method pfenet   # ResNet-50, pfenet, 473 px
 
 On a generated PASCAL-layout set whose fold-0 test pool has about `--pool` images (small images,
 resized to the input size as real ones are), with the `panet` protocol's 5 seeds × 1000 episodes:
@@ -10,7 +12,10 @@ resized to the input size as real ones are), with the `panet` protocol's 5 seeds
   encodes every image of every episode (episodes × (shots + 1));
 - evaluation episodes/s from cached features (batched) and per episode (`model(episode)`), and
   the per-episode work after encoding as a share of one image's encoding;
-- the evaluation's peak resident memory (measured in a fresh process);
+- the evaluation's peak resident memory (measured in a fresh process) and the peak disk its
+  feature cache spilled (HSNet's pyramid is ~40 MB per image at 400 px: a pool that does not fit
+  the cache's memory and disk budgets is evaluated episode by episode, never more encodings
+  than the official loop);
 - training steps/s with the input pipeline (DataLoader workers) and without.
 """
 
@@ -22,7 +27,7 @@ import resource
 import time
 
 from fsbench.benchmarks.evaluation.cache import FeatureCache, distinct_images
-from fsbench.benchmarks.evaluation.evaluate import evaluate, evaluate_states
+from fsbench.benchmarks.evaluation.evaluate import evaluate, evaluate_model
 from fsbench.benchmarks.execution.tasks import available_cores, device_label, resolve_device
 from fsbench.benchmarks.grid.recipes import TrainConfig
 from fsbench.benchmarks.training.train import train
@@ -40,15 +45,28 @@ def _dataset(pool: int, image_size: int):
     return Pascal5i(ensure_synthetic_voc(round(pool * IMAGES_PER_POOL_IMAGE), image_size))
 
 
-def _model(width: float, seed: int = 0):
+# method → (keywords at full size, its lineage's protocol, that protocol's input size)
+METHOD_SETTINGS = {
+    "panet": ({}, "panet", 417),
+    "hsnet": ({"backbone": "resnet50"}, "hsnet", 400),
+    "pfenet": ({"layers": 50}, "pfenet", 473),
+}
+METHOD = "panet"  # set by --method (module state: the fresh evaluation process reads it back)
+
+
+def _model(width: float, seed: int = 0, method: str | None = None):
     import torch
 
+    method = method or METHOD
     torch.manual_seed(seed)
-    return METHODS.get("panet")(width=width).eval()
+    kwargs = dict(METHOD_SETTINGS[method][0])
+    if method == "panet":
+        kwargs["width"] = width
+    return METHODS.get(method)(**kwargs).eval()
 
 
-def _manifests(dataset, shot: int, episodes: int, seeds):
-    protocol = get_protocol("panet")
+def _manifests(dataset, shot: int, episodes: int, seeds, method: str | None = None):
+    protocol = get_protocol(METHOD_SETTINGS[method or METHOD][1])
     return [
         EpisodeManifest.build(dataset, protocol, 0, 1, shot, episodes, s) for s in seeds
     ], protocol
@@ -58,17 +76,19 @@ def _evaluate_all(args_tuple):
     """In a fresh process: plan, encode and score every seed's manifest; report peak RSS."""
     import torch
 
-    pool, image_size, width, size, shot, episodes, seeds, device, cache_bytes, threads = args_tuple
+    pool, image_size, width, size, shot, episodes, seeds, device, cache_bytes, threads, method = (
+        args_tuple
+    )
     torch.set_num_threads(threads)
     dataset = _dataset(pool, image_size)
-    manifests, protocol = _manifests(dataset, shot, episodes, seeds)
-    model = _model(width).to(device)
+    manifests, protocol = _manifests(dataset, shot, episodes, seeds, method)
+    model = _model(width, method=method).to(device)
     loader = EpisodeLoader(dataset, size, resize=protocol.resize)
     cache = FeatureCache(model, loader, device, cache_bytes, batch_size=16)
     images = distinct_images(manifests)
-    # The evaluation task's own path: supports pooled once, queries scored in image order.
+    # The evaluation task's own dispatch (its method's path, inside the cache's budgets).
     started = time.perf_counter()
-    results = evaluate_states(model, cache, [(loader, m, protocol) for m in manifests], device)
+    results = evaluate_model(model, cache, [(loader, m, protocol) for m in manifests], device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     total = time.perf_counter() - started
@@ -78,6 +98,7 @@ def _evaluate_all(args_tuple):
         "distinct": len(images),
         "encoded": cache.encoded,
         "spilled": cache.spilled,
+        "spill_gb": cache.peak_spill_bytes / 2**30,
         "encode_seconds": cache.encode_seconds,
         # Everything else: decoding waits, pooling, scoring, reading spilled maps.
         "score_seconds": total - cache.encode_seconds,
@@ -131,7 +152,8 @@ def main(argv=None) -> None:
     parser.add_argument("--pool", type=int, default=2500, help="fold-0 test images (≈)")
     parser.add_argument("--image-size", type=int, default=64, help="generated image size")
     parser.add_argument("--width", type=float, default=1.0, help="VGG-16 width (1 = full)")
-    parser.add_argument("--input-size", type=int, default=417)
+    parser.add_argument("--method", choices=sorted(METHOD_SETTINGS), default="panet")
+    parser.add_argument("--input-size", type=int, default=0, help="default: the protocol's")
     parser.add_argument("--episodes", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
@@ -143,14 +165,20 @@ def main(argv=None) -> None:
     parser.add_argument("--train-workers", type=int, default=2)
     parser.add_argument("--skip-full", action="store_true", help="no full 5 × 1000 evaluation")
     args = parser.parse_args(argv)
+    global METHOD
+    METHOD = args.method
+    args.input_size = args.input_size or METHOD_SETTINGS[args.method][2]
     device = resolve_device(args.device)
     threads = args.threads or available_cores()
     torch.set_num_threads(threads)
-    seeds = list(range(1234, 1234 + args.seeds))
+    first = {"panet": 1234, "hsnet": 0, "pfenet": 321}[args.method]  # each protocol's seeds
+    seeds = list(range(first, first + args.seeds))
     dataset = _dataset(args.pool, args.image_size)
     model = _model(args.width).to(device)
     print(
-        f"device: {device_label(device)}; PANet width {args.width}, input {args.input_size} px; "
+        f"device: {device_label(device)}; {args.method}"
+        + (f" width {args.width}" if args.method == "panet" else " (ResNet-50)")
+        + f", protocol {METHOD_SETTINGS[args.method][1]}, input {args.input_size} px; "
         f"torch {torch.__version__}"
     )
     encoder_rate = _encoder_images_per_second(model, args.input_size, device)
@@ -186,6 +214,7 @@ def main(argv=None) -> None:
                         device,
                         args.cache_bytes,
                         threads,
+                        args.method,
                     ),
                 ),
             )
@@ -193,24 +222,26 @@ def main(argv=None) -> None:
         whole = full["episodes"] / (full["encode_seconds"] + full["score_seconds"])
         print(
             f"  fsbench: {full['encoded']} encodings of {full['distinct']} distinct images "
-            f"({official / full['encoded']:.1f}× fewer; {full['spilled']} maps spilled to disk), "
+            f"({official / max(full['encoded'], 1):.1f}× fewer; {full['spilled']} maps spilled), "
             f"in the encoder {full['encode_seconds']:.0f} s "
-            f"({1000 * full['encode_seconds'] / full['encoded']:.1f} ms per image)"
+            f"({1000 * full['encode_seconds'] / max(full['encoded'], 1):.1f} ms per image)"
         )
         print(
             f"  everything but the encoder: {1 / after:.1f} episodes/s "
             f"({1000 * after:.2f} ms per episode = "
-            f"{100 * after * full['encoded'] / full['encode_seconds']:.2f}% of one image's "
+            f"{100 * after * full['encoded'] / max(full['encode_seconds'], 1e-9):.2f}% of one "
+            "image's "
             f"encoding); whole evaluation {whole:.2f} episodes/s "
             f"vs {1 / per_episode:.2f} per episode"
         )
         print(
             f"  peak RSS {full['peak_rss_gb']:.2f} GB"
             + (f", peak GPU memory {full['peak_gpu_gb']:.2f} GB" if full["peak_gpu_gb"] else "")
-            + f" (cache_bytes {args.cache_bytes / 2**30:.1f} GiB); "
+            + f" (cache_bytes {args.cache_bytes / 2**30:.1f} GiB), peak disk spilled "
+            f"{full['spill_gb']:.2f} GB; "
             f"mean mIoU {100 * full['miou']:.2f}"
         )
-    if args.train_steps:
+    if args.train_steps and args.method == "panet":
         print()
         for workers in (0, args.train_workers):
             rate = _train_steps_per_second(
