@@ -37,6 +37,7 @@ VOLATILE = {
     "encoded_images",
     "resumed_from",
     "curve_times",
+    "system",  # the sampled CPU / memory series of the training (the MLflow system metrics)
     "started_at",
     "ended_at",
 }
