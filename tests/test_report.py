@@ -474,3 +474,28 @@ def test_cell_records_are_typed_and_round_trip(tmp_path):
     path.write_text(json.dumps(raw))
     assert len(read_cells(grid / "cells", "hand", rejected)) == len(RESULTS) - 1
     assert list(rejected) == [path.name]
+
+
+def test_statistics_give_each_cell_its_ci_half_width_and_episode_budget(tmp_path):
+    from fsbench.benchmarks.report.statistics import episode_budget
+
+    grid = tmp_path / "budget"
+    write_cells(grid, RESULTS)
+    build_report(grid, n_boot=200)
+    stats = (grid / "report" / "statistics.md").read_text()
+    table = pd.read_csv(grid / "report" / "statistics.csv")
+    cis = table[table["kind"] == "ci"]
+    assert "# Episode budget" in stats and (cis["episodes"] > 0).all()
+    budget = [x for x in stats.split("# Episode budget")[1].splitlines() if x.startswith("| PANet")]
+    assert len(budget) == len(cis.groupby(["name", "shot", "fold"]))
+    # by hand: two seeds of 1000 episodes with ±1.0 and ±1.5 → ±1.25 → 1000·(1.25/0.5)² = 6250
+    frame = pd.DataFrame(
+        [
+            {"kind": "ci", "name": "PANet", "shot": 1, "fold": 0, "episodes": 1000,
+             "value": 41.0, "low": 40.0, "high": 42.0},
+            {"kind": "ci", "name": "PANet", "shot": 1, "fold": 0, "episodes": 1000,
+             "value": 43.0, "low": 41.5, "high": 44.5},
+        ]
+    )  # fmt: skip
+    (line,) = [x for x in episode_budget(frame) if x.startswith("| PANet")]
+    assert line == "| PANet | 1 | 0 | 1000 | 42.0 | 1.25 | 6250 |"

@@ -34,6 +34,7 @@ def statistics(cells: list[dict], n_boot: int = 1000, compare=()) -> pd.DataFram
                     "fold": config.fold,
                     "shot": config.shot,
                     "seed": seed.seed,
+                    "episodes": len(counts.per_class),
                     "value": 100 * counts.miou(),
                     "low": 100 * low,
                     "high": 100 * high,
@@ -146,6 +147,7 @@ def statistics_markdown(stats: pd.DataFrame) -> str:
         "",
     ]
     paired = stats[stats["kind"] == "paired"] if len(stats) else stats
+    budget = episode_budget(stats)
     if not len(paired):
         return "\n".join(
             lines
@@ -154,6 +156,7 @@ def statistics_markdown(stats: pd.DataFrame) -> str:
                 "the grid file.",
                 "",
             ]
+            + budget
         )
     lines += [
         "| Variant | vs | Shot | Fold | Δ mIoU | 95% CI | p | p (Holm) | Significant |",
@@ -173,7 +176,40 @@ def statistics_markdown(stats: pd.DataFrame) -> str:
         "`train_seeds` they pair models seed by seed but do not resample the training runs.",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + budget)
+
+
+BUDGET_TARGET = 0.5  # the ± (mIoU points) the episode budget is sized for
+
+
+def episode_budget(stats: pd.DataFrame) -> list[str]:
+    """Markdown lines: per cell (row, fold, shot) the 95% bootstrap CI half-width of one seed's
+    mIoU (mean over its seeds) and the episodes per seed that would bring it to ±0.5 (the
+    half-width shrinks as 1/√episodes)."""
+    cis = stats[stats["kind"] == "ci"] if len(stats) else stats
+    if not len(cis) or "episodes" not in cis:
+        return []
+    lines = [
+        f"# Episode budget (95% bootstrap CI of one seed's mIoU; episodes for ±{BUDGET_TARGET})",
+        "",
+        "| Method | Shot | Fold | Episodes | mIoU | ± half-width | Episodes for ±0.5 |",
+        "|---|:-:|:-:|:-:|:-:|:-:|:-:|",
+    ]
+    groups = cis.groupby(["name", "shot", "fold"], sort=False)
+    for (name, shot, fold), group in groups:
+        episodes = int(group["episodes"].mean())
+        half = float(((group["high"] - group["low"]) / 2).mean())
+        needed = int(np.ceil(episodes * (half / BUDGET_TARGET) ** 2)) if half > 0 else episodes
+        lines.append(
+            f"| {name} | {shot} | {fold} | {episodes} | {group['value'].mean():.1f} | "
+            f"{half:.2f} | {needed} |"
+        )
+    return lines + [
+        "",
+        "Half-widths are the mean over the cell's episode seeds; the last column assumes the "
+        "half-width shrinks as 1/√episodes.",
+        "",
+    ]
 
 
 def _p_text(p: float, resamples) -> str:
