@@ -139,9 +139,16 @@ def _dry_run(grid, store, args) -> int:
     )
     for cell in plan.cells:
         state = "done" if cell.id in done else "todo"
-        kind = "train+eval" if cell.train else "eval"
+        kind = _kind(cell)
         print(f"  [{state}] {cell.id}  {cell.title:<40} {kind:<10} seeds {list(cell.seeds)}")
     return 0
+
+
+def _kind(cell) -> str:
+    """What a cell costs: train+eval, or eval only (no training, or another cell's model)."""
+    if cell.train is None:
+        return "eval"
+    return "eval (model shared)" if cell.trained_as is not None else "train+eval"
 
 
 def cmd_config(args) -> int:
@@ -154,7 +161,7 @@ def cmd_config(args) -> int:
     cells = grid.expand()
     print(f"# {len(cells)} cells")
     for cell in cells:
-        kind = "train+eval" if cell.train else "eval"
+        kind = _kind(cell)
         print(f"#   {cell.id}  {cell.title:<40} {kind}")
     return 0
 

@@ -11,6 +11,7 @@ from collections import defaultdict
 from fsbench.benchmarks.evaluation.cache import distinct_images
 from fsbench.benchmarks.execution.planning import Job, Plan
 from fsbench.benchmarks.grid.files import Cell, GridSpec
+from fsbench.benchmarks.grid.provenance import depends_on
 from fsbench.benchmarks.store.records import CellRecord, SeedRecord, summarise
 from fsbench.benchmarks.store.results import ResultStore, environment, file_sha256, now_iso
 
@@ -97,6 +98,7 @@ class Driver:
             display=cell.method.display or None,  # tables' and figures' name (not identity)
             config=cell.settings(),
             protocol=cell.preset.to_dict(),  # as resolved for the dataset
+            depends_on=depends_on(cell),
             summary=summarise(seeds),
             seeds=tuple(seeds),
             train=train,

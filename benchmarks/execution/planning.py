@@ -52,7 +52,8 @@ def _damaged_manifests(store: ResultStore, records, finished: set[str]) -> dict[
 
 def _setting(cell) -> tuple:
     """What a cell's episodes depend on besides the seed (cells sharing it share manifests)."""
-    return (cell.fold, cell.way, cell.shot, cell.episodes, cell.protocol, cell.sampler)
+    scored = cell.eval_protocol or cell.protocol
+    return (cell.fold, cell.way, cell.shot, cell.episodes, scored, cell.sampler)
 
 
 def _manifest(dataset, cell, seed: int) -> EpisodeManifest:
@@ -74,16 +75,22 @@ def plan_grid(
     finished = {c.id for c in cells} & done
     damaged = _damaged_manifests(store, records, finished) if build_manifests else {}
     if build_manifests and (todo or damaged):
-        dataset = open_dataset(grid.dataset, cells[0].preset)
+        opened = {}  # the dataset as each protocol scored under opens it (lists, COCO split)
+
+        def dataset(cell):
+            if cell.preset.name not in opened:
+                opened[cell.preset.name] = open_dataset(grid.dataset, cell.preset)
+            return opened[cell.preset.name]
+
         for cell in (c for c in cells if c.id in damaged):  # finished cells' records, repaired
             for seed in damaged[cell.id]:
-                store.save_manifest(_manifest(dataset, cell, seed))
+                store.save_manifest(_manifest(dataset(cell), cell, seed))
         by_setting = {}
         for cell in todo:
             for seed in cell.seeds:
                 key = (*_setting(cell), seed)
                 if key not in by_setting:
-                    by_setting[key] = _manifest(dataset, cell, seed)
+                    by_setting[key] = _manifest(dataset(cell), cell, seed)
                     store.save_manifest(by_setting[key])
                 manifests[(cell.id, seed)] = by_setting[key]
     jobs: dict[str, Job] = {}
@@ -102,8 +109,10 @@ def plan_grid(
                 "spill_bytes": grid.spill_bytes,
                 "resume_path": str(store.resume_path(key)),
             }
-            # The resolved protocol travels with the job: tasks never look it up again.
-            config = {**cell.config(), "preset": cell.preset.to_dict(), "execution": execution}
+            # The resolved protocol travels with the job: tasks never look it up again. The
+            # model is that of the cell under its training protocol (eval_protocols).
+            home = cell.trained_as or cell
+            config = {**home.config(), "preset": home.preset.to_dict(), "execution": execution}
             jobs[key] = Job(key, config, cell.train is not None, [])
         job = jobs[key]
         job.cells.append(cell)
@@ -114,6 +123,9 @@ def plan_grid(
                         "cell_id": cell.id,
                         "seed": seed,
                         "annotation": cell.annotation,
+                        # scored under: its protocol's resizing, scoring and input size
+                        "preset": cell.preset.to_dict(),
+                        "input_size": cell.input_size,
                         "manifest": manifests[(cell.id, seed)].to_json(),
                     }
                 )

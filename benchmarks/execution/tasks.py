@@ -6,6 +6,7 @@ They return results and never write `results/` or MLflow (only the driver does).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -168,7 +169,8 @@ def eval_task(
 ) -> list[dict]:
     """Evaluate one model on several (cell, seed) manifests with one shared feature cache.
 
-    items: [{"cell_id", "seed", "protocol", "annotation", "manifest": manifest JSON}].
+    items: [{"cell_id", "seed", "annotation", "manifest": manifest JSON, and the "preset" and
+    "input_size" it is scored under}].
     """
     started_at = time.time()
     _limit_threads(threads)
@@ -177,40 +179,57 @@ def eval_task(
     if state_dict is not None:
         model.load_state_dict(state_dict)
     model.to(device).eval()
-    protocol = job_protocol(model_config)
-    dataset = open_dataset(model_config["dataset"], protocol)
     execution = model_config.get("execution") or {}
-    # One encoder cache for every item: annotations change the support masks, not the images.
-    cache = FeatureCache(
-        model,
-        EpisodeLoader(
-            dataset,
-            model_config["input_size"],
-            resize=protocol.resize,
-        ),
-        device,
-        cache_bytes,
-        batch_size,
-        spill_dir=execution.get("spill_dir"),
-        spill_bytes=execution.get("spill_bytes"),
-    )
     manifests = [EpisodeManifest.from_json(item["manifest"]) for item in items]
-    # The plan: every image any of these episodes uses, encoded once, in full batches, up front.
-    images = distinct_images(manifests)
     precision = model_config.get("eval_precision", "fp32")
     autocast = torch.autocast(
         torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"
     )
-    jobs = [
-        (
-            cache.loader.annotated(item.get("annotation", "mask"), weak_seed=item["seed"]),
-            manifest,
-            protocol,
-        )
-        for item, manifest in zip(items, manifests)
-    ]
+    # Items scored under one protocol (its dataset view, resizing, input size) share one encoder
+    # cache: annotations change the support masks, not the images. Items without a protocol of
+    # their own are scored under the job's.
+    groups: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        scored = (item.get("preset") or model_config["preset"], item.get("input_size"))
+        groups.setdefault(json.dumps(scored, sort_keys=True), []).append(index)
+    results: list = [None] * len(items)
+    encoded, distinct, spilled = 0, 0, 0
     with autocast, SystemSampler() as system:  # features are stored as float32 anyway
-        results = evaluate_model(model, cache, jobs, device, keep_predictions)
+        for key, indices in groups.items():
+            preset, size = json.loads(key)
+            protocol = Protocol.from_dict(preset)
+            cache = FeatureCache(
+                model,
+                EpisodeLoader(
+                    open_dataset(model_config["dataset"], protocol),
+                    size or model_config["input_size"],
+                    resize=protocol.resize,
+                ),
+                device,
+                cache_bytes,
+                batch_size,
+                spill_dir=execution.get("spill_dir"),
+                spill_bytes=execution.get("spill_bytes"),
+            )
+            # The plan: every image these episodes use, encoded once, in full batches, up front.
+            distinct += len(distinct_images([manifests[i] for i in indices]))
+            jobs = [
+                (
+                    cache.loader.annotated(
+                        items[i].get("annotation", "mask"), weak_seed=items[i]["seed"]
+                    ),
+                    manifests[i],
+                    protocol,
+                )
+                for i in indices
+            ]
+            for i, result in zip(
+                indices, evaluate_model(model, cache, jobs, device, keep_predictions)
+            ):
+                results[i] = result
+            encoded += cache.encoded
+            spilled = max(spilled, cache.peak_spill_bytes)
+            cache.close()
     task = uuid.uuid4().hex
     outputs = []
     for item, manifest, (counts, seconds, kept) in zip(items, manifests, results):
@@ -225,10 +244,10 @@ def eval_task(
                 "started_at": started_at,  # wall clock of the task (shared by its items)
                 "ended_at": time.time(),
                 "task": task,  # the evaluation task (and feature cache) that served this item
-                "encoded_images": cache.encoded,
-                "distinct_images": len(images),
+                "encoded_images": encoded,
+                "distinct_images": distinct,
                 "peak_rss_bytes": peak_rss_bytes(),
-                "spill_bytes": cache.peak_spill_bytes,
+                "spill_bytes": spilled,
                 "system": system.samples,  # the task's series (shared by its items)
                 "predictions": [
                     {"episode": k["episode"], "prediction": k["prediction"].to(torch.uint8)}
@@ -239,5 +258,4 @@ def eval_task(
                 "pid": os.getpid(),
             }
         )
-    cache.close()
     return outputs

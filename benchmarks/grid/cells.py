@@ -40,8 +40,12 @@ class Cell:
     eval_precision: str = "fp32"
     train_replicate: bool = False  # one of several training seeds of the same row (train_seeds)
     sampler: str = "fsbench"  # who draws the test episodes: "official" replay or fsbench's
-    # The protocol resolved for the cell's dataset, once (its name above is the identity).
+    # The protocol the cell is scored under, when not `protocol` (the one its model trains under).
+    eval_protocol: str = ""
+    # The protocol it is scored under, resolved for the cell's dataset, once.
     preset: Protocol | None = field(default=None, compare=False)
+    # The same model's cell under its training protocol (eval_protocol cells): its model.
+    trained_as: Cell | None = field(default=None, compare=False, repr=False)
 
     def settings(self) -> CellConfig:
         """The resolved config, typed: everything that decides the result (and nothing else)."""
@@ -66,6 +70,7 @@ class Cell:
             eval_precision=self.eval_precision,
             sampler=self.sampler,
             checkpoint=checkpoint,
+            eval_protocol=self.eval_protocol,
         )
 
     def config(self) -> dict:
@@ -85,7 +90,10 @@ class Cell:
 
     def model_key(self) -> str:
         """Cells with the same key share one model: a trained model serves every annotation
-        (PANet trains on dense masks and tests with weak ones); an untrained one also every shot."""
+        (PANet trains on dense masks and tests with weak ones); an untrained one also every shot;
+        any model every protocol it is scored under (that of the cell it is trained as)."""
+        if self.trained_as is not None:
+            return self.trained_as.model_key()
         shared = ("seeds", "row", "annotation") + (() if self.train is not None else ("shot",))
         identity = {k: v for k, v in self.config().items() if k not in shared}
         return canonical_sha256(identity)[:16]
@@ -97,6 +105,8 @@ class GridSpec:
     dataset: dict
     methods: tuple[MethodSpec, ...]
     protocol: str = "panet"
+    # Protocols each model is also scored under (trained once, under `protocol`); (): `protocol`.
+    eval_protocols: tuple[str, ...] = ()
     sampler: str | None = None  # None: the protocol's ("official" for the named ones)
     input_size: int | None = None  # None: the protocol's
     episodes: int | None = None  # None: the protocol's
@@ -119,7 +129,8 @@ class GridSpec:
     plugin_paths: tuple[str, ...] = ()  # where they are found besides sys.path (the grid's folder)
 
     def expand(self) -> list[Cell]:
-        """Every cell of the grid, in a fixed order (method, fold, way, shot, annotation)."""
+        """Every cell of the grid, in a fixed order (method, fold, way, shot, annotation,
+        training seed, then the protocols it is scored under)."""
         name = self.dataset["name"]
         protocol = resolve(self.protocol, name)
         sampler = check_sampler(self.sampler, protocol, name)
@@ -129,6 +140,7 @@ class GridSpec:
             _check_input_size(
                 method, input_size, self.protocol, trainable[method.row()], self.train
             )
+        scoring = self._scoring(name)
         cells = []
         for method, fold, way, shot, annotation, train_seed in itertools.product(
             self.methods,
@@ -147,27 +159,57 @@ class GridSpec:
                 and train_seed != self.train_seeds[0]
             ):
                 continue  # an untrained method has no training seed: once
-            cells.append(
-                Cell(
-                    grid=self.name,
-                    method=method,
-                    dataset=self.dataset,
-                    fold=fold,
-                    way=way,
-                    shot=shot,
-                    annotation=annotation,
-                    protocol=self.protocol,
-                    input_size=input_size,
-                    episodes=self.episodes or protocol.episodes,
-                    seeds=tuple(self.seeds or protocol.seeds),
-                    train=train if trainable[method.row()] else None,
-                    eval_precision=self.eval_precision,
-                    train_replicate=bool(self.train_seeds) and trainable[method.row()],
-                    sampler=sampler,
-                    preset=protocol,
-                )
+            home = Cell(
+                grid=self.name,
+                method=method,
+                dataset=self.dataset,
+                fold=fold,
+                way=way,
+                shot=shot,
+                annotation=annotation,
+                protocol=self.protocol,
+                input_size=input_size,
+                episodes=self.episodes or protocol.episodes,
+                seeds=tuple(self.seeds or protocol.seeds),
+                train=train if trainable[method.row()] else None,
+                eval_precision=self.eval_precision,
+                train_replicate=bool(self.train_seeds) and trainable[method.row()],
+                sampler=sampler,
+                preset=protocol,
             )
+            for scored, (preset, scored_sampler, size) in scoring.items():
+                if scored == self.protocol:
+                    cells.append(home)
+                    continue
+                cells.append(
+                    dataclasses.replace(
+                        home,
+                        eval_protocol=scored,
+                        input_size=size,
+                        episodes=self.episodes or preset.episodes,
+                        seeds=tuple(self.seeds or preset.seeds),
+                        sampler=scored_sampler,
+                        preset=preset,
+                        trained_as=home,
+                    )
+                )
         return cells
+
+    def _scoring(self, dataset: str) -> dict:
+        """Each protocol the grid scores under → (resolved preset, sampler, input size), its
+        input size checked against every method's rule."""
+        scoring = {}
+        for name in self.eval_protocols or (self.protocol,):
+            preset = resolve(name, dataset)
+            try:
+                sampler = check_sampler(self.sampler, preset, dataset)
+            except FsbenchError as error:
+                raise FsbenchError(f"eval_protocols: {name}: {error}") from None
+            size = self.input_size or preset.input_size
+            for method in self.methods:
+                _check_input_size(method, size, name, False, self.train)
+            scoring[name] = (preset, sampler, size)
+        return scoring
 
 
 def _check_input_size(method: MethodSpec, size: int, protocol: str, trains: bool, train) -> None:

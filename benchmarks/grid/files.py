@@ -27,6 +27,7 @@ GRID_KEYS = {
     "compare",
     "dataset",
     "protocol",
+    "eval_protocols",
     "sampler",
     "input_size",
     "episodes",
@@ -297,6 +298,20 @@ def _sampler(value, protocol: str) -> str | None:
         raise FsbenchError(f"sampler: {error}") from None
 
 
+def _eval_protocols(raw) -> tuple[str, ...]:
+    """`eval_protocols:`: protocol names (each model is also scored under each), or ()."""
+    if raw is None:
+        return ()
+    names = raw if isinstance(raw, list) else [raw]
+    bad = [n for n in names if not isinstance(n, str) or n not in PROTOCOLS]
+    if bad or not names or len(set(names)) != len(names):
+        raise FsbenchError(
+            f"eval_protocols: expected distinct protocol names from {', '.join(PROTOCOLS)} "
+            f"(e.g. [panet, pfenet, hsnet]), got {raw!r}"
+        )
+    return tuple(names)
+
+
 def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
     """Validate a grid dict into a GridSpec: unknown keys and impossible values are errors.
     Its `imports:` are imported first (with `plugin_paths` on sys.path): they register the
@@ -333,6 +348,7 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
         dataset=dataset,
         methods=_methods(raw["methods"]),
         protocol=protocol,
+        eval_protocols=_eval_protocols(raw.get("eval_protocols")),
         sampler=_sampler(raw.get("sampler"), protocol),
         # 0 is impossible, not "the protocol's": only an absent (or null) key means that.
         input_size=_single_int(raw, "input_size", 16, 4096),

@@ -31,11 +31,19 @@ class CellConfig:
     eval_precision: str = "fp32"
     sampler: str = "fsbench"
     checkpoint: dict | None = None  # released weights evaluated as they are (path, format, sha)
+    # The protocol the cell is scored under when it is not the one it trains under (`protocol`):
+    # its episodes, resizing and scoring (a grid's `eval_protocols`); "": `protocol`.
+    eval_protocol: str = ""
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as read
 
     @property
     def dataset_name(self) -> str:
         return self.dataset["name"]
+
+    @property
+    def scored_under(self) -> str:
+        """The protocol whose episodes, resizing and scoring gave the cell's numbers."""
+        return self.eval_protocol or self.protocol
 
     @property
     def train_seed(self) -> int | None:
@@ -48,6 +56,8 @@ class CellConfig:
             later["sampler"] = self.sampler
         if self.checkpoint:
             later["checkpoint"] = self.checkpoint
+        if self.eval_protocol:
+            later["eval_protocol"] = self.eval_protocol
         return {
             **later,
             "method": self.method,

@@ -42,6 +42,8 @@ def display_name(config, display: str | None = None) -> str:
         name += f", {config.way}-way"
     if config.annotation != "mask":
         name += f" ({config.annotation})"
+    if getattr(config, "eval_protocol", ""):  # scored under another lineage's protocol
+        name += f" [{config.eval_protocol} protocol]"
     return name
 
 

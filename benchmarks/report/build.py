@@ -26,6 +26,15 @@ from fsbench.benchmarks.report.frame import (
     row_label,
     seed_frame,
 )
+from fsbench.benchmarks.report.protocols import (
+    depends_on_columns,
+    depends_on_note,
+    protocol_figure,
+    protocol_frame,
+    protocol_latex,
+    protocol_markdown,
+    spreads,
+)
 from fsbench.benchmarks.report.statistics import statistics, statistics_markdown
 from fsbench.benchmarks.report.tables import (
     footnote,
@@ -112,7 +121,8 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     out = grid_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     frame = seed_frame(cells)
-    note = footnote(frame)
+    provenance = depends_on_note(cells)
+    note = f"{footnote(frame)} {provenance}"
     if superseded:
         note += (
             f" {len(superseded)} older cells with the same rows and settings were left out "
@@ -146,7 +156,8 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
                 display=displays,
             ),
         )
-        atomic_write_text(out / f"table_{label}.csv", to_csv_frame(table).to_csv())
+        csv = to_csv_frame(table).join(depends_on_columns(cells))  # each row's provenance
+        atomic_write_text(out / f"table_{label}.csv", csv.to_csv())
         written["tables"] += [out / f"table_{label}.{s}" for s in ("md", "tex", "csv")]
     class_table = pd.DataFrame(
         {
@@ -166,6 +177,8 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     atomic_write_text(out / "statistics.csv", stats.to_csv(index=False, float_format="%.3f"))
     atomic_write_text(out / "statistics.md", statistics_markdown(stats))
     written["tables"] += [out / "statistics.csv", out / "statistics.md"]
+    for path in _protocol_report(cells, out, grid_dir.name, provenance, n_boot):
+        written["tables" if path.suffix in (".md", ".tex", ".csv") else "figures"].append(path)
     rows = _rows_in_grid_order(frame)
     methods = frame.groupby("row")["method"].first().str.removeprefix("test_")
     with_par = [r for r in rows if methods[r] == "panet"]
@@ -207,7 +220,29 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
         if figure is not None:
             written["figures"].append(figure)
     written["rows"] = row_summaries(frame)
+    columns = depends_on_columns(cells)
+    for row in written["rows"]:  # the row runs' params in MLflow
+        row["depends_on"] = columns.loc[row["row"]].to_dict() if row["row"] in columns.index else {}
     return written
+
+
+def _protocol_report(cells, out: Path, grid: str, provenance: str, n_boot: int) -> list:
+    """protocols.md/.tex/.csv and the protocols figure when the grid scores its models under
+    several protocols (`eval_protocols`); [] otherwise."""
+    frame = protocol_frame(cells, n_boot)
+    if frame.empty:
+        return []
+    atomic_write_text(out / "protocols.md", protocol_markdown(frame, provenance))
+    caption = (
+        f"{grid}: each model under each protocol (fold mean, ± half the 95% bootstrap CI); "
+        "Spread: largest minus smallest over protocols."
+    )
+    atomic_write_text(out / "protocols.tex", protocol_latex(frame, caption, provenance))
+    spread = spreads(frame)[["row", "shot", *[f"{m}_spread" for m in METRICS]]]
+    table = frame.drop(columns=["order", "protocol_order"]).merge(spread, on=["row", "shot"])
+    atomic_write_text(out / "protocols.csv", table.to_csv(index=False, float_format="%.3f"))
+    tables = [out / f"protocols.{suffix}" for suffix in ("md", "tex", "csv")]
+    return tables + protocol_figure(frame, out)
 
 
 # -- notebook API ----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ def current_cells(cells: list[CellRecord]) -> tuple[list[CellRecord], list[CellR
             c.way,
             c.shot,
             c.protocol,
+            c.scored_under,
             c.train_seed,
         )
         newest[key] = cell
@@ -46,13 +47,16 @@ def current_cells(cells: list[CellRecord]) -> tuple[list[CellRecord], list[CellR
     return kept, [c for c in cells if c.cell_id not in ids]
 
 
-def row_label(config: CellConfig) -> str:
-    """The table row of a cell: its variant, plus way and annotation where they are not 1/mask."""
+def row_label(config: CellConfig, scored: bool = True) -> str:
+    """The table row of a cell: its variant, plus way and annotation where they are not 1/mask,
+    and the protocol it is scored under where it is not the one it trains under."""
     label = config.row
     if config.way != 1:
         label += f" {config.way}-way"
     if config.annotation != "mask":
         label += f" ({config.annotation})"
+    if scored and config.eval_protocol:
+        label += f" @{config.eval_protocol}"
     return label
 
 
@@ -78,6 +82,8 @@ def seed_frame(cells: list[CellRecord]) -> pd.DataFrame:
                     "shot": config.shot,
                     "annotation": config.annotation,
                     "protocol": config.protocol,
+                    "scored_under": config.scored_under,
+                    "model_row": row_label(config, scored=False),
                     "alpha": config.method_kwargs.get("alpha"),
                     "seed": seed.seed,
                     "train_seed": config.train_seed,

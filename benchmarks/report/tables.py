@@ -277,6 +277,9 @@ def to_csv_frame(table: pd.DataFrame) -> pd.DataFrame:
 
 def footnote(frame: pd.DataFrame) -> str:
     protocols = ", ".join(sorted(frame["protocol"].unique()))
+    scored = list(dict.fromkeys(frame.get("scored_under", frame["protocol"])))
+    if scored != list(frame["protocol"].unique()):
+        protocols = f"models trained under {protocols}, scored under {', '.join(scored)}"
     episodes = ", ".join(str(e) for e in sorted(frame["episodes"].unique()))
     seeds = ", ".join(str(s) for s in sorted(frame["seed"].unique()))
     prints = frame.groupby(["shot", "fold"])["fingerprint"].agg(lambda s: "/".join(sorted(set(s))))

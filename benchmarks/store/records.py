@@ -184,6 +184,7 @@ class CellRecord:
     qualitative: tuple[dict, ...] = ()  # kept predictions: {seed, episode, prediction}
     timings: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
+    depends_on: dict = field(default_factory=dict)  # grid/provenance.py: what the numbers rest on
     finished_at: str = ""
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as read
     version: int = RESULT_VERSION
@@ -232,6 +233,7 @@ class CellRecord:
                 "qualitative": list(self.qualitative),
                 "timings": self.timings,
                 "environment": self.environment,
+                **({"depends_on": self.depends_on} if self.depends_on else {}),
                 "finished_at": self.finished_at,
             }
         )

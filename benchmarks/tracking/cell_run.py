@@ -54,6 +54,12 @@ def flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
+def cell_params(result: CellRecord) -> dict:
+    """The run's params: the config that decides the cell, and what its numbers depend on
+    (`depends_on.*`: input size, scoring resolution, episodes × seeds, …)."""
+    return flatten("", {**result.config.to_json(), "depends_on": result.depends_on}, {})
+
+
 def verified_episodes(manifest_file: Path, fingerprint: str) -> list[dict]:
     """The episodes of a seed's manifest file when it is intact and is the one the seed was
     scored on; [] otherwise (missing, edited, or another manifest: the next `run` rewrites it),
@@ -127,6 +133,7 @@ def cell_tags(result: CellRecord, digest: str) -> dict[str, str]:
         "way": str(config.way),
         "shot": str(config.shot),
         "protocol": config.protocol,
+        "scored_under": config.scored_under,
         "git_sha": environment["git_sha"],
         "device": environment["device"],
         "manifest_fingerprints": ",".join(s.manifest_fingerprint[:16] for s in result.seeds),

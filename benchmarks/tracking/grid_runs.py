@@ -53,6 +53,8 @@ def log_rows(tracker, rows: list[dict]) -> None:
         tracker.client.log_batch(
             run_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in row["metrics"].items()],
+            # what the row's numbers depend on (input size, scoring, episodes × seeds, …)
+            params=[_param(k, v) for k, v in sorted(row.get("depends_on", {}).items())],
             tags=[RunTag("fsbench.cells", ",".join(row["cells"])[:5000])],
         )
         tracker.client.set_terminated(run_id, "FINISHED", end_time=now)

@@ -42,13 +42,13 @@ def qualitative_rows(result: CellRecord, store, max_episodes: int):
     if not kept:
         return None
     config = result.config
-    key = json.dumps([config.dataset, config.protocol], sort_keys=True)
+    key = json.dumps([config.dataset, config.scored_under], sort_keys=True)
     try:
         if key not in _OPENED:  # one dataset object per process (logging draws one per cell)
             with existing_only():  # a report reads results: it never generates a dataset
                 _OPENED[key] = DATASETS.build(
                     config.dataset_name,
-                    protocol=config.protocol,
+                    protocol=config.scored_under,
                     **{k: v for k, v in config.dataset.items() if k != "name"},
                 )
         dataset = _OPENED[key]
@@ -68,6 +68,10 @@ def qualitative_rows(result: CellRecord, store, max_episodes: int):
         support, support_label = input_view(dataset, support_id, spec["classes"], size, resize)
         query, query_label = input_view(dataset, query_id, spec["classes"], size, resize)
         prediction = np.asarray(item["prediction"])
+        if prediction.shape != query_label.shape:  # scored at the original resolution
+            height, width = query_label.shape
+            picture = Image.fromarray(prediction.astype(np.uint8))
+            prediction = np.asarray(picture.resize((width, height), Image.NEAREST))
         rows.append(
             (
                 spec,

@@ -17,10 +17,10 @@ from fsbench.benchmarks.tracking.cell_run import (  # noqa: F401 (names older ca
     CELL_TAG,
     KIND_TAG,
     RECORD_TAG,
+    cell_params,
     cell_tags,
     default_tracking_uri,
     episode_rows,
-    flatten,
     manifest_datasets,
     metric_points,
     record_digest,
@@ -359,7 +359,7 @@ class Tracker:
         # a --rerun) must not count: they go to MLflow's deleted runs, and the file is logged anew.
         for stale in previous:
             client.delete_run(stale.info.run_id)
-        config, timings = result.config, result.timings
+        timings = result.timings
         now = time.time()
         start_ms = int(1000 * timings.get("started_at", now))
         end_ms = int(1000 * timings.get("ended_at", now))
@@ -369,7 +369,7 @@ class Tracker:
             self.experiment_id, start_time=start_ms, run_name=run_name(result), tags=tags
         )
         run_id = run.info.run_id
-        params = [_param(k, v) for k, v in sorted(flatten("", config.to_json(), {}).items())]
+        params = [_param(k, v) for k, v in sorted(cell_params(result).items())]
         entries = [Metric(*point) for point in metric_points(result, end_ms)]
         for start in range(0, max(len(entries), len(params)), 500):
             client.log_batch(

@@ -1,0 +1,123 @@
+"""One model under every lineage's protocol (`eval_protocols`), and what every number depends on."""
+
+import json
+
+import pytest
+
+from fsbench.benchmarks.grid.files import parse_grid
+from fsbench.core import FsbenchError
+from fsbench.datasets.protocols import PROTOCOLS
+
+
+def _grid(small_grid_dict, **changes):
+    return parse_grid({**small_grid_dict, **changes})
+
+
+def test_eval_protocols_triple_the_cells_and_keep_one_model_each(small_grid_dict):
+    plain = _grid(small_grid_dict).expand()
+    raw = {k: v for k, v in small_grid_dict.items() if k not in ("seeds", "episodes")}
+    axis = _grid(raw, eval_protocols=["panet", "pfenet", "hsnet"], episodes=6).expand()
+    assert len(axis) == 3 * len(plain)
+    # the cells under the training protocol keep their ids: adding the axis recomputes nothing
+    home = [c for c in axis if not c.eval_protocol]
+    assert {c.id for c in home} == {c.id for c in _grid(raw, episodes=6).expand()}
+    by_model = {}
+    for cell in axis:
+        by_model.setdefault(cell.model_key(), []).append(cell)
+    assert len(by_model) == len(home)  # one model per (method, fold, shot), three scorings each
+    for cells in by_model.values():
+        assert sorted(c.eval_protocol or c.protocol for c in cells) == ["hsnet", "panet", "pfenet"]
+        for cell in cells:
+            scored = PROTOCOLS[cell.eval_protocol or cell.protocol]
+            assert cell.preset.name == scored.name
+            assert cell.seeds == scored.seeds  # each protocol's own test seeds (not set)
+            assert cell.input_size == 32  # the grid's input size applies under every protocol
+            assert cell.sampler == "official"
+            assert (cell.trained_as is None) == (cell.eval_protocol == "")
+    assert len({c.id for c in axis}) == len(axis)
+    titles = [c.title for c in axis if c.eval_protocol == "pfenet"]
+    assert titles and all("[pfenet protocol]" in t for t in titles)
+
+
+@pytest.mark.parametrize(
+    "value, says",
+    [(["panet", "bam"], "bam"), (["hsnet", "hsnet"], "distinct"), ([], "distinct")],
+)
+def test_bad_eval_protocols_are_one_line(small_grid_dict, value, says):
+    with pytest.raises(FsbenchError, match=says):
+        _grid(small_grid_dict, eval_protocols=value)
+
+
+def test_a_protocol_whose_input_size_a_method_cannot_take_is_named(small_grid_dict):
+    raw = {k: v for k, v in small_grid_dict.items() if k != "input_size"}
+    methods = [{"name": "pfenet", "kwargs": {"pretrained": False, "blocks": [1, 1, 1, 1]}}]
+    grid = parse_grid({**raw, "protocol": "pfenet", "methods": methods,
+                       "eval_protocols": ["pfenet", "hsnet"]})  # fmt: skip
+    with pytest.raises(FsbenchError, match="protocol hsnet's input size 400"):
+        grid.expand()
+
+
+def test_depends_on_states_each_switch(small_grid_dict):
+    from fsbench.benchmarks.grid.provenance import DEPENDS_ON_KEYS, depends_on
+
+    cells = _grid(small_grid_dict, eval_protocols=["panet", "pfenet"]).expand()
+    panet = next(c for c in cells if c.method.name == "test_panet" and not c.eval_protocol)
+    pfenet = next(c for c in cells if c.method.name == "test_panet" and c.eval_protocol)
+    facts, other = depends_on(panet), depends_on(pfenet)
+    assert list(facts) == list(DEPENDS_ON_KEYS)
+    assert facts["input_size"] == "32 px (square resize)"
+    assert other["input_size"] == "32 px (keep_ratio_pad resize)"
+    assert facts["score_resolution"].startswith("input") and "original" in other["score_resolution"]
+    assert facts["episodes_x_seeds"] == "6 × 2 (seeds 1, 2)"
+    assert "PANet's" in facts["iou_aggregation"] and "PANet's" not in other["iou_aggregation"]
+    assert facts["checkpoint_rule"] == "last step (4 steps)"
+    assert facts["test_time_augmentation"] == "none" and facts["coco_split"] == "n/a"
+    assert facts["trained_under"] == other["trained_under"] == "panet protocol"
+    untrained = next(c for c in cells if c.method.name == "all_background")
+    assert depends_on(untrained)["checkpoint_rule"].startswith("untrained")
+
+
+@pytest.mark.slow
+def test_a_grid_scored_under_two_protocols_end_to_end(tmp_path, small_grid_dict):
+    """Trains each model once, scores it under both protocols, and reports them side by side
+    with what each number depends on: records, report tables, CSV columns, MLflow params."""
+    import fsbench
+    from fsbench.benchmarks.report import build_report
+
+    grid = {**small_grid_dict, "name": "axis", "eval_protocols": ["panet", "hsnet"]}
+    grid["methods"] = [{"name": "test_panet"}, {"name": "test_prototype_notrain"}]
+    frame = fsbench.run(grid, results=tmp_path, serial=True)
+    assert len(frame) == 2 * 2 * 2  # 2 methods × 2 protocols × 2 seeds
+    records = [json.loads(p.read_text()) for p in (tmp_path / "axis" / "cells").glob("*.json")]
+    trained = [r for r in records if r["config"]["method"] == "test_panet"]
+    assert len(trained) == 2 and len({r["model_key"] for r in trained}) == 1
+    assert len({r["checkpoint"] for r in trained}) == 1  # one model, saved once, scored twice
+    scored = {r["config"].get("eval_protocol", "") for r in trained}
+    assert scored == {"", "hsnet"}
+    hsnet = next(r for r in trained if r["config"].get("eval_protocol") == "hsnet")
+    assert hsnet["protocol"]["name"] == "hsnet" and hsnet["protocol"]["resize"] != "square"
+    assert hsnet["depends_on"]["input_size"] == "32 px (square_floor_nearest resize)"
+    written = build_report(tmp_path / "axis", n_boot=50)
+    report = tmp_path / "axis" / "report"
+    table = (report / "protocols.md").read_text()
+    assert "mIoU (panet)" in table and "FB-IoU (hsnet)" in table and "Spread mIoU" in table
+    assert (report / "protocols.png").is_file() and (report / "protocols.tex").is_file()
+    assert report / "protocols.md" in written["tables"]
+    import pandas as pd
+
+    csv = pd.read_csv(report / "table_miou.csv", index_col=0)
+    assert csv.loc["test_panet @hsnet", "depends_on.input_size"].startswith("32 px")
+    assert "Depends on" in (report / "table_miou.md").read_text()
+    assert "trained under" in (report / "table_miou.tex").read_text()
+    rows = [r for r in written["rows"] if r["row"] == "test_panet @hsnet"]
+    assert rows and rows[0]["depends_on"]["depends_on.trained_under"] == "panet protocol"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("axis")
+    runs = client.search_runs([experiment.experiment_id], "tags.`fsbench.kind` = 'cell'")
+    assert len(runs) == 4
+    params = {r.data.tags["scored_under"]: r.data.params for r in runs}
+    assert params["hsnet"]["depends_on.score_resolution"].startswith("input")
+    assert params["hsnet"]["eval_protocol"] == "hsnet"
