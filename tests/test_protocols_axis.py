@@ -121,3 +121,72 @@ def test_a_grid_scored_under_two_protocols_end_to_end(tmp_path, small_grid_dict)
     params = {r.data.tags["scored_under"]: r.data.params for r in runs}
     assert params["hsnet"]["depends_on.score_resolution"].startswith("input")
     assert params["hsnet"]["eval_protocol"] == "hsnet"
+
+
+@pytest.fixture(scope="session")
+def large_object_voc(tmp_path_factory):
+    """A small generated VOC layout whose objects pass PFENet's 2·32·32-pixel support rule."""
+    from fsbench.datasets.synthetic import write_voc
+
+    root = tmp_path_factory.mktemp("voc256")
+    write_voc(root, 300, 256, seed=0)
+    return root
+
+
+@pytest.mark.slow
+def test_score_a_saved_checkpoint_under_three_protocols(tmp_path, capsys, large_object_voc):
+    import pandas as pd
+    import torch
+    import yaml
+
+    from fsbench.methods import METHODS
+    from tests.helpers import cli
+
+    torch.manual_seed(0)
+    weights = tmp_path / "panet.pt"
+    torch.save(METHODS.build("panet", width=0.125).state_dict(), weights)
+    code, out, err = cli(
+        capsys, "score", "--method", "panet", "--kwarg", "width=0.125", "--checkpoint", weights,
+        "--format", "fsbench", "--data-root", large_object_voc, "--fold", "0", "--shots", "1",
+        "--episodes", "10", "--input-size", "97", "--results", tmp_path / "results", "--serial",
+        "--no-tracking", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err[-2000:]
+    grids = list((tmp_path / "results").glob("score_panet_pascal5i_*.grid.yaml"))
+    assert len(grids) == 1  # the generated grid, re-runnable with `fsbench run`
+    grid = yaml.safe_load(grids[0].read_text())
+    assert grid["eval_protocols"] == ["panet", "pfenet", "hsnet"]
+    assert grid["methods"][0]["checkpoint"] == str(weights)
+    folder = tmp_path / "results" / grid["name"]
+    records = [json.loads(p.read_text()) for p in (folder / "cells").glob("*.json")]
+    assert sorted(r["protocol"]["name"] for r in records) == ["hsnet", "panet", "pfenet"]
+    assert all(r["depends_on"]["checkpoint_rule"].startswith("released") for r in records)
+    table = pd.read_csv(folder / "report" / "protocols.csv")
+    assert sorted(table["protocol"]) == ["hsnet", "panet", "pfenet"]
+    assert table["miou"].between(0, 100).all() and (table["miou_low"] <= table["miou"]).all()
+    # the same checkpoint scored again: nothing recomputed
+    code, out, err = cli(
+        capsys, "score", "--method", "panet", "--kwarg", "width=0.125", "--checkpoint", weights,
+        "--format", "fsbench", "--data-root", large_object_voc, "--fold", "0", "--shots", "1",
+        "--episodes", "10", "--input-size", "97", "--results", tmp_path / "results", "--serial",
+        "--no-tracking", "--quiet", "--no-report",
+    )  # fmt: skip
+    assert code == 0 and "0 cells written, 3 already done" in out
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--checkpoint", "missing.pt"], "no such file"),
+        (["--checkpoint", "{weights}", "--protocols", "panet", "bam"], "distinct protocols"),
+        (["--checkpoint", "{weights}", "--kwarg", "width"], "KEY=VALUE"),
+    ],
+)
+def test_score_bad_input_is_one_line(tmp_path, capsys, args, says):
+    from tests.helpers import cli, one_line_error
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not used")
+    args = [str(a).replace("{weights}", str(weights)) for a in args]
+    code, _, err = cli(capsys, "score", "--method", "panet", *args, "--results", tmp_path)
+    assert code == 2 and one_line_error(err, says), err

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from fsbench.benchmarks.cli.commands import (
+    _results_root,
     cmd_config,
     cmd_list,
     cmd_manifest,
@@ -17,6 +18,7 @@ from fsbench.benchmarks.cli.commands import (
     cmd_sync,
     cmd_ui,
 )
+from fsbench.benchmarks.cli.score import add_score_parser, cmd_score
 from fsbench.core import FsbenchError, catch_sigterm, terminated
 
 DEFAULT_GRID = "quickstart.yaml"
@@ -71,6 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="key=value overrides, e.g. shots=[1] train.steps=100"
     )
     _add_run_options(run)
+    add_score_parser(commands, _add_run_options, _at_least)
 
     config = commands.add_parser(
         "config",
@@ -211,6 +214,7 @@ def main(argv=None) -> int:
             "ui": cmd_ui,
             "qualitative": cmd_qualitative,
             "sync": cmd_sync,
+            "score": lambda a: cmd_score(a, cmd_run, _results_root),
         }[args.command](args)
     except FsbenchError as error:
         print(f"fsbench: error: {error}", file=sys.stderr)

@@ -60,7 +60,9 @@ def depends_on(cell) -> dict[str, str]:
         ),
         "checkpoint_rule": checkpoint_rule(cell),
         "test_time_augmentation": test_time_augmentation(config.method),
-        "trained_under": f"{config.protocol} protocol",
+        "trained_under": (
+            f"{config.protocol} protocol" if cell.train is not None else "not trained by fsbench"
+        ),
     }
 
 

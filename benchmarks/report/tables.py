@@ -11,6 +11,7 @@ import yaml
 
 from fsbench.benchmarks.metrics import METRICS
 from fsbench.benchmarks.report.frame import _rows_in_grid_order
+from fsbench.datasets.protocols import PROTOCOLS
 
 MISSING = "–"
 REPORTED = Path(__file__).parents[1] / "reported.yaml"  # published numbers, by protocol
@@ -277,9 +278,10 @@ def to_csv_frame(table: pd.DataFrame) -> pd.DataFrame:
 
 def footnote(frame: pd.DataFrame) -> str:
     protocols = ", ".join(sorted(frame["protocol"].unique()))
-    scored = list(dict.fromkeys(frame.get("scored_under", frame["protocol"])))
-    if scored != list(frame["protocol"].unique()):
-        protocols = f"models trained under {protocols}, scored under {', '.join(scored)}"
+    scored = set(frame.get("scored_under", frame["protocol"]))
+    if scored != set(frame["protocol"]):
+        order = [p for p in PROTOCOLS if p in scored] + sorted(scored - set(PROTOCOLS))
+        protocols = f"{protocols} (training), scored under {', '.join(order)}"
     episodes = ", ".join(str(e) for e in sorted(frame["episodes"].unique()))
     seeds = ", ".join(str(s) for s in sorted(frame["seed"].unique()))
     prints = frame.groupby(["shot", "fold"])["fingerprint"].agg(lambda s: "/".join(sorted(set(s))))
