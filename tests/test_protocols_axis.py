@@ -138,9 +138,9 @@ def test_score_a_saved_checkpoint_under_three_protocols(tmp_path, capsys, large_
     import pandas as pd
     import torch
     import yaml
+    from helpers import cli
 
     from fsbench.methods import METHODS
-    from tests.helpers import cli
 
     torch.manual_seed(0)
     weights = tmp_path / "panet.pt"
@@ -183,7 +183,7 @@ def test_score_a_saved_checkpoint_under_three_protocols(tmp_path, capsys, large_
     ],
 )
 def test_score_bad_input_is_one_line(tmp_path, capsys, args, says):
-    from tests.helpers import cli, one_line_error
+    from helpers import cli, one_line_error
 
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"not used")

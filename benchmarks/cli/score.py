@@ -7,11 +7,11 @@ runs and report are those of any grid."""
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import yaml
 
-from fsbench.benchmarks.grid.files import check_grid_name
 from fsbench.core import FsbenchError, atomic_write_text
 from fsbench.datasets.protocols import PROTOCOLS
 
@@ -72,7 +72,8 @@ def score_grid(args) -> dict:
         kwargs[key] = yaml.safe_load(value)
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     name = args.name or f"score_{args.method}_{args.dataset}_{digest[:8]}"
-    check_grid_name(name)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or set(name) == {"."}:
+        raise FsbenchError(f"--name {name!r}: use only letters, digits, '_', '.' and '-'")
     dataset = {"name": args.dataset}
     if args.data_root:
         dataset["data_root"] = str(Path(args.data_root).expanduser().resolve())

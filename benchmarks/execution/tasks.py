@@ -150,6 +150,8 @@ def train_task(
         "train_classes": result.train_classes,
         "val_classes": result.val_classes,
         "train_list": result.train_list,
+        "train_list_fingerprint": result.train_list_fingerprint,
+        "excluded_images": result.excluded_images,
         "device": device_label(device),
         "host": socket.gethostname(),
         "pid": os.getpid(),

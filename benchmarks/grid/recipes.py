@@ -135,6 +135,8 @@ class TrainConfig:
     # training (default: as model.train() leaves them, i.e. what the method itself sets)
     batchnorm: tuple[tuple[str, str], ...] = later(())
     augment: str = later("")  # "": `flip` decides (flip | none); or e.g. "pfenet"
+    # BAM's filter: leave out training images holding any pixel of the fold's test classes
+    exclude_novel_images: bool = later(False)
 
     def __post_init__(self):
         problems = []

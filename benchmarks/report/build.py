@@ -26,6 +26,7 @@ from fsbench.benchmarks.report.frame import (
     row_label,
     seed_frame,
 )
+from fsbench.benchmarks.report.leakage import write_leakage
 from fsbench.benchmarks.report.protocols import (
     depends_on_columns,
     depends_on_note,
@@ -177,6 +178,7 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
     atomic_write_text(out / "statistics.csv", stats.to_csv(index=False, float_format="%.3f"))
     atomic_write_text(out / "statistics.md", statistics_markdown(stats))
     written["tables"] += [out / "statistics.csv", out / "statistics.md"]
+    written["tables"] += write_leakage(cells, out)
     for path in _protocol_report(cells, out, grid_dir.name, provenance, n_boot):
         written["tables" if path.suffix in (".md", ".tex", ".csv") else "figures"].append(path)
     rows = _rows_in_grid_order(frame)

@@ -145,6 +145,12 @@ def cell_tags(result: CellRecord, digest: str) -> dict[str, str]:
             for key in ("encoded_images", "distinct_images")
             if result.timings.get(key) is not None
         },
+        # the training list the model drew from, fingerprinted (exclude_novel_images filters it)
+        **{
+            f"train.{key}": str(result.train[key])
+            for key in ("train_list", "train_list_fingerprint", "excluded_images")
+            if result.train and result.train.get(key) not in (None, "")
+        },
         "fsbench.finished_at": result.finished_at,
         # MLflow's own source fields (the UI's "Source" and git commit columns)
         "mlflow.source.type": "LOCAL",

@@ -25,6 +25,7 @@ from fsbench.benchmarks.training.plan import EpisodeStream, episode_plan
 from fsbench.core import FsbenchError, atomic_write_bytes, seeded_rng
 from fsbench.datasets.augment import AUGMENTATIONS
 from fsbench.datasets.episodes import EpisodeLoader, sample_episode
+from fsbench.datasets.leakage import WithoutNovelImages, novel_images, training_images
 from fsbench.methods.base import labels_of
 
 
@@ -40,6 +41,8 @@ class TrainResult:
     val_classes: list[int] = field(default_factory=list)
     resumed_from: int = 0  # the step a resumed training restarted after (0: from scratch)
     train_list: str = ""  # the dataset list the episodes were drawn from
+    train_list_fingerprint: str = ""  # sha256 of its class → image lists, as training drew them
+    excluded_images: int = 0  # images left out for holding novel-class pixels (exclude_novel_…)
 
 
 def split_validation_classes(train_classes, cfg: TrainConfig, fold: int):
@@ -134,6 +137,12 @@ def train(
         raise FsbenchError(f"{type(model).__name__} does not train")
     started = time.perf_counter()
     split = dataset.train_split(protocol)
+    excluded = set()
+    if cfg.exclude_novel_images:  # BAM: no novel-class pixel is ever seen, even as background
+        excluded = novel_images(dataset, split, fold) & training_images(
+            dataset, split, fold, protocol.min_object_pixels
+        )
+        dataset = WithoutNovelImages(dataset, excluded)
     train_classes, val_classes = split_validation_classes(dataset.train_classes(fold), cfg, fold)
     loader = EpisodeLoader(dataset, cfg.input_size or input_size, resize=protocol.resize)
     plan = episode_plan(dataset, protocol, split, fold, train_classes, way, shot, cfg)
@@ -145,7 +154,12 @@ def train(
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     result = TrainResult(
-        state_dict={}, train_classes=train_classes, val_classes=val_classes, train_list=split
+        state_dict={},
+        train_classes=train_classes,
+        val_classes=val_classes,
+        train_list=split,
+        train_list_fingerprint=dataset.fingerprint(split, protocol.min_object_pixels),
+        excluded_images=len(excluded),
     )
     best = -np.inf
     running: dict[str, float] = {}
