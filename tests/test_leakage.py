@@ -101,3 +101,13 @@ def test_exclude_novel_images_in_one_grid_and_the_leakage_report(tmp_path, small
     excluded = train["test_panet_bam"]["excluded_images"]
     panet = frame[frame["protocol"] == "panet"].iloc[0]
     assert panet["with_novel_pixels"] == excluded  # the filter drops exactly what the audit counts
+
+
+def test_the_leakage_tool_prints_the_shipped_lists_and_a_data_audit(capsys, voc_root):
+    from fsbench.benchmarks.tools.leakage import main
+
+    frame = main([])
+    assert len(frame) == 8 and "leakage from the shipped lists alone" in capsys.readouterr().out
+    frame = main(["--data-root", str(voc_root), "--folds", "1"])
+    assert sorted(frame["protocol"]) == ["hsnet", "panet", "pfenet"]
+    assert "label files" in capsys.readouterr().out
