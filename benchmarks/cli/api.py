@@ -47,10 +47,11 @@ def execute(grid, results_root: Path, options: RunOptions):
                 grid.device,
                 options.threads,
                 options.max_retries,
-                options.eval_gpu_fraction,
+                grid.eval_gpus or options.eval_gpu_fraction,  # the grid's value first
                 options.eval_group,
                 grid.cache_bytes,
                 grid.eval_batch_size,
+                train_gpus=grid.train_gpus,
             ).start()
         tracker = None
         try:

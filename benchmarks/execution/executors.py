@@ -108,8 +108,10 @@ class RayExecutor:
         eval_group="model",
         cache_bytes=2 << 30,
         batch_size=16,
+        train_gpus=1,
     ):
         self.address, self.num_cpus, self.device = address, num_cpus, device
+        self.train_gpus = train_gpus
         self.threads = threads or 1  # one core per task: Ray runs as many tasks as cores
         self.max_retries, self.eval_gpu_fraction, self.eval_group = (
             max_retries,
@@ -157,11 +159,13 @@ class RayExecutor:
         return self
 
     def resources(self) -> dict:
-        """What each task asks for: one GPU to train when the cluster has GPUs, else CPUs."""
+        """What each task asks for where the cluster has GPUs: whole GPUs to train (the grid's
+        `train_gpus`), a share of one to evaluate (`eval_gpus`: several pack onto a GPU); CPUs
+        only where it has none or the grid runs on the CPU (`device: cpu`)."""
         gpus = self.ray.cluster_resources().get("GPU", 0) if hasattr(self, "ray") else 0
         if gpus and self.device != "cpu":
             return {
-                "train": {"num_gpus": 1, "num_cpus": 1},
+                "train": {"num_gpus": self.train_gpus, "num_cpus": 1},
                 "eval": {"num_gpus": self.eval_gpu_fraction, "num_cpus": 1},
             }
         return {"train": {"num_cpus": self.threads}, "eval": {"num_cpus": self.threads}}

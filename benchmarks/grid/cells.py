@@ -122,6 +122,8 @@ class GridSpec:
     spill_bytes: int | None = None  # disk for spilled encodings (None: half the free space)
     eval_precision: str = "fp32"
     train_workers: int = 1  # DataLoader processes decoding episodes ahead of the step
+    train_gpus: int = 1  # whole GPUs a training task asks for on a GPU cluster
+    eval_gpus: float | None = None  # an evaluation task's GPU share (None: the CLI's, 0.5)
     checkpoint_every: int = 1000  # training steps between resumable checkpoints (0: none)
     train_seeds: tuple[int, ...] | None = None  # one trained model per seed (None: train.seed)
     compare: tuple[tuple[str, str], ...] = ()  # (variant, base) rows: paired comparisons

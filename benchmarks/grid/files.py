@@ -44,6 +44,8 @@ GRID_KEYS = {
     "spill_bytes",
     "eval_precision",
     "train_workers",
+    "train_gpus",
+    "eval_gpus",
     "checkpoint_every",
     "smoke",
 }
@@ -298,13 +300,19 @@ def _sampler(value, protocol: str) -> str | None:
         raise FsbenchError(f"sampler: {error}") from None
 
 
+def _gpu_share(value) -> float | None:
+    """`eval_gpus:` a share of one GPU in (0, 1] (several evaluations pack onto a GPU), or None."""
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1
+    if value is not None and bad:
+        raise FsbenchError(f"eval_gpus: {value!r} is not a share in (0, 1] (0.25: four per GPU)")
+    return None if value is None else float(value)
+
+
 def _eval_protocols(raw) -> tuple[str, ...]:
     """`eval_protocols:`: protocol names (each model is also scored under each), or ()."""
-    if raw is None:
-        return ()
-    names = raw if isinstance(raw, list) else [raw]
+    names = [] if raw is None else raw if isinstance(raw, list) else [raw]
     bad = [n for n in names if not isinstance(n, str) or n not in PROTOCOLS]
-    if bad or not names or len(set(names)) != len(names):
+    if raw is not None and (bad or not names or len(set(names)) != len(names)):
         raise FsbenchError(
             f"eval_protocols: expected distinct protocol names from {', '.join(PROTOCOLS)} "
             f"(e.g. [panet, pfenet, hsnet]), got {raw!r}"
@@ -367,6 +375,8 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
         ),
         eval_precision=str(raw.get("eval_precision", "fp32")),
         train_workers=_tuple_of_ints({"train_workers": 1, **raw}, "train_workers", 0, 64)[0],
+        train_gpus=_tuple_of_ints({"train_gpus": 1, **raw}, "train_gpus", 1, 64)[0],
+        eval_gpus=_gpu_share(raw.get("eval_gpus")),
         checkpoint_every=_tuple_of_ints({"checkpoint_every": 1000, **raw}, "checkpoint_every", 0)[
             0
         ],

@@ -85,6 +85,7 @@ def grid_settings(grid) -> dict[str, str]:
     return {
         "dataset": json.dumps(grid.dataset, sort_keys=True),
         "protocol": grid.protocol,
+        **({"eval_protocols": ", ".join(grid.eval_protocols)} if grid.eval_protocols else {}),
         "input_size": str(grid.input_size or "protocol's"),
         "episodes": str(grid.episodes or "protocol's"),
         "seeds": ", ".join(map(str, grid.seeds)) if grid.seeds else "protocol's",
