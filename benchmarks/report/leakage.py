@@ -34,8 +34,8 @@ def leakage_frame(cells) -> tuple[pd.DataFrame, str]:
                             f"dataset {config.dataset_name} keeps no per-image pixel counts"
                         )
                     rows.append(row)
-    except (FsbenchError, OSError) as error:
-        return pd.DataFrame(), f"the dataset could not be read ({error})"
+    except (FsbenchError, OSError, TypeError, ValueError) as error:  # a report never fails on it
+        return pd.DataFrame(), f"the dataset could not be opened ({type(error).__name__}: {error})"
     return pd.DataFrame(rows), ""
 
 
