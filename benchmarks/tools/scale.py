@@ -1,0 +1,485 @@
+"""Cluster scale, by simulation: grids of hundreds to thousands of cells on a multi-node Ray
+cluster with declared GPUs, all on 127.0.0.1.
+
+    python -m fsbench.benchmarks.tools.scale [--nodes 8] [--gpus-per-node 8] [--cells 100 500 2000]
+        [--eval-gpus 0.25] [--step-seconds 1.0] [--image-seconds 0.05] [--tracking sqlite|server]
+        [--kill-node] [--kill-driver] [--out DIR]
+
+Starts a real cluster (`ray start`: a head with no task slots and `--nodes` nodes of
+`--gpus-per-node` declared GPUs each, token-authenticated), and runs grids of the stand-in method
+(tools/standin.py: seeded sleeps per training step and per encoded image) through fsbench's real
+driver, planning, manifests, result store and MLflow (an sqlite store, or a real `mlflow server`),
+each size in its own driver process. Prints per size: makespan against the ideal (GPU-seconds of
+the tasks / GPUs), simulated-GPU utilisation, driver CPU and MLflow time per cell, cells per second
+at saturation, peak driver RSS, encodings per distinct image, lost and duplicated cells, and how
+long `sync`, the report and a runs search take; plots makespan and overhead against grid size.
+`--kill-node` kills one node's raylet halfway through the largest grid; `--kill-driver` kills the
+driver halfway and restarts it. Each worker process imports torch (~0.3 GB): size the cluster to
+the machine's memory (concurrent tasks ≈ GPUs / eval_gpus). Figures only, no assertion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+STANDIN = "fsbench.benchmarks.tools.standin"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalCluster:
+    """A Ray head (no task slots) and `nodes` nodes with declared GPUs, started with `ray start`
+    on 127.0.0.1; every process is stopped by its process group, never by pattern."""
+
+    def __init__(self, nodes: int, gpus_per_node: int, cpus_per_node: int):
+        self.nodes, self.gpus, self.cpus = nodes, gpus_per_node, cpus_per_node
+        self.temp = Path(tempfile.mkdtemp(prefix="fss", dir="/tmp"))  # short socket paths
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        self.processes: list[subprocess.Popen] = []
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = self.temp / f"{name}.log"
+        process = subprocess.Popen(
+            ["ray", "start", "--block", *args],
+            env=self.env,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in log.read_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start ({name}) failed: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        self.processes.append(process)
+        return process
+
+    def __enter__(self):
+        self._start(
+            "head",
+            [
+                "--head",
+                f"--port={self.port}",
+                "--num-cpus=0",
+                "--num-gpus=0",
+                "--include-dashboard=false",
+                f"--temp-dir={self.temp}",
+                "--disable-usage-stats",
+            ],
+        )
+        for index in range(self.nodes):
+            self._start(
+                f"node{index}",
+                [
+                    f"--address={self.address}",
+                    f"--num-cpus={self.cpus}",
+                    f"--num-gpus={self.gpus}",
+                ],
+            )
+        return self
+
+    def kill_node(self, index: int = 1) -> None:
+        """SIGKILL one node's processes (its raylet, object store and workers)."""
+        os.killpg(self.processes[1 + index].pid, signal.SIGKILL)
+
+    def __exit__(self, *exc):
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                    process.wait(20)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    try:
+                        os.killpg(process.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with an sqlite backend."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "2",
+                "--backend-store-uri",
+                f"sqlite:///{self.folder}/server.db",
+                "--default-artifact-root",
+                str(self.folder / "artifacts"),
+            ],  # fmt: skip
+            stdout=open(self.folder / "server.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        import urllib.request
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return self
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+
+    def __exit__(self, *exc):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(20)
+
+
+def scale_grid(name: str, cells: int, args) -> dict:
+    """`cells` cells of the stand-in (a sweep of variants × 4 folds × 1/5-shot), each its own
+    trained model, on a small generated dataset; GPU-shaped requests as grid values."""
+    variants = max(1, cells // 8)
+    return {
+        "name": name,
+        "imports": [STANDIN],
+        "dataset": {"name": "synthetic_pascal5i", "n_images": 200, "image_size": 48},
+        "protocol": "panet",
+        "input_size": 32,
+        "episodes": args.episodes,
+        "seeds": [1234],
+        "folds": [0, 1, 2, 3],
+        "shots": [1, 5],
+        "methods": [
+            {
+                "name": "standin",
+                "kwargs": {
+                    "step_seconds": args.step_seconds,
+                    "image_seconds": args.image_seconds,
+                },
+                "sweep": {"variant": list(range(variants))},
+            }
+        ],
+        "train": {"steps": args.steps, "lr_milestones": [args.steps], "log_every": args.steps},
+        "train_workers": 0,
+        "checkpoint_every": 0,
+        "train_gpus": 1,
+        "eval_gpus": args.eval_gpus,
+        "eval_batch_size": 8,
+    }
+
+
+def _timed(tracker, stats: dict) -> None:
+    """Count the wall and this thread's CPU time the tracker spends in MLflow calls."""
+    for name in ("_log_cell", "_write_points", "_end_training", "start_invocation",
+                 "finish_invocation", "flush"):  # fmt: skip
+        original = getattr(tracker, name)
+
+        def wrapper(*a, _original=original, **k):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return _original(*a, **k)
+            finally:
+                with stats["lock"]:
+                    stats["wall"] += time.perf_counter() - wall
+                    stats["cpu"] += time.thread_time() - cpu
+
+        setattr(tracker, name, wrapper)
+
+
+def one_size(args) -> dict:
+    """One grid size in this process (its peak RSS is the driver's): run, measure, verify."""
+    from fsbench.benchmarks.execution.executors import RayExecutor
+    from fsbench.benchmarks.execution.runner import run_grid
+    from fsbench.benchmarks.grid.files import parse_grid
+    from fsbench.benchmarks.store.results import ResultStore
+    from fsbench.benchmarks.tracking.tracker import Tracker
+
+    grid = parse_grid(scale_grid(f"scale_{args.one}", args.one, args))
+    root = Path(args.out)
+    store = ResultStore(root, grid.name)
+    tracker = Tracker(args.tracking_uri, root, grid.name, asynchronous=True)
+    stats = {"wall": 0.0, "cpu": 0.0, "lock": threading.Lock()}
+    _timed(tracker, stats)
+    executor = RayExecutor(
+        args.address, max_retries=5, eval_gpu_fraction=grid.eval_gpus, train_gpus=1
+    ).start()
+    gpus = executor.ray.cluster_resources().get("GPU", 0)
+    if args.kill_node_at:
+        threading.Thread(target=_kill_when, args=(store, args), daemon=True).start()
+    cpu, started = time.process_time(), time.perf_counter()
+    driver = run_grid(grid, store, executor, tracker, progress=False)
+    tracker.flush()
+    makespan = time.perf_counter() - started
+    driver_cpu = time.process_time() - cpu
+    executor.stop()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = summarise(grid, store, makespan, driver_cpu, stats, gpus, args)
+    result.update(
+        cells=len(grid.expand()),
+        written=len(driver.written),
+        failed=len(driver.failed),
+        peak_rss_gb=peak / 2**30,
+    )
+    result.update(mlflow_at_scale(tracker, store, grid))
+    return result
+
+
+def _kill_when(store, args) -> None:
+    """Kill the cluster's node 1 (by its `ray start` process group) once half the cells exist."""
+    while len(list(store.cells_dir.glob("*.json"))) < args.one * args.kill_node_at:
+        time.sleep(0.5)
+    os.killpg(args.kill_node_pid, signal.SIGKILL)
+    print(f"scale: killed node 1 at {args.kill_node_at:.0%} of the cells", file=sys.stderr)
+
+
+def summarise(grid, store, makespan, driver_cpu, stats, gpus, args) -> dict:
+    """Makespan vs ideal, utilisation, per-cell overheads, saturation rate, encodings."""
+    from fsbench.benchmarks.store.records import read_cells
+
+    records = read_cells(store.cells_dir, grid.name)
+    slot_seconds = sum(
+        r.timings["train_seconds"] + args.eval_gpus * r.timings["eval_seconds"] for r in records
+    )
+    ideal = slot_seconds / gpus
+    ends = sorted(r.timings["ended_at"] for r in records)
+    quarter, three = len(ends) // 4, 3 * len(ends) // 4
+    rate = (three - quarter) / max(ends[three - 1] - ends[quarter], 1e-9) if len(ends) > 8 else 0
+    encoded = sum(r.timings.get("encoded_images", 0) for r in records)
+    distinct = sum(r.timings.get("distinct_images", 0) for r in records)
+    cells = max(len(records), 1)
+    return {
+        "makespan_s": makespan,
+        "ideal_s": ideal,
+        "ratio": makespan / ideal if ideal else float("nan"),
+        "utilisation": ideal / makespan,
+        "gpus": gpus,
+        "driver_ms": 1000 * (driver_cpu - stats["cpu"]) / cells,
+        "mlflow_ms": 1000 * stats["wall"] / cells,
+        "mlflow_cpu_ms": 1000 * stats["cpu"] / cells,
+        "cells_per_s": rate,
+        "encodings_per_image": encoded / max(distinct, 1),
+        "lost": len({c.id for c in grid.expand()} - {r.cell_id for r in records}),
+    }
+
+
+def mlflow_at_scale(tracker, store, grid) -> dict:
+    """Duplicated cell runs, and how long `sync`, the report (+ row runs) and a search take."""
+    from fsbench.benchmarks.report import build_report
+    from fsbench.benchmarks.tracking.tracker import CELL_TAG
+
+    started = time.perf_counter()
+    runs = tracker._search("tags.`fsbench.kind` = 'cell'")
+    search = time.perf_counter() - started
+    ids = [r.data.tags.get(CELL_TAG, "") for r in runs]
+    unfinished = sum(r.info.status != "FINISHED" for r in runs)
+    started = time.perf_counter()
+    tracker.sync(store)
+    sync = time.perf_counter() - started
+    started = time.perf_counter()
+    written = build_report(store.grid_dir, n_boot=100)
+    tracker.log_report(store.grid_dir / "report", written.get("rows"))
+    report = time.perf_counter() - started
+    return {
+        "mlflow_runs": len(runs),
+        "duplicated": len(ids) - len(set(ids)),
+        "unfinished_runs": unfinished,
+        "search_s": search,
+        "sync_s": sync,
+        "report_s": report,
+    }
+
+
+def driver_restart(cluster, args, out: Path) -> dict:
+    """`fsbench run` of a grid killed (SIGKILL) halfway, then rerun: cells recomputed?"""
+    import yaml
+
+    cells = min(args.cells)
+    grid = scale_grid("scale_restart", cells, args)
+    path = out / "restart.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    command = [
+        sys.executable, "-m", "fsbench.benchmarks.cli", "run", str(path),
+        "--ray-address", cluster.address, "--results", str(out), "--quiet", "--no-report",
+        "--tracking-uri", args.tracking_uri,
+    ]  # fmt: skip
+    first = subprocess.Popen(command, env=cluster.env, start_new_session=True)
+    folder = out / "scale_restart" / "cells"
+    while len(list(folder.glob("*.json"))) < cells // 2 and first.poll() is None:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json")}
+    second = subprocess.run(command, env=cluster.env, capture_output=True, text=True)
+    after = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json")}
+    recomputed = sum(after.get(name) != stamp for name, stamp in before.items())
+    return {
+        "killed_after": len(before),
+        "total": len(after),
+        "recomputed": recomputed,
+        "rerun_rc": second.returncode,
+        "rerun_says": [ln for ln in second.stdout.splitlines() if "cells written" in ln],
+    }
+
+
+def plot(results: list[dict], path: Path) -> None:
+    from fsbench.benchmarks.report.figures import _style, save_figure
+
+    plt = _style()
+    sizes = [r["cells"] for r in results]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 2.8))
+    left.plot(sizes, [r["makespan_s"] for r in results], "o-", color="black", label="makespan")
+    left.plot(sizes, [r["ideal_s"] for r in results], "s--", color="grey", label="ideal")
+    left.set_xscale("log")
+    left.set_xlabel("cells")
+    left.set_ylabel("seconds")
+    left.legend(frameon=False)
+    right.plot(sizes, [r["driver_ms"] for r in results], "o-", color="black", label="driver CPU")
+    right.plot(sizes, [r["mlflow_ms"] for r in results], "s--", color="grey", label="MLflow")
+    right.set_xscale("log")
+    right.set_xlabel("cells")
+    right.set_ylabel("ms per cell")
+    right.legend(frameon=False)
+    gpus = int(results[0]["gpus"])
+    fig.suptitle(f"Simulated cluster: {gpus} GPUs, stand-in method", fontsize=10)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=8)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument(
+        "--cpus-per-node", type=int, help="task slots per node (default: GPUs/eval_gpus)"
+    )
+    parser.add_argument("--cells", type=int, nargs="+", default=[100, 500, 2000])
+    parser.add_argument("--eval-gpus", type=float, default=0.25)
+    parser.add_argument("--steps", type=int, default=4, help="training steps per cell")
+    parser.add_argument("--step-seconds", type=float, default=1.0)
+    parser.add_argument("--image-seconds", type=float, default=0.05)
+    parser.add_argument("--episodes", type=int, default=4)
+    parser.add_argument("--tracking", choices=("sqlite", "server"), default="sqlite")
+    parser.add_argument("--kill-node", action="store_true", help="kill node 1 halfway (largest)")
+    parser.add_argument("--kill-driver", action="store_true", help="kill + restart a driver")
+    parser.add_argument("--out", help="results folder (default: a temporary one)")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a size, in this process
+    parser.add_argument("--address", help=argparse.SUPPRESS)
+    parser.add_argument("--tracking-uri", help=argparse.SUPPRESS)
+    parser.add_argument("--kill-node-at", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--kill-node-pid", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print("SCALE " + json.dumps(one_size(args)))
+        return []
+    out = Path(args.out or tempfile.mkdtemp(prefix="fsbench-scale-"))
+    out.mkdir(parents=True, exist_ok=True)
+    from fsbench.datasets.registry import open_dataset
+
+    open_dataset(scale_grid("x", 8, args)["dataset"])  # generated once, before the workers read it
+    cpus = args.cpus_per_node or int(args.gpus_per_node / args.eval_gpus)
+    results = []
+    with LocalCluster(args.nodes, args.gpus_per_node, cpus) as cluster:
+        server = MlflowServer(out / "mlflow-server") if args.tracking == "server" else None
+        if server:
+            server.__enter__()
+        uri = server.uri if server else f"sqlite:///{out}/mlflow.db"
+        try:
+            for size in sorted(args.cells):
+                kill = args.kill_node and size == max(args.cells)
+                command = [
+                    sys.executable, "-m", "fsbench.benchmarks.tools.scale", "--one", str(size),
+                    "--address", cluster.address, "--tracking-uri", uri, "--out", str(out),
+                    "--eval-gpus", str(args.eval_gpus), "--steps", str(args.steps),
+                    "--step-seconds", str(args.step_seconds), "--episodes", str(args.episodes),
+                    "--image-seconds", str(args.image_seconds),
+                ] + (["--kill-node-at", "0.5", "--kill-node-pid", str(cluster.processes[2].pid)]
+                     if kill else [])  # fmt: skip
+                done = subprocess.run(command, env=cluster.env, capture_output=True, text=True)
+                (out / f"driver_{size}.log").write_text(done.stdout + done.stderr)
+                line = [ln for ln in done.stdout.splitlines() if ln.startswith("SCALE ")]
+                if not line:
+                    raise RuntimeError(f"size {size} failed; its log: {out}/driver_{size}.log")
+                result = json.loads(line[-1][6:])
+                result["node_killed"] = kill
+                results.append(result)
+                print(_row(result), flush=True)
+            restart = driver_restart(cluster, args, out) if args.kill_driver else None
+        finally:
+            if server:
+                server.__exit__()
+    print(_table(results))
+    if restart:
+        print(
+            f"driver killed after {restart['killed_after']} of {restart['total']} cells and "
+            f"restarted: {restart['recomputed']} recomputed; {' '.join(restart['rerun_says'])}"
+        )
+    plot(results, out / "scale.png")
+    print(f"plot: {out / 'scale.png'} (and .pdf); results and MLflow under {out}")
+    last = results[-1]
+    print(
+        f"makespan {last['ratio']:.2f} x ideal, driver {last['driver_ms']:.1f} ms/cell, "
+        f"mlflow {last['mlflow_ms']:.1f} ms/cell, lost {last['lost']}, "
+        f"duplicated {last['duplicated']}"
+    )
+    return results
+
+
+def _row(r: dict) -> str:
+    return (
+        f"{r['cells']:>6} cells: makespan {r['makespan_s']:.0f} s (ideal {r['ideal_s']:.0f} s, "
+        f"{r['ratio']:.2f}x), GPU use {r['utilisation']:.0%}"
+        + (" [node killed]" if r.get("node_killed") else "")
+    )
+
+
+def _table(results: list[dict]) -> str:
+    head = (
+        f"{'cells':>6}{'makespan':>10}{'ideal':>8}{'ratio':>7}{'GPU use':>9}{'driver ms':>11}"
+        f"{'mlflow ms':>11}{'cells/s':>9}{'RSS GB':>8}{'enc/img':>9}{'lost':>6}{'dup':>5}"
+        f"{'search s':>10}{'sync s':>8}{'report s':>10}"
+    )
+    lines = [head]
+    for r in results:
+        lines.append(
+            f"{r['cells']:>6}{r['makespan_s']:>10.1f}{r['ideal_s']:>8.1f}{r['ratio']:>7.2f}"
+            f"{r['utilisation']:>9.0%}{r['driver_ms']:>11.1f}{r['mlflow_ms']:>11.1f}"
+            f"{r['cells_per_s']:>9.1f}{r['peak_rss_gb']:>8.2f}{r['encodings_per_image']:>9.2f}"
+            f"{r['lost']:>6}{r['duplicated']:>5}{r['search_s']:>10.2f}{r['sync_s']:>8.2f}"
+            f"{r['report_s']:>10.1f}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
