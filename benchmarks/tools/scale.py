@@ -434,6 +434,7 @@ def main(argv=None) -> list[dict]:
                 result["node_killed"] = kill
                 results.append(result)
                 print(_row(result), flush=True)
+            args.tracking_uri = uri
             restart = driver_restart(cluster, args, out) if args.kill_driver else None
         finally:
             if server:
