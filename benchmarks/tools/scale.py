@@ -24,9 +24,7 @@ import argparse
 import json
 import os
 import resource
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,136 +32,18 @@ import threading
 import time
 from pathlib import Path
 
+from fsbench.benchmarks.execution.executors import RayExecutor
+from fsbench.benchmarks.execution.runner import run_grid
+from fsbench.benchmarks.grid.files import parse_grid
+from fsbench.benchmarks.report import build_report
+from fsbench.benchmarks.report.figures import _style, save_figure
+from fsbench.benchmarks.store.records import read_cells
+from fsbench.benchmarks.store.results import ResultStore
+from fsbench.benchmarks.tools.cluster import LocalCluster, MlflowServer
+from fsbench.benchmarks.tracking.tracker import CELL_TAG, Tracker
+from fsbench.datasets.registry import open_dataset
+
 STANDIN = "fsbench.benchmarks.tools.standin"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LocalCluster:
-    """A Ray head (no task slots) and `nodes` nodes with declared GPUs, started with `ray start`
-    on 127.0.0.1; every process is stopped by its process group, never by pattern."""
-
-    def __init__(self, nodes: int, gpus_per_node: int, cpus_per_node: int):
-        self.nodes, self.gpus, self.cpus = nodes, gpus_per_node, cpus_per_node
-        self.temp = Path(tempfile.mkdtemp(prefix="fss", dir="/tmp"))  # short socket paths
-        self.port = free_port()
-        self.env = {
-            **os.environ,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": secrets.token_hex(16),
-            "RAY_USAGE_STATS_ENABLED": "0",
-        }
-        self.processes: list[subprocess.Popen] = []
-        self.address = f"127.0.0.1:{self.port}"
-
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = self.temp / f"{name}.log"
-        process = subprocess.Popen(
-            ["ray", "start", "--block", *args],
-            env=self.env,
-            stdout=open(log, "w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 180
-        while "Ray runtime started" not in log.read_text():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray start ({name}) failed: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        self.processes.append(process)
-        return process
-
-    def __enter__(self):
-        self._start(
-            "head",
-            [
-                "--head",
-                f"--port={self.port}",
-                "--num-cpus=0",
-                "--num-gpus=0",
-                "--include-dashboard=false",
-                f"--temp-dir={self.temp}",
-                "--disable-usage-stats",
-            ],
-        )
-        for index in range(self.nodes):
-            self._start(
-                f"node{index}",
-                [
-                    f"--address={self.address}",
-                    f"--num-cpus={self.cpus}",
-                    f"--num-gpus={self.gpus}",
-                ],
-            )
-        return self
-
-    def kill_node(self, index: int = 1) -> None:
-        """SIGKILL one node's processes (its raylet, object store and workers)."""
-        os.killpg(self.processes[1 + index].pid, signal.SIGKILL)
-
-    def __exit__(self, *exc):
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGTERM)
-                    process.wait(20)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    try:
-                        os.killpg(process.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-
-
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with an sqlite backend."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.port = folder, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "2",
-                "--backend-store-uri",
-                f"sqlite:///{self.folder}/server.db",
-                "--default-artifact-root",
-                str(self.folder / "artifacts"),
-            ],  # fmt: skip
-            stdout=open(self.folder / "server.log", "w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        import urllib.request
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return self
-            except OSError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("mlflow server did not start") from None
-                time.sleep(0.5)
-
-    def __exit__(self, *exc):
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(20)
 
 
 def scale_grid(name: str, cells: int, args) -> dict:
@@ -219,11 +99,6 @@ def _timed(tracker, stats: dict) -> None:
 
 def one_size(args) -> dict:
     """One grid size in this process (its peak RSS is the driver's): run, measure, verify."""
-    from fsbench.benchmarks.execution.executors import RayExecutor
-    from fsbench.benchmarks.execution.runner import run_grid
-    from fsbench.benchmarks.grid.files import parse_grid
-    from fsbench.benchmarks.store.results import ResultStore
-    from fsbench.benchmarks.tracking.tracker import Tracker
 
     grid = parse_grid(scale_grid(f"scale_{args.one}", args.one, args))
     root = Path(args.out)
@@ -265,7 +140,6 @@ def _kill_when(store, args) -> None:
 
 def summarise(grid, store, makespan, driver_cpu, stats, gpus, args) -> dict:
     """Makespan vs ideal, utilisation, per-cell overheads, saturation rate, encodings."""
-    from fsbench.benchmarks.store.records import read_cells
 
     records = read_cells(store.cells_dir, grid.name)
     slot_seconds = sum(
@@ -295,8 +169,6 @@ def summarise(grid, store, makespan, driver_cpu, stats, gpus, args) -> dict:
 
 def mlflow_at_scale(tracker, store, grid) -> dict:
     """Duplicated cell runs, and how long `sync`, the report (+ row runs) and a search take."""
-    from fsbench.benchmarks.report import build_report
-    from fsbench.benchmarks.tracking.tracker import CELL_TAG
 
     started = time.perf_counter()
     runs = tracker._search("tags.`fsbench.kind` = 'cell'")
@@ -353,7 +225,6 @@ def driver_restart(cluster, args, out: Path) -> dict:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    from fsbench.benchmarks.report.figures import _style, save_figure
 
     plt = _style()
     sizes = [r["cells"] for r in results]
@@ -404,7 +275,6 @@ def main(argv=None) -> list[dict]:
         return []
     out = Path(args.out or tempfile.mkdtemp(prefix="fsbench-scale-"))
     out.mkdir(parents=True, exist_ok=True)
-    from fsbench.datasets.registry import open_dataset
 
     open_dataset(scale_grid("x", 8, args)["dataset"])  # generated once, before the workers read it
     cpus = args.cpus_per_node or int(args.gpus_per_node / args.eval_gpus)

@@ -1,0 +1,144 @@
+"""Local servers for the cluster-scale benchmark (scale.py): a multi-node Ray cluster with
+declared GPUs (`ray start`, token auth, 127.0.0.1) and a real `mlflow server`. Every process is
+stopped by its process group, never by pattern."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalCluster:
+    """A Ray head (no task slots) and `nodes` nodes with declared GPUs, started with `ray start`
+    on 127.0.0.1; every process is stopped by its process group, never by pattern."""
+
+    def __init__(self, nodes: int, gpus_per_node: int, cpus_per_node: int):
+        self.nodes, self.gpus, self.cpus = nodes, gpus_per_node, cpus_per_node
+        self.temp = Path(tempfile.mkdtemp(prefix="fss", dir="/tmp"))  # short socket paths
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        self.processes: list[subprocess.Popen] = []
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = self.temp / f"{name}.log"
+        process = subprocess.Popen(
+            ["ray", "start", "--block", *args],
+            env=self.env,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in log.read_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start ({name}) failed: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        self.processes.append(process)
+        return process
+
+    def __enter__(self):
+        self._start(
+            "head",
+            [
+                "--head",
+                f"--port={self.port}",
+                "--num-cpus=0",
+                "--num-gpus=0",
+                "--include-dashboard=false",
+                f"--temp-dir={self.temp}",
+                "--disable-usage-stats",
+            ],
+        )
+        for index in range(self.nodes):
+            self._start(
+                f"node{index}",
+                [
+                    f"--address={self.address}",
+                    f"--num-cpus={self.cpus}",
+                    f"--num-gpus={self.gpus}",
+                ],
+            )
+        return self
+
+    def kill_node(self, index: int = 1) -> None:
+        """SIGKILL one node's processes (its raylet, object store and workers)."""
+        os.killpg(self.processes[1 + index].pid, signal.SIGKILL)
+
+    def __exit__(self, *exc):
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                    process.wait(20)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    try:
+                        os.killpg(process.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with an sqlite backend."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "2",
+                "--backend-store-uri",
+                f"sqlite:///{self.folder}/server.db",
+                "--default-artifact-root",
+                str(self.folder / "artifacts"),
+            ],  # fmt: skip
+            stdout=open(self.folder / "server.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        import urllib.request
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return self
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+
+    def __exit__(self, *exc):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(20)
