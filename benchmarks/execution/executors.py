@@ -188,9 +188,13 @@ class RayExecutor:
         by_key = {job.key: job for job in jobs}
 
         def drain():
-            while progress is not None and not progress.empty():
-                key, point = progress.get_nowait()
-                driver.on_progress(by_key[key], point)
+            nonlocal progress
+            try:
+                while progress is not None and not progress.empty():
+                    key, point = progress.get_nowait()
+                    driver.on_progress(by_key[key], point)
+            except ray.exceptions.RayError:  # its node was lost: live curves stop, results don't
+                progress = None
 
         pending = {}
         for job in jobs:
