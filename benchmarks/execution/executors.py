@@ -5,6 +5,7 @@ module imports ray; how a grid runs never changes a number."""
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 
 from fsbench.benchmarks.execution.driver import Driver
@@ -187,14 +188,22 @@ class RayExecutor:
         progress = Queue(actor_options={"num_cpus": 0}) if any(j.trainable for j in jobs) else None
         by_key = {job.key: job for job in jobs}
 
+        drained = 0.0
+
         def drain():
-            nonlocal progress
+            """Live curve points, all queued ones in one call, at most once a second (each
+            call is a round trip to the queue's actor)."""
+            nonlocal progress, drained
+            if progress is None or time.monotonic() - drained < 1.0:
+                return
+            drained = time.monotonic()
             try:
-                while progress is not None and not progress.empty():
-                    key, point = progress.get_nowait()
-                    driver.on_progress(by_key[key], point)
+                points = progress.get_nowait_batch(progress.qsize())
             except ray.exceptions.RayError:  # its node was lost: live curves stop, results don't
                 progress = None
+                return
+            for key, point in points:
+                driver.on_progress(by_key[key], point)
 
         pending = {}
         for job in jobs:
@@ -218,23 +227,27 @@ class RayExecutor:
                 pending[ref] = ("eval", job, None)
         failed_jobs = set()
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+            # The first result, then every other one ready by then in one more call (a call
+            # per result scans the whole pending list: quadratic at thousands of tasks).
+            refs = list(pending)
+            ready, rest = ray.wait(refs, num_returns=1, timeout=1.0)
+            if ready and rest:
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             drain()
-            if not ready:
-                continue
-            kind, job, state_ref = pending.pop(ready[0])
-            if job.key in failed_jobs:
-                continue
-            try:
-                if kind == "train":
-                    info = ray.get(ready[0])
-                    driver.on_train(job, info, ray.get(state_ref))
-                else:
-                    for output in ray.get(ready[0]):
-                        driver.on_eval(job, output)
-            except Exception as error:  # retries exhausted: report, keep the rest of the grid
-                failed_jobs.add(job.key)
-                driver.on_failure(job, _short_error(error))
+            for ref in ready:
+                kind, job, state_ref = pending.pop(ref)
+                if job.key in failed_jobs:
+                    continue
+                try:
+                    if kind == "train":
+                        info = ray.get(ref)
+                        driver.on_train(job, info, ray.get(state_ref))
+                    else:
+                        for output in ray.get(ref):
+                            driver.on_eval(job, output)
+                except Exception as error:  # retries exhausted: report, keep the rest
+                    failed_jobs.add(job.key)
+                    driver.on_failure(job, _short_error(error))
 
     def stop(self):
         if self._started_here and self.ray.is_initialized():

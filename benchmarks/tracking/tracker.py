@@ -37,13 +37,13 @@ from fsbench.benchmarks.tracking.grid_runs import (  # noqa: F401 (grid_settings
     grid_settings,
     log_rows,
 )
+from fsbench.benchmarks.tracking.training_runs import LIVE_INTERVAL_SECONDS, TrainingRuns  # noqa: F401
 from fsbench.core import FsbenchError
 
 RESULTS_TAG = "fsbench.results"  # the results folder an invocation wrote
-LIVE_INTERVAL_SECONDS = 5.0  # a training curve reaches MLflow at least this often
 
 
-class Tracker:
+class Tracker(TrainingRuns):
     """Driver-side MLflow logging that degrades to 'log later' instead of stopping the grid."""
 
     def __init__(
@@ -78,6 +78,7 @@ class Tracker:
         self._training_runs: dict[str, str] = {}  # model key → its live training run
         self._points: dict[str, list] = {}  # model key → curve points not written yet
         self._flushed: dict[str, float] = {}  # model key → when its points were last written
+        self._runs_of_cells: dict[str, list] | None = None  # cell id → its runs (_cell_runs)
         self.client = None
         try:  # a sqlite store is opened (and its schema checked) right here
             self.client = MlflowClient(tracking_uri=uri)
@@ -196,6 +197,7 @@ class Tracker:
                 self.client.set_terminated(run.info.run_id, "KILLED")
             elif tags.get(KIND_TAG) in ("cell", "training"):
                 self.client.set_terminated(run.info.run_id, "FAILED")
+        self._runs_of_cells = None  # (statuses changed: read afresh when first needed)
 
     def _search(self, query: str) -> list:
         runs, token = [], None
@@ -261,70 +263,6 @@ class Tracker:
             elif function == self._log_now:
                 self.pending += 1
 
-    def log_progress(self, key: str, name: str, point: dict) -> None:
-        """A training curve point of the model `key`, logged while it trains (its own run)."""
-        if self.available and self.experiment_id is not None:
-            self._submit(self._log_point, key, name, point)
-
-    def finish_training(self, key: str, system: list[dict] = ()) -> None:
-        if self._thread is not None:
-            self._submit(self._end_training, key, list(system))
-
-    def _log_point(self, key: str, name: str, point: dict) -> None:
-        """Buffer a curve point; write a model's buffer every few seconds (one batch, not one
-        transaction per point: a live curve without taxing the cores the grid runs on)."""
-        buffered = self._points.setdefault(key, [])
-        buffered.append(point)
-        if time.monotonic() - self._flushed.get(key, 0.0) >= LIVE_INTERVAL_SECONDS:
-            self._write_points(key, name)
-
-    def _write_points(self, key: str, name: str = "") -> None:
-        from mlflow.entities import Metric
-
-        points = self._points.pop(key, [])
-        self._flushed[key] = time.monotonic()
-        if not points:
-            return
-        try:
-            if key not in self._training_runs:
-                run = self.client.create_run(
-                    self.experiment_id,
-                    start_time=points[0].get("time"),
-                    run_name=name,
-                    tags={
-                        KIND_TAG: "training",
-                        "fsbench.model_key": key,
-                        "mlflow.parentRunId": self._parent(),
-                    },
-                )
-                self._training_runs[key] = run.info.run_id
-            metrics = [
-                Metric(f"train/{k}", float(v), p.get("time") or int(time.time() * 1000), p["step"])
-                for p in points
-                for k, v in p.items()
-                if k not in ("step", "time")
-            ]
-            for start in range(0, len(metrics), 1000):
-                self.client.log_batch(
-                    self._training_runs[key], metrics=metrics[start : start + 1000]
-                )
-        except Exception as error:  # noqa: BLE001
-            self._warn(error)
-
-    def _end_training(self, key: str, system: list[dict]) -> None:
-        from mlflow.entities import Metric
-
-        self._write_points(key)
-        if key not in self._training_runs:  # no curve point was ever reported
-            return
-        try:
-            run_id, points = self._training_runs[key], [Metric(*p) for p in system_points(system)]
-            for start in range(0, len(points), 1000):
-                self.client.log_batch(run_id, metrics=points[start : start + 1000])
-            self.client.set_terminated(self._training_runs.pop(key), "FINISHED")
-        except Exception as error:  # noqa: BLE001
-            self._warn(error)
-
     def flush(self) -> None:
         """Wait until every queued cell is logged (or counted as pending)."""
         if self._thread is not None:
@@ -342,23 +280,19 @@ class Tracker:
             return False
 
     def _log_cell(self, result: CellRecord, store) -> None:
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric
 
         client = self.client
         cell_id = result.cell_id
-        previous = client.search_runs(
-            [self.experiment_id], f"tags.{CELL_TAG} = '{cell_id}'", max_results=100
-        )
+        previous = self._cell_runs().get(cell_id, [])
         digest = record_digest(result)
-        if any(
-            r.info.status == "FINISHED" and r.data.tags.get(RECORD_TAG, "") == digest
-            for r in previous
-        ):
+        if ("FINISHED", digest) in {(status, logged) for _, status, logged in previous}:
             return  # this very file is logged (e.g. by an earlier sync): never twice
         # Unfinished runs (a driver killed mid-log) and runs of an older file of this cell (before
         # a --rerun) must not count: they go to MLflow's deleted runs, and the file is logged anew.
-        for stale in previous:
-            client.delete_run(stale.info.run_id)
+        for stale, _, _ in previous:
+            client.delete_run(stale)
+        self._runs_of_cells[cell_id] = []
         timings = result.timings
         now = time.time()
         start_ms = int(1000 * timings.get("started_at", now))
@@ -371,20 +305,34 @@ class Tracker:
         run_id = run.info.run_id
         params = [_param(k, v) for k, v in sorted(cell_params(result).items())]
         entries = [Metric(*point) for point in metric_points(result, end_ms)]
-        for start in range(0, max(len(entries), len(params)), 500):
+        for start in range(0, max(len(entries), len(params)), 500):  # (tags: at create_run)
             client.log_batch(
                 run_id,
                 metrics=entries[start : start + 500],
                 params=params[start : start + 100] if start == 0 else [],
-                tags=[RunTag(k, v) for k, v in tags.items()] if start == 0 else [],
             )
         for start in range(100, len(params), 100):
             client.log_batch(run_id, params=params[start : start + 100])
         client.log_inputs(run_id, datasets=_manifest_inputs(result, store))
         with tempfile.TemporaryDirectory() as folder:
-            for artifact in write_artifacts(result, store, Path(folder)):
-                client.log_artifact(run_id, str(artifact))
+            write_artifacts(result, store, Path(folder))
+            client.log_artifacts(run_id, folder)  # one call (one upload session on a server)
         client.set_terminated(run_id, "FINISHED", end_time=end_ms)
+        self._runs_of_cells[cell_id] = [(run_id, "FINISHED", digest)]
+
+    def _cell_runs(self) -> dict[str, list]:
+        """cell id → (run id, status, record digest) of its cell runs, read once (one search,
+        not one per cell: at thousands of cells a search per cell cost more than the logging).
+        Only this tracker writes them while the grid's lock is held; `sync` and a new
+        invocation read them afresh."""
+        if self._runs_of_cells is None:
+            self._runs_of_cells = {}
+            for run in self._search(f"tags.{KIND_TAG} = 'cell'"):
+                tags = run.data.tags
+                self._runs_of_cells.setdefault(tags.get(CELL_TAG, ""), []).append(
+                    (run.info.run_id, run.info.status, tags.get(RECORD_TAG, ""))
+                )
+        return self._runs_of_cells
 
     def log_report(self, report_dir: Path, rows: list[dict] | None = None) -> None:
         """The grid's report (tables, figures) as artifacts of its stable grid run, and one row
