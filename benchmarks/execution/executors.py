@@ -190,11 +190,12 @@ class RayExecutor:
 
         drained = 0.0
 
-        def drain():
+        def drain(now=False):
             """Live curve points, all queued ones in one call, at most once a second (each
-            call is a round trip to the queue's actor)."""
+            call is a round trip to the queue's actor), and always before a training's result
+            is handled (its points were queued before it returned: they open its run)."""
             nonlocal progress, drained
-            if progress is None or time.monotonic() - drained < 1.0:
+            if progress is None or (not now and time.monotonic() - drained < 1.0):
                 return
             drained = time.monotonic()
             try:
@@ -233,7 +234,7 @@ class RayExecutor:
             ready, rest = ray.wait(refs, num_returns=1, timeout=1.0)
             if ready and rest:
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-            drain()
+            drain(now=any(pending[ref][0] == "train" for ref in ready))
             for ref in ready:
                 kind, job, state_ref = pending.pop(ref)
                 if job.key in failed_jobs:
