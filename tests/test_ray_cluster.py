@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import session_members
+
+from fsbench.benchmarks.tools.cluster import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +42,6 @@ VOLATILE = {
     "started_at",
     "ended_at",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torch_equal(a, b) -> bool:
@@ -357,50 +352,11 @@ def test_driver_killed_mid_grid_then_rerun_finishes_only_missing_cells(
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend; restartable on the same store."""
-    port = free_port()
-    store = tmp_path / "server"
-    store.mkdir()
-    state = {"process": None, "uri": f"http://127.0.0.1:{port}"}
+    from fsbench.benchmarks.tools.cluster import MlflowServer
 
-    def start():
-        state["process"] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--backend-store-uri",
-                f"sqlite:///{store}/mlflow.db",
-                "--artifacts-destination",
-                (store / "artifacts").as_uri(),
-                "--workers",
-                "1",
-            ],
-            stdout=open(store / "server.log", "a"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-        def up():
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return True
-            except OSError:
-                return False
-
-        wait_for(up, 120, "mlflow server")
-
-    def stop():
-        _kill_group(state["process"])
-
-    state.update(start=start, stop=stop)
-    start()
-    yield state
-    stop()
+    server = MlflowServer(tmp_path / "server", workers=1)
+    with server:
+        yield {"uri": server.uri, "start": server.start, "stop": server.stop}
 
 
 def test_tracking_server_down_mid_grid_then_sync(mlflow_server, grid_file, tmp_path):

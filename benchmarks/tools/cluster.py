@@ -97,13 +97,15 @@ class LocalCluster:
 
 
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with an sqlite backend."""
+    """A real `mlflow server` on 127.0.0.1 with an sqlite backend and proxied artifacts (clients
+    upload over HTTP, as with a lab's server); restartable on the same port and store."""
 
-    def __init__(self, folder: Path):
-        self.folder, self.port = folder, free_port()
+    def __init__(self, folder: Path, workers: int = 2):
+        self.folder, self.workers, self.port = Path(folder), workers, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
+        self.process = None
 
-    def __enter__(self):
+    def start(self) -> MlflowServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [
@@ -116,13 +118,13 @@ class MlflowServer:
                 "--port",
                 str(self.port),
                 "--workers",
-                "2",
+                str(self.workers),
                 "--backend-store-uri",
                 f"sqlite:///{self.folder}/server.db",
-                "--default-artifact-root",
-                str(self.folder / "artifacts"),
+                "--artifacts-destination",
+                (self.folder / "artifacts").as_uri(),
             ],  # fmt: skip
-            stdout=open(self.folder / "server.log", "w"),
+            stdout=open(self.folder / "server.log", "a"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -135,10 +137,23 @@ class MlflowServer:
                 return self
             except OSError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("mlflow server did not start") from None
+                    raise RuntimeError(
+                        f"mlflow server did not start: {self.folder}/server.log"
+                    ) from None
                 time.sleep(0.5)
 
-    def __exit__(self, *exc):
-        if self.process.poll() is None:
+    def stop(self) -> None:
+        """SIGTERM its process group (SIGKILL after 15 s)."""
+        if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(20)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def __enter__(self) -> MlflowServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -282,7 +282,7 @@ def main(argv=None) -> list[dict]:
     with LocalCluster(args.nodes, args.gpus_per_node, cpus) as cluster:
         server = MlflowServer(out / "mlflow-server") if args.tracking == "server" else None
         if server:
-            server.__enter__()
+            server.start()
         uri = server.uri if server else f"sqlite:///{out}/mlflow.db"
         try:
             for size in sorted(args.cells):
@@ -308,7 +308,7 @@ def main(argv=None) -> list[dict]:
             restart = driver_restart(cluster, args, out) if args.kill_driver else None
         finally:
             if server:
-                server.__exit__()
+                server.stop()
     print(_table(results))
     if restart:
         print(

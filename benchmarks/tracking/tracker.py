@@ -231,9 +231,10 @@ class Tracker(TrainingRuns):
     def logged_cells(self) -> dict[str, str]:
         """cell id → the digest of the cell record its FINISHED run was logged from."""
         return {
-            run.data.tags[CELL_TAG]: run.data.tags.get(RECORD_TAG, "")
-            for run in self._search(f"tags.{KIND_TAG} = 'cell'")
-            if run.info.status == "FINISHED"
+            cell_id: digest
+            for cell_id, runs in self._cell_runs().items()
+            for _, status, digest in runs
+            if status == "FINISHED"
         }
 
     def log_cell(self, result: CellRecord, store) -> bool:
