@@ -59,8 +59,8 @@ def episode(shots: int, labels=None) -> Episode:
 
 
 def training_episodes(count: int, ignore_strip: bool) -> list[Episode]:
-    """The recorder's `batch()`: the parity episode rolled per episode."""
-    query, supports, masks = parity_episode(SIZE, 1)
+    """The recorder's `batch()`: the parity episode rolled per episode, in float64."""
+    query, supports, masks = (t.double() for t in parity_episode(SIZE, 1))
     out = []
     for i in range(count):
         label = masks[0].roll(5 * i + 7, -2).long()
@@ -140,8 +140,9 @@ def test_hsnet_logits_and_vote_equal_the_official_forward():
 @pytest.mark.slow
 def test_hsnet_training_step_equals_the_official_step():
     record = FIXTURE["hsnet"]["resnet50"]
-    model = official("hsnet", record, backbone="resnet50")
+    model = official("hsnet", record, backbone="resnet50").double()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    assert record["train_step"]["dtype"] == "float64"
     step = train_one_step(model, RECIPES["hsnet"], training_episodes(2, ignore_strip=False))
     expected = record["train_step"]
     assert step["total"] == pytest.approx(expected["loss"], rel=TOLERANCE)
@@ -165,8 +166,9 @@ def test_pfenet_logits_equal_the_official_forward(shots):
 @pytest.mark.slow
 def test_pfenet_training_step_equals_the_official_step():
     record = FIXTURE["pfenet"]["50"]
-    model = official("pfenet", record, layers=50)
+    model = official("pfenet", record, layers=50).double()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    assert record["train_step"]["dtype"] == "float64"
     step = train_one_step(model, RECIPES["pfenet"], training_episodes(4, ignore_strip=True))
     expected = record["train_step"]
     # the head's lr: 2.5e-3 × lr_mult 10 × poly at step 1 of 1000, as poly_learning_rate sets it
