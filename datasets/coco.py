@@ -252,7 +252,15 @@ class Coco20i(FewShotDataset):
             raise DatasetError(f"{path}: annotation file is missing; {EXPECTED_LAYOUT}")
         stat = path.stat()
         key = canonical_sha256(
-            [INDEX_VERSION, str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, self.crowd]
+            [
+                INDEX_VERSION,
+                str(path),
+                stat.st_size,
+                stat.st_mtime_ns,
+                stat.st_ino,
+                stat.st_ctime_ns,  # an edit whose mtime was put back (touch -r) still shows
+                self.crowd,
+            ]
         )[:16]
         cache_file = self.cache_dir / f"{self.name}-{split}{self.year}-{key}.json"
         if cache_file.is_file():

@@ -87,9 +87,10 @@ def check_file_name(name: str, where: str) -> str:
 
 
 def file_stamp(path: Path) -> list[int]:
-    """(size, mtime ns, inode): changes when a file is edited, replaced or swapped with another."""
+    """(size, mtime ns, inode, ctime ns): changes when a file is edited, replaced or swapped with
+    another — also when its mtime was put back (`touch -r`): only the kernel sets ctime."""
     stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -278,8 +279,8 @@ class Pascal5i(FewShotDataset):
                 f"{which}: listed in ImageSets/Segmentation/{split}.txt but missing "
                 f"({len(missing)} ids in all); {EXPECTED_LAYOUT}"
             )
-        # Keyed on every mask's and image's (size, mtime, inode): an edited, replaced or swapped
-        # file (equal sizes included) rebuilds the index instead of keeping stale class lists.
+        # Keyed on every mask's and image's (size, mtime, inode, ctime): an edited, replaced or
+        # swapped file (equal sizes, mtime put back) rebuilds the index, never keeps stale lists.
         stamps = [[file_stamp(self.mask_path(i)), file_stamp(self.image_path(i))] for i in ids]
         key = canonical_sha256(
             {"v": INDEX_VERSION, "root": str(self.root), "split": split, "ids": ids, "st": stamps}

@@ -9,6 +9,7 @@ import fnmatch
 import hashlib
 import importlib
 import json
+import math
 import os
 import pkgutil
 import signal
@@ -23,6 +24,41 @@ import numpy as np
 
 class FsbenchError(Exception):
     """A user-facing error: the message names the problem and the fix; the CLI prints it alone."""
+
+
+MAX_MESSAGE_CHARS = 600
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """An error message as one printable line of at most `limit` characters: control
+    characters (a newline in a user's value) are shown escaped; a huge value is cut, saying so."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    if len(text) > limit:
+        text = f"{text[: limit - 40]}… ({len(text) - limit + 40} more characters)"
+    return text
+
+
+def short_repr(value, limit: int = 120) -> str:
+    """repr(value) cut to `limit` characters (error messages quote what the user wrote)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def non_finite_path(value, path: str = "") -> str | None:
+    """The key path of the first NaN or infinite number in nested dicts/lists, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "value"
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, child in items:
+        found = non_finite_path(child, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
 
 
 def canonical_sha256(obj) -> str:

@@ -11,6 +11,8 @@ anything that does not fit, naming the tensors.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -25,13 +27,25 @@ def imagenet_weights_path(filename: str) -> Path:
     return (Path(folder).expanduser() if folder else default_cache_dir() / "weights") / filename
 
 
-def read_state_dict(path, what: str, fix: str) -> dict:
-    """The state dict in the torch file `path` (`what` it should be, `fix` when it is missing)."""
+def read_state_dict(path, what: str, fix: str, sha256: str | None = None) -> dict:
+    """The state dict in the torch file `path` (`what` it should be, `fix` when it is missing).
+
+    The file is read once: its bytes are hashed as read and those very bytes are loaded, so with
+    `sha256` (the digest recorded when the grid was read) a file replaced in between is refused
+    instead of scored under the old digest. Non-finite weights are refused, naming the tensor."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise FsbenchError(f"{path}: is a directory, not a {what}; {fix}")
     if not path.is_file():
         raise FsbenchError(f"{path}: {what} not found; {fix}")
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise FsbenchError(
+            f"{path}: {what} changed since the grid was read (sha256 {sha256[:12]} then, "
+            f"{hashlib.sha256(data).hexdigest()[:12]} now); rerun to score the file as it is now"
+        )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
         # one line (torch's own message runs to a page, and a Ray error keeps only its last
         # line): the file, what is wrong, the fix
@@ -46,9 +60,21 @@ def read_state_dict(path, what: str, fix: str) -> dict:
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
-                return state[key]
+                state = state[key]
+                break
     if not isinstance(state, dict):
         raise FsbenchError(f"{path}: holds a {type(state).__name__}, not a {what} (a state dict)")
+    for name, tensor in state.items():
+        if (
+            isinstance(tensor, torch.Tensor)
+            and tensor.is_floating_point()
+            and not torch.isfinite(tensor).all()
+        ):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise FsbenchError(
+                f"{path}: tensor {name} holds {bad} NaN/inf value(s) of {tensor.numel()}; "
+                f"a {what} with non-finite weights would score as a silent 0 — use a finite one"
+            )
     return state
 
 

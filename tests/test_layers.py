@@ -30,6 +30,7 @@ LAZY_ALLOWED = {
     "fsbench",
     "fsbench.benchmarks.cli.api",
     "fsbench.benchmarks.cli.commands",
+    "fsbench.benchmarks.cli.mlflow_commands",
     "fsbench.benchmarks.store.results",
 }
 MAX_LINES = 420

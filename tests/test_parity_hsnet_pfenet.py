@@ -184,6 +184,7 @@ def test_pfenet_training_step_equals_the_official_step():
     assert running == pytest.approx(expected["running_mean_sum"], rel=TOLERANCE)
 
 
+@pytest.mark.slow  # builds full-size ResNet-50 models
 def test_official_checkpoint_layouts_load_and_misfits_are_one_line(tmp_path):
     from fsbench.methods.weights import read_state_dict
 

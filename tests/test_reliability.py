@@ -132,11 +132,8 @@ def grid_data(grid):
 
 # -- 4. the whole cell record checked -------------------------------------------------------
 @pytest.fixture
-def finished_cell(tmp_path, quick_grid, capsys):
-    results = tmp_path / "r"
-    code, _, err = cli(capsys, "run", quick_grid, "--serial", "--no-tracking", "--results", results)
-    assert code == 0, err
-    return sorted((results / "quick" / "cells").glob("*.json"))[-1]
+def finished_cell(quick_results):
+    return sorted((quick_results / "quick" / "cells").glob("*.json"))[-1]
 
 
 @pytest.mark.parametrize(

@@ -379,6 +379,7 @@ def _latex_width(tex: str, folder, document_class: str) -> tuple[float, float]:
     or subprocess.run(["kpsewhich", "booktabs.sty"], capture_output=True).returncode != 0,
     reason="needs pdflatex with booktabs (Debian: texlive-latex-base, texlive-latex-recommended)",
 )
+@pytest.mark.slow  # runs pdflatex twice
 @pytest.mark.parametrize(
     "document_class", ["\\documentclass{article}", "\\documentclass[twocolumn]{article}"]
 )

@@ -15,11 +15,10 @@ from fsbench.benchmarks.cli.commands import (
     cmd_qualitative,
     cmd_report,
     cmd_run,
-    cmd_sync,
-    cmd_ui,
 )
+from fsbench.benchmarks.cli.mlflow_commands import cmd_sync, cmd_ui
 from fsbench.benchmarks.cli.score import add_score_parser, cmd_score
-from fsbench.core import FsbenchError, catch_sigterm, terminated
+from fsbench.core import FsbenchError, catch_sigterm, one_line, terminated
 
 DEFAULT_GRID = "quickstart.yaml"
 RESULTS_HELP = "results root (default ./results or $FSBENCH_RESULTS)"
@@ -217,7 +216,7 @@ def main(argv=None) -> int:
             "score": lambda a: cmd_score(a, cmd_run, _results_root),
         }[args.command](args)
     except FsbenchError as error:
-        print(f"fsbench: error: {error}", file=sys.stderr)
+        print(f"fsbench: error: {one_line(str(error))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         return 0

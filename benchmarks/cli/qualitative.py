@@ -65,7 +65,9 @@ def predict_episodes(result: CellRecord, store: ResultStore, episodes: list[int]
     config = result.config
     model = cell_model(result, store.grid_dir)
     seed = result.seeds[0]
-    manifest = EpisodeManifest.load(store.manifests_dir / f"{seed.manifest_fingerprint[:16]}.json")
+    manifest = EpisodeManifest.load_scored(
+        store.manifests_dir / f"{seed.manifest_fingerprint[:16]}.json", seed.manifest_fingerprint
+    )
     protocol = result.preset()
     loader = EpisodeLoader(
         open_dataset(config.dataset, protocol),

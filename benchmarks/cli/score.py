@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from fsbench.core import FsbenchError, atomic_write_text
+from fsbench.benchmarks.grid.yaml_text import load_yaml
+from fsbench.core import FsbenchError, atomic_write_text, non_finite_path
 from fsbench.datasets.protocols import PROTOCOLS
 
 
@@ -56,6 +57,10 @@ def add_score_parser(commands, add_run_options, at_least) -> None:
 def score_grid(args) -> dict:
     """The grid `fsbench score` runs, as a dict (what it writes as YAML)."""
     checkpoint = Path(args.checkpoint).expanduser().resolve()
+    if checkpoint.is_dir():
+        raise FsbenchError(
+            f"--checkpoint {args.checkpoint}: is a directory; pass the weights file inside it"
+        )
     if not checkpoint.is_file():
         raise FsbenchError(f"--checkpoint {args.checkpoint}: no such file; pass a weights file")
     unknown = [p for p in args.protocols if p not in PROTOCOLS]
@@ -69,7 +74,16 @@ def score_grid(args) -> dict:
         key, equals, value = item.partition("=")
         if not equals or not key:
             raise FsbenchError(f"--kwarg {item!r}: write KEY=VALUE, e.g. --kwarg layers=50")
-        kwargs[key] = yaml.safe_load(value)
+        try:
+            kwargs[key] = load_yaml(value)
+        except yaml.YAMLError as error:
+            problem = str(error).splitlines()[0]
+            raise FsbenchError(
+                f"--kwarg {item!r}: the value is not plain YAML ({problem}); write a number, "
+                "a word or a list, e.g. --kwarg alpha=20"
+            ) from None
+        if non_finite_path(kwargs[key]):
+            raise FsbenchError(f"--kwarg {item!r}: NaN or infinity is not a setting")
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     name = args.name or f"score_{args.method}_{args.dataset}_{digest[:8]}"
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or set(name) == {"."}:

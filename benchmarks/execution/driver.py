@@ -14,6 +14,18 @@ from fsbench.benchmarks.grid.files import Cell, GridSpec
 from fsbench.benchmarks.grid.provenance import depends_on
 from fsbench.benchmarks.store.records import CellRecord, SeedRecord, summarise
 from fsbench.benchmarks.store.results import ResultStore, environment, file_sha256, now_iso
+from fsbench.core import one_line
+
+
+def failure_line(error: str) -> str:
+    """A task's error as one line: an exception re-raised from a DataLoader worker carries the
+    worker's whole traceback ("Caught X in DataLoader worker … Original Traceback …"); its last
+    line is the error itself."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and any(line.startswith("Original Traceback") for line in lines):
+        kind, _, message = lines[-1].partition(": ")
+        lines = [f"{kind.rsplit('.', 1)[-1]}: {message}" if message else lines[-1]]
+    return one_line(" ".join(lines))
 
 
 class Driver:
@@ -77,6 +89,7 @@ class Driver:
                 self._finish(job, cell)
 
     def on_failure(self, job: Job, error: str) -> None:
+        error = failure_line(error)
         for cell in job.cells:
             if cell.id not in self.written:
                 self.failed[cell.id] = error

@@ -275,14 +275,46 @@ def check_ray_address(address: str, timeout: float = RAY_PROBE_SECONDS) -> None:
             f"Ray address {address!r} is not HOST:PORT (the head's GCS address, e.g. "
             "10.0.0.5:6379, or `auto` on a cluster node)"
         )
+    fix = (
+        f"start it with `ray start --head --port {port}`, fix --ray-address / RAY_ADDRESS, "
+        "or drop it to run on a local Ray instance"
+    )
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            answer = _http2_settings_answer(sock, timeout)
     except OSError as error:
         raise FsbenchError(
             f"no Ray head answers at {address} ({error.strerror or type(error).__name__} "
-            f"within {timeout:.0f} s); start it with `ray start --head --port {port}`, fix "
-            "--ray-address / RAY_ADDRESS, or drop it to run on a local Ray instance"
+            f"within {timeout:.0f} s); {fix}"
         ) from None
+    if not answer:
+        raise FsbenchError(
+            f"{address} accepts connections but is not a Ray head (no gRPC answer within "
+            f"{timeout:.0f} s: another server holds that port); {fix}"
+        )
+
+
+def _http2_settings_answer(sock, timeout: float) -> bool:
+    """Whether the server speaks HTTP/2 as Ray's GCS (a gRPC server) does: it answers the
+    client preface with a SETTINGS frame. An HTTP/1 server answers text and a silent one
+    nothing, where ray.init would wait through 30-second GCS timeouts for minutes."""
+    import time
+
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    head, deadline = b"", time.monotonic() + timeout
+    while len(head) < 9:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(9 - len(head))
+        except TimeoutError:
+            return False
+        if not chunk:
+            return False
+        head += chunk
+    return head[3] == 0x04 and head[5:9] == b"\x00\x00\x00\x00"  # SETTINGS on stream 0
 
 
 @contextmanager

@@ -63,7 +63,12 @@ def load_checkpoint(model, checkpoint: dict, method: str) -> None:
     `load_official_state_dict`, fsbench (a state dict fsbench saved) directly. A file holding
     {"state_dict": …} or {"model": …} (as training scripts save) is unwrapped."""
     path = Path(checkpoint["path"])
-    state = read_state_dict(path, "checkpoint", "check the method entry's `checkpoint:` path")
+    state = read_state_dict(
+        path,
+        "checkpoint",
+        "check the method entry's `checkpoint:` path",
+        sha256=checkpoint.get("sha256"),
+    )
     if checkpoint["format"] == "official":
         if not hasattr(model, "load_official_state_dict"):
             raise FsbenchError(

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fsbench.benchmarks.grid.recipes import MAPPINGS, RECIPES, TrainConfig
-from fsbench.core import FsbenchError
+from fsbench.core import FsbenchError, short_repr
 from fsbench.methods import METHODS
 
 
@@ -90,6 +92,61 @@ def _checkpoint(entry: dict) -> tuple:
     return (str(path), kind, digest.hexdigest())
 
 
+def _kind_of(default):
+    for kind in (bool, int, float, str):  # bool first: True is an int too
+        if isinstance(default, kind):
+            return kind
+    return None
+
+
+def _check_kwargs(name: str, kwargs: dict) -> None:
+    """Each keyword against the builder's default of the same name: an int setting takes an int,
+    a float a finite number, a bool true/false, a str a string (a width of [1, 2] or NaN would
+    otherwise fail deep inside the model, or train on NaN)."""
+    try:
+        parameters = inspect.signature(METHODS.get(name)).parameters
+    except (TypeError, ValueError):  # a builder without a readable signature
+        return
+    wanted = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    for key, value in kwargs.items():
+        parameter = parameters.get(key)
+        if parameter is None or parameter.default is inspect.Parameter.empty:
+            continue
+        kind = _kind_of(parameter.default)
+        if kind is None:
+            continue
+        fits = {
+            bool: isinstance(value, bool),
+            int: isinstance(value, int) and not isinstance(value, bool),
+            float: isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value),
+            str: isinstance(value, str),
+        }[kind]
+        if not fits:
+            raise FsbenchError(
+                f"methods: {name}: kwarg {key}={short_repr(value)} is not {wanted[kind]} "
+                f"(its default is {parameter.default!r})"
+            )
+
+
+def _check_name(entry: dict, key: str) -> None:
+    """`label:` and `display:` are printed into tables, LaTeX and MLflow: plain text of one line,
+    without the characters that would become markup there."""
+    if key not in entry:
+        return
+    value = entry[key]
+    if not isinstance(value, str) or not value.strip():
+        raise FsbenchError(f"methods: {entry['name']}: {key} {short_repr(value)} is not a name")
+    bad = sorted({c for c in value if not c.isprintable() or c in "<>|`\\"})
+    if bad or len(value) > 120:
+        shown = ", ".join(repr(c) for c in bad) if bad else f"{len(value)} characters"
+        raise FsbenchError(
+            f"methods: {entry['name']}: {key} {short_repr(value, 60)} holds {shown}; a {key} is "
+            "one line of plain text under 120 characters (no newline, <, >, |, ` or \\)"
+        )
+
+
 def _methods(raw_methods) -> tuple[MethodSpec, ...]:
     if not raw_methods:
         raise FsbenchError("methods: the grid lists no method")
@@ -127,11 +184,14 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
         recipe = _train_overrides(entry.get("train") or {}, f"methods: {entry['name']}: train")
         METHODS.get(entry["name"])  # unknown method: one clear error listing close names
         kwargs, sweep = dict(entry.get("kwargs") or {}), dict(entry.get("sweep") or {})
+        for key in ("label", "display"):
+            _check_name(entry, key)
         names = sorted(sweep)
         for values in itertools.product(
             *(sweep[n] if isinstance(sweep[n], list) else [sweep[n]] for n in names)
         ):
             swept = dict(zip(names, values))
+            _check_kwargs(entry["name"], {**kwargs, **swept})
             suffix = ",".join(f"{n}={v}" for n, v in swept.items())
             label = entry.get("label") or entry["name"]
             display = str(entry.get("display") or "")

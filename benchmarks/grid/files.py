@@ -11,7 +11,8 @@ import yaml
 from fsbench.benchmarks.grid.cells import Cell, GridSpec  # noqa: F401 (re-exported)
 from fsbench.benchmarks.grid.entries import _methods, _train_overrides
 from fsbench.benchmarks.grid.recipes import PRECISIONS, TrainConfig
-from fsbench.core import FsbenchError, import_plugins
+from fsbench.benchmarks.grid.yaml_text import load_yaml
+from fsbench.core import FsbenchError, import_plugins, non_finite_path, short_repr
 from fsbench.datasets.protocols import (
     PROTOCOLS,
     check_sampler,
@@ -64,69 +65,7 @@ def check_grid_name(name) -> str:
     return name
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.1 as PyYAML reads it, except that `1e-3` is the float users mean (PyYAML wants
-    `1.0e-3` and otherwise returns the string '1e-3')."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
 MAX_SEED = 2**32 - 1  # numpy's and the official scripts' seeds are 32-bit
-YAML_MAX_CHARS = 1_000_000
-YAML_MAX_VALUES = 100_000  # after alias expansion; the largest bundled grid has a few hundred
-
-
-def load_yaml(text: str):
-    """Safe YAML (no object construction) with numbers as users write them, within a budget:
-    a document over YAML_MAX_CHARS, or whose aliases expand it past YAML_MAX_VALUES values (an
-    alias bomb: a few lines that every later walk — hashing, printing — would take hours or
-    gigabytes over) is refused as invalid YAML before anything is built from it."""
-    if len(text) > YAML_MAX_CHARS:
-        raise yaml.YAMLError(f"{len(text)} characters, over the {YAML_MAX_CHARS} a grid may have")
-    loader = _YamlLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _expanded_size(node)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _expanded_size(root) -> int:
-    """How many values the node graph holds with every alias expanded (memoised per node, so a
-    bomb is measured in microseconds); raises yaml.YAMLError past the budget or on a cycle."""
-    sizes: dict[int, int] = {}
-    active: set[int] = set()
-
-    def size(node) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in active:
-            raise yaml.YAMLError("an alias refers to a value that contains it (a cycle)")
-        active.add(key)
-        total = 1
-        if isinstance(node, yaml.SequenceNode):
-            total += sum(size(child) for child in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            total += sum(size(k) + size(v) for k, v in node.value)
-        active.discard(key)
-        if total > YAML_MAX_VALUES:
-            raise yaml.YAMLError(
-                f"its aliases (&anchor / *alias) expand it to over {YAML_MAX_VALUES} values; "
-                "write the values out or remove the nested aliases"
-            )
-        sizes[key] = total
-        return total
-
-    return size(root)
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -315,7 +254,7 @@ def _eval_protocols(raw) -> tuple[str, ...]:
     if raw is not None and (bad or not names or len(set(names)) != len(names)):
         raise FsbenchError(
             f"eval_protocols: expected distinct protocol names from {', '.join(PROTOCOLS)} "
-            f"(e.g. [panet, pfenet, hsnet]), got {raw!r}"
+            f"(e.g. [panet, pfenet, hsnet]), got {short_repr(raw)}"
         )
     return tuple(names)
 
@@ -327,6 +266,12 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
     raw = dict(raw)
     raw.pop("include", None)
     raw.pop("smoke", None)
+    bad_number = non_finite_path(raw)
+    if bad_number:
+        raise FsbenchError(
+            f"{bad_number}: NaN or infinity is not a setting (training would record a silent 0); "
+            "write a finite number"
+        )
     imports = _imports(raw)
     import_plugins(imports, tuple(plugin_paths))
     unknown = set(raw) - GRID_KEYS

@@ -5,6 +5,7 @@ parsing a grid never imports the trainer."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from fsbench.core import FsbenchError
@@ -147,11 +148,17 @@ class TrainConfig:
                     "joins a cell's id); a new setting is later(default)"
                 )
             value, kind = getattr(self, item.name), _FIELD_KINDS.get(item.type, str)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise FsbenchError(f"train.{item.name}: {value!r} is not a finite number")
             if not _is_kind(value, kind):
                 wanted = {int: "an integer", float: "a number", bool: "true or false"}
                 raise FsbenchError(
                     f"train.{item.name}: {value!r} is not {wanted.get(kind, 'a list of integers')}"
-                    + (" (write 1e-3 as 0.001 or 1.0e-3)" if isinstance(value, str) else "")
+                    + (
+                        " (write 1e-3 as 0.001 or 1.0e-3)"
+                        if isinstance(value, str) and kind in (int, float)
+                        else ""
+                    )
                 )
         # `augment: flip` / `none` are `flip: true` / `false`: one spelling, one cell id.
         if self.augment in ("flip", "none"):

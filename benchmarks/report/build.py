@@ -103,8 +103,27 @@ def row_summaries(frame: pd.DataFrame) -> list[dict]:
 
 
 def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
-    """Write tables, statistics and figures under `<grid_dir>/report/`; returns their paths."""
+    """Write tables, statistics and figures under `<grid_dir>/report/`; returns their paths.
+    Writes nothing outside the grid's folder (a `report` that links elsewhere is refused), and a
+    folder it may not write is one line."""
     grid_dir = Path(grid_dir)
+    out = grid_dir / "report"
+    if out.is_symlink() or (out.exists() and not out.resolve().is_relative_to(grid_dir.resolve())):
+        raise FsbenchError(
+            f"{out} is a link to {out.resolve()}, outside the results folder; fsbench writes "
+            "reports only inside it — remove the link and rerun `fsbench report`"
+        )
+    try:
+        return _build_report(grid_dir, out, n_boot)
+    except OSError as error:
+        where = error.filename or out
+        raise FsbenchError(
+            f"cannot write the report: {where}: {error.strerror or error}; make {out} writable "
+            "(the cell results are untouched) and rerun `fsbench report`"
+        ) from None
+
+
+def _build_report(grid_dir: Path, out: Path, n_boot: int) -> dict:
     rejected: dict[str, str] = {}
     cells, superseded = current_cells(load_cells(grid_dir, rejected))
     for name, problem in rejected.items():
@@ -119,7 +138,6 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
         )
     if not cells:
         raise FsbenchError(f"{grid_dir}: no finished cells to report (run the grid first)")
-    out = grid_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     frame = seed_frame(cells)
     provenance = depends_on_note(cells)

@@ -146,7 +146,7 @@ def to_markdown(
         "|" + "|".join(["---"] + [":-:"] * len(means.columns)) + "|",
     ]
     for row in means.index:
-        name = display.get(row, row)
+        name = markdown_text(display.get(row, row))
         lines.append("| " + " | ".join([name] + _row_cells(table, row, best, latex=False)) + " |")
     if reported is not None and len(reported):
         for label, values in reported.iterrows():
@@ -261,6 +261,16 @@ LATEX_ESCAPES = {
     "—": "---",
     "†": "$^\\dagger$",
 }
+
+
+def markdown_text(text: str) -> str:
+    """A name as one Markdown table cell: HTML characters escaped, `|` and `*` backslashed, a
+    newline a space (a name can neither close the row nor open markup)."""
+    text = " ".join(str(text).split())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    for special in "\\|*`":
+        text = text.replace(special, "\\" + special)
+    return text
 
 
 def _latex_escape(text: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,12 +51,23 @@ class LocalCluster:
         deadline = time.monotonic() + 180
         while "Ray runtime started" not in log.read_text():
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray start ({name}) failed: {log.read_text()[-2000:]}")
+                lines = [line for line in log.read_text().splitlines() if line.strip()]
+                raise RuntimeError(
+                    f"ray start ({name}) failed: {lines[-1] if lines else 'no output'}"
+                )
             time.sleep(0.2)
         self.processes.append(process)
         return process
 
     def __enter__(self):
+        try:
+            self._start_all()
+        except BaseException:
+            self.__exit__(None, None, None)  # a failed start leaves no process and no folder
+            raise
+        return self
+
+    def _start_all(self) -> None:
         self._start(
             "head",
             [
@@ -77,13 +89,16 @@ class LocalCluster:
                     f"--num-gpus={self.gpus}",
                 ],
             )
-        return self
 
     def kill_node(self, index: int = 1) -> None:
         """SIGKILL one node's processes (its raylet, object store and workers)."""
         os.killpg(self.processes[1 + index].pid, signal.SIGKILL)
 
     def __exit__(self, *exc):
+        self._stop_processes()
+        shutil.rmtree(self.temp, ignore_errors=True)  # Ray's sessions, sockets and logs
+
+    def _stop_processes(self) -> None:
         for process in reversed(self.processes):
             if process.poll() is None:
                 try:

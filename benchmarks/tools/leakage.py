@@ -13,9 +13,11 @@ counted from the label files, with pixel shares, under each protocol's training 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import pandas as pd
 
+from fsbench.core import FsbenchError, one_line
 from fsbench.datasets.leakage import ShippedPascalLists, audit
 from fsbench.datasets.protocols import PROTOCOLS, resolve
 from fsbench.datasets.registry import open_dataset
@@ -26,6 +28,17 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--data-root", help="VOC2012 + SBD-aug folder (or a generated one)")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3])
     args = parser.parse_args(argv)
+    try:
+        return _report(args)
+    except FsbenchError as error:  # a dataset that is missing, unreadable or mislabelled
+        print(f"leakage: error: {one_line(str(error))}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _report(args) -> pd.DataFrame:
+    bad = [f for f in args.folds if not 0 <= f <= 3]
+    if bad:
+        raise FsbenchError(f"--folds {' '.join(map(str, bad))}: PASCAL-5i folds are 0, 1, 2 and 3")
     if args.data_root is None:
         frame = pd.DataFrame(r for r in ShippedPascalLists().rows() if r["fold"] in args.folds)
         source = "the shipped lists alone (class membership from HSNet's trn pairs)"
@@ -37,6 +50,8 @@ def main(argv=None) -> pd.DataFrame:
             rows += [audit(dataset, preset, fold) for fold in args.folds]
         frame = pd.DataFrame(rows)
         source = f"the label files under {args.data_root}"
+    if frame.empty:
+        raise FsbenchError(f"no training images to audit in {source}; check --data-root")
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     worst = frame.loc[frame["share_of_images"].idxmax()]
     print(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import signal
@@ -270,11 +271,52 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--kill-node-at", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--kill-node-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    problem = _argument_problem(args)
+    if problem:
+        print(f"scale: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     if args.one:
         print("SCALE " + json.dumps(one_size(args)))
         return []
     out = Path(args.out or tempfile.mkdtemp(prefix="fsbench-scale-"))
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_sizes(args, out)
+    except RuntimeError as error:  # a cluster or a driver that did not start
+        print(f"scale: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _argument_problem(args) -> str | None:
+    """What is impossible in the arguments (one line), or None."""
+    whole = {
+        "--nodes": args.nodes,
+        "--gpus-per-node": args.gpus_per_node,
+        "--steps": args.steps,
+        "--episodes": args.episodes,
+    }
+    if args.cpus_per_node is not None:
+        whole["--cpus-per-node"] = args.cpus_per_node
+    for flag, value in whole.items():
+        if value < 1:
+            return f"{flag} {value}: must be at least 1"
+    if any(size < 8 for size in args.cells):
+        sizes = " ".join(map(str, args.cells))
+        return f"--cells {sizes}: each size must be at least 8 (grids are multiples of 8 cells)"
+    if not 0 < args.eval_gpus <= args.gpus_per_node or not math.isfinite(args.eval_gpus):
+        return f"--eval-gpus {args.eval_gpus}: a GPU share > 0 and at most --gpus-per-node"
+    for flag, value in (
+        ("--step-seconds", args.step_seconds),
+        ("--image-seconds", args.image_seconds),
+    ):
+        if not (math.isfinite(value) and value >= 0):
+            return f"{flag} {value}: a time of 0 seconds or more"
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"--out {args.out}: exists and is not a folder; name a new or existing folder"
+    return None
+
+
+def _run_sizes(args, out: Path) -> list[dict]:
 
     open_dataset(scale_grid("x", 8, args)["dataset"])  # generated once, before the workers read it
     cpus = args.cpus_per_node or int(args.gpus_per_node / args.eval_gpus)

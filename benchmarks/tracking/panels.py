@@ -14,6 +14,7 @@ from PIL import Image
 
 from fsbench.benchmarks.store.records import CellRecord
 from fsbench.core import FsbenchError
+from fsbench.datasets.manifests import EpisodeManifest
 from fsbench.datasets.registry import DATASETS, dataset_class
 from fsbench.datasets.resize import fit
 from fsbench.datasets.synthetic import existing_only
@@ -56,9 +57,14 @@ def qualitative_rows(result: CellRecord, store, max_episodes: int):
         print(f"fsbench: report: qualitative figure skipped ({error})", file=sys.stderr)
         return None
     seed = result.seed(kept[0]["seed"])
-    manifest = json.loads(
-        (Path(store.manifests_dir) / f"{seed.manifest_fingerprint[:16]}.json").read_text()
-    )
+    try:
+        manifest = EpisodeManifest.load_scored(
+            Path(store.manifests_dir) / f"{seed.manifest_fingerprint[:16]}.json",
+            seed.manifest_fingerprint,
+        ).to_json()
+    except FsbenchError as error:
+        print(f"fsbench: report: qualitative figure skipped ({error})", file=sys.stderr)
+        return None
     size = config.input_size
     resize = result.preset().resize
     rows = []

@@ -351,10 +351,11 @@ class Tracker(TrainingRuns):
         except Exception as error:  # noqa: BLE001
             self._warn(error)
 
-    def sync(self, store) -> tuple[int, int]:
+    def sync(self, store, rejected: dict | None = None) -> tuple[int, int]:
         """Repair leftovers and push every cell of `store` without a FINISHED run logged from
-        its current file; (pushed, total)."""
-        cells = store.load_cells()
+        its current file; (pushed, total). Cell files left out (torn, edited) land in
+        `rejected`: file name → why."""
+        cells = store.load_cells(rejected)
         if not cells:
             return 0, 0
         if self.client is None:

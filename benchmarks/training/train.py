@@ -111,6 +111,48 @@ def _load_resume(path: Path) -> dict | None:
         return None
 
 
+def _fits(state: dict, path: Path, model, optimizer, scheduler) -> bool:
+    """Put a resume state into the model, optimizer and schedule; a well-formed file of another
+    model (or with an empty optimizer state) is named, moved aside and leaves all three as they
+    were: every rerun would otherwise fail on it."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        return True
+    except Exception as error:  # noqa: BLE001 - torch raises several types for a misfit
+        model.load_state_dict(before)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = f"{type(error).__name__}: {lines[0][:160] if lines else error!r}"
+        aside = path.with_name(path.name + ".bad")
+        os.replace(path, aside)
+        print(
+            f"fsbench: {path}: a resume file of another model or training ({reason}); "
+            f"moved to {aside.name}, training this cell from step 1",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+
+
+def _check_filter_leaves_enough(full, filtered, split, fold, protocol, shot, cfg) -> None:
+    """Every training class keeps enough images once `exclude_novel_images` removed those with a
+    novel-class pixel: a class it empties would be skipped silently, and one it thins would fail
+    deep in the sampler without saying that the filter did it."""
+    need = shot + cfg.queries_per_way
+    for class_id in full.train_classes(fold):
+        before = len(full.class_images(split, class_id, protocol.min_object_pixels))
+        after = len(filtered.class_images(split, class_id, protocol.min_object_pixels))
+        if after < need <= before:  # the filter, not the data set, leaves too few
+            raise FsbenchError(
+                f"train class {class_id} has {after} image(s) left in {full.name}/{split} once "
+                f"exclude_novel_images removed {before - after} of its {before} (each holds a "
+                f"novel-class pixel); a {shot}-shot training episode needs {need}: drop "
+                "train.exclude_novel_images or lower the shot"
+            )
+
+
 def train(
     model,
     dataset,
@@ -142,6 +184,9 @@ def train(
         excluded = novel_images(dataset, split, fold) & training_images(
             dataset, split, fold, protocol.min_object_pixels
         )
+        _check_filter_leaves_enough(
+            dataset, WithoutNovelImages(dataset, excluded), split, fold, protocol, shot, cfg
+        )
         dataset = WithoutNovelImages(dataset, excluded)
     train_classes, val_classes = split_validation_classes(dataset.train_classes(fold), cfg, fold)
     loader = EpisodeLoader(dataset, cfg.input_size or input_size, resize=protocol.resize)
@@ -166,10 +211,11 @@ def train(
     first, spent = 1, 0.0
     resume_path = Path(resume_path) if resume_path else None
     state = _load_resume(resume_path) if resume_path is not None else None
+    if state is not None and not _fits(state, resume_path, model, optimizer, scheduler):
+        state = None
+        optimizer = make_optimizer(model, cfg)  # fresh: the misfit may have half-loaded one
+        scheduler = make_scheduler(optimizer, cfg)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         if cuda and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"])
