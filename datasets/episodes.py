@@ -41,6 +41,10 @@ class Episode:
     query_labels: torch.Tensor  # [Q, H, W] long: 0 bg, i for the i-th class, 255 ignore
     support_ids: list[list[str]] = field(default_factory=list)
     query_ids: list[str] = field(default_factory=list)
+    # [Q, H, W] long, for methods declaring `base_class_labels`: the query's full label map over
+    # the fold's training classes (1…B in ascending class-id order; novel classes and background
+    # 0; void 255), under the same augmentation as the image. None otherwise.
+    query_base_labels: torch.Tensor | None = None
 
     @property
     def way(self) -> int:
@@ -65,6 +69,27 @@ class Episode:
         return Episode(**pinned)
 
 
+@dataclass
+class ImageBatch:
+    """A batch of training images with their base-class labels (a `sampler: images` step, as a
+    base learner trains): images [B, 3, H, W], labels [B, H, W] long (1…B over the fold's
+    training classes in ascending id order, 0 background and novel classes, 255 void)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    image_ids: list[str] = field(default_factory=list)
+
+    def to(self, device, non_blocking: bool = False) -> ImageBatch:
+        return ImageBatch(
+            self.images.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+            list(self.image_ids),
+        )
+
+    def pin_memory(self) -> ImageBatch:
+        return ImageBatch(self.images.pin_memory(), self.labels.pin_memory(), self.image_ids)
+
+
 ANNOTATIONS = ("mask", "scribble", "bbox")
 
 
@@ -72,7 +97,8 @@ class EpisodeLoader:
     """Turns episode specs into `Episode` tensors at the input size. Decoded, resized images are
     kept as uint8 (4× smaller than the normalised floats) and masks as bools, each cache bounded
     in bytes (LRU). `annotation` decides what the support masks are: dense masks, scribbles or
-    boxes derived from them (weak supports, seeded by `weak_seed`)."""
+    boxes derived from them (weak supports, seeded by `weak_seed`). With `base_classes` (the
+    fold's training classes), episodes carry `query_base_labels` and image batches load."""
 
     def __init__(
         self,
@@ -82,6 +108,7 @@ class EpisodeLoader:
         weak_seed: int = 0,
         cache_bytes: int = 1 << 30,
         resize: str = "square",
+        base_classes=None,
     ):
         if annotation not in ANNOTATIONS:
             raise FsbenchError(f"annotation {annotation!r} is not one of {', '.join(ANNOTATIONS)}")
@@ -92,6 +119,7 @@ class EpisodeLoader:
         self.weak_seed = weak_seed
         self.cache_bytes = cache_bytes
         self.resize = resize
+        self.base_classes = sorted(int(c) for c in base_classes) if base_classes else None
         self._images = ByteLRU(cache_bytes // 2)
         self._masks = ByteLRU(cache_bytes // 2)
 
@@ -188,14 +216,14 @@ class EpisodeLoader:
         augmentation, params = augment if augment is not None else (None, None)
         drawn = iter(params) if params is not None else None
 
-        def views(image_id, masks_of):
+        def views(image_id, masks_of, of_classes=classes):
             """(image, *masks) of one image, augmented when the plan says so."""
             param = next(drawn) if drawn is not None else None
             if augmentation is None:
                 return (self.image(image_id), *masks_of(None))
             if augmentation.raw_pixels:
                 raw = augmented_views(
-                    self.dataset, image_id, classes, augmentation, param, self.input_size
+                    self.dataset, image_id, of_classes, augmentation, param, self.input_size
                 )
                 tensors = (raw[0], *masks_of(raw[1:]))
             else:
@@ -211,14 +239,24 @@ class EpisodeLoader:
 
             return views(image_id, masks_of)
 
+        base = self.base_classes
+        # the episode's classes, then the training classes it does not hold (base labels)
+        labelled = classes + [c for c in base if c not in classes] if base else classes
+
         def query(image_id):
             def masks_of(raw):
                 if raw is None:
-                    return (self.query_label(image_id, classes),)
-                masks, void, padding = raw
-                return (label_of(masks, void | padding),)
+                    masks, void = self.masks(image_id, labelled)
+                else:
+                    masks, void, padding = raw
+                    void = void | padding
+                labels = (label_of(masks[: len(classes)], void),)
+                if base:
+                    order = [labelled.index(c) for c in base]
+                    labels += (label_of(masks[order], void),)
+                return labels
 
-            return views(image_id, masks_of)
+            return views(image_id, masks_of, labelled)
 
         support_images, support_fg, support_bg = [], [], []
         for index, ids in enumerate(spec.support):
@@ -227,13 +265,31 @@ class EpisodeLoader:
             support_fg.append(torch.stack([fg for _, fg, _ in row]).float())
             support_bg.append(torch.stack([bg for _, _, bg in row]).float())
         queries = [query(i) for i in spec.query]
+        base_labels = torch.stack([q[2] for q in queries]) if base else None
+
+        def stacked(rows):  # an image batch (load_images) has no supports
+            return torch.stack(rows) if rows else torch.empty(0)
+
         return Episode(
             class_ids=classes,
-            support_images=torch.stack(support_images),
-            support_fg=torch.stack(support_fg),
-            support_bg=torch.stack(support_bg),
-            query_images=torch.stack([image for image, _ in queries]),
-            query_labels=torch.stack([label for _, label in queries]),
+            support_images=stacked(support_images),
+            support_fg=stacked(support_fg),
+            support_bg=stacked(support_bg),
+            query_images=torch.stack([q[0] for q in queries]),
+            query_labels=torch.stack([q[1] for q in queries]),
             support_ids=[list(s) for s in spec.support],
             query_ids=list(spec.query),
+            query_base_labels=base_labels,
         )
+
+    def load_images(self, image_ids, augment=None) -> ImageBatch:
+        """Training images with their base-class labels (`base_classes` must be set), under
+        the step plan's augmentation parameters (one per image)."""
+        if not self.base_classes:
+            raise FsbenchError(
+                "sampler images needs base-class labels: the method must declare "
+                "base_class_labels = True"
+            )
+        spec = EpisodeSpec((), (), tuple(image_ids))
+        episode = self.load(spec, augment)
+        return ImageBatch(episode.query_images, episode.query_base_labels, list(image_ids))

@@ -124,6 +124,8 @@ class Registry:
         self.kind = kind
         self.base = base  # what every builder must build (a method's or dataset's base class)
         self._builders: dict[str, Callable] = {}
+        self._display: dict[str, str] = {}  # name → how papers print it
+        self._aliases: dict[str, str] = {}  # former name → name
         # Packages whose modules register into this table, all imported on first use: a bundled
         # method or dataset is added as one file, without a list to edit.
         self._packages = list(packages)
@@ -136,18 +138,40 @@ class Registry:
                     importlib.import_module(f"{package.__name__}.{module.name}")
         load_entry_points()
 
-    def register(self, name: str | None = None):
+    def register(self, name: str | None = None, *, display: str | None = None, aliases=()):
+        """Decorator: register a builder under `name` (default: its own name), with the name
+        papers print (`display`) and former names (`aliases`) that still find it."""
+
         def decorator(builder: Callable) -> Callable:
             key = name or builder.__name__
-            if key in self._builders:
-                raise FsbenchError(f"{self.kind} {key!r} is registered twice; rename one of them")
+            for taken in (key, *aliases):
+                if taken in self._builders or taken in self._aliases:
+                    raise FsbenchError(
+                        f"{self.kind} {taken!r} is registered twice; rename one of them"
+                    )
+            if display is not None and (not isinstance(display, str) or not display.strip()):
+                raise FsbenchError(f"{self.kind} {key!r}: display {display!r} is not a name")
             self._builders[key] = builder
+            if display:
+                self._display[key] = display
+            for alias in aliases:
+                self._aliases[alias] = key
             return builder
 
         return decorator
 
+    def canonical(self, name: str) -> str:
+        """The registered name of `name` (itself, or the method a former name now is)."""
+        self._load_builtins()
+        return self._aliases.get(name, name)
+
+    def display(self, name: str) -> str | None:
+        """How papers print `name` (declared at registration), or None."""
+        return self._display.get(self.canonical(name))
+
     def get(self, name: str) -> Callable:
         self._load_builtins()
+        name = self._aliases.get(name, name)
         if name not in self._builders:
             close = difflib.get_close_matches(name, list(self._builders), n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -184,7 +208,7 @@ class Registry:
 
     def __contains__(self, name: str) -> bool:
         self._load_builtins()
-        return name in self._builders
+        return name in self._builders or name in self._aliases
 
 
 def load_entry_points() -> None:

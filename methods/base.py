@@ -24,7 +24,15 @@ Other declarations:
 - `batched_loss`: `loss_batch(episodes)` computes one loss over several episodes as a true batch
   (BatchNorm layers that train need it when a recipe asks for `episodes_per_step` > 1);
 - `input_size_problem(size)`: None when an S×S input fits, else the rule and sizes that fit;
-  checked when a grid is expanded, so a misfit is one line, never a traceback in a worker.
+  checked when a grid is expanded, so a misfit is one line, never a traceback in a worker;
+- `base_class_labels`: training episodes carry `query_base_labels` (the query's label map over
+  the fold's training classes, 1…B in ascending class-id order) and `sampler: images` stages
+  feed `loss_images(ImageBatch)`: what a base learner trains on;
+- `default_stages()`: the method's training stages (a grid's `train: {stages: …}` overrides
+  them); `model.stage` holds the running stage's name;
+- `version`: a string naming the method's code version (None: unversioned). When set it joins
+  every cell id, so results computed by an earlier version of the code are never reused: bump
+  it when an edit changes what the method computes.
 """
 
 from __future__ import annotations
@@ -53,10 +61,15 @@ class FewShotMethod(nn.Module):
     output_kind = "logits"
     feature_layout = "map"
     batched_loss = False
+    base_class_labels = False
+    version: str | None = None
+    stage: str | None = None  # the training stage running (set by the trainer before its steps)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         problems = []
+        if cls.version is not None and (not isinstance(cls.version, str) or not cls.version):
+            problems.append(f"version {cls.version!r} (a non-empty string, or None)")
         if cls.output_kind not in OUTPUT_KINDS:
             problems.append(f"output_kind {cls.output_kind!r} (one of {OUTPUT_KINDS})")
         if cls.feature_layout not in FEATURE_LAYOUTS:
@@ -80,6 +93,14 @@ class FewShotMethod(nn.Module):
         return None
 
     # -- training ----------------------------------------------------------------------------
+    @classmethod
+    def default_stages(cls) -> tuple[dict, ...]:
+        """The method's training stages when it trains in several (e.g. a base learner on
+        image batches, then a meta learner on episodes): each a dict of TrainConfig keys plus
+        `name` and `params` (the `param_groups()` it trains). A grid's `train: {stages: …}`
+        overrides them; () (the default): one stage, the grid's `train:`."""
+        return ()
+
     def loss(self, episode: Episode) -> dict[str, torch.Tensor]:
         raise FsbenchError(f"method {type(self).__name__} is not trained; leave it out of training")
 
@@ -87,6 +108,14 @@ class FewShotMethod(nn.Module):
         """Named parameter groups for a recipe's `lr_mult` and `batchnorm` (empty: one group,
         "all")."""
         return {}
+
+    def loss_images(self, batch) -> dict[str, torch.Tensor]:
+        """The loss of a batch of training images with base-class labels (`ImageBatch`: a
+        `sampler: images` stage, e.g. a base learner's); needs `base_class_labels = True`."""
+        raise FsbenchError(
+            f"method {type(self).__name__} does not train on image batches (loss_images); use "
+            "an episode sampler for this stage"
+        )
 
     def loss_batch(self, episodes: list[Episode]) -> dict[str, torch.Tensor]:
         """One loss over several episodes as a true batch (`batched_loss = True` methods)."""

@@ -25,13 +25,13 @@ class ConstantPrediction(FewShotMethod):
         return logits
 
 
-@METHODS.register()
+@METHODS.register(display="All background")
 def all_background() -> ConstantPrediction:
     """Lower bound: no pixel is foreground (mIoU 0, FB-IoU ≈ background share / 2)."""
     return ConstantPrediction(0)
 
 
-@METHODS.register()
+@METHODS.register(display="All foreground")
 def all_foreground() -> ConstantPrediction:
     """Every pixel is the first episode class (the upper end of recall, the floor of precision)."""
     return ConstantPrediction(1)

@@ -294,7 +294,7 @@ class CANet(FewShotMethod):
         return {"segmentation": segmentation, "total": segmentation}
 
 
-@METHODS.register()
+@METHODS.register(display="CANet")
 def canet(blocks=(3, 4, 6), **kwargs) -> CANet:
     """CANet with a dilated ResNet-50 (ImageNet weights from a local torchvision file); keywords
     as `CANet`: channels, iterations, pretrained, freeze_backbone, dropout, init."""

@@ -135,19 +135,14 @@ class Finetune(FewShotMethod):
         return F.interpolate(low, size=out_size, mode="bilinear", align_corners=False)
 
 
-@METHODS.register()
+# `finetune_linear` was its name: finished results under it still rebuild and print as it.
+@METHODS.register(display="Linear probe", aliases=["finetune_linear"])
 def linear_probe(width=1.0, pretrained=None, steps=100, lr=0.1) -> LinearProbe:
     """Linear classifier fitted on the support set of each episode (frozen VGG-16 encoder)."""
     return LinearProbe(width=width, pretrained=pretrained, steps=steps, lr=lr)
 
 
-@METHODS.register()
-def finetune_linear(width=1.0, pretrained=None, steps=100, lr=0.1) -> LinearProbe:
-    """The former name of linear_probe (kept so that finished results still rebuild)."""
-    return linear_probe(width=width, pretrained=pretrained, steps=steps, lr=lr)
-
-
-@METHODS.register()
+@METHODS.register(display="Fine-tuning (OSLSM)")
 def finetune(width=1.0, pretrained=None, steps=50, lr=0.01, momentum=0.9) -> Finetune:
     """OSLSM's fine-tuning baseline: trained on the base classes, fine-tuned on the supports."""
     return Finetune(width=width, pretrained=pretrained, steps=steps, lr=lr, momentum=momentum)

@@ -316,7 +316,7 @@ def vote(agg: torch.Tensor, shot: int) -> torch.Tensor:
     return (agg.float() / largest >= 0.5).float()
 
 
-@METHODS.register()
+@METHODS.register(display="HSNet")
 def hsnet(backbone: str = "resnet50", pretrained=None, blocks=None, freeze_backbone=True) -> HSNet:
     """HSNet (ICCV 2021): multi-layer hypercorrelation squeezed by centre-pivot 4D convolutions;
     backbone resnet50 | resnet101 | vgg16 (ImageNet weights: pretrained=imagenet or a path)."""

@@ -174,19 +174,19 @@ class UntrainedPANet(PANet):
     trainable = False
 
 
-@METHODS.register()
+@METHODS.register(display="PANet")
 def panet(alpha=20.0, par_weight=1.0, width=1.0, pretrained=None) -> PANet:
     """PANet with prototype alignment regularisation (the paper's full model)."""
     return PANet(alpha=alpha, par_weight=par_weight, width=width, pretrained=pretrained)
 
 
-@METHODS.register()
+@METHODS.register(display="PANet w/o PAR")
 def panet_nopar(alpha=20.0, width=1.0, pretrained=None) -> PANet:
     """PANet without PAR (the paper's ablation)."""
     return PANet(alpha=alpha, par_weight=0.0, width=width, pretrained=pretrained)
 
 
-@METHODS.register()
+@METHODS.register(display="PANet, untrained")
 def prototype_notrain(alpha=20.0, width=1.0, pretrained=None) -> UntrainedPANet:
     """PANet's test-time computation on an untrained (or ImageNet-only) encoder."""
     return UntrainedPANet(alpha=alpha, par_weight=0.0, width=width, pretrained=pretrained)

@@ -312,7 +312,7 @@ class PFENet(FewShotMethod):
         return self.loss_batch([episode])
 
 
-@METHODS.register()
+@METHODS.register(display="PFENet")
 def pfenet(
     layers: int = 50,
     vgg: bool = False,

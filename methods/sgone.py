@@ -139,7 +139,7 @@ class SGOne(FewShotMethod):
         return {"segmentation": segmentation, "total": segmentation}
 
 
-@METHODS.register()
+@METHODS.register(display="SG-One")
 def sgone(width=1.0, pretrained=None, init="official") -> SGOne:
     """SG-One with a VGG-16 backbone (ImageNet weights from a local torchvision file)."""
     return SGOne(width=width, pretrained=pretrained, init=init)

@@ -39,7 +39,7 @@ def test_canet(**kwargs) -> CANet:
     return canet(**{"blocks": (1, 1, 1), "channels": 16, "iterations": 2, **kwargs})
 
 
-@METHODS.register()
+@METHODS.register(aliases=["test_finetune_linear"])
 def test_linear_probe(**kwargs) -> LinearProbe:
     return linear_probe(**{"width": TEST_WIDTH, "steps": 5, **kwargs})
 
@@ -47,11 +47,6 @@ def test_linear_probe(**kwargs) -> LinearProbe:
 @METHODS.register()
 def test_finetune(**kwargs) -> Finetune:
     return finetune(**{"width": TEST_WIDTH, "steps": 5, **kwargs})
-
-
-@METHODS.register()
-def test_finetune_linear(**kwargs) -> LinearProbe:
-    return test_linear_probe(**kwargs)
 
 
 @METHODS.register()

@@ -123,11 +123,13 @@ def run(
     return seed_frame([c for c in load_cells(store.grid_dir) if c.cell_id in ids])
 
 
-def register_method(name: str | None = None):
-    """Decorator: register a builder of a `FewShotMethod` under `name` (default: its name)."""
+def register_method(name: str | None = None, *, display: str | None = None, aliases=()):
+    """Decorator: register a builder of a `FewShotMethod` under `name` (default: its name),
+    with the name tables, figures and MLflow print (`display`, e.g. "BAM") and its former
+    names (`aliases`: grids and finished results that name them still find it)."""
     from fsbench.methods import METHODS
 
-    return METHODS.register(name)
+    return METHODS.register(name, display=display, aliases=aliases)
 
 
 def register_dataset(name: str | None = None):

@@ -144,10 +144,16 @@ def _dry_run(grid, store, args) -> int:
 
 
 def _kind(cell) -> str:
-    """What a cell costs: train+eval, or eval only (no training, or another cell's model)."""
+    """What a cell costs: train+eval (with its stages and their steps), or eval only (no
+    training, or another cell's model)."""
     if cell.train is None:
         return "eval"
-    return "eval (model shared)" if cell.trained_as is not None else "train+eval"
+    if cell.trained_as is not None:
+        return "eval (model shared)"
+    if cell.train.stages:
+        stages = " → ".join(f"{n} {c.steps}" for n, _, c in cell.train.stage_configs())
+        return f"train+eval [{stages} steps]"
+    return "train+eval"
 
 
 def cmd_config(args) -> int:

@@ -108,8 +108,6 @@ def cmd_sync(args) -> int:
             else f"{name}: MLflow unreachable, nothing pushed"
         )
         for file_name, problem in sorted(rejected.items()):
-            print(
-                f"fsbench: sync: {name}: left out cells/{file_name}: {problem}", file=sys.stderr
-            )
+            print(f"fsbench: sync: {name}: left out cells/{file_name}: {problem}", file=sys.stderr)
         status |= 0 if tracker.available and not rejected else 1
     return status

@@ -15,6 +15,7 @@ from fsbench.benchmarks.grid.provenance import depends_on
 from fsbench.benchmarks.store.records import CellRecord, SeedRecord, summarise
 from fsbench.benchmarks.store.results import ResultStore, environment, file_sha256, now_iso
 from fsbench.core import one_line
+from fsbench.methods import METHODS
 
 
 def failure_line(error: str) -> str:
@@ -109,6 +110,7 @@ class Driver:
             row_index=[m.row() for m in self.grid.methods].index(cell.method.row()),
             title=cell.title,
             display=cell.method.display or None,  # tables' and figures' name (not identity)
+            method_display=METHODS.display(cell.method.name),
             config=cell.settings(),
             protocol=cell.preset.to_dict(),  # as resolved for the dataset
             depends_on=depends_on(cell),

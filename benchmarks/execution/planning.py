@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from fsbench.benchmarks.grid.files import Cell, GridSpec
+from fsbench.benchmarks.store.records import other_versions
 from fsbench.benchmarks.store.results import ResultStore
 from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import EpisodeManifest
@@ -69,6 +71,13 @@ def plan_grid(
     """Cells, the ones still to do, their jobs and their (deterministic) manifests."""
     cells = grid.expand()
     records = [] if rerun else store.load_cells()  # each cell file read and checked once
+    for method, versions in other_versions(cells, records).items():
+        then = ", ".join(f"{n} by version {v or '(none)'}" for v, n in versions["then"].items())
+        print(
+            f"fsbench: {method}: finished cells were computed by another version of its code "
+            f"({then}); this is version {versions['now'] or '(none)'}, so they are recomputed",
+            file=sys.stderr,
+        )
     done = store.finished_ids(records)
     todo = [c for c in cells if c.id not in done]
     manifests = {}

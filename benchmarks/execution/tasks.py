@@ -157,6 +157,7 @@ def train_task(
         "train_list": result.train_list,
         "train_list_fingerprint": result.train_list_fingerprint,
         "excluded_images": result.excluded_images,
+        **({"stages": result.stages} if result.stages else {}),
         "device": device_label(device),
         "host": socket.gethostname(),
         "pid": os.getpid(),

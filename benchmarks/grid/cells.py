@@ -14,10 +14,20 @@ import torch
 from fsbench.benchmarks.grid.entries import MethodSpec
 from fsbench.benchmarks.grid.identity import CellConfig
 from fsbench.benchmarks.grid.names import cell_title
-from fsbench.benchmarks.grid.recipes import TrainConfig
+from fsbench.benchmarks.grid.recipes import TrainConfig, normalise_stages
 from fsbench.core import FsbenchError, canonical_sha256
 from fsbench.datasets.protocols import Protocol, check_sampler, resolve
 from fsbench.methods import METHODS
+from fsbench.methods.base import FewShotMethod
+
+
+def method_version(name: str) -> str:
+    """The `version` the method's class declares ("" when none, or when its builder does not
+    say which class it builds)."""
+    declared = METHODS.provides(name)
+    if declared is None or not issubclass(declared, FewShotMethod):
+        return ""
+    return declared.version or ""
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,7 @@ class Cell:
             sampler=self.sampler,
             checkpoint=checkpoint,
             eval_protocol=self.eval_protocol,
+            method_version=method_version(self.method.name),
         )
 
     def config(self) -> dict:
@@ -79,14 +90,15 @@ class Cell:
 
     @property
     def id(self) -> str:
-        identity = {k: v for k, v in self.config().items() if k != "row"}
-        return canonical_sha256(identity)[:16]
+        return canonical_sha256(self.settings().identity())[:16]
 
     @property
     def title(self) -> str:
         """`PANet w/o PAR · fold 0 · 1-shot`: the cell's name in the console, records and MLflow."""
         seed = self.train.seed if self.train and self.train_replicate else None
-        return cell_title(self.settings(), self.method.display, seed)
+        return cell_title(
+            self.settings(), self.method.display, seed, METHODS.display(self.method.name)
+        )
 
     def model_key(self) -> str:
         """Cells with the same key share one model: a trained model serves every annotation
@@ -153,6 +165,13 @@ class GridSpec:
             self.train_seeds or (None,),
         ):
             train = dataclasses.replace(self.train, **dict(method.train))
+            if not train.stages and trainable[method.row()]:  # the method's own, if declared
+                declared = METHODS.provides(method.name)
+                if declared is not None and issubclass(declared, FewShotMethod):
+                    defaults = declared.default_stages()
+                    if defaults:
+                        where = f"{method.name}.default_stages()"
+                        train = dataclasses.replace(train, stages=normalise_stages(defaults, where))
             if train_seed is not None:
                 train = dataclasses.replace(train, seed=train_seed)
             if (

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fsbench.benchmarks.grid.recipes import MAPPINGS, RECIPES, TrainConfig
+from fsbench.benchmarks.grid.recipes import MAPPINGS, RECIPES, TrainConfig, normalise_stages
 from fsbench.core import FsbenchError, short_repr
 from fsbench.methods import METHODS
 
@@ -51,6 +51,9 @@ def _train_overrides(raw: dict, where: str) -> tuple:
         )
     items = []
     for key, value in raw.items():
+        if key == "stages":
+            items.append((key, normalise_stages(value, f"{where}.stages")))
+            continue
         if key in MAPPINGS:
             if not isinstance(value, dict):
                 example = "{bias: 2}" if key == "lr_mult" else "{backbone: eval}"

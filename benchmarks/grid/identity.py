@@ -34,6 +34,8 @@ class CellConfig:
     # The protocol the cell is scored under when it is not the one it trains under (`protocol`):
     # its episodes, resizing and scoring (a grid's `eval_protocols`); "": `protocol`.
     eval_protocol: str = ""
+    # The method class's `version` (its code version), when it declares one.
+    method_version: str = ""
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as read
 
     @property
@@ -58,6 +60,8 @@ class CellConfig:
             later["checkpoint"] = self.checkpoint
         if self.eval_protocol:
             later["eval_protocol"] = self.eval_protocol
+        if self.method_version:
+            later["method_version"] = self.method_version
         return {
             **later,
             "method": self.method,
@@ -75,6 +79,12 @@ class CellConfig:
             "train": self.train,
             **self.extra,
         }
+
+    def identity(self, version: bool = True) -> dict:
+        """What a cell id hashes (the JSON less the row label); `version=False` also leaves out
+        the method's code version (to find results of another version of the same cell)."""
+        left_out = ("row",) if version else ("row", "method_version")
+        return {k: v for k, v in self.to_json().items() if k not in left_out}
 
     @classmethod
     def from_json(cls, raw: dict) -> CellConfig:

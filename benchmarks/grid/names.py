@@ -1,35 +1,22 @@
 """How a cell is named for people: the display name a paper prints for a method row (the grid's
-`display:`, else the method's usual name with its swept values, way and annotation) and the
+`display:`, else the name the method declares at registration — `register_method(display=…)` —
+with its swept values, way and annotation) and the
 title of a cell (display name · fold · shot). Ids stay ids (cell files, params); every table,
 figure, legend, console line and MLflow run name uses these."""
 
 from __future__ import annotations
 
-# How papers name the bundled methods (a grid's `display:` overrides, per method entry).
-DISPLAY_NAMES = {
-    "panet": "PANet",
-    "panet_nopar": "PANet w/o PAR",
-    "prototype_notrain": "PANet, untrained",
-    "sgone": "SG-One",
-    "canet": "CANet",
-    "finetune_linear": "Linear probe",  # its former name
-    "linear_probe": "Linear probe",
-    "finetune": "Fine-tuning (OSLSM)",
-    "all_background": "All background",
-    "all_foreground": "All foreground",
-    "hsnet": "HSNet",
-    "pfenet": "PFENet",
-}
 GREEK = {"alpha": "α", "par_weight": "λ"}
 
 
-def display_name(config, display: str | None = None) -> str:
+def display_name(config, display: str | None = None, method_display: str | None = None) -> str:
     """The name a paper prints for a cell's row (`config`: a CellConfig): the grid's
-    `display:`, else the method's usual name with its swept values, way and annotation."""
+    `display:`, else the method's usual name (`method_display`, declared where the method is
+    registered) with its swept values, way and annotation."""
     name = display
     if not name:
         method, label = config.method, config.row
-        name = DISPLAY_NAMES.get(method, method)
+        name = method_display or method
         if label.startswith(f"{method}[") and label.endswith("]"):
             values = label[len(method) + 1 : -1].split(",")
             swept = ", ".join(
@@ -47,9 +34,15 @@ def display_name(config, display: str | None = None) -> str:
     return name
 
 
-def cell_title(config, display: str | None = None, train_seed: int | None = None) -> str:
+def cell_title(
+    config,
+    display: str | None = None,
+    train_seed: int | None = None,
+    method_display: str | None = None,
+) -> str:
     """`PANet w/o PAR · fold 0 · 1-shot` (· train seed s for a replicate of several)."""
-    title = f"{display_name(config, display)} · fold {config.fold} · {config.shot}-shot"
+    name = display_name(config, display, method_display)
+    title = f"{name} · fold {config.fold} · {config.shot}-shot"
     if config.protocol and config.protocol != "panet":
         title += f" · {config.protocol}"
     return title + (f" · train seed {train_seed}" if train_seed is not None else "")

@@ -15,6 +15,9 @@ PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("step", "constant", "poly")
 BATCHNORM_MODES = ("train", "eval")
+# What a training step draws: fsbench's episodes, or batches of training images with their
+# base-class labels (a base learner's stage; each image once per epoch).
+TRAIN_SAMPLERS = ("fsbench", "images")
 # Settings written as {key: value} in a grid, held as sorted (key, value) pairs.
 MAPPINGS = ("lr_mult", "batchnorm")
 
@@ -81,6 +84,8 @@ def _is_kind(value, kind) -> bool:
         return isinstance(value, tuple) and all(
             isinstance(k, str) and _is_kind(v, float) for k, v in value
         )
+    if kind == "stages":
+        return isinstance(value, tuple) and all(isinstance(v, tuple) for v in value)
     if kind == "batchnorm":
         return isinstance(value, tuple) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in value
@@ -96,6 +101,7 @@ _FIELD_KINDS = {
     "tuple[int, ...]": tuple,
     "tuple[tuple[str, float], ...]": "lr_mult",
     "tuple[tuple[str, str], ...]": "batchnorm",
+    "tuple": "stages",
 }
 
 
@@ -138,6 +144,11 @@ class TrainConfig:
     augment: str = later("")  # "": `flip` decides (flip | none); or e.g. "pfenet"
     # BAM's filter: leave out training images holding any pixel of the fold's test classes
     exclude_novel_images: bool = later(False)
+    sampler: str = later("fsbench")  # TRAIN_SAMPLERS: what one step draws
+    images_per_step: int = later(8)  # the batch of a `sampler: images` step
+    # Training stages, run in order (each a tuple of sorted (key, value) pairs: `name`,
+    # `params` — the parameter groups it trains — and any setting above, over this config's).
+    stages: tuple = later(())
 
     def __post_init__(self):
         problems = []
@@ -190,6 +201,10 @@ class TrainConfig:
             problems.append(
                 f"batchnorm={dict(self.batchnorm)} (modes: {', '.join(BATCHNORM_MODES)})"
             )
+        if self.sampler not in TRAIN_SAMPLERS:
+            problems.append(f"sampler={self.sampler!r} (one of {', '.join(TRAIN_SAMPLERS)})")
+        if not 1 <= self.images_per_step <= 4096:
+            problems.append(f"images_per_step={self.images_per_step} (1…4096)")
         if self.augment and self.augment not in AUGMENTATIONS:
             problems.append(
                 f"augment={self.augment!r} (one of {', '.join(AUGMENTATIONS.list())}, or a "
@@ -197,6 +212,26 @@ class TrainConfig:
             )
         if problems:
             raise FsbenchError("impossible training setting: " + "; ".join(problems))
+        if self.stages:
+            self.stage_configs()  # each stage's settings checked as a whole TrainConfig
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of the whole training: the stages' sum, or `steps`."""
+        return sum(c.steps for _, _, c in self.stage_configs()) if self.stages else self.steps
+
+    def stage_configs(self) -> list[tuple[str, tuple[str, ...], TrainConfig]]:
+        """[(name, parameter groups it trains, its settings)] in order; one stage ("train",
+        ("all",), this config) when no stages are declared."""
+        if not self.stages:
+            return [("train", ("all",), self)]
+        base = dataclasses.replace(self, stages=())
+        out = []
+        for stage in self.stages:
+            values = dict(stage)
+            name, params = values.pop("name"), values.pop("params", ("all",))
+            out.append((name, tuple(params), dataclasses.replace(base, **values)))
+        return out
 
     @property
     def augmentation(self) -> str:
@@ -211,6 +246,8 @@ class TrainConfig:
         for key in MAPPINGS:
             if key in raw:
                 raw[key] = tuple(sorted(dict(raw[key]).items()))
+        if "stages" in raw:
+            raw["stages"] = normalise_stages(raw["stages"], "train.stages")
         return cls(**raw)
 
     def to_dict(self) -> dict:
@@ -225,4 +262,82 @@ class TrainConfig:
         for key in MAPPINGS:
             if key in out:
                 out[key] = dict(getattr(self, key))
+        if "stages" in out:
+            out["stages"] = [_stage_json(stage) for stage in self.stages]
         return out
+
+
+# A stage may set every training key but these (one seed and one list of stages per training).
+NOT_PER_STAGE = ("stages", "seed")
+
+
+def normalise_stages(raw, where: str) -> tuple:
+    """`stages:` as written (a list of mappings) → a tuple of sorted (key, value) tuples, each
+    value hashable (lists → tuples, mappings → sorted pairs); names unique, keys known."""
+    if isinstance(raw, tuple):  # normalised already, or a method's default_stages()
+        raw = [_stage_json(stage) if isinstance(stage, tuple) else stage for stage in raw]
+    if not isinstance(raw, list) or not raw:
+        raise FsbenchError(
+            f"{where}: expected a list of stages, e.g. [{{name: base, steps: 4000, params: "
+            "[base]}, {name: meta, steps: 30000, params: [meta]}]"
+        )
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(NOT_PER_STAGE)
+    stages, names = [], []
+    for index, stage in enumerate(raw):
+        if not isinstance(stage, dict) or not isinstance(stage.get("name"), str):
+            raise FsbenchError(f"{where}[{index}]: a stage is a mapping with a `name:`")
+        unknown = sorted(set(stage) - fields - {"name", "params"})
+        if unknown:
+            raise FsbenchError(
+                f"{where}[{index}] ({stage['name']}): unknown key(s) {unknown}; a stage takes "
+                f"name, params and the training keys {sorted(fields)}"
+            )
+        params = stage.get("params", ["all"])
+        if isinstance(params, str):
+            params = [params]
+        if (
+            not isinstance(params, (list, tuple))
+            or not params
+            or not all(isinstance(p, str) for p in params)
+        ):
+            raise FsbenchError(
+                f"{where}[{index}] ({stage['name']}): params {params!r} is not a list of the "
+                "method's parameter groups (param_groups()), e.g. [meta] or [all]"
+            )
+        names.append(stage["name"])
+        items = []
+        for key, value in stage.items():
+            if key in MAPPINGS and isinstance(value, dict):
+                value = tuple(sorted(value.items()))
+            elif isinstance(value, list):
+                value = tuple(value)
+            items.append((key, value))
+        items = [(k, v) for k, v in items if k != "params"] + [("params", tuple(params))]
+        stages.append(tuple(sorted(items)))
+    if len(set(names)) != len(names):
+        raise FsbenchError(f"{where}: stage names {names} repeat; name each stage once")
+    return tuple(stages)
+
+
+def _stage_json(stage: tuple) -> dict:
+    out = {}
+    for key, value in stage:
+        if key in MAPPINGS:
+            value = dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[key] = value
+    return out
+
+
+def check_stages(stages, groups, where: str) -> None:
+    """Stages (as written or normalised) whose `params` name only `groups` (the method's
+    param_groups() and "all"); raises FsbenchError naming the misfit."""
+    config = TrainConfig(stages=normalise_stages(stages, where))
+    for name, params, _ in config.stage_configs():
+        unknown = sorted(set(params) - set(groups))
+        if unknown:
+            raise FsbenchError(
+                f"{where}: stage {name} trains parameter group(s) {unknown} the method does "
+                f"not have; its groups: {sorted(groups)}"
+            )

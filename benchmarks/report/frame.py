@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from fsbench.benchmarks.grid import names
-from fsbench.benchmarks.grid.names import DISPLAY_NAMES, GREEK  # noqa: F401 (re-exported)
+from fsbench.benchmarks.grid.names import GREEK  # noqa: F401 (re-exported)
 from fsbench.benchmarks.metrics import METRICS
 from fsbench.benchmarks.store.records import (
     CellConfig,
@@ -62,7 +62,7 @@ def row_label(config: CellConfig, scored: bool = True) -> str:
 
 def display_name(cell: CellRecord) -> str:
     """The name a paper prints for a cell's row (grid/names.py)."""
-    return names.display_name(cell.config, cell.display)
+    return names.display_name(cell.config, cell.display, cell.method_display)
 
 
 def seed_frame(cells: list[CellRecord]) -> pd.DataFrame:

@@ -101,7 +101,7 @@ def protocol_frame(cells, n_boot: int = 1000) -> pd.DataFrame:
     groups: dict[tuple, list] = {}
     for cell in cells:
         config = cell.config
-        base = names.display_name(_unscored(config), cell.display)
+        base = names.display_name(_unscored(config), cell.display, cell.method_display)
         key = (row_label(config, scored=False), base, config.shot, config.scored_under)
         groups.setdefault(key, []).append(cell)
     records = []

@@ -21,7 +21,7 @@ import numpy as np
 
 from fsbench.benchmarks.grid.identity import CellConfig
 from fsbench.benchmarks.metrics import METRICS, EpisodeCounts
-from fsbench.core import FsbenchError
+from fsbench.core import FsbenchError, canonical_sha256
 from fsbench.datasets.protocols import Protocol, resolve
 
 RESULT_VERSION = 1
@@ -161,6 +161,24 @@ def _first_difference(recorded, expected, partial: bool = False, path: str = "")
     return None if np.isclose(recorded, expected, rtol=0, atol=1e-9) else path
 
 
+# The names the bundled methods printed under before each declared its own at registration:
+# a record written then (without `method_display`) still prints as it did.
+LEGACY_DISPLAY = {
+    "panet": "PANet",
+    "panet_nopar": "PANet w/o PAR",
+    "prototype_notrain": "PANet, untrained",
+    "sgone": "SG-One",
+    "canet": "CANet",
+    "finetune_linear": "Linear probe",
+    "linear_probe": "Linear probe",
+    "finetune": "Fine-tuning (OSLSM)",
+    "all_background": "All background",
+    "all_foreground": "All foreground",
+    "hsnet": "HSNet",
+    "pfenet": "PFENet",
+}
+
+
 @dataclass(frozen=True)
 class CellRecord:
     """A finished cell, as its file holds it."""
@@ -173,7 +191,9 @@ class CellRecord:
     seeds: tuple[SeedRecord, ...]
     protocol: dict = field(default_factory=dict)  # Protocol.to_dict(), resolved for the dataset
     row_index: int = 0
-    display: str | None = None  # the tables' and figures' name (not identity)
+    display: str | None = None  # the grid's `display:` for the row (not identity)
+    # the name the method declared at registration (register_method(display=…)), as it ran
+    method_display: str | None = None
     train: dict | None = None  # curve, seconds, selection; None: not trained
     checkpoint: str | None = None  # relative to the grid folder
     checkpoint_bytes: int | None = None
@@ -215,6 +235,7 @@ class CellRecord:
             "row_index": self.row_index,
             "title": self.title,
             "display": self.display,
+            **({"method_display": self.method_display} if self.method_display else {}),
             "config": self.config.to_json(),
             "protocol": self.protocol,
             "summary": self.summary,
@@ -268,6 +289,8 @@ class CellRecord:
         values = {k: raw[k] for k in known if k in raw}
         for key in ("imports", "plugin_paths", "qualitative"):
             values[key] = tuple(values.get(key) or ())
+        if "method_display" not in raw:  # written before methods declared their names
+            values["method_display"] = LEGACY_DISPLAY.get(config.method)
         return cls(
             **values,
             config=config,
@@ -331,3 +354,22 @@ def read_cells(cells_dir: Path, grid: str | None = None, rejected: dict | None =
             if rejected is not None:
                 rejected[path.name] = str(error)
     return records
+
+
+def other_versions(cells, records) -> dict[str, dict]:
+    """Per method: the finished records that are one of `cells` but for the method's code
+    version — {"now": version, "then": {version: count}} (what `fsbench run` says it
+    recomputes instead of reusing)."""
+    wanted = {
+        canonical_sha256(cell.settings().identity(version=False)): cell.settings()
+        for cell in cells
+    }
+    found: dict[str, dict] = {}
+    for record in records:
+        config = wanted.get(canonical_sha256(record.config.identity(version=False)))
+        if config is None or config.method_version == record.config.method_version:
+            continue
+        entry = found.setdefault(config.method, {"now": config.method_version, "then": {}})
+        then = record.config.method_version
+        entry["then"][then] = entry["then"].get(then, 0) + 1
+    return found

@@ -118,7 +118,7 @@ def run_name(result: CellRecord) -> str:
     before titles were display names get one computed."""
     if " · " in result.title:
         return result.title
-    return cell_title(result.config, result.display)
+    return cell_title(result.config, result.display, method_display=result.method_display)
 
 
 def cell_tags(result: CellRecord, digest: str) -> dict[str, str]:
@@ -138,7 +138,7 @@ def cell_tags(result: CellRecord, digest: str) -> dict[str, str]:
         "device": environment["device"],
         "manifest_fingerprints": ",".join(s.manifest_fingerprint[:16] for s in result.seeds),
         RECORD_TAG: digest,
-        "display": display_name(config, result.display),
+        "display": display_name(config, result.display, result.method_display),
         "mlflow.note.content": cell_description(result),
         **{
             f"eval.{key}": str(result.timings[key])
@@ -197,7 +197,8 @@ def cell_description(result: CellRecord) -> str:
             else "checkpoint: last step"
         )
     return (
-        f"**{cell_title(config, result.display)}**: {display_name(config, result.display)} "
+        f"**{cell_title(config, result.display, method_display=result.method_display)}**: "
+        f"{display_name(config, result.display, result.method_display)} "
         f"(`{config.row}`) on {config.dataset_name} fold {config.fold}, {config.way}-way "
         f"{config.shot}-shot, {config.annotation} supports, input {config.input_size} px. "
         f"Protocol {config.protocol}: {config.episodes} episodes × seeds {seeds} "

@@ -10,6 +10,7 @@ from torch import nn
 
 from fsbench.benchmarks.grid.recipes import TrainConfig
 from fsbench.core import FsbenchError
+from fsbench.datasets.episodes import ImageBatch
 
 
 def parameter_groups(model) -> dict[str, list]:
@@ -91,10 +92,17 @@ def trains_batchnorm(model) -> bool:
 def step_losses(model, episodes, autocast) -> dict[str, float]:
     """Gradients of one step over `episodes` (their losses' mean); returns each term's value.
 
+    An `ImageBatch` (a `sampler: images` step) goes through the method's `loss_images`.
+
     One episode: its loss. Several: the method's `loss_batch` (a true batch) when it has one;
     else each episode's loss / n, backpropagated one at a time (the same gradient as the mean,
     at one episode's memory) — refused when BatchNorm trains, whose statistics would then be
     per episode instead of per batch."""
+    if isinstance(episodes, ImageBatch):
+        with autocast:
+            losses = model.loss_images(episodes)
+        losses["total"].backward()
+        return {name: float(value.detach()) for name, value in losses.items()}
     if len(episodes) == 1 or model.batched_loss:
         with autocast:
             losses = model.loss(episodes[0]) if len(episodes) == 1 else model.loss_batch(episodes)

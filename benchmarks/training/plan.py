@@ -5,11 +5,20 @@ the same batches, and a resumed training continues the same plan."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from fsbench.core import seeded_rng
+from fsbench.core import FsbenchError, seeded_rng
 from fsbench.datasets.augment import AUGMENTATIONS
 from fsbench.datasets.episodes import EpisodeLoader, sample_episode
+
+
+class ImageStep(NamedTuple):
+    """One `sampler: images` step: training image ids and their augmentation parameters."""
+
+    ids: tuple[str, ...]
+    params: tuple | None
 
 
 class EpisodeStream(torch.utils.data.Dataset):
@@ -22,27 +31,65 @@ class EpisodeStream(torch.utils.data.Dataset):
         return len(self.plan)
 
     def __getitem__(self, index: int):
+        item = self.plan[index]
+        if isinstance(item, ImageStep):
+            augment = (self.augmentation, item.params) if item.params is not None else None
+            return self.loader.load_images(item.ids, augment)
         return [
             self.loader.load(spec, (self.augmentation, params) if params is not None else None)
             for spec, params in self.plan[index]
         ]
 
 
-def augmentation_rng(cfg):
+def augmentation_rng(cfg, stage: tuple = ()):
     """The generator of the augmentation parameters (`flip` keeps the generator flips always
     drew from, so PANet's recipe draws the same flips as before it was a recipe)."""
     if cfg.augmentation == "none":
         return None
     if cfg.augmentation == "flip":
-        return seeded_rng("train-flips", cfg.seed)
-    return seeded_rng("train-augment", cfg.augmentation, cfg.seed)
+        return seeded_rng("train-flips", cfg.seed, *stage)
+    return seeded_rng("train-augment", cfg.augmentation, cfg.seed, *stage)
 
 
-def episode_plan(dataset, protocol, split, fold, train_classes, way, shot, cfg) -> list:
+def stage_plan(dataset, protocol, split, fold, train_classes, way, shot, cfg, stage=()):
+    """A stage's steps: episodes (`sampler: fsbench`) or image batches (`sampler: images`);
+    `stage` (its index and name when the training declares stages) joins their seeds."""
+    if cfg.sampler == "images":
+        return image_plan(dataset, split, train_classes, cfg, stage, protocol.min_object_pixels)
+    return episode_plan(dataset, protocol, split, fold, train_classes, way, shot, cfg, stage)
+
+
+def image_plan(dataset, split, train_classes, cfg, stage=(), min_pixels=1) -> list[ImageStep]:
+    """Batches of `cfg.images_per_step` training images holding a training class, each image
+    once per epoch in an order shuffled per epoch by the seeded generator (as a base learner's
+    DataLoader(shuffle=True) walks its list); a batch may run across an epoch's end."""
+    pool = sorted(set().union(*(dataset.class_images(split, c, min_pixels) for c in train_classes)))
+    if not pool:
+        raise FsbenchError(
+            f"sampler images: {dataset.name}/{split} has no image of the training classes"
+        )
+    rng = seeded_rng("train-images", cfg.seed, dataset.name, *stage)
+    draw_rng = augmentation_rng(cfg, stage)
+    augmentation = AUGMENTATIONS.build(cfg.augmentation)
+    plan, order = [], []
+    for _ in range(cfg.steps):
+        ids = []
+        while len(ids) < cfg.images_per_step:
+            if not order:  # a new epoch
+                order = [pool[i] for i in rng.permutation(len(pool))]
+            ids.append(order.pop())
+        params = None
+        if draw_rng is not None:
+            params = tuple(augmentation.draw(draw_rng) for _ in ids)
+        plan.append(ImageStep(tuple(ids), params))
+    return plan
+
+
+def episode_plan(dataset, protocol, split, fold, train_classes, way, shot, cfg, stage=()) -> list:
     """[[(EpisodeSpec, per-image augmentation parameters or None)] per step] of every training
     step (`cfg.episodes_per_step` episodes each), from the seeded generators, in order."""
-    rng = seeded_rng("train-episodes", cfg.seed, dataset.name, fold, way, shot)
-    draw_rng = augmentation_rng(cfg)
+    rng = seeded_rng("train-episodes", cfg.seed, dataset.name, fold, way, shot, *stage)
+    draw_rng = augmentation_rng(cfg, stage)
     augmentation = AUGMENTATIONS.build(cfg.augmentation)
     plan = []
     for _ in range(cfg.steps):

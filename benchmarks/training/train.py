@@ -16,15 +16,14 @@ import torch
 from fsbench.benchmarks.grid.recipes import TrainConfig
 from fsbench.benchmarks.metrics import SegmentationMeter
 from fsbench.benchmarks.training.optim import (
-    make_optimizer,
-    make_scheduler,
     step_losses,
     train_mode,
 )
-from fsbench.benchmarks.training.plan import EpisodeStream, episode_plan
+from fsbench.benchmarks.training.plan import EpisodeStream, stage_plan
+from fsbench.benchmarks.training.stages import Stages
 from fsbench.core import FsbenchError, atomic_write_bytes, seeded_rng
 from fsbench.datasets.augment import AUGMENTATIONS
-from fsbench.datasets.episodes import EpisodeLoader, sample_episode
+from fsbench.datasets.episodes import EpisodeLoader, ImageBatch, sample_episode
 from fsbench.datasets.leakage import WithoutNovelImages, novel_images, training_images
 from fsbench.methods.base import labels_of
 
@@ -43,6 +42,7 @@ class TrainResult:
     train_list: str = ""  # the dataset list the episodes were drawn from
     train_list_fingerprint: str = ""  # sha256 of its class → image lists, as training drew them
     excluded_images: int = 0  # images left out for holding novel-class pixels (exclude_novel_…)
+    stages: list[dict] = field(default_factory=list)  # [{name, steps, params}] when declared
 
 
 def split_validation_classes(train_classes, cfg: TrainConfig, fold: int):
@@ -118,8 +118,9 @@ def _fits(state: dict, path: Path, model, optimizer, scheduler) -> bool:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if optimizer is not None:  # None: the file ends a stage; the next one starts afresh
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
         return True
     except Exception as error:  # noqa: BLE001 - torch raises several types for a misfit
         model.load_state_dict(before)
@@ -171,10 +172,13 @@ def train(
 ) -> TrainResult:
     """Train `model` on episodes of the fold's training classes; returns the selected weights.
 
-    `workers` DataLoader processes decode episodes ahead of the step (0: in this loop). With
+    The training runs `cfg`'s stages in order (one stage without them): each stage trains its
+    parameter groups only, under its own optimizer and schedule (rebuilt at its start), on its
+    own steps, episodes or image batches; `model.stage` is the stage's name before its first
+    step. `workers` DataLoader processes decode ahead of the step (0: in this loop). With
     `resume_path`, the state (weights, optimizer, scheduler, RNG, curve) is saved there every
-    `checkpoint_every` steps, and a training that finds it resumes from it: the result equals an
-    uninterrupted run's, bit for bit."""
+    `checkpoint_every` steps, and a training that finds it resumes from it, mid-stage too: the
+    result equals an uninterrupted run's, bit for bit."""
     if not model.trainable:
         raise FsbenchError(f"{type(model).__name__} does not train")
     started = time.perf_counter()
@@ -189,15 +193,11 @@ def train(
         )
         dataset = WithoutNovelImages(dataset, excluded)
     train_classes, val_classes = split_validation_classes(dataset.train_classes(fold), cfg, fold)
-    loader = EpisodeLoader(dataset, cfg.input_size or input_size, resize=protocol.resize)
-    plan = episode_plan(dataset, protocol, split, fold, train_classes, way, shot, cfg)
+    stages = Stages(model, cfg)
     model.to(device)
-    train_mode(model, cfg)
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
     result = TrainResult(
         state_dict={},
         train_classes=train_classes,
@@ -205,16 +205,20 @@ def train(
         train_list=split,
         train_list_fingerprint=dataset.fingerprint(split, protocol.min_object_pixels),
         excluded_images=len(excluded),
+        stages=stages.summary(),
     )
     best = -np.inf
     running: dict[str, float] = {}
     first, spent = 1, 0.0
     resume_path = Path(resume_path) if resume_path else None
     state = _load_resume(resume_path) if resume_path is not None else None
-    if state is not None and not _fits(state, resume_path, model, optimizer, scheduler):
-        state = None
-        optimizer = make_optimizer(model, cfg)  # fresh: the misfit may have half-loaded one
-        scheduler = make_scheduler(optimizer, cfg)
+    resumed = None  # (optimizer, scheduler) of the stage a resume file left off in
+    if state is not None:
+        saved = stages.index_of(state["step"])  # the stage whose optimizer the file holds
+        if saved is not None and stages.index_of(state["step"] + 1) == saved:  # mid-stage
+            resumed = stages.optimizer(saved)
+        if not _fits(state, resume_path, model, *(resumed or (None, None))):
+            state, resumed = None, None
     if state is not None:
         torch.set_rng_state(state["torch_rng"])
         if cuda and state.get("cuda_rng") is not None:
@@ -225,73 +229,106 @@ def train(
         result.state_dict = state["best_state"]
         result.resumed_from = state["step"]
         first, spent = state["step"] + 1, state["seconds"]
-    stream = torch.utils.data.DataLoader(
-        EpisodeStream(loader, plan[first - 1 :], AUGMENTATIONS.build(cfg.augmentation)),
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=cuda,
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-        # DataLoader draws its workers' base seed from a generator: a private one keeps the
-        # global torch RNG (dropout) the same whatever the worker count.
-        generator=torch.Generator().manual_seed(0),
-    )
-    for step, episodes in enumerate(stream, start=first):
-        episodes = [episode.to(device, non_blocking=cuda) for episode in episodes]
-        optimizer.zero_grad(set_to_none=True)
-        losses = step_losses(model, episodes, _autocast(device, cfg.precision))
-        optimizer.step()
-        scheduler.step()
-        for name, value in losses.items():
-            running[name] = running.get(name, 0.0) + value
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            count = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-            result.curve.append(
-                {
-                    "step": step,
-                    "lr": scheduler.get_last_lr()[0],
-                    **{k: v / count for k, v in running.items()},
-                }
-            )
-            result.curve_times.append(int(time.time() * 1000))
-            running = {}
-            if on_curve is not None:  # live progress (the driver logs it to MLflow)
-                on_curve({**result.curve[-1], "time": result.curve_times[-1]})
-        if val_classes and (step % cfg.val_every == 0 or step == cfg.steps):
-            score = validate(model, loader, dataset, protocol, val_classes, way, shot, cfg, device)
-            result.validation.append({"step": step, "miou": score})
-            if score > best:
-                best, result.best_step = score, step
-                result.state_dict = copy.deepcopy(model.state_dict())
-            train_mode(model, cfg)
-        if resume_path is not None and checkpoint_every and step % checkpoint_every == 0:
-            _save_resume(
-                resume_path,
-                {
-                    "step": step,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state() if cuda else None,
-                    "curve": result.curve,
-                    "curve_times": result.curve_times,
-                    "validation": result.validation,
-                    "best_step": result.best_step,
-                    "best": best,
-                    "best_state": result.state_dict,
-                    "running": running,
-                    "seconds": spent + time.perf_counter() - started,
-                },
-            )
-        if progress is not None:
-            progress(step, cfg.steps)
+    base_classes = sorted(train_classes) if model.base_class_labels else None
+    for index, (name, stage_first, stage_last, scfg) in enumerate(stages.spans()):
+        if stage_last < first:
+            continue  # finished before the resume point
+        model.stage = name
+        stages.enter(index)
+        train_mode(model, scfg)
+        if resumed is not None and stage_first <= first - 1 < stage_last:
+            optimizer, scheduler = resumed  # mid-stage: the state the resume file held
+            stages.enter(index)
+        else:
+            optimizer, scheduler = stages.optimizer(index)
+        resumed = None
+        loader = EpisodeLoader(
+            dataset,
+            scfg.input_size or input_size,
+            resize=protocol.resize,
+            base_classes=base_classes,
+        )
+        plan = stage_plan(
+            dataset, protocol, split, fold, train_classes, way, shot, scfg,
+            stages.seed_material(index),
+        )  # fmt: skip
+        local_first = max(first, stage_first) - stage_first + 1
+        stream = torch.utils.data.DataLoader(
+            EpisodeStream(loader, plan[local_first - 1 :], AUGMENTATIONS.build(scfg.augmentation)),
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=cuda,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+            # DataLoader draws its workers' base seed from a generator: a private one keeps the
+            # global torch RNG (dropout) the same whatever the worker count.
+            generator=torch.Generator().manual_seed(0),
+        )
+        last_stage = index == len(stages) - 1
+        for local, batch in enumerate(stream, start=local_first):
+            step = stage_first + local - 1
+            optimizer.zero_grad(set_to_none=True)
+            losses = step_losses(model, _to(batch, device, cuda), _autocast(device, scfg.precision))
+            optimizer.step()
+            scheduler.step()
+            for term, value in losses.items():
+                running[term] = running.get(term, 0.0) + value
+            if local % scfg.log_every == 0 or step == stage_last:
+                count = scfg.log_every if local % scfg.log_every == 0 else local % scfg.log_every
+                point = {"step": step, "lr": scheduler.get_last_lr()[0]}
+                if stages.declared:
+                    point["stage"] = index
+                result.curve.append({**point, **{k: v / count for k, v in running.items()}})
+                result.curve_times.append(int(time.time() * 1000))
+                running = {}
+                if on_curve is not None:  # live progress (the driver logs it to MLflow)
+                    on_curve({**result.curve[-1], "time": result.curve_times[-1]})
+            # checkpoint selection on held-out classes happens within the last stage only
+            if last_stage and val_classes and (local % scfg.val_every == 0 or step == stage_last):
+                score = validate(
+                    model, loader, dataset, protocol, val_classes, way, shot, scfg, device
+                )
+                result.validation.append({"step": step, "miou": score})
+                if score > best:
+                    best, result.best_step = score, step
+                    result.state_dict = copy.deepcopy(model.state_dict())
+                train_mode(model, scfg)
+            if resume_path is not None and checkpoint_every and step % checkpoint_every == 0:
+                _save_resume(
+                    resume_path,
+                    {
+                        "step": step,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state() if cuda else None,
+                        "curve": result.curve,
+                        "curve_times": result.curve_times,
+                        "validation": result.validation,
+                        "best_step": result.best_step,
+                        "best": best,
+                        "best_state": result.state_dict,
+                        "running": running,
+                        "seconds": spent + time.perf_counter() - started,
+                    },
+                )
+            if progress is not None:
+                progress(step, stages.total)
+    stages.leave()
     if not val_classes:
-        result.best_step = cfg.steps
+        result.best_step = stages.total
         result.state_dict = model.state_dict()
     result.state_dict = {k: v.detach().cpu() for k, v in result.state_dict.items()}
     result.seconds = spent + time.perf_counter() - started
     return result
+
+
+def _to(batch, device, cuda: bool):
+    """A step's input on the device: its episodes, or its image batch."""
+    if isinstance(batch, ImageBatch):
+        return batch.to(device, non_blocking=cuda)
+    return [episode.to(device, non_blocking=cuda) for episode in batch]
 
 
 @torch.no_grad()
