@@ -109,6 +109,20 @@ class FewShotMethod(nn.Module):
         "all")."""
         return {}
 
+    def init_from(self, model) -> None:
+        """Start from another entry's trained model (a grid's `init_from:`), e.g. take over a
+        base learner's weights before this method's own stages train."""
+        raise FsbenchError(
+            f"method {type(self).__name__} does not start from another model (init_from); "
+            "implement init_from(model) or drop init_from from its entry"
+        )
+
+    def load_official_state_dict(self, state_dict: dict) -> None:
+        """Weights released by the method's official code (`format: official`)."""
+        raise FsbenchError(
+            f"method {type(self).__name__} has no official checkpoint format; use format: fsbench"
+        )
+
     def loss_images(self, batch) -> dict[str, torch.Tensor]:
         """The loss of a batch of training images with base-class labels (`ImageBatch`: a
         `sampler: images` stage, e.g. a base learner's); needs `base_class_labels = True`."""

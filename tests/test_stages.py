@@ -208,3 +208,118 @@ def test_registration_metadata_and_aliases(two_stage):
     assert "finetune_linear" not in METHODS.list()  # a former name, not a listed method
     with pytest.raises(FsbenchError, match="registered twice"):
         METHODS.register("again", aliases=["two_stage_old"])(lambda: None)
+
+
+# -- shared trained parts: init_from -----------------------------------------------------------
+def _init_grid(voc_root, extra=()):
+    meta_only = {"stages": [{"name": "meta", "steps": 3, "params": ["meta"]}]}
+    return {
+        "name": "shared",
+        "imports": ["two_stage_method"],
+        "dataset": {"name": "pascal5i", "data_root": str(voc_root)},
+        "input_size": 32,
+        "episodes": 2,
+        "seeds": [1],
+        "folds": [0],
+        "shots": [1, 5],
+        "methods": [
+            {"name": "base_learner", "label": "base", "kwargs": {"base_classes": 15}},
+            {
+                "name": "two_stage",
+                "init_from": "base",
+                "kwargs": {"base_classes": 15},
+                "train": meta_only,
+            },
+            *extra,
+        ],  # fmt: skip
+        "train": {"steps": 5, "lr_milestones": [3], "log_every": 1},
+    }
+
+
+def test_init_from_trains_the_base_learner_once_and_hands_it_over(voc_root, two_stage, tmp_path):
+    from fsbench.benchmarks.cli.api import run
+    from fsbench.benchmarks.execution.graph import job_graph
+    from fsbench.benchmarks.execution.planning import plan_grid
+    from fsbench.benchmarks.store.results import ResultStore
+
+    grid = _init_grid(voc_root)
+    cells = parse_grid(grid).expand()
+    base = [c for c in cells if c.method.row() == "base"]
+    meta = [c for c in cells if c.method.row() == "two_stage"]
+    assert len({c.model_key() for c in base}) == 1  # image batches only: one model for 1/5-shot
+    assert {c.settings().init_from for c in meta} == {base[0].model_key()}
+    alone = dict(grid, methods=[dict(grid["methods"][1], init_from=None)])
+    alone["methods"][0].pop("init_from")
+    assert {c.id for c in parse_grid(alone).expand()}.isdisjoint(c.id for c in meta)
+    store = ResultStore(tmp_path / "r", "shared")
+    plan = plan_grid(parse_grid(grid), store)
+    graph = job_graph(plan.jobs)
+    trains = [n for n in graph if n.kind == "train"]
+    assert [n.job.key for n in trains][0] == base[0].model_key()  # the upstream first
+    assert all(n.needs == base[0].model_key() for n in trains[1:])
+    run(grid, results=tmp_path / "r", serial=True, tracking=False)
+    records = [yaml.safe_load(p.read_text()) for p in store.cells_dir.glob("*.json")]
+    downstream = [r for r in records if r["config"]["method"] == "two_stage"]
+    assert len(records) == 4 and {r["train"]["init_from"] for r in downstream} == {
+        base[0].model_key()
+    }
+    upstream = torch.load(store.checkpoints_dir / f"{base[0].model_key()}.pt")
+    for record in downstream:  # the meta stage left the handed-over base learner untouched
+        trained = torch.load(store.grid_dir / record["checkpoint"])
+        assert torch.equal(trained["encoder.weight"], upstream["encoder.weight"])
+        assert torch.equal(trained["base.weight"], upstream["base.weight"])
+    # a later run with another entry starting from it: the base learner is not trained again
+    more = _init_grid(voc_root, [dict(grid["methods"][1], label="two_stage_b", kwargs={
+        "base_classes": 15, "channels": 8})])  # fmt: skip
+    plan = plan_grid(parse_grid(more), store)
+    assert [j.key for j in plan.jobs if j.trainable] != [] and all(
+        j.key != base[0].model_key() for j in plan.jobs
+    )
+    for job in (j for j in plan.jobs if j.trainable):  # two_stage_b, 1- and 5-shot
+        assert job.upstream is None and job.config["init_from_model"]["checkpoint"].endswith(
+            f"{base[0].model_key()}.pt"
+        )
+    run(more, results=tmp_path / "r", serial=True, tracking=False)
+    assert len(list(store.cells_dir.glob("*.json"))) == 6
+
+
+@pytest.mark.parametrize(
+    "methods, says",
+    [
+        ([{"name": "test_panet", "init_from": "nope"}], "init_from 'nope' is no entry"),
+        ([{"name": "test_panet", "init_from": "test_panet"}], "names the entry itself"),
+        (
+            [
+                {"name": "test_panet", "init_from": "test_panet_nopar"},
+                {"name": "test_panet_nopar", "init_from": "test_panet"},
+            ],
+            "init_from runs in a cycle: test_panet → test_panet_nopar → test_panet",
+        ),
+        (
+            [{"name": "test_panet", "init_from": "all_background"}, "all_background"],
+            "names an entry without a model",
+        ),
+    ],
+)
+def test_impossible_init_from_is_one_line(quick_grid, capsys, tmp_path, methods, says):
+    grid = yaml.safe_load(quick_grid.read_text())
+    grid["methods"] = methods
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    code, _, err = cli(capsys, "config", path)
+    assert code == 2 and one_line_error(err, says), err
+
+
+@pytest.mark.slow  # starts a local Ray instance
+def test_init_from_on_ray_equals_serial(voc_root, two_stage, tmp_path):
+    """On Ray the base learner's weights reach the trainings that start from it as an object
+    reference (the task graph waits on it); the numbers equal the serial run's."""
+    from fsbench.benchmarks.cli.api import run
+
+    grid = _init_grid(voc_root)
+    serial = run(grid, results=tmp_path / "s", serial=True, tracking=False)
+    on_ray = run(grid, results=tmp_path / "r", serial=False, tracking=False, num_cpus=2)
+    columns = ["row", "shot", "seed", "miou"]
+    ordered = [frame[columns].sort_values(columns[:3]).reset_index(drop=True)
+               for frame in (serial, on_ray)]  # fmt: skip
+    assert len(ordered[0]) == 4 and ordered[0].equals(ordered[1])

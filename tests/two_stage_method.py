@@ -62,11 +62,48 @@ class TwoStage(FewShotMethod):
         )
         return F.interpolate(scores, episode.query_images.shape[-2:], mode="bilinear")
 
+    def init_from(self, model):
+        """Take over a trained base learner (a grid's `init_from:`)."""
+        self.encoder.load_state_dict(model.encoder.state_dict())
+        self.base.load_state_dict(model.base.state_dict())
+
     def loss(self, episode):
         self._note("episode")
         assert episode.query_base_labels is not None  # base_class_labels = True
         logits = self.forward(episode)
         return {"total": F.cross_entropy(logits, episode.query_labels, ignore_index=255)}
+
+
+class BaseLearner(TwoStage):
+    """The base learner alone (a PSPNet-like per-pixel classifier over the training classes),
+    trained on image batches only; scored as a few-shot method by its feature prototypes."""
+
+    version = None
+
+    @classmethod
+    def default_stages(cls):
+        return ({"name": "base", "steps": 3, "params": ["base"], "sampler": "images", "lr": 0.05},)
+
+    def param_groups(self):
+        return {"base": [*self.encoder.parameters(), *self.base.parameters()],
+                "unused": list(self.meta.parameters())}  # fmt: skip
+
+    def forward(self, episode):
+        way, shot = episode.support_fg.shape[:2]
+        support = self.encoder(episode.support_images.flatten(0, 1))
+        query = self.encoder(episode.query_images)
+        fg = masked_average_pool(support, episode.support_fg.flatten(0, 1))
+        bg = masked_average_pool(support, episode.support_bg.flatten(0, 1)).mean(0, keepdim=True)
+        prototypes = torch.cat([bg, fg.view(way, shot, -1).mean(1)])
+        scores = torch.einsum(
+            "qchw,nc->qnhw", F.normalize(query, dim=1), F.normalize(prototypes, dim=1)
+        )
+        return F.interpolate(10 * scores, episode.query_images.shape[-2:], mode="bilinear")
+
+
+@register_method()
+def base_learner(**kwargs) -> BaseLearner:
+    return BaseLearner(**kwargs)
 
 
 @register_method(display="Two-stage (test)", aliases=["two_stage_old"])

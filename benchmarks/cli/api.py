@@ -31,15 +31,17 @@ def execute(grid, results_root: Path, options: RunOptions):
     """Plan, run and record `grid` (a GridSpec) under `results_root`, holding the grid's lock;
     returns (driver, tracker, store)."""
     from fsbench.benchmarks.execution.executors import RayExecutor, SerialExecutor
+    from fsbench.benchmarks.execution.graph import Executor
     from fsbench.benchmarks.execution.runner import run_grid
     from fsbench.benchmarks.store.results import GridLock, ResultStore
 
     store = ResultStore(results_root, grid.name)
     with GridLock(store, f"fsbench run {grid.name}"):
+        executor: Executor
         if options.serial:
             executor = SerialExecutor(
                 grid.device, options.threads, grid.cache_bytes, grid.eval_batch_size
-            )
+            ).start()
         else:
             executor = RayExecutor(
                 options.ray_address,
@@ -62,8 +64,7 @@ def execute(grid, results_root: Path, options: RunOptions):
                 tracker = Tracker(uri, store.root, grid.name, asynchronous=True)
             driver = run_grid(grid, store, executor, tracker, options.rerun, options.progress)
         finally:
-            if hasattr(executor, "stop"):
-                executor.stop()
+            executor.stop()
     return driver, tracker, store
 
 

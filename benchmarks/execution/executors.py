@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from contextlib import contextmanager
 
 from fsbench.benchmarks.execution.driver import Driver
+from fsbench.benchmarks.execution.graph import job_graph
 from fsbench.benchmarks.execution.planning import Job
 from fsbench.benchmarks.execution.tasks import available_cores, eval_task, train_task
 from fsbench.benchmarks.execution.watchdog import RayWatchdog
@@ -25,35 +27,63 @@ class SerialExecutor:
         self.device, self.threads = device, threads or available_cores()
         self.cache_bytes, self.batch_size = cache_bytes, batch_size
 
+    def start(self) -> SerialExecutor:
+        return self
+
+    def stop(self) -> None:
+        """Nothing to release: everything ran in this process."""
+
     def run(self, jobs: list[Job], driver: Driver) -> None:
         previous = _torch_threads()
+        graph = job_graph(jobs)
+        # weights kept while a later node needs them (its evaluations, a job starting from it)
+        uses = Counter(node.needs for node in graph if node.needs is not None)
+        states: dict[str, dict] = {}
+        failed: dict[str, str] = {}
         try:
-            for job in jobs:
+            for node in graph:
+                job = node.job
+                if job.key in failed:
+                    continue
+                if node.needs in failed and node.needs != job.key:
+                    failed[job.key] = (
+                        f"the model it starts from (init_from) failed: {failed[node.needs]}"
+                    )
+                    driver.on_failure(job, failed[job.key])
+                    continue
                 try:
-                    state = None
-                    if job.trainable:
+                    if node.kind == "train":
                         info = train_task(
                             job.config,
                             self.device,
                             self.threads,
                             reporter=lambda point, job=job: driver.on_progress(job, point),
+                            upstream_state=states.get(node.needs),
                         )
-                        state = info["state_dict"]
-                        driver.on_train(job, info, state)
-                    for output in eval_task(
-                        job.config,
-                        state,
-                        job.items,
-                        self.device,
-                        self.threads,
-                        self.cache_bytes,
-                        self.batch_size,
-                    ):
-                        driver.on_eval(job, output)
-                except FsbenchError as error:  # e.g. a corrupt image: this job's cells only
-                    driver.on_failure(job, str(error))
-                except Exception as error:  # one broken job must not lose the others' results
-                    driver.on_failure(job, f"{type(error).__name__}: {error}")
+                        states[job.key] = info["state_dict"]
+                        driver.on_train(job, info, states[job.key])
+                    else:
+                        for output in eval_task(
+                            job.config,
+                            states.get(job.key),
+                            list(node.items),
+                            self.device,
+                            self.threads,
+                            self.cache_bytes,
+                            self.batch_size,
+                        ):
+                            driver.on_eval(job, output)
+                except Exception as error:  # noqa: BLE001 - one broken job must not lose the rest
+                    failed[job.key] = (
+                        str(error)
+                        if isinstance(error, FsbenchError)
+                        else f"{type(error).__name__}: {error}"
+                    )
+                    driver.on_failure(job, failed[job.key])
+                if node.needs is not None:
+                    uses[node.needs] -= 1
+                    if uses[node.needs] <= 0:
+                        states.pop(node.needs, None)
         finally:
             _torch_threads(previous)
 
@@ -66,9 +96,10 @@ def _torch_threads(value=None):
     return torch.get_num_threads()
 
 
-def _train_with_state(config, device, threads, progress=None, key=None):
+def _train_with_state(config, device, threads, progress=None, key=None, upstream_state=None):
     """Ray task body: (state dict, info) as two objects, so evaluations fetch only the weights.
-    `progress` (a Ray queue) carries the training curve to the driver as it is made."""
+    `progress` (a Ray queue) carries the training curve to the driver as it is made;
+    `upstream_state` is the weights of the model an `init_from` training starts from."""
 
     def report(point):
         try:
@@ -78,7 +109,11 @@ def _train_with_state(config, device, threads, progress=None, key=None):
 
     try:
         info = train_task(
-            config, device, threads, reporter=report if progress is not None else None
+            config,
+            device,
+            threads,
+            reporter=report if progress is not None else None,
+            upstream_state=upstream_state,
         )
     except RuntimeError as error:
         if "DataLoader worker" in str(error):  # its episode loader was killed (OOM, a signal)
@@ -120,6 +155,7 @@ class RayExecutor:
             eval_group,
         )
         self.cache_bytes, self.batch_size = cache_bytes, batch_size
+        self.ray = None  # the ray module, once start() imported it
         self._started_here = False
         self._watchdog = None
 
@@ -163,7 +199,7 @@ class RayExecutor:
         """What each task asks for where the cluster has GPUs: whole GPUs to train (the grid's
         `train_gpus`), a share of one to evaluate (`eval_gpus`: several pack onto a GPU); CPUs
         only where it has none or the grid runs on the CPU (`device: cpu`)."""
-        gpus = self.ray.cluster_resources().get("GPU", 0) if hasattr(self, "ray") else 0
+        gpus = self.ray.cluster_resources().get("GPU", 0) if self.ray is not None else 0
         if gpus and self.device != "cpu":
             return {
                 "train": {"num_gpus": self.train_gpus, "num_cpus": 1},
@@ -206,26 +242,26 @@ class RayExecutor:
             for key, point in points:
                 driver.on_progress(by_key[key], point)
 
-        pending = {}
-        for job in jobs:
-            state_ref = None
-            if job.trainable:
+        pending, refs = {}, {}
+        for node in job_graph(jobs, self.eval_group):
+            job = node.job
+            if node.kind == "train":
                 state_ref, info_ref = train_remote.remote(
-                    job.config, self.device, self.threads, progress, job.key
-                )
+                    job.config, self.device, self.threads, progress, job.key, refs.get(node.needs)
+                )  # the upstream's weights as an object reference: Ray waits for them
+                refs[job.key] = state_ref
                 pending[info_ref] = ("train", job, state_ref)
-            groups = [[item] for item in job.items] if self.eval_group == "seed" else [job.items]
-            for group in groups:
-                ref = eval_remote.remote(
-                    job.config,
-                    state_ref,
-                    group,
-                    self.device,
-                    self.threads,
-                    self.cache_bytes,
-                    self.batch_size,
-                )
-                pending[ref] = ("eval", job, None)
+                continue
+            ref = eval_remote.remote(
+                job.config,
+                refs.get(job.key),
+                list(node.items),
+                self.device,
+                self.threads,
+                self.cache_bytes,
+                self.batch_size,
+            )
+            pending[ref] = ("eval", job, None)
         failed_jobs = set()
         while pending:
             # The first result, then every other one ready by then in one more call (a call
@@ -251,7 +287,7 @@ class RayExecutor:
                     driver.on_failure(job, _short_error(error))
 
     def stop(self):
-        if self._started_here and self.ray.is_initialized():
+        if self._started_here and self.ray is not None and self.ray.is_initialized():
             self.ray.shutdown()
         if self._watchdog is not None:
             self._watchdog.close()  # kills what a shutdown left behind

@@ -22,6 +22,8 @@ class Job:
     trainable: bool
     cells: list[Cell]
     items: list[dict] = field(default_factory=list)  # eval items: cell_id, seed, manifest, ...
+    home: Cell | None = None  # the cell whose model this is (under its training protocol)
+    upstream: str | None = None  # the job in this plan whose trained model it starts from
 
 
 @dataclass
@@ -106,23 +108,7 @@ def plan_grid(
     for cell in todo:
         key = cell.model_key()
         if key not in jobs:
-            # How to run, not what is computed (outside the cell's identity). Paths entering a
-            # task are absolute; a retried or rerun training resumes from its checkpoint.
-            execution = {
-                "imports": list(grid.imports),  # a worker imports them before building anything
-                "plugin_paths": list(grid.plugin_paths),
-                "train_workers": grid.train_workers,
-                "checkpoint_every": grid.checkpoint_every,
-                # Encodings beyond cache_bytes spill here, up to spill_bytes of disk.
-                "spill_dir": str(store.root / "cache"),
-                "spill_bytes": grid.spill_bytes,
-                "resume_path": str(store.resume_path(key)),
-            }
-            # The resolved protocol travels with the job: tasks never look it up again. The
-            # model is that of the cell under its training protocol (eval_protocols).
-            home = cell.trained_as or cell
-            config = {**home.config(), "preset": home.preset.to_dict(), "execution": execution}
-            jobs[key] = Job(key, config, cell.train is not None, [])
+            jobs[key] = _new_job(cell.trained_as or cell, grid, store)
         job = jobs[key]
         job.cells.append(cell)
         for seed in cell.seeds:
@@ -138,6 +124,54 @@ def plan_grid(
                         "manifest": manifests[(cell.id, seed)].to_json(),
                     }
                 )
+    _link_upstream(jobs, grid, store)
     # Longest jobs first (training, more shots): fewer idle workers at the end of a grid.
-    ordered = sorted(jobs.values(), key=lambda j: (not j.trainable, -max(c.shot for c in j.cells)))
+    ordered = sorted(
+        jobs.values(), key=lambda j: (not j.trainable, -max((c.shot for c in j.cells), default=9))
+    )
     return Plan(cells, todo, ordered, manifests)
+
+
+def _new_job(home: Cell, grid: GridSpec, store: ResultStore) -> Job:
+    """The job of `home`'s model (the cell under its training protocol), with no cells yet."""
+    key = home.model_key()
+    # How to run, not what is computed (outside the cell's identity). Paths entering a task
+    # are absolute; a retried or rerun training resumes from its checkpoint.
+    execution = {
+        "imports": list(grid.imports),  # a worker imports them before building anything
+        "plugin_paths": list(grid.plugin_paths),
+        "train_workers": grid.train_workers,
+        "checkpoint_every": grid.checkpoint_every,
+        # Encodings beyond cache_bytes spill here, up to spill_bytes of disk.
+        "spill_dir": str(store.root / "cache"),
+        "spill_bytes": grid.spill_bytes,
+        "resume_path": str(store.resume_path(key)),
+    }
+    # The resolved protocol travels with the job: tasks never look it up again.
+    config = {**home.config(), "preset": home.preset.to_dict(), "execution": execution}
+    return Job(key, config, home.train is not None, [], home=home)
+
+
+def _link_upstream(jobs: dict[str, Job], grid: GridSpec, store: ResultStore) -> None:
+    """Each `init_from` job's config names the model it starts from: trained in this run (the
+    job's `upstream`, its weights handed over as they are made), or finished by an earlier run
+    (its saved checkpoint, never retrained). An upstream whose cells are done but whose
+    checkpoint is gone is trained again, alone."""
+    waiting = [job for job in jobs.values() if job.home is not None]
+    while waiting:
+        job = waiting.pop()
+        upstream = job.home.upstream
+        if upstream is None or "init_from_model" in job.config:
+            continue
+        key = upstream.model_key()
+        checkpoint = store.checkpoints_dir / f"{key}.pt"
+        if key not in jobs and upstream.train is not None and not checkpoint.is_file():
+            jobs[key] = _new_job(upstream, grid, store)  # train-only: its cells are done
+            waiting.append(jobs[key])
+        if key in jobs and jobs[key].trainable:
+            job.upstream = key
+        job.config["init_from_model"] = {
+            "key": key,
+            "config": jobs[key].config if key in jobs else _new_job(upstream, grid, store).config,
+            "checkpoint": str(checkpoint) if upstream.train is not None else None,
+        }

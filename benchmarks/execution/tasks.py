@@ -70,10 +70,6 @@ def load_checkpoint(model, checkpoint: dict, method: str) -> None:
         sha256=checkpoint.get("sha256"),
     )
     if checkpoint["format"] == "official":
-        if not hasattr(model, "load_official_state_dict"):
-            raise FsbenchError(
-                f"method {method} has no official checkpoint format; use format: fsbench"
-            )
         model.load_official_state_dict(state)
         return
     try:
@@ -84,6 +80,23 @@ def load_checkpoint(model, checkpoint: dict, method: str) -> None:
             f"{path}: does not fit {method} with these kwargs ({first}); a checkpoint saved by "
             "the official code needs format: official"
         ) from None
+
+
+def upstream_model(init_from: dict, state: dict | None):
+    """The trained model an `init_from` training starts from, in eval mode: its weights as
+    handed over (`state`), else its checkpoint saved by an earlier run, else (released weights)
+    as its own config loads them."""
+    model = build_model(init_from["config"])
+    if state is None and init_from.get("checkpoint"):
+        state = read_state_dict(
+            init_from["checkpoint"],
+            "checkpoint",
+            f"the model {init_from['key']} an init_from entry starts from is gone; rerun the "
+            "grid with --rerun to train it again",
+        )
+    if state is not None:
+        model.load_state_dict(state)
+    return model.eval()
 
 
 def device_label(device: str) -> str:
@@ -116,14 +129,22 @@ def _limit_threads(threads: int | None) -> None:
 
 
 def train_task(
-    config: dict, device: str = "auto", threads: int | None = None, reporter=None
+    config: dict,
+    device: str = "auto",
+    threads: int | None = None,
+    reporter=None,
+    upstream_state: dict | None = None,
 ) -> dict:
-    """Train one cell's model; returns the selected state dict (CPU tensors) and its curve."""
+    """Train one cell's model; returns the selected state dict (CPU tensors) and its curve.
+    An `init_from` job first hands its method the model it starts from: built from that
+    entry's config with `upstream_state` (trained in this run) or its saved checkpoint."""
     started_at = time.time()
     _limit_threads(threads)
     device = resolve_device(device)
     protocol = job_protocol(config)
     model = build_model(config)
+    if config.get("init_from_model"):  # the job's config; the cell's "init_from" is its key
+        model.init_from(upstream_model(config["init_from_model"], upstream_state))
     cfg = TrainConfig.from_dict(config["train"])
     execution = config.get("execution") or {}
     with SystemSampler() as system:
@@ -158,6 +179,7 @@ def train_task(
         "train_list_fingerprint": result.train_list_fingerprint,
         "excluded_images": result.excluded_images,
         **({"stages": result.stages} if result.stages else {}),
+        **({"init_from": config["init_from"]} if config.get("init_from") else {}),
         "device": device_label(device),
         "host": socket.gethostname(),
         "pid": os.getpid(),

@@ -56,6 +56,8 @@ class Cell:
     preset: Protocol | None = field(default=None, compare=False)
     # The same model's cell under its training protocol (eval_protocol cells): its model.
     trained_as: Cell | None = field(default=None, compare=False, repr=False)
+    # The cell whose trained model this cell's training starts from (`init_from:`).
+    upstream: Cell | None = field(default=None, compare=False, repr=False)
 
     def settings(self) -> CellConfig:
         """The resolved config, typed: everything that decides the result (and nothing else)."""
@@ -82,6 +84,7 @@ class Cell:
             checkpoint=checkpoint,
             eval_protocol=self.eval_protocol,
             method_version=method_version(self.method.name),
+            init_from=self.upstream.model_key() if self.upstream is not None else "",
         )
 
     def config(self) -> dict:
@@ -107,6 +110,10 @@ class Cell:
         if self.trained_as is not None:
             return self.trained_as.model_key()
         shared = ("seeds", "row", "annotation") + (() if self.train is not None else ("shot",))
+        if self.train is not None and all(
+            c.sampler == "images" for _, _, c in self.train.stage_configs()
+        ):  # trained on image batches alone: one model for every shot and way
+            shared += ("shot", "way")
         identity = {k: v for k, v in self.config().items() if k not in shared}
         return canonical_sha256(identity)[:16]
 
@@ -155,7 +162,7 @@ class GridSpec:
                 method, input_size, self.protocol, trainable[method.row()], self.train
             )
         scoring = self._scoring(name)
-        cells = []
+        cells, homes = [], []
         for method, fold, way, shot, annotation, train_seed in itertools.product(
             self.methods,
             self.folds,
@@ -198,6 +205,9 @@ class GridSpec:
                 sampler=sampler,
                 preset=protocol,
             )
+            homes.append(home)
+        homes = _link_init_from(homes, self.methods, trainable)
+        for home in homes:
             for scored, (preset, scored_sampler, size) in scoring.items():
                 if scored == self.protocol:
                     cells.append(home)
@@ -231,6 +241,40 @@ class GridSpec:
                 _check_input_size(method, size, name, False, self.train)
             scoring[name] = (preset, sampler, size)
         return scoring
+
+
+def _link_init_from(homes: list[Cell], methods, trainable: dict) -> list[Cell]:
+    """Each `init_from:` entry's cells, linked to the cell (same fold, way, shot and training
+    seed) whose trained model they start from; upstream entries first, so a chain links whole."""
+    by_row = {m.row(): m for m in methods}
+    for spec in methods:
+        if spec.init_from and not (trainable[spec.init_from] or by_row[spec.init_from].checkpoint):
+            raise FsbenchError(
+                f"methods: {spec.row()}: init_from {spec.init_from!r} names an entry without a "
+                "model to start from (it neither trains nor loads a checkpoint)"
+            )
+    order, placed = [], set()
+    while len(order) < len(methods):  # entries after the ones they start from (no cycles)
+        for spec in methods:
+            if spec.row() not in placed and (not spec.init_from or spec.init_from in placed):
+                order.append(spec)
+                placed.add(spec.row())
+    linked: dict[int, Cell] = {}  # id of a home as expanded → the home, linked
+    for spec in order:
+        for original in (h for h in homes if h.method.row() == spec.row()):
+            home = original
+            if spec.init_from:
+                seed = home.train.seed if home.train else None
+                upstream = next(
+                    linked[id(h)]
+                    for h in homes
+                    if h.method.row() == spec.init_from
+                    and (h.fold, h.way, h.shot) == (home.fold, home.way, home.shot)
+                    and (h.train is None or h.train.seed == seed)
+                )
+                home = dataclasses.replace(original, upstream=upstream)
+            linked[id(original)] = home
+    return [linked[id(h)] for h in homes]
 
 
 def _check_input_size(method: MethodSpec, size: int, protocol: str, trains: bool, train) -> None:

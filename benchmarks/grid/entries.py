@@ -25,6 +25,8 @@ class MethodSpec:
     display: str = ""  # the name tables and figures print (default: the method's usual name)
     # released weights to evaluate instead of training: (path, "official" | "fsbench", sha256)
     checkpoint: tuple = ()
+    # the row whose trained model (same fold and training seed) this one starts from
+    init_from: str = ""
 
     def row(self) -> str:
         return self.label or self.name
@@ -177,11 +179,17 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
             "display",
             "checkpoint",
             "format",
+            "init_from",
         }
         if unknown:
             raise FsbenchError(
                 f"methods: unknown key(s) {sorted(unknown)} "
-                "(use name, kwargs, sweep, label, display, train, checkpoint, format)"
+                "(use name, kwargs, sweep, label, display, train, checkpoint, format, init_from)"
+            )
+        if "init_from" in entry and not isinstance(entry["init_from"], str):
+            raise FsbenchError(
+                f"methods: {entry['name']}: init_from {short_repr(entry['init_from'])} is not "
+                "the label of another entry"
             )
         checkpoint = _checkpoint(entry)
         recipe = _train_overrides(entry.get("train") or {}, f"methods: {entry['name']}: train")
@@ -206,6 +214,7 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
                     recipe,
                     f"{display} ({suffix})" if display and suffix else display,
                     checkpoint,
+                    entry.get("init_from", ""),
                 )
             )
     variants = [(s.name, sorted(s.kwargs.items()), s.train, s.checkpoint) for s in specs]
@@ -216,4 +225,28 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
     rows = [s.row() for s in specs]
     if len(set(rows)) != len(rows):
         raise FsbenchError(f"methods: two entries give the same row name; set `label:` ({rows})")
+    _check_init_from(specs)
     return tuple(specs)
+
+
+def _check_init_from(specs) -> None:
+    """Each `init_from:` names another entry's row; no entry starts from itself, even through
+    others (a cycle)."""
+    by_row = {s.row(): s for s in specs}
+    for spec in specs:
+        if not spec.init_from:
+            continue
+        if spec.init_from == spec.row():
+            raise FsbenchError(f"methods: {spec.row()}: init_from names the entry itself")
+        if spec.init_from not in by_row:
+            raise FsbenchError(
+                f"methods: {spec.row()}: init_from {spec.init_from!r} is no entry of the grid "
+                f"(its rows: {', '.join(by_row)})"
+            )
+        chain, current = [spec.row()], by_row[spec.init_from]
+        while current is not None:
+            if current.row() in chain:
+                loop = " → ".join([*chain, current.row()])
+                raise FsbenchError(f"methods: init_from runs in a cycle: {loop}")
+            chain.append(current.row())
+            current = by_row.get(current.init_from) if current.init_from else None

@@ -36,6 +36,8 @@ class CellConfig:
     eval_protocol: str = ""
     # The method class's `version` (its code version), when it declares one.
     method_version: str = ""
+    # The model key of the trained model this cell's training starts from (`init_from`).
+    init_from: str = ""
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as read
 
     @property
@@ -62,6 +64,8 @@ class CellConfig:
             later["eval_protocol"] = self.eval_protocol
         if self.method_version:
             later["method_version"] = self.method_version
+        if self.init_from:
+            later["init_from"] = self.init_from
         return {
             **later,
             "method": self.method,

@@ -361,8 +361,7 @@ def other_versions(cells, records) -> dict[str, dict]:
     version — {"now": version, "then": {version: count}} (what `fsbench run` says it
     recomputes instead of reusing)."""
     wanted = {
-        canonical_sha256(cell.settings().identity(version=False)): cell.settings()
-        for cell in cells
+        canonical_sha256(cell.settings().identity(version=False)): cell.settings() for cell in cells
     }
     found: dict[str, dict] = {}
     for record in records:

@@ -57,8 +57,7 @@ def measure(executor, grid, root: Path, tracking: bool = True) -> dict:
     started = time.perf_counter()
     driver = run_grid(grid, store, executor, tracker, rerun=True, progress=False)
     wall = time.perf_counter() - started
-    if hasattr(executor, "stop"):
-        executor.stop()
+    executor.stop()
     n = len(driver.written)
     return {
         "wall": wall,
