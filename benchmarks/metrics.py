@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fsbench.core import FsbenchError
+from fsbench.core import FsbenchError, Registry
 
 
 def confusion(pred, label, way: int) -> np.ndarray:
@@ -91,6 +91,11 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {}  # in registration order: the order of tables and columns
+# Evaluators a grid names (`evaluators: [...]`): builders of evaluation.evaluator.Evaluator
+# subclasses, taking `output_kind`; each is fed every batch of queries on every evaluation path
+# and its `result()` (JSON) is kept with each seed's record. Here, below the grid layer, so a
+# grid's names are checked when it is read.
+EVALUATORS = Registry("evaluator")
 
 
 def register_metric(name: str, label: str, higher_is_better: bool = True):

@@ -156,3 +156,34 @@ def test_a_label_output_plugin_trains_and_is_scored_in_a_grid_run(voc_root, tmp_
     assert len(frame) == 1 and 0 <= frame.miou.iloc[0] <= 100
     record = next((tmp_path / "results" / "vote" / "cells").glob("*.json")).read_text()
     assert '"prediction"' in record and '"peak_rss_bytes"' in record
+
+
+def test_registered_evaluators_named_in_a_grid_run_on_every_path(tmp_path, small_grid_dict):
+    """`evaluators: [query_stats]` (a plugin's registered Evaluator): fed on the support-states,
+    features and episode paths alike, its result kept per seed; the grid's cells get new ids
+    (their records hold more), and an unknown name is one line."""
+    from fsbench.benchmarks.cli.api import run
+    from fsbench.benchmarks.store.results import ResultStore
+
+    methods = ["test_panet_nopar", "test_sgone", "all_background"]
+    paths = {METHODS.provides(m).evaluation_path() for m in methods}
+    assert paths == {"support_states", "features", "episode"}
+    grid = dict(
+        small_grid_dict,
+        imports=["query_stats"],
+        evaluators=["query_stats"],
+        seeds=[1],
+        methods=methods,
+        train={"steps": 2, "lr_milestones": [1]},
+    )
+    run(grid, results=tmp_path / "r", serial=True, tracking=False)
+    records = ResultStore(tmp_path / "r", "tiny").load_cells()
+    assert len(records) == 3
+    for record in records:
+        (seed,) = record.seeds
+        stats = seed.evaluators["query_stats"]
+        assert stats["queries"] == seed.episodes == 6 and 0 <= stats["pixel_accuracy"] <= 1
+    plain = parse_grid(dict(grid, evaluators=None, imports=[])).expand()
+    assert {c.id for c in plain}.isdisjoint(r.cell_id for r in records)
+    with pytest.raises(FsbenchError, match="unknown evaluator 'nope'"):
+        parse_grid(dict(grid, evaluators=["nope"]))

@@ -133,6 +133,15 @@ def register_method(name: str | None = None, *, display: str | None = None, alia
     return METHODS.register(name, display=display, aliases=aliases)
 
 
+def register_evaluator(name: str | None = None):
+    """Decorator: register an `Evaluator` subclass (or a builder taking `output_kind`) that a grid
+    names in `evaluators: [...]`; it is fed every batch of query outputs and labels on every
+    evaluation path, and its `result()` (JSON) is kept in each seed's record."""
+    from fsbench.benchmarks.metrics import EVALUATORS
+
+    return EVALUATORS.register(name)
+
+
 def register_dataset(name: str | None = None):
     """Decorator: register a builder of a `FewShotDataset` under `name` (default: its name);
     annotate its return type with the class so the engine knows it without opening data."""

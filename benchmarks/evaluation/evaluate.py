@@ -92,7 +92,9 @@ def evaluate(
 
 
 @torch.no_grad()
-def evaluate_states(model, cache: FeatureCache, jobs, device="cpu", keep_predictions=0):
+def evaluate_states(
+    model, cache: FeatureCache, jobs, device="cpu", keep_predictions=0, evaluators=None
+):
     """Evaluate `jobs` [(loader, manifest, protocol)] of one `support_states` method, in two
     passes over the distinct images, each image encoded once:
 
@@ -103,8 +105,12 @@ def evaluate_states(model, cache: FeatureCache, jobs, device="cpu", keep_predict
        of all the episodes it is the query of, in every job.
 
     Memory is the states plus the kept encodings' budget, whatever the pool size. Returns
-    [(counts, seconds, kept)] per job (the time split evenly: the work is shared).
+    [(counts, seconds, kept)] per job (the time split evenly: the work is shared); `evaluators`
+    (a list per job) are fed every batch too.
     """
+    evaluators = evaluators or [[] for _ in jobs]
+    for extra in (e for job_evaluators in evaluators for e in job_evaluators):
+        extra.reset()
     started = time.perf_counter()
     model.to(device).eval()
     counters = [
@@ -137,7 +143,8 @@ def evaluate_states(model, cache: FeatureCache, jobs, device="cpu", keep_predict
                 outputs = model.predict_states(
                     model.unpack(feature[None]), episode_states[None], labels.shape[-2:]
                 )
-                counters[job].process(outputs[0], labels, refs)
+                for consumer in (counters[job], *evaluators[job]):
+                    consumer.process(outputs[0], labels, refs)
     seconds = (time.perf_counter() - started) / max(len(jobs), 1)
     return [(counts, seconds, kept) for counts, kept in (c.result() for c in counters)]
 
@@ -168,10 +175,14 @@ def _episode_states(states: dict, loader, spec) -> torch.Tensor:
     )
 
 
-def evaluate_model(model, cache: FeatureCache, jobs, device="cpu", keep_predictions=0):
+def evaluate_model(
+    model, cache: FeatureCache, jobs, device="cpu", keep_predictions=0, evaluators=None
+):
     """[(counts, seconds, kept)] of each job [(loader, manifest, protocol)] of one model, on the
     path its class declares; when the plan's encodings cannot fit the cache's memory and disk
-    budgets, episode by episode instead (said in one line)."""
+    budgets, episode by episode instead (said in one line). `evaluators` (a list per job) are
+    fed the same batches on whichever path runs."""
+    evaluators = evaluators or [[] for _ in jobs]
     path = model.evaluation_path()
     manifests = [manifest for _, manifest, _ in jobs]
     images = distinct_images(manifests)
@@ -195,13 +206,14 @@ def evaluate_model(model, cache: FeatureCache, jobs, device="cpu", keep_predicti
             )
             path = "episode"
     if path == "support_states":
-        return evaluate_states(model, cache, jobs, device, keep_predictions)
+        return evaluate_states(model, cache, jobs, device, keep_predictions, evaluators)
     started = time.perf_counter()
     if path == "features":
         cache.prefetch(images)
     shared = (time.perf_counter() - started) / max(len(jobs), 1)
     cached = cache if path == "features" else None
     results = [
-        evaluate(model, *job, device, cached, keep_predictions=keep_predictions) for job in jobs
+        evaluate(model, *job, device, cached, keep_predictions=keep_predictions, evaluators=extra)
+        for job, extra in zip(jobs, evaluators)
     ]
     return [(counts, seconds + shared, kept) for counts, seconds, kept in results]

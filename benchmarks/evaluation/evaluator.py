@@ -2,7 +2,9 @@
 `DatasetEvaluator` shape — `reset()`, `process(outputs, labels, refs)` per batch of queries (in
 any order), `result()`. `EpisodeCounter` is the engine's own: per-episode TP/FP/FN counts at the
 protocol's scoring resolution, plus the kept predictions. A plugin that needs more than summed
-counts subclasses `Evaluator` and is fed the same calls (`evaluate(..., evaluators=[...])`)."""
+counts subclasses `Evaluator`, registers it (`fsbench.register_evaluator`) and is named in a grid
+(`evaluators: [name]`): it is then fed the same calls on every evaluation path, and its
+`result()` is kept with each seed's record."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from fsbench.benchmarks.metrics import SegmentationMeter, batched_confusion
+from fsbench.benchmarks.metrics import EVALUATORS, SegmentationMeter, batched_confusion
+from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import EpisodeLoader, EpisodeSpec, label_of
 from fsbench.methods.base import labels_of, resize_output
 
@@ -44,6 +47,20 @@ class Evaluator(ABC):
 
     def result(self):
         return None
+
+
+def build_evaluators(names, output_kind: str) -> list[Evaluator]:
+    """The grid's named evaluators, fresh, for one manifest."""
+    built = []
+    for name in names:
+        evaluator = EVALUATORS.get(name)(output_kind=output_kind)
+        if not isinstance(evaluator, Evaluator):
+            raise FsbenchError(
+                f"evaluator {name!r} built a {type(evaluator).__name__}, not an Evaluator; "
+                "subclass fsbench.benchmarks.evaluation.evaluator.Evaluator"
+            )
+        built.append(evaluator)
+    return built
 
 
 def scoring_label(dataset, image_id, classes) -> torch.Tensor:

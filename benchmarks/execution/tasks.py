@@ -20,6 +20,7 @@ import torch
 
 from fsbench.benchmarks.evaluation.cache import FeatureCache, distinct_images
 from fsbench.benchmarks.evaluation.evaluate import evaluate_model
+from fsbench.benchmarks.evaluation.evaluator import build_evaluators
 from fsbench.benchmarks.execution.sampler import SystemSampler
 from fsbench.benchmarks.grid.recipes import TrainConfig
 from fsbench.benchmarks.training.train import train
@@ -97,6 +98,21 @@ def upstream_model(init_from: dict, state: dict | None):
     if state is not None:
         model.load_state_dict(state)
     return model.eval()
+
+
+def evaluator_results(names, evaluators) -> dict:
+    """{name: result()} of a manifest's evaluators, as JSON (what the seed record keeps)."""
+    out = {}
+    for name, evaluator in zip(names, evaluators):
+        result = evaluator.result()
+        try:
+            out[name] = json.loads(json.dumps(result))
+        except (TypeError, ValueError):
+            raise FsbenchError(
+                f"evaluator {name!r}: result() gave a {type(result).__name__}, not JSON (numbers, "
+                "strings, lists, mappings); convert it before returning"
+            ) from None
+    return out
 
 
 def device_label(device: str) -> str:
@@ -223,6 +239,8 @@ def eval_task(
         scored = (item.get("preset") or model_config["preset"], item.get("input_size"))
         groups.setdefault(json.dumps(scored, sort_keys=True), []).append(index)
     results: list = [None] * len(items)
+    names = tuple(model_config.get("evaluators") or ())  # the grid's `evaluators:`
+    extra = [build_evaluators(names, model.output_kind) for _ in items]
     encoded, distinct, spilled = 0, 0, 0
     with autocast, SystemSampler() as system:  # features are stored as float32 anyway
         for key, indices in groups.items():
@@ -254,7 +272,10 @@ def eval_task(
                 for i in indices
             ]
             for i, result in zip(
-                indices, evaluate_model(model, cache, jobs, device, keep_predictions)
+                indices,
+                evaluate_model(
+                    model, cache, jobs, device, keep_predictions, [extra[i] for i in indices]
+                ),
             ):
                 results[i] = result
             encoded += cache.encoded
@@ -262,9 +283,12 @@ def eval_task(
             cache.close()
     task = uuid.uuid4().hex
     outputs = []
-    for item, manifest, (counts, seconds, kept) in zip(items, manifests, results):
+    for item, manifest, (counts, seconds, kept), evaluators in zip(
+        items, manifests, results, extra
+    ):
         outputs.append(
             {
+                "evaluators": evaluator_results(names, evaluators),
                 "cell_id": item["cell_id"],
                 "seed": item["seed"],
                 "manifest_fingerprint": manifest.fingerprint,

@@ -48,6 +48,7 @@ class Cell:
     seeds: tuple[int, ...]
     train: TrainConfig | None  # None for methods that do not train
     eval_precision: str = "fp32"
+    evaluators: tuple[str, ...] = ()  # the grid's named evaluators, fed on every path
     train_replicate: bool = False  # one of several training seeds of the same row (train_seeds)
     sampler: str = "fsbench"  # who draws the test episodes: "official" replay or fsbench's
     # The protocol the cell is scored under, when not `protocol` (the one its model trains under).
@@ -80,6 +81,7 @@ class Cell:
             seeds=tuple(self.seeds),
             train=self.train.to_dict() if self.train else None,
             eval_precision=self.eval_precision,
+            evaluators=tuple(self.evaluators),
             sampler=self.sampler,
             checkpoint=checkpoint,
             eval_protocol=self.eval_protocol,
@@ -140,6 +142,7 @@ class GridSpec:
     cache_bytes: int = 2 << 30
     spill_bytes: int | None = None  # disk for spilled encodings (None: half the free space)
     eval_precision: str = "fp32"
+    evaluators: tuple[str, ...] = ()  # registered evaluators fed every batch (metrics.EVALUATORS)
     train_workers: int = 1  # DataLoader processes decoding episodes ahead of the step
     train_gpus: int = 1  # whole GPUs a training task asks for on a GPU cluster
     eval_gpus: float | None = None  # an evaluation task's GPU share (None: the CLI's, 0.5)
@@ -201,6 +204,7 @@ class GridSpec:
                 seeds=tuple(self.seeds or protocol.seeds),
                 train=train if trainable[method.row()] else None,
                 eval_precision=self.eval_precision,
+                evaluators=self.evaluators,
                 train_replicate=bool(self.train_seeds) and trainable[method.row()],
                 sampler=sampler,
                 preset=protocol,

@@ -12,6 +12,7 @@ from fsbench.benchmarks.grid.cells import Cell, GridSpec  # noqa: F401 (re-expor
 from fsbench.benchmarks.grid.entries import _methods, _train_overrides
 from fsbench.benchmarks.grid.recipes import PRECISIONS, TrainConfig
 from fsbench.benchmarks.grid.yaml_text import load_yaml
+from fsbench.benchmarks.metrics import EVALUATORS
 from fsbench.core import FsbenchError, import_plugins, non_finite_path, short_repr
 from fsbench.datasets.protocols import (
     PROTOCOLS,
@@ -22,6 +23,7 @@ from fsbench.datasets.registry import DATASETS
 
 GRID_KEYS = {
     "name",
+    "evaluators",
     "include",
     "imports",
     "train_seeds",
@@ -259,6 +261,16 @@ def _eval_protocols(raw) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _evaluators(raw) -> tuple[str, ...]:
+    """`evaluators:`: names of registered evaluators (fsbench.register_evaluator), or ()."""
+    names = [] if raw is None else raw if isinstance(raw, list) else [raw]
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise FsbenchError(f"evaluators: expected distinct evaluator names, got {short_repr(raw)}")
+    for name in names:
+        EVALUATORS.get(name)  # unknown: one line listing the registered ones
+    return tuple(names)
+
+
 def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
     """Validate a grid dict into a GridSpec: unknown keys and impossible values are errors.
     Its `imports:` are imported first (with `plugin_paths` on sys.path): they register the
@@ -319,6 +331,7 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
             None if raw.get("spill_bytes") is None else _tuple_of_ints(raw, "spill_bytes", 0)[0]
         ),
         eval_precision=str(raw.get("eval_precision", "fp32")),
+        evaluators=_evaluators(raw.get("evaluators")),
         train_workers=_tuple_of_ints({"train_workers": 1, **raw}, "train_workers", 0, 64)[0],
         train_gpus=_tuple_of_ints({"train_gpus": 1, **raw}, "train_gpus", 1, 64)[0],
         eval_gpus=_gpu_share(raw.get("eval_gpus")),

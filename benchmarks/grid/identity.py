@@ -38,6 +38,7 @@ class CellConfig:
     method_version: str = ""
     # The model key of the trained model this cell's training starts from (`init_from`).
     init_from: str = ""
+    evaluators: tuple[str, ...] = ()  # the grid's evaluators: what the record holds besides counts
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as read
 
     @property
@@ -66,6 +67,8 @@ class CellConfig:
             later["method_version"] = self.method_version
         if self.init_from:
             later["init_from"] = self.init_from
+        if self.evaluators:
+            later["evaluators"] = list(self.evaluators)
         return {
             **later,
             "method": self.method,
@@ -97,4 +100,5 @@ class CellConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         values = {k: raw[k] for k in known if k in raw}
         values["seeds"] = tuple(values.get("seeds") or ())
+        values["evaluators"] = tuple(values.get("evaluators") or ())
         return cls(**values, extra={k: v for k, v in raw.items() if k not in known})

@@ -54,6 +54,7 @@ class SeedRecord:
     # disk its feature cache spilled (None in records written before they were measured).
     peak_rss_bytes: int | None = None
     spill_bytes: int | None = None
+    evaluators: dict = field(default_factory=dict)  # the grid's evaluators: name → result()
 
     @classmethod
     def from_evaluation(cls, output: dict) -> SeedRecord:
@@ -72,6 +73,7 @@ class SeedRecord:
             device=output["device"],
             peak_rss_bytes=output.get("peak_rss_bytes"),
             spill_bytes=output.get("spill_bytes"),
+            evaluators=dict(output.get("evaluators") or {}),
         )
 
     def metric(self, name: str) -> float:
@@ -96,6 +98,7 @@ class SeedRecord:
             "device": self.device,
             "peak_rss_bytes": self.peak_rss_bytes,
             "spill_bytes": self.spill_bytes,
+            **({"evaluators": self.evaluators} if self.evaluators else {}),
             "counts": self.counts,
         }
 
@@ -114,6 +117,7 @@ class SeedRecord:
             device=raw.get("device", ""),
             peak_rss_bytes=raw.get("peak_rss_bytes"),
             spill_bytes=raw.get("spill_bytes"),
+            evaluators=dict(raw.get("evaluators") or {}),
         )
 
 
