@@ -4,6 +4,9 @@ methods (issue 32), exercised through a plugin method of that shape (tests/two_s
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -323,3 +326,23 @@ def test_init_from_on_ray_equals_serial(voc_root, two_stage, tmp_path):
     ordered = [frame[columns].sort_values(columns[:3]).reset_index(drop=True)
                for frame in (serial, on_ray)]  # fmt: skip
     assert len(ordered[0]) == 4 and ordered[0].equals(ordered[1])
+
+
+def test_a_new_method_version_recomputes_and_says_so(voc_root, two_stage, tmp_path, monkeypatch):
+    from fsbench.benchmarks.cli.api import run
+
+    grid = dict(_init_grid(voc_root), shots=[1])
+    grid["methods"] = [{"name": "two_stage", "kwargs": {"base_classes": 15}}]
+    run(grid, results=tmp_path / "r", serial=True, tracking=False)
+    monkeypatch.setattr(two_stage, "version", "2")  # an edit of the method's code
+    (cell,) = parse_grid(grid).expand()
+    assert cell.settings().method_version == "2"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        run(grid, results=tmp_path / "r", serial=True, tracking=False)
+    lines = [line for line in err.getvalue().splitlines() if "another version" in line]
+    assert lines == [
+        "fsbench: two_stage: finished cells were computed by another version of its code "
+        "(1 by version 1); this is version 2, so they are recomputed"
+    ]
+    assert len(list((tmp_path / "r" / "shared" / "cells").glob("*.json"))) == 2
