@@ -95,7 +95,8 @@ ANNOTATIONS = ("mask", "scribble", "bbox")
 
 class EpisodeLoader:
     """Turns episode specs into `Episode` tensors at the input size. Decoded, resized images are
-    kept as uint8 (4× smaller than the normalised floats) and masks as bools, each cache bounded
+    kept as the resize gives them (uint8, 4× smaller than the normalised floats; float pixels
+    under keep_ratio_pad, as PFENet's pipeline) and masks as bools, each cache bounded
     in bytes (LRU). `annotation` decides what the support masks are: dense masks, scribbles or
     boxes derived from them (weak supports, seeded by `weak_seed`). With `base_classes` (the
     fold's training classes), episodes carry `query_base_labels` and image batches load."""

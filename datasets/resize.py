@@ -8,8 +8,10 @@ Each resize mode is one lineage's test transform, resampling included:
   nearest samples pixel centres instead).
 - "keep_ratio_pad" (PFENet's util/transform.py Resize, as its configs' `resized_val` selects):
   the longer side to S, the other `int(side·S/longer)`, both floored to a multiple of 8; images
-  resampled as cv2.INTER_LINEAR on float pixels, labels as cv2.INTER_NEAREST (⌊x·in/out⌋);
-  padded at the bottom/right with raw black (image) and 255 (label).
+  resampled as cv2.INTER_LINEAR on float pixels and kept as floats to the network, as PFENet's
+  pipeline keeps them (rounding them to uint8 moved a PFENet's logits by up to 2.0), labels as
+  cv2.INTER_NEAREST (⌊x·in/out⌋); padded at the bottom/right with raw black (image) and 255
+  (label).
 """
 
 from __future__ import annotations
@@ -73,9 +75,7 @@ def _resample(array: np.ndarray, height: int, width: int, resize: str, resample)
         low, high, frac = _linear_taps(array.shape[1], width)
         frac = frac.reshape(1, -1, *([1] * (array.ndim - 2)))
         pixels = pixels[:, low] * (1 - frac) + pixels[:, high] * frac
-        if array.dtype == np.uint8:
-            return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-        return pixels.astype(array.dtype)
+        return pixels.astype(np.float32)  # never rounded: the network sees float pixels
     return np.asarray(Image.fromarray(array).resize((width, height), resample))
 
 
@@ -92,7 +92,8 @@ def fit(array: np.ndarray, size: int, resize: str, resample, fill) -> np.ndarray
 
 
 def normalise(image: np.ndarray):
-    """HxWx3 uint8 → 3xHxW float tensor, ImageNet mean/std."""
+    """HxWx3 pixels in 0…255 (uint8, or float from keep_ratio_pad) → 3xHxW float tensor,
+    ImageNet mean/std."""
     import torch  # here: the report reads this module's geometry without torch
 
     tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1).div_(255)

@@ -79,11 +79,11 @@ def training_episodes(count: int, ignore_strip: bool) -> list[Episode]:
     return out
 
 
-def assert_close(mine: torch.Tensor, summary: dict) -> None:
+def assert_close(mine: torch.Tensor, summary: dict, stride: int = STRIDE) -> None:
     assert list(mine.shape) == summary["shape"]
     scale = summary["max_abs"]
     sample = unpack(summary["sample"])
-    assert (mine[..., ::STRIDE, ::STRIDE] - sample).abs().max().item() <= TOLERANCE * scale
+    assert (mine[..., ::stride, ::stride] - sample).abs().max().item() <= TOLERANCE * scale
     assert abs(mine.double().sum().item() - summary["sum"]) <= TOLERANCE * summary["abs_sum"]
     assert mine.double().abs().sum().item() == pytest.approx(summary["abs_sum"], rel=TOLERANCE)
     assert scale > 0.1  # not a degenerate output
@@ -211,3 +211,59 @@ def test_pfenet_input_rule_is_one_line_when_a_grid_is_expanded():
 
     assert PFENet.input_size_problem(473) is None and PFENet.input_size_problem(417) is None
     assert "nearest input sizes: 393 or 401" in PFENet.input_size_problem(400)
+
+
+PIXELS = json.loads(
+    (Path(__file__).parent / "fixtures" / "official_pfenet_pixels.json").read_text()
+)
+
+
+@pytest.mark.slow
+def test_pfenet_float_pixels_and_logits_equal_the_official_pipeline(tmp_path):
+    """PFENet's test input (util/transform.py Resize on cv2's float32 pixels, ToTensor,
+    Normalize) and its logits, recorded by tests/fixtures/record_official_pfenet_pixels.py on
+    the same PNGs: fsbench's keep_ratio_pad input is float end to end and equals it; the same
+    pixels rounded to uint8 (fsbench's former cache) do not give the official logits."""
+    import importlib.util
+
+    from PIL import Image
+
+    from fsbench.datasets.resize import fit, normalise
+
+    spec = importlib.util.spec_from_file_location(
+        "record_pixels", Path(__file__).parent / "fixtures" / "record_official_pfenet_pixels.py"
+    )
+    recorder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recorder)
+    size = PIXELS["size"]
+    inputs = []
+    for path, expected in zip(recorder.images(tmp_path), PIXELS["inputs"]):
+        pixels = fit(np.asarray(Image.open(path).convert("RGB")), size, "keep_ratio_pad",
+                     Image.BILINEAR, 0)  # fmt: skip
+        assert pixels.dtype == np.float32
+        tensor = normalise(pixels)
+        sample = unpack(expected["sample"])
+        stride = PIXELS["stride"]
+        assert (tensor[..., ::stride, ::stride] - sample).abs().max().item() <= 1e-4
+        assert tensor.double().sum().item() == pytest.approx(expected["sum"], abs=1e-2)
+        inputs.append(tensor)
+    model = METHODS.get("pfenet")(layers=50)
+    entries = [(k, tuple(shape), dtype) for k, shape, dtype in PIXELS["state_dict"]]
+    model.load_official_state_dict(seeded_state_dict(entries, 0, 1.0))
+    model.eval()
+    mask = recorder.support_mask()[0]
+    labels = torch.zeros(1, size, size, dtype=torch.long)
+
+    def logits_of(query, support):
+        episode = Episode([1], support[None, None], mask[None], 1 - mask[None], query[None], labels)
+        with torch.no_grad():
+            return model(episode)
+
+    official = PIXELS["logits"]
+    assert_close(logits_of(*inputs), official, PIXELS["stride"])
+    rounded = [normalise(np.clip(np.rint(fit(np.asarray(Image.open(p).convert("RGB")), size,
+               "keep_ratio_pad", Image.BILINEAR, 0)), 0, 255).astype(np.uint8))
+               for p in sorted(tmp_path.glob("image*.png"))]  # fmt: skip
+    moved = (logits_of(*rounded)[..., ::PIXELS["stride"], ::PIXELS["stride"]]
+             - unpack(official["sample"])).abs().max().item()  # fmt: skip
+    assert moved > TOLERANCE * official["max_abs"]  # uint8 rounding is visible in the logits

@@ -30,6 +30,7 @@ def input_view(dataset, image_id, classes, size, resize):
     geometry, padding black), so predictions line up."""
     mask = dataset.load_masks(image_id, classes)[0][0].astype(np.uint8)
     pixels = fit(dataset.load_image(image_id), size, resize, Image.BILINEAR, 0)
+    pixels = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)  # keep_ratio_pad gives floats
     return pixels, fit(mask, size, resize, Image.NEAREST, 0) > 0
 
 
