@@ -12,7 +12,12 @@ either to the decoded image and its dense label before they are fitted to the in
 - `pfenet`: PFENet's training transform (its `train.py`): RandScale [0.9, 1.1], RandRotate
   ±10° with probability 0.5 (image padded with the ImageNet mean, label with void),
   GaussianBlur 5×5 with probability 0.5, horizontal flip with probability 0.5, then a random
-  crop to the input size (padded with the mean / void when smaller), each image on its own.
+  crop to the input size (padded with the mean / void when smaller), redrawn — up to 31 times,
+  as its `Crop` — while it keeps less than 85% of the image's foreground, each image on its own.
+
+An augmentation's `version` joins the training settings' identity (`train.augment_version`):
+changing what a named augmentation does moves the cell ids of the grids that use it, so finished
+results of the old behaviour are never reused as if they were the new one's.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class Augmentation:
     `raw_pixels = True`) or `tensors`."""
 
     raw_pixels = False  # `raw` transforms the decoded image before it is fitted to the input
+    version = ""  # bumped when what the augmentation computes changes (joins cell ids)
 
     def draw(self, rng: np.random.Generator):
         """One image's parameters (plain, picklable values)."""
@@ -87,25 +93,26 @@ class PfenetAugmentation(Augmentation):
     """PFENet's training transform (scale, rotate, blur, flip, crop), on raw pixels."""
 
     raw_pixels = True
+    version = "2"  # 2: the crop is redrawn while it keeps < 85% of the foreground, as PFENet's
 
     scale = (0.9, 1.1)
     rotate = (-10.0, 10.0)
+    crops = 1 + 31  # the first crop and PFENet's redraws (`while … and crop_cnt <= 30`)
 
     def draw(self, rng):
         # a fixed number of draws per image, whatever is applied: the plan stays aligned
-        u = rng.random(7)
+        u = rng.random(5 + 2 * self.crops)
         return (
             self.scale[0] + (self.scale[1] - self.scale[0]) * u[0],  # scale
             bool(u[1] < 0.5),  # rotate?
             self.rotate[0] + (self.rotate[1] - self.rotate[0]) * u[2],  # angle (degrees)
             bool(u[3] < 0.5),  # blur?
             bool(u[4] < 0.5),  # flip?
-            float(u[5]),  # crop row offset, as a share of the free rows
-            float(u[6]),  # crop column offset
+            tuple(float(v) for v in u[5:]),  # crop (row, column) offsets, shares of the free
         )
 
     def raw(self, pixels, label, params, size):
-        scale, rotate, angle, blur, flip, row, col = params
+        scale, rotate, angle, blur, flip, offsets = params
         image, target = Image.fromarray(pixels), Image.fromarray(label)
         width, height = image.size
         scaled = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -119,12 +126,18 @@ class PfenetAugmentation(Augmentation):
             pixels = _gaussian_blur(pixels)
         if flip:
             pixels, label = pixels[:, ::-1], label[:, ::-1]
-        return _random_crop(pixels, label, size, row, col)
+        return _random_crop(pixels, label, size, offsets)
 
 
-def _random_crop(pixels, label, size, row, col):
+def _foreground(label: np.ndarray) -> int:
+    """Pixels of the episode's classes in a raw label (1…N; not background, void or padding)."""
+    return int(((label >= 1) & (label < PAD)).sum())
+
+
+def _random_crop(pixels, label, size, offsets):
     """PFENet's Crop(crop_type='rand'): pad to at least size × size (half before, half after,
-    mean / padding), then cut a size × size window at the drawn offsets."""
+    mean / padding), cut a size × size window at the drawn offsets, and redraw (at the next
+    pair of offsets, up to 31 times) while the window keeps less than 85% of the foreground."""
     height, width = label.shape
     pad_h, pad_w = max(size - height, 0), max(size - width, 0)
     if pad_h or pad_w:
@@ -134,9 +147,13 @@ def _random_crop(pixels, label, size, row, col):
         canvas[border[0][0] : border[0][0] + height, border[1][0] : border[1][0] + width] = pixels
         pixels, label = canvas, np.pad(label, border, constant_values=PAD)
         height, width = label.shape
-    top = int(row * (height - size + 1))
-    left = int(col * (width - size + 1))
-    window = (slice(top, top + size), slice(left, left + size))
+    whole = _foreground(label)
+    for row, col in zip(offsets[::2], offsets[1::2]):
+        top = int(row * (height - size + 1))
+        left = int(col * (width - size + 1))
+        window = (slice(top, top + size), slice(left, left + size))
+        if _foreground(label[window]) >= 0.85 * whole:
+            break  # the official keeps the last window when every redraw falls short
     return np.ascontiguousarray(pixels[window]), np.ascontiguousarray(label[window])
 
 

@@ -85,14 +85,14 @@ def test_pfenet_augmentation_scales_rotates_and_crops_with_void_padding():
     label = np.zeros((30, 50), np.uint8)
     label[5:20, 10:30] = 1
     augmentation = PfenetAugmentation()
-    params = (1.1, True, 10.0, True, True, 0.5, 0.5)
+    params = (1.1, True, 10.0, True, True, (0.5, 0.5))
     out_pixels, out_label = augmentation.raw(pixels, label, params, 48)
     assert out_pixels.shape == (48, 48, 3) and out_label.shape == (48, 48)
     assert (out_label == PAD).any() and (out_label == 1).any()  # padded, object kept
     assert set(np.unique(out_label)) <= {0, 1, PAD}  # nearest: no blended labels
-    plain = (1.0, False, 0.0, False, False, 0.0, 0.0)
+    plain = (1.0, False, 0.0, False, False, (0.0, 0.0))
     same_pixels, same_label = augmentation.raw(pixels, label, plain, 20)
-    assert np.array_equal(same_label, label[:20, :20])  # no transform, top-left crop
+    assert np.array_equal(same_label, label[:20, :20])  # no transform, top-left crop (no redraw)
     assert np.array_equal(same_pixels, pixels[:20, :20])
     draws = [augmentation.draw(seeded_rng("x", 1)) for _ in range(2)]
     assert draws[0] == draws[1] and 0.9 <= draws[0][0] <= 1.1 and -10 <= draws[0][2] <= 10

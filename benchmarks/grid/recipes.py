@@ -149,6 +149,9 @@ class TrainConfig:
     # Training stages, run in order (each a tuple of sorted (key, value) pairs: `name`,
     # `params` — the parameter groups it trains — and any setting above, over this config's).
     stages: tuple = later(())
+    # The augmentation's own `version` (set from the registry, never written): a changed
+    # augmentation moves the ids of the cells it trains.
+    augment_version: str = later("")
 
     def __post_init__(self):
         problems = []
@@ -212,6 +215,9 @@ class TrainConfig:
             )
         if problems:
             raise FsbenchError("impossible training setting: " + "; ".join(problems))
+        if self.augmentation in AUGMENTATIONS:
+            version = AUGMENTATIONS.get(self.augmentation).version
+            object.__setattr__(self, "augment_version", version)
         if self.stages:
             self.stage_configs()  # each stage's settings checked as a whole TrainConfig
 
