@@ -67,3 +67,48 @@ def test_a_changed_augmentation_moves_the_ids_of_the_cells_it_trains():
     assert TrainConfig(augment="pfenet").to_dict()["augment_version"] == "2"
     assert "augment_version" not in TrainConfig().to_dict()  # flip: unversioned, ids unchanged
     assert "augment_version" not in TrainConfig(augment="none").to_dict()
+
+
+def test_train_shot_scores_every_shot_with_the_one_shot_model(small_grid_dict, tmp_path, capsys):
+    """`train_shot: 1` (HSNet's and DCAMA's practice): the 5-shot cell is scored with the 1-shot
+    model (one training per fold), its id and records say so, and `fsbench config` lists it as
+    `eval (model shared)`; a method entry's own `train_shot` wins over the grid's."""
+    import yaml
+    from helpers import cli
+
+    from fsbench.benchmarks.cli.api import run
+    from fsbench.benchmarks.execution.planning import plan_grid
+    from fsbench.benchmarks.grid.files import parse_grid
+    from fsbench.benchmarks.store.results import ResultStore
+
+    grid = dict(small_grid_dict, shots=[1, 5], seeds=[1], methods=["test_panet"], train_shot=1)
+    one, five = sorted(parse_grid(grid).expand(), key=lambda c: c.shot)
+    own = {c.shot: c for c in parse_grid(dict(grid, train_shot=None)).expand()}
+    assert five.model_key() == one.model_key() != own[5].model_key()
+    assert five.id != own[5].id and one.id == own[1].id  # the 1-shot cell is unchanged
+    store = ResultStore(tmp_path / "r", "tiny")
+    plan = plan_grid(parse_grid(grid), store)
+    (job,) = plan.jobs
+    assert job.trainable and job.config["shot"] == 1 and len(job.items) == 2
+    run(grid, results=tmp_path / "r", serial=True, tracking=False)
+    records = {r.config.shot: r for r in store.load_cells()}
+    assert records[5].config.train_shot == 1 and records[1].config.train_shot == 0
+    assert records[5].depends_on["trained_under"] == "panet protocol, the 1-shot model"
+    assert records[5].model_key == records[1].model_key
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    code, out, _ = cli(capsys, "config", path)
+    assert code == 0 and "5-shot" in out and "eval (model shared)" in out
+    entry = dict(grid, methods=[{"name": "test_panet", "train_shot": 5}])
+    assert {c.model_key() for c in parse_grid(entry).expand()} == {own[5].model_key()}
+    bad = dict(grid, methods=[{"name": "test_panet", "train_shot": "one"}])
+    code, _, err = cli(capsys, "config", _write(tmp_path, bad))
+    assert code == 2 and "train_shot 'one' is not a shot count" in err
+
+
+def _write(folder: Path, grid: dict) -> Path:
+    import yaml
+
+    path = folder / "bad.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path

@@ -108,7 +108,7 @@ def plan_grid(
     for cell in todo:
         key = cell.model_key()
         if key not in jobs:
-            jobs[key] = _new_job(cell.trained_as or cell, grid, store)
+            jobs[key] = _new_job(cell.model_cell(), grid, store)
         job = jobs[key]
         job.cells.append(cell)
         for seed in cell.seeds:

@@ -59,6 +59,7 @@ class Cell:
     trained_as: Cell | None = field(default=None, compare=False, repr=False)
     # The cell whose trained model this cell's training starts from (`init_from:`).
     upstream: Cell | None = field(default=None, compare=False, repr=False)
+    train_shot: int = 0  # scored with the model trained at this shot (0: its own)
 
     def settings(self) -> CellConfig:
         """The resolved config, typed: everything that decides the result (and nothing else)."""
@@ -87,6 +88,7 @@ class Cell:
             eval_protocol=self.eval_protocol,
             method_version=method_version(self.method.name),
             init_from=self.upstream.model_key() if self.upstream is not None else "",
+            train_shot=self.train_shot,
         )
 
     def config(self) -> dict:
@@ -104,6 +106,10 @@ class Cell:
         return cell_title(
             self.settings(), self.method.display, seed, METHODS.display(self.method.name)
         )
+
+    def model_cell(self) -> Cell:
+        """The cell whose model scores this one, under its training protocol and shot."""
+        return self.trained_as.model_cell() if self.trained_as is not None else self
 
     def model_key(self) -> str:
         """Cells with the same key share one model: a trained model serves every annotation
@@ -143,6 +149,7 @@ class GridSpec:
     spill_bytes: int | None = None  # disk for spilled encodings (None: half the free space)
     eval_precision: str = "fp32"
     evaluators: tuple[str, ...] = ()  # registered evaluators fed every batch (metrics.EVALUATORS)
+    train_shot: int = 0  # every shot scored with the model trained at this shot (0: its own)
     train_workers: int = 1  # DataLoader processes decoding episodes ahead of the step
     train_gpus: int = 1  # whole GPUs a training task asks for on a GPU cluster
     eval_gpus: float | None = None  # an evaluation task's GPU share (None: the CLI's, 0.5)
@@ -211,6 +218,7 @@ class GridSpec:
             )
             homes.append(home)
         homes = _link_init_from(homes, self.methods, trainable)
+        homes = [self._shared_shot(home) for home in homes]
         for home in homes:
             for scored, (preset, scored_sampler, size) in scoring.items():
                 if scored == self.protocol:
@@ -229,6 +237,15 @@ class GridSpec:
                     )
                 )
         return cells
+
+    def _shared_shot(self, home: Cell) -> Cell:
+        """`train_shot` (the entry's, else the grid's): a trained cell of another shot is scored
+        with the model trained at that shot (the model's own cell, at that shot)."""
+        shot = home.method.train_shot or self.train_shot
+        if home.train is None or not shot or shot == home.shot:
+            return home
+        model = dataclasses.replace(home, shot=shot)
+        return dataclasses.replace(home, train_shot=shot, trained_as=model)
 
     def _scoring(self, dataset: str) -> dict:
         """Each protocol the grid scores under → (resolved preset, sampler, input size), its

@@ -27,6 +27,7 @@ class MethodSpec:
     checkpoint: tuple = ()
     # the row whose trained model (same fold and training seed) this one starts from
     init_from: str = ""
+    train_shot: int = 0  # score every shot with the model trained at this shot (0: the grid's)
 
     def row(self) -> str:
         return self.label or self.name
@@ -180,11 +181,19 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
             "checkpoint",
             "format",
             "init_from",
+            "train_shot",
         }
         if unknown:
             raise FsbenchError(
                 f"methods: unknown key(s) {sorted(unknown)} "
-                "(use name, kwargs, sweep, label, display, train, checkpoint, format, init_from)"
+                "(use name, kwargs, sweep, label, display, train, checkpoint, format, init_from, "
+                "train_shot)"
+            )
+        train_shot = entry.get("train_shot", 0)
+        if isinstance(train_shot, bool) or not isinstance(train_shot, int) or train_shot < 0:
+            raise FsbenchError(
+                f"methods: {entry['name']}: train_shot {short_repr(train_shot)} is not a shot "
+                "count (e.g. 1: every shot scored with the 1-shot model)"
             )
         if "init_from" in entry and not isinstance(entry["init_from"], str):
             raise FsbenchError(
@@ -215,6 +224,7 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
                     f"{display} ({suffix})" if display and suffix else display,
                     checkpoint,
                     entry.get("init_from", ""),
+                    train_shot,
                 )
             )
     variants = [(s.name, sorted(s.kwargs.items()), s.train, s.checkpoint) for s in specs]

@@ -23,6 +23,7 @@ from fsbench.datasets.registry import DATASETS
 
 GRID_KEYS = {
     "name",
+    "train_shot",
     "evaluators",
     "include",
     "imports",
@@ -317,6 +318,7 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
         sampler=_sampler(raw.get("sampler"), protocol),
         # 0 is impossible, not "the protocol's": only an absent (or null) key means that.
         input_size=_single_int(raw, "input_size", 16, 4096),
+        train_shot=_single_int(raw, "train_shot", 1, 1000) or 0,
         episodes=_single_int(raw, "episodes", 1, MAX_EPISODES),
         seeds=_tuple_of_ints(raw, "seeds", 0, MAX_SEED) if raw.get("seeds") is not None else None,
         folds=folds,

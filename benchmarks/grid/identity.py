@@ -39,6 +39,9 @@ class CellConfig:
     # The model key of the trained model this cell's training starts from (`init_from`).
     init_from: str = ""
     evaluators: tuple[str, ...] = ()  # the grid's evaluators: what the record holds besides counts
+    # The shot count of the model that scores the cell when not `shot` (`train_shot`: HSNet
+    # tests its 1-shot model at 5 shots); 0: the cell's own model.
+    train_shot: int = 0
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as read
 
     @property
@@ -69,6 +72,8 @@ class CellConfig:
             later["init_from"] = self.init_from
         if self.evaluators:
             later["evaluators"] = list(self.evaluators)
+        if self.train_shot:
+            later["train_shot"] = self.train_shot
         return {
             **later,
             "method": self.method,

@@ -61,7 +61,10 @@ def depends_on(cell) -> dict[str, str]:
         "checkpoint_rule": checkpoint_rule(cell),
         "test_time_augmentation": test_time_augmentation(config.method),
         "trained_under": (
-            f"{config.protocol} protocol" if cell.train is not None else "not trained by fsbench"
+            f"{config.protocol} protocol"
+            + (f", the {config.train_shot}-shot model" if config.train_shot else "")
+            if cell.train is not None
+            else "not trained by fsbench"
         ),
     }
 
@@ -78,7 +81,7 @@ def checkpoint_rule(cell) -> str:
         return "untrained (no checkpoint)"
     if cell.train.val_classes:
         return f"held-out classes (best of {cell.train.val_classes} training classes held out)"
-    return f"last step ({cell.train.steps} steps)"
+    return f"last step ({cell.train.total_steps} steps)"
 
 
 def test_time_augmentation(method: str) -> str:
