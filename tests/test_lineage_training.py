@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fsbench.datasets.augment import AUGMENTATIONS, _random_crop
 
@@ -112,3 +113,47 @@ def _write(folder: Path, grid: dict) -> Path:
     path = folder / "bad.yaml"
     path.write_text(yaml.safe_dump(grid))
     return path
+
+
+def test_official_training_samplers_walk_as_the_lineages_loaders(dataset):
+    """`train.sampler: official` (the default of `recipe: pfenet|hsnet`): HSNet's loader walks
+    every (image, class) pair once per epoch; PFENet's every image holding a big enough object
+    once per epoch, its class drawn among the training classes it holds; PANet's is fsbench's."""
+    import dataclasses
+    from collections import Counter
+
+    from fsbench.benchmarks.grid.recipes import RECIPES, TrainConfig
+    from fsbench.benchmarks.tools.sampler_mix import official_loader_mix, sampler_mix
+    from fsbench.benchmarks.training.plan import stage_plan
+    from fsbench.datasets.protocols import resolve
+
+    assert TrainConfig.from_dict(RECIPES["hsnet"]).sampler == "official"
+    assert TrainConfig.from_dict(RECIPES["pfenet"]).sampler == "official"
+    classes = dataset.train_classes(0)
+    hsnet = resolve("hsnet", "pascal5i")
+    split = dataset.train_split(hsnet)
+    pairs = [(i, c) for c in classes for i in dataset.class_images(split, c, 1)]
+    cfg = TrainConfig(steps=2 * len(pairs), sampler="official", flip=False, seed=3)
+    plan = stage_plan(dataset, hsnet, split, 0, classes, 1, 2, cfg)
+    walked = [(spec.query[0], spec.classes[0]) for step in plan for spec, _ in step]
+    assert sorted(walked[: len(pairs)]) == sorted(pairs) == sorted(walked[len(pairs) :])
+    assert walked[: len(pairs)] != walked[len(pairs) :]  # reshuffled per epoch
+    assert all(spec.query[0] not in spec.support[0] for step in plan for spec, _ in step)
+    mix = sampler_mix(dataset, hsnet, 0, "official", len(pairs))
+    assert mix == pytest.approx(official_loader_mix(dataset, hsnet, split, classes))
+    pfenet = dataclasses.replace(resolve("pfenet", "pascal5i"), min_object_pixels=60)
+    split = dataset.train_split(pfenet)
+    walk = sorted(set().union(*(dataset.class_images(split, c, 60) for c in classes)))
+    cfg = TrainConfig(steps=len(walk), sampler="official", flip=False, episodes_per_step=1)
+    plan = stage_plan(dataset, pfenet, split, 0, classes, 1, 2, cfg)
+    queries = Counter(spec.query[0] for step in plan for spec, _ in step)
+    assert sorted(queries) == walk and set(queries.values()) == {1}
+    for spec, _ in (item for step in plan for item in step):
+        (class_id,), (supports,) = spec.classes, spec.support
+        assert spec.query[0] in dataset.class_images(split, class_id, 1)  # a class it holds
+        assert len(set(supports)) == 2 and spec.query[0] not in supports
+        assert set(supports) <= set(dataset.class_images(split, class_id, 60))
+    fsbench = stage_plan(dataset, resolve("panet", "pascal5i"), "trainaug", 0, classes, 1, 1,
+                         TrainConfig(steps=5, sampler="official", seed=1))  # fmt: skip
+    assert fsbench == stage_plan(dataset, resolve("panet", "pascal5i"), "trainaug", 0, classes,
+                                 1, 1, TrainConfig(steps=5, seed=1))  # fmt: skip

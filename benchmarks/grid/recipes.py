@@ -15,9 +15,11 @@ PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("step", "constant", "poly")
 BATCHNORM_MODES = ("train", "eval")
-# What a training step draws: fsbench's episodes, or batches of training images with their
-# base-class labels (a base learner's stage; each image once per epoch).
-TRAIN_SAMPLERS = ("fsbench", "images")
+# What a training step draws: fsbench's episodes (a class uniformly, then images), the training
+# protocol's lineage's episodes (`official`: PFENet — an image, then one of its classes; HSNet —
+# every listed (image, class) pair once per epoch; PANet's is fsbench's), or batches of training
+# images with their base-class labels (a base learner's stage; each image once per epoch).
+TRAIN_SAMPLERS = ("fsbench", "official", "images")
 # Settings written as {key: value} in a grid, held as sorted (key, value) pairs.
 MAPPINGS = ("lr_mult", "batchnorm")
 
@@ -39,6 +41,7 @@ RECIPES = {
         "nesterov": False,
         "augment": "none",
         "input_size": 400,
+        "sampler": "official",
     },
     # dvlab-research/PFENet train.py + config: SGD 2.5e-3, momentum 0.9, wd 1e-4, poly 0.9,
     # batch 4 with the backbone's BatchNorm in train mode (model.train()), its augmentation and
@@ -56,6 +59,7 @@ RECIPES = {
         "nesterov": False,
         "augment": "pfenet",
         "input_size": 473,
+        "sampler": "official",
     },
 }
 

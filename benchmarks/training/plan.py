@@ -11,7 +11,7 @@ import torch
 
 from fsbench.core import FsbenchError, seeded_rng
 from fsbench.datasets.augment import AUGMENTATIONS
-from fsbench.datasets.episodes import EpisodeLoader, sample_episode
+from fsbench.datasets.episodes import EpisodeLoader, EpisodeSpec, sample_episode
 
 
 class ImageStep(NamedTuple):
@@ -52,11 +52,81 @@ def augmentation_rng(cfg, stage: tuple = ()):
 
 
 def stage_plan(dataset, protocol, split, fold, train_classes, way, shot, cfg, stage=()):
-    """A stage's steps: episodes (`sampler: fsbench`) or image batches (`sampler: images`);
-    `stage` (its index and name when the training declares stages) joins their seeds."""
+    """A stage's steps: episodes (`sampler: fsbench`, or `official`: the training protocol's
+    lineage's class mix) or image batches (`sampler: images`); `stage` (its index and name when
+    the training declares stages) joins their seeds."""
     if cfg.sampler == "images":
         return image_plan(dataset, split, train_classes, cfg, stage, protocol.min_object_pixels)
+    if cfg.sampler == "official" and protocol.official_sampler in LINEAGE_WALKS:
+        return lineage_plan(dataset, protocol, split, train_classes, way, shot, cfg, stage)
     return episode_plan(dataset, protocol, split, fold, train_classes, way, shot, cfg, stage)
+
+
+# How each lineage's training loader walks its list (PANet's draws a class uniformly, then
+# images: fsbench's own sampler already does that).
+#  - pfenet (util/dataset.py SemData; BAM trains through it): every image holding >= 2·32·32 px
+#    of a training class once per epoch, shuffled; the query's class drawn uniformly among the
+#    training classes it holds (any size); supports from that class's >= 2·32·32 px images.
+#  - hsnet (data/pascal.py): every listed (image, class) pair once per epoch, shuffled; supports
+#    drawn from the class's images until `shot` differ from the query (they may repeat).
+LINEAGE_WALKS = ("pfenet", "hsnet")
+
+
+def lineage_plan(dataset, protocol, split, train_classes, way, shot, cfg, stage=()) -> list:
+    """Training steps drawn as the training protocol's lineage draws them (`sampler: official`),
+    from one seeded generator: each epoch a fresh shuffle of the lineage's walk; a step takes
+    the next `episodes_per_step` items."""
+    lineage = protocol.official_sampler
+    if way != 1 or cfg.queries_per_way != 1:
+        raise FsbenchError(
+            f"train.sampler official: {lineage}'s training loader draws 1-way episodes with one "
+            f"query; this cell is {way}-way with {cfg.queries_per_way} queries (use "
+            "sampler: fsbench)"
+        )
+    big = protocol.min_object_pixels
+    members = {c: set(dataset.class_images(split, c, 1)) for c in train_classes}
+    supports = {c: list(dataset.class_images(split, c, big)) for c in train_classes}
+    if lineage == "pfenet":
+        walk = sorted(set().union(*(supports[c] for c in train_classes)))
+    else:
+        walk = [(image, c) for c in train_classes for image in dataset.class_images(split, c, 1)]
+    if not walk:
+        raise FsbenchError(
+            f"train.sampler official: {dataset.name}/{split} has nothing to train on"
+        )
+    rng = seeded_rng("train-official", lineage, cfg.seed, dataset.name, shot, *stage)
+    draw_rng = augmentation_rng(cfg, stage)
+    augmentation = AUGMENTATIONS.build(cfg.augmentation)
+    plan, order = [], []
+    for _ in range(cfg.steps):
+        step = []
+        for _ in range(cfg.episodes_per_step):
+            if not order:  # a new epoch: the DataLoader's shuffle
+                order = [walk[i] for i in rng.permutation(len(walk))[::-1]]
+            item = order.pop()
+            if lineage == "pfenet":
+                query = item
+                held = [c for c in train_classes if query in members[c]]
+                class_id = held[int(rng.integers(len(held)))]
+            else:
+                query, class_id = item
+            pool = [i for i in supports[class_id] if i != query]
+            if len(pool) < (shot if lineage == "pfenet" else 1):
+                raise FsbenchError(
+                    f"train.sampler official: class {class_id} has {len(pool)} support image(s) "
+                    f"besides the query in {dataset.name}/{split}; {shot}-shot needs more"
+                )
+            if lineage == "pfenet":  # distinct supports, none the query
+                picked = [pool[i] for i in rng.choice(len(pool), size=shot, replace=False)]
+            else:  # HSNet: drawn until they differ from the query; they may repeat
+                picked = [pool[int(rng.integers(len(pool)))] for _ in range(shot)]
+            spec = EpisodeSpec((class_id,), (tuple(picked),), (query,))
+            params = None
+            if draw_rng is not None:
+                params = tuple(augmentation.draw(draw_rng) for _ in range(shot + 1))
+            step.append((spec, params))
+        plan.append(step)
+    return plan
 
 
 def image_plan(dataset, split, train_classes, cfg, stage=(), min_pixels=1) -> list[ImageStep]:
