@@ -157,3 +157,53 @@ def test_official_training_samplers_walk_as_the_lineages_loaders(dataset):
                          TrainConfig(steps=5, sampler="official", seed=1))  # fmt: skip
     assert fsbench == stage_plan(dataset, resolve("panet", "pascal5i"), "trainaug", 0, classes,
                                  1, 1, TrainConfig(steps=5, seed=1))  # fmt: skip
+
+
+def test_sensitivity_table_shows_each_factor_on_the_same_models(small_grid_dict, tmp_path):
+    """`sensitivity: true`: evaluation-only copies scored at the other label resolution (never
+    in the main tables), and sensitivity.md/.tex/.csv + figure with Δ mIoU and its CI per
+    factor: best seed − mean, other resolution − protocol's, own k-shot model − the 1-shot
+    model, filter on − off; the episode-count factor says why it is n/a here."""
+    import pandas as pd
+
+    from fsbench.benchmarks.cli.api import run
+    from fsbench.benchmarks.grid.files import parse_grid
+    from fsbench.benchmarks.report import build_report
+    from fsbench.benchmarks.store.results import ResultStore
+
+    grid = dict(
+        small_grid_dict,
+        sensitivity=True,
+        shots=[2],
+        seeds=[1, 2],
+        methods=[
+            {"name": "test_panet", "label": "own"},
+            {"name": "test_panet", "label": "shared", "train_shot": 1},
+            {"name": "test_panet", "label": "filtered", "train": {"exclude_novel_images": True}},
+        ],
+        train={"steps": 2, "lr_milestones": [1]},
+    )
+    cells = parse_grid(grid).expand()
+    copies = [c for c in cells if c.score_resolution]
+    assert len(cells) == 6 and {c.score_resolution for c in copies} == {"original"}
+    assert all(c.model_key() == c.trained_as.model_key() for c in copies)  # no training
+    run(grid, results=tmp_path / "r", serial=True, tracking=False)
+    store = ResultStore(tmp_path / "r", "tiny")
+    written = build_report(store.grid_dir, n_boot=200)
+    report = store.grid_dir / "report"
+    assert report / "sensitivity.md" in written["tables"]
+    assert report / "sensitivity.png" in written["figures"]
+    table = pd.read_csv(report / "sensitivity.csv")
+    assert list(table["method"]) == ["own", "shared", "filtered"]
+    assert table["best_seed"].notna().all() and (table["best_seed"] >= 0).all()
+    assert table["resolution"].notna().all()
+    assert table["train_shot"].notna().tolist() == [False, True, False]
+    assert table["novel_filter"].notna().tolist() == [False, False, True]
+    assert table["episodes_note"].str.contains("draws ≤ 1000").all()
+    for factor in ("best_seed", "resolution"):
+        assert (table[f"{factor}_low"] <= table[factor] + 1e-9).all()
+        assert (table[factor] <= table[f"{factor}_high"] + 1e-9).all()
+    main = (report / "table_miou.md").read_text()
+    rows = [line.split(" | ")[0] for line in main.splitlines() if line.startswith("| ")]
+    assert rows[1:4] == ["| own", "| shared", "| filtered"] and "-resolution labels" not in main
+    assert "own k-shot model − 1-shot model" in (report / "sensitivity.md").read_text()

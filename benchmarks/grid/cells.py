@@ -60,6 +60,8 @@ class Cell:
     # The cell whose trained model this cell's training starts from (`init_from:`).
     upstream: Cell | None = field(default=None, compare=False, repr=False)
     train_shot: int = 0  # scored with the model trained at this shot (0: its own)
+    # Scored at this label resolution instead of its protocol's (`sensitivity: true` copies).
+    score_resolution: str = ""
 
     def settings(self) -> CellConfig:
         """The resolved config, typed: everything that decides the result (and nothing else)."""
@@ -89,6 +91,7 @@ class Cell:
             method_version=method_version(self.method.name),
             init_from=self.upstream.model_key() if self.upstream is not None else "",
             train_shot=self.train_shot,
+            score_resolution=self.score_resolution,
         )
 
     def config(self) -> dict:
@@ -150,6 +153,8 @@ class GridSpec:
     eval_precision: str = "fp32"
     evaluators: tuple[str, ...] = ()  # registered evaluators fed every batch (metrics.EVALUATORS)
     train_shot: int = 0  # every shot scored with the model trained at this shot (0: its own)
+    # Also score each model at the other label resolution, for the report's sensitivity table.
+    sensitivity: bool = False
     train_workers: int = 1  # DataLoader processes decoding episodes ahead of the step
     train_gpus: int = 1  # whole GPUs a training task asks for on a GPU cluster
     eval_gpus: float | None = None  # an evaluation task's GPU share (None: the CLI's, 0.5)
@@ -233,6 +238,16 @@ class GridSpec:
                         seeds=tuple(self.seeds or preset.seeds),
                         sampler=scored_sampler,
                         preset=preset,
+                        trained_as=home,
+                    )
+                )
+            if self.sensitivity:  # the same model scored at the other label resolution
+                flipped = "original" if home.preset.score_resolution == "input" else "input"
+                cells.append(
+                    dataclasses.replace(
+                        home,
+                        score_resolution=flipped,
+                        preset=dataclasses.replace(home.preset, score_resolution=flipped),
                         trained_as=home,
                     )
                 )

@@ -227,7 +227,10 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
                     train_shot,
                 )
             )
-    variants = [(s.name, sorted(s.kwargs.items()), s.train, s.checkpoint) for s in specs]
+    variants = [
+        (s.name, sorted(s.kwargs.items()), s.train, s.checkpoint, s.init_from, s.train_shot)
+        for s in specs
+    ]
     if len({repr(v) for v in variants}) != len(variants):
         raise FsbenchError(
             "methods: the same method with the same keywords, recipe and checkpoint is listed twice"

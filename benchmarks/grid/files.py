@@ -23,6 +23,7 @@ from fsbench.datasets.registry import DATASETS
 
 GRID_KEYS = {
     "name",
+    "sensitivity",
     "train_shot",
     "evaluators",
     "include",
@@ -262,6 +263,13 @@ def _eval_protocols(raw) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _flag(raw: dict, key: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise FsbenchError(f"{key}: {short_repr(value)} is not true or false")
+    return value
+
+
 def _evaluators(raw) -> tuple[str, ...]:
     """`evaluators:`: names of registered evaluators (fsbench.register_evaluator), or ()."""
     names = [] if raw is None else raw if isinstance(raw, list) else [raw]
@@ -319,6 +327,7 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
         # 0 is impossible, not "the protocol's": only an absent (or null) key means that.
         input_size=_single_int(raw, "input_size", 16, 4096),
         train_shot=_single_int(raw, "train_shot", 1, 1000) or 0,
+        sensitivity=_flag(raw, "sensitivity"),
         episodes=_single_int(raw, "episodes", 1, MAX_EPISODES),
         seeds=_tuple_of_ints(raw, "seeds", 0, MAX_SEED) if raw.get("seeds") is not None else None,
         folds=folds,

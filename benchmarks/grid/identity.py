@@ -42,6 +42,8 @@ class CellConfig:
     # The shot count of the model that scores the cell when not `shot` (`train_shot`: HSNet
     # tests its 1-shot model at 5 shots); 0: the cell's own model.
     train_shot: int = 0
+    # The label resolution it is scored at when not its protocol's (a sensitivity copy).
+    score_resolution: str = ""
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as read
 
     @property
@@ -74,6 +76,8 @@ class CellConfig:
             later["evaluators"] = list(self.evaluators)
         if self.train_shot:
             later["train_shot"] = self.train_shot
+        if self.score_resolution:
+            later["score_resolution"] = self.score_resolution
         return {
             **later,
             "method": self.method,

@@ -31,6 +31,8 @@ def display_name(config, display: str | None = None, method_display: str | None 
         name += f" ({config.annotation})"
     if getattr(config, "eval_protocol", ""):  # scored under another lineage's protocol
         name += f" [{config.eval_protocol} protocol]"
+    if getattr(config, "score_resolution", ""):  # a sensitivity copy, scored the other way
+        name += f" [{config.score_resolution}-resolution labels]"
     return name
 
 

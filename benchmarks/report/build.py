@@ -36,6 +36,13 @@ from fsbench.benchmarks.report.protocols import (
     protocol_markdown,
     spreads,
 )
+from fsbench.benchmarks.report.sensitivity import (
+    sensitivity_csv,
+    sensitivity_figure,
+    sensitivity_frame,
+    sensitivity_latex,
+    sensitivity_markdown,
+)
 from fsbench.benchmarks.report.statistics import statistics, statistics_markdown
 from fsbench.benchmarks.report.tables import (
     footnote,
@@ -126,9 +133,11 @@ def build_report(grid_dir: Path, n_boot: int = 1000) -> dict:
 def _build_report(grid_dir: Path, out: Path, n_boot: int) -> dict:
     rejected: dict[str, str] = {}
     cells, superseded = current_cells(load_cells(grid_dir, rejected))
+    scored_other_way = [c for c in cells if c.config.score_resolution]  # sensitivity copies
+    every_cell, cells = cells, [c for c in cells if not c.config.score_resolution]
     for name, problem in rejected.items():
         print(f"fsbench: report: left out cells/{name}: {problem}", file=sys.stderr)
-    missing = missing_cells(grid_dir, {c.cell_id for c in cells})
+    missing = missing_cells(grid_dir, {c.cell_id for c in every_cell})
     if missing:
         print(
             f"fsbench: report: {len(missing)} cells of the grid have no valid result: "
@@ -199,6 +208,8 @@ def _build_report(grid_dir: Path, out: Path, n_boot: int) -> dict:
     written["tables"] += write_leakage(cells, out)
     for path in _protocol_report(cells, out, grid_dir.name, provenance, n_boot):
         written["tables" if path.suffix in (".md", ".tex", ".csv") else "figures"].append(path)
+    for path in _sensitivity_report(every_cell, out, n_boot) if scored_other_way else []:
+        written["tables" if path.suffix in (".md", ".tex", ".csv") else "figures"].append(path)
     rows = _rows_in_grid_order(frame)
     methods = frame.groupby("row")["method"].first().str.removeprefix("test_")
     with_par = [r for r in rows if methods[r] == "panet"]
@@ -244,6 +255,19 @@ def _build_report(grid_dir: Path, out: Path, n_boot: int) -> dict:
     for row in written["rows"]:  # the row runs' params in MLflow
         row["depends_on"] = columns.loc[row["row"]].to_dict() if row["row"] in columns.index else {}
     return written
+
+
+def _sensitivity_report(cells, out: Path, n_boot: int) -> list:
+    """sensitivity.md/.tex/.csv and its figure (`sensitivity: true`)."""
+    frame = sensitivity_frame(cells, n_boot)
+    if frame.empty:
+        return []
+    atomic_write_text(out / "sensitivity.md", sensitivity_markdown(frame))
+    atomic_write_text(out / "sensitivity.tex", sensitivity_latex(frame))
+    csv = sensitivity_csv(frame).to_csv(index=False, float_format="%.3f")
+    atomic_write_text(out / "sensitivity.csv", csv)
+    tables = [out / f"sensitivity.{suffix}" for suffix in ("md", "tex", "csv")]
+    return tables + sensitivity_figure(frame, out)
 
 
 def _protocol_report(cells, out: Path, grid: str, provenance: str, n_boot: int) -> list:

@@ -40,6 +40,7 @@ def current_cells(cells: list[CellRecord]) -> tuple[list[CellRecord], list[CellR
             c.protocol,
             c.scored_under,
             c.train_seed,
+            c.score_resolution,  # a sensitivity copy is another table cell, not a newer one
         )
         newest[key] = cell
     kept = list(newest.values())
