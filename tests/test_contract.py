@@ -158,6 +158,7 @@ def test_a_label_output_plugin_trains_and_is_scored_in_a_grid_run(voc_root, tmp_
     assert '"prediction"' in record and '"peak_rss_bytes"' in record
 
 
+@pytest.mark.slow  # runs a whole grid
 def test_registered_evaluators_named_in_a_grid_run_on_every_path(tmp_path, small_grid_dict):
     """`evaluators: [query_stats]` (a plugin's registered Evaluator): fed on the support-states,
     features and episode paths alike, its result kept per seed; the grid's cells get new ids

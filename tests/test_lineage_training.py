@@ -70,6 +70,7 @@ def test_a_changed_augmentation_moves_the_ids_of_the_cells_it_trains():
     assert "augment_version" not in TrainConfig(augment="none").to_dict()
 
 
+@pytest.mark.slow  # runs a whole grid
 def test_train_shot_scores_every_shot_with_the_one_shot_model(small_grid_dict, tmp_path, capsys):
     """`train_shot: 1` (HSNet's and DCAMA's practice): the 5-shot cell is scored with the 1-shot
     model (one training per fold), its id and records say so, and `fsbench config` lists it as
@@ -159,6 +160,7 @@ def test_official_training_samplers_walk_as_the_lineages_loaders(dataset):
                                  1, 1, TrainConfig(steps=5, seed=1))  # fmt: skip
 
 
+@pytest.mark.slow  # runs a whole grid
 def test_sensitivity_table_shows_each_factor_on_the_same_models(small_grid_dict, tmp_path):
     """`sensitivity: true`: evaluation-only copies scored at the other label resolution (never
     in the main tables), and sensitivity.md/.tex/.csv + figure with Δ mIoU and its CI per

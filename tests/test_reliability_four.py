@@ -410,6 +410,7 @@ def test_the_leakage_tool_names_a_mask_with_foreign_labels(tmp_path, capsys):
 
 
 # -- poor: sync says which cell it left out ----------------------------------------------------
+@pytest.mark.slow  # runs a whole grid
 def test_sync_names_a_rejected_cell(quick_grid, tmp_path, capsys):
     results = tmp_path / "r"
     code, _, err = cli(capsys, "run", quick_grid, "--serial", "--no-report", "--results", results)

@@ -135,6 +135,7 @@ def test_image_batches_see_each_image_once_per_epoch(dataset):
     assert [s.ids for s in other] != [s.ids for s in plan]
 
 
+@pytest.mark.slow  # runs a whole grid
 def test_stages_in_a_grid_default_stages_ids_and_config(voc_root, two_stage, capsys, tmp_path):
     grid = {
         "name": "staged",
@@ -239,6 +240,7 @@ def _init_grid(voc_root, extra=()):
     }
 
 
+@pytest.mark.slow  # runs a whole grid
 def test_init_from_trains_the_base_learner_once_and_hands_it_over(voc_root, two_stage, tmp_path):
     from fsbench.benchmarks.cli.api import run
     from fsbench.benchmarks.execution.graph import job_graph
@@ -328,6 +330,7 @@ def test_init_from_on_ray_equals_serial(voc_root, two_stage, tmp_path):
     assert len(ordered[0]) == 4 and ordered[0].equals(ordered[1])
 
 
+@pytest.mark.slow  # runs a whole grid
 def test_a_new_method_version_recomputes_and_says_so(voc_root, two_stage, tmp_path, monkeypatch):
     from fsbench.benchmarks.cli.api import run
 
