@@ -209,3 +209,46 @@ def test_sensitivity_table_shows_each_factor_on_the_same_models(small_grid_dict,
     rows = [line.split(" | ")[0] for line in main.splitlines() if line.startswith("| ")]
     assert rows[1:4] == ["| own", "| shared", "| filtered"] and "-resolution labels" not in main
     assert "own k-shot model − 1-shot model" in (report / "sensitivity.md").read_text()
+
+
+class _ShippedHsnetPairs:
+    """The (image, class) pairs of HSNet's shipped `trn` lists as a dataset's class lists (no
+    image is needed to know what its training loader walks)."""
+
+    name = "pascal5i"
+
+    def __init__(self):
+        root = Path(__file__).parents[1] / "datasets" / "lists" / "hsnet" / "pascal" / "trn"
+        self.pairs = [
+            (line.split("__")[0], int(line.split("__")[1]))
+            for fold in range(4)
+            for line in (root / f"fold{fold}.txt").read_text().split()
+        ]
+
+    def class_images(self, split, class_id, min_pixels=1):
+        return sorted(image for image, c in self.pairs if c == class_id)
+
+
+def test_hsnet_official_sampler_walks_what_hsnets_loader_walks():
+    """One epoch of `sampler: official` under `hsnet`, over HSNet's shipped lists, holds each
+    class exactly as often as one epoch of the official DatasetPASCAL(split='trn') loader
+    (tests/fixtures/official_hsnet_walk.json, recorded by running juhongm999/hsnet)."""
+    from collections import Counter
+
+    from fsbench.benchmarks.grid.recipes import TrainConfig
+    from fsbench.benchmarks.training.plan import lineage_plan
+    from fsbench.datasets.protocols import resolve
+
+    recorded = json.loads((FIXTURES / "official_hsnet_walk.json").read_text())
+    dataset = _ShippedHsnetPairs()
+    for fold, official in recorded["episodes_per_class"].items():
+        classes = [c for c in range(1, 21) if not 5 * int(fold) < c <= 5 * int(fold) + 5]
+        steps = sum(official.values())
+        cfg = TrainConfig(steps=steps, sampler="official", flip=False, seed=int(fold))
+        plan = lineage_plan(dataset, resolve("hsnet", "pascal5i"), "trn", classes, 1, 1, cfg)
+        walked = Counter(spec.classes[0] for step in plan for spec, _ in step)
+        assert {str(c): n for c, n in sorted(walked.items())} == official, fold
+    person = recorded["episodes_per_class"]["0"]["15"] / sum(
+        recorded["episodes_per_class"]["0"].values()
+    )
+    assert round(100 * person, 1) == 29.7  # against 6.7% for a uniform class draw

@@ -99,16 +99,23 @@ def _load_resume(path: Path) -> dict | None:
             raise ValueError(f"lacks {', '.join(missing)}")
         return state
     except Exception as error:  # noqa: BLE001 - any unreadable file is discarded the same way
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else "empty"
-        aside = path.with_name(path.name + ".bad")
-        os.replace(path, aside)
-        print(
-            f"fsbench: {path}: not a usable resume file ({type(error).__name__}: {reason}); "
-            f"moved to {aside.name}, training this cell from step 1",
-            file=sys.stderr,
-            flush=True,
-        )
+        _move_aside(path, "not a usable resume file", error)
         return None
+
+
+def _move_aside(path: Path, what: str, error: Exception) -> None:
+    """Name a resume file that cannot be used and why, move it to `<name>.bad`: the training
+    starts from step 1 (only time is lost) and a rerun never trips on it again."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = f"{type(error).__name__}: {lines[0][:160] if lines else 'empty'}"
+    aside = path.with_name(path.name + ".bad")
+    os.replace(path, aside)
+    print(
+        f"fsbench: {path}: {what} ({reason}); moved to {aside.name}, training this cell from "
+        "step 1",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _fits(state: dict, path: Path, model, optimizer, scheduler) -> bool:
@@ -124,16 +131,7 @@ def _fits(state: dict, path: Path, model, optimizer, scheduler) -> bool:
         return True
     except Exception as error:  # noqa: BLE001 - torch raises several types for a misfit
         model.load_state_dict(before)
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = f"{type(error).__name__}: {lines[0][:160] if lines else error!r}"
-        aside = path.with_name(path.name + ".bad")
-        os.replace(path, aside)
-        print(
-            f"fsbench: {path}: a resume file of another model or training ({reason}); "
-            f"moved to {aside.name}, training this cell from step 1",
-            file=sys.stderr,
-            flush=True,
-        )
+        _move_aside(path, "a resume file of another model or training", error)
         return False
 
 
