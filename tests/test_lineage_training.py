@@ -15,10 +15,9 @@ from fsbench.datasets.augment import AUGMENTATIONS, _random_crop
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def _crop_recorder():
-    spec = importlib.util.spec_from_file_location(
-        "record_crop", FIXTURES / "record_official_pfenet_crop.py"
-    )
+def _recorder(name: str = "record_official_pfenet_crop.py"):
+    """A fixture recorder's module (its data generators; it is never run here)."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), FIXTURES / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -35,7 +34,7 @@ def test_pfenet_crop_keeps_the_foreground_as_often_as_the_official_crop():
     augmentation = AUGMENTATIONS.build("pfenet")
     rng = np.random.default_rng(0)
     redrawn, single = 0, 0
-    for label in _crop_recorder().labels():
+    for label in _recorder().labels():
         offsets = augmentation.draw(rng)[5]
         assert len(offsets) == 2 * 32
         pixels = np.zeros((*label.shape, 3), np.uint8)
@@ -252,3 +251,34 @@ def test_hsnet_official_sampler_walks_what_hsnets_loader_walks():
         recorded["episodes_per_class"]["0"].values()
     )
     assert round(100 * person, 1) == 29.7  # against 6.7% for a uniform class draw
+
+
+@pytest.mark.slow  # writes a 300-image layout at 400 px
+def test_pfenet_official_sampler_walks_what_pfenets_loader_walks(tmp_path):
+    """One epoch of `sampler: official` under `pfenet` queries exactly the images PFENet's
+    SemData walks (those with >= 2·32·32 px of a training class), and draws each query's class
+    from the same classes: tests/fixtures/official_pfenet_walk.json was recorded by running
+    dvlab-research/PFENet's util/dataset.py on the same generated layout."""
+    from fsbench.benchmarks.grid.recipes import TrainConfig
+    from fsbench.benchmarks.training.plan import lineage_plan
+    from fsbench.datasets.pascal import Pascal5i
+    from fsbench.datasets.protocols import resolve
+    from fsbench.datasets.synthetic import write_voc
+
+    recorded = json.loads((FIXTURES / "official_pfenet_walk.json").read_text())
+    write_voc(tmp_path / "voc", recorded["images"], recorded["size"], seed=recorded["seed"])
+    _recorder("record_official_pfenet_walk.py").as_grayscale(tmp_path / "voc/VOCdevkit/VOC2012")
+    protocol = resolve("pfenet", "pascal5i")
+    dataset = Pascal5i(tmp_path / "voc", cache_dir=tmp_path / "index", protocol="pfenet")
+    split = dataset.train_split(protocol)
+    classes = dataset.train_classes(0)
+    official = dict((query, class_id) for query, class_id in recorded["episodes"])
+    cfg = TrainConfig(steps=len(official), sampler="official", flip=False, seed=1)
+    plan = lineage_plan(dataset, protocol, split, classes, 1, 1, cfg)
+    mine = {spec.query[0]: spec.classes[0] for step in plan for spec, _ in step}
+    assert sorted(mine) == sorted(official)  # the same walk: each image once per epoch
+    for query, class_id in official.items():
+        held = [c for c in classes if query in dataset.class_images(split, c, 1)]
+        assert class_id in held and mine[query] in held
+        if len(held) == 1:
+            assert mine[query] == class_id
