@@ -32,6 +32,9 @@ class Protocol:
     official_sampler: str | None = None
     coco_input_size: int = 0  # COCO-20i's input side when it differs (0: input_size)
     coco_episodes: int = 0  # ... and its episode count (0: episodes)
+    # Workers of the replayed test loader when its config differs from the lineage's (PFENet's
+    # val loader: 8 on PASCAL, 16 on COCO; BAM's and HDMNet's: 8 on both); 0: the lineage's.
+    replay_workers: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -140,6 +143,42 @@ PROTOCOLS: dict[str, Protocol] = {
         official_sampler="hsnet",
     ),
 }
+
+
+# BAM (chunbolang/BAM test.py) and HDMNet (Pbihao/HDMNet test.py): `setup_seed(123)` then
+# `np.random.randint(0, 1000, n)` test seeds, each a run of PFENet's val-loader mechanics
+# (torch seeded with the run's seed, 8 workers) stopped after `test_num` episodes, scored at the
+# original label resolution; both print the best run ("Best_mIoU") beside the mean.
+BAM_SEEDS = (510, 365, 382, 322, 988)  # np.random.seed(123); np.random.randint(0, 1000, 5)
+HDMNET_SEEDS = (510, 365, 382, 322, 988, 98, 742, 17, 595, 106)  # … randint(0, 1000, 10)
+PROTOCOLS["bam"] = dataclasses.replace(
+    PROTOCOLS["pfenet"],
+    name="bam",
+    episodes=1000,
+    seeds=BAM_SEEDS,
+    coco_episodes=1000,  # test_num 1000 on both (its test.py), COCO at 641 px (its config)
+    replay_workers=8,
+)
+PROTOCOLS["hdmnet"] = dataclasses.replace(
+    PROTOCOLS["pfenet"],
+    name="hdmnet",
+    episodes=1000,
+    seeds=HDMNET_SEEDS,
+    coco_input_size=633,  # its coco_split*_manet.yaml val_size
+    coco_episodes=10000,  # test_num 10000 on COCO (its test.py)
+    replay_workers=8,
+)
+
+
+def training_list_protocols() -> list[str]:
+    """One protocol per distinct training list, the first that names it (bam and hdmnet train on
+    PFENet's: a leakage audit of each list once)."""
+    seen, names = set(), []
+    for name, preset in PROTOCOLS.items():
+        if preset.pascal_train_list not in seen:
+            seen.add(preset.pascal_train_list)
+            names.append(name)
+    return names
 
 
 def get_protocol(name: str) -> Protocol:

@@ -71,9 +71,8 @@ def official_episodes(dataset, protocol, fold, way, shot, n_episodes, seed, quer
             dataset, kind, split, fold, protocol.min_object_pixels
         )
         lists = {"queries": queries_list, "classes": {str(c): v for c, v in per_class.items()}}
-        episodes = _pfenet_draws(
-            queries_list, present, per_class, shot, n_episodes, seed, PFENET_WORKERS[kind]
-        )
+        workers = protocol.replay_workers or PFENET_WORKERS[kind]
+        episodes = _pfenet_draws(queries_list, present, per_class, shot, n_episodes, seed, workers)
     else:
         raise FsbenchError(f"protocol {protocol.name!r}: no official sampler {lineage!r}")
     return Replay(tuple(episodes), source, _sha(lists))

@@ -41,7 +41,7 @@ def test_eval_protocols_triple_the_cells_and_keep_one_model_each(small_grid_dict
 
 @pytest.mark.parametrize(
     "value, says",
-    [(["panet", "bam"], "bam"), (["hsnet", "hsnet"], "distinct"), ([], "distinct")],
+    [(["panet", "nope"], "nope"), (["hsnet", "hsnet"], "distinct"), ([], "distinct")],
 )
 def test_bad_eval_protocols_are_one_line(small_grid_dict, value, says):
     with pytest.raises(FsbenchError, match=says):
@@ -178,7 +178,7 @@ def test_score_a_saved_checkpoint_under_three_protocols(tmp_path, capsys, large_
     "args, says",
     [
         (["--checkpoint", "missing.pt"], "no such file"),
-        (["--checkpoint", "{weights}", "--protocols", "panet", "bam"], "distinct protocols"),
+        (["--checkpoint", "{weights}", "--protocols", "panet", "nope"], "distinct protocols"),
         (["--checkpoint", "{weights}", "--kwarg", "width"], "KEY=VALUE"),
     ],
 )
@@ -190,3 +190,36 @@ def test_score_bad_input_is_one_line(tmp_path, capsys, args, says):
     args = [str(a).replace("{weights}", str(weights)) for a in args]
     code, _, err = cli(capsys, "score", "--method", "panet", *args, "--results", tmp_path)
     assert code == 2 and one_line_error(err, says), err
+
+
+@pytest.mark.slow  # runs a whole grid
+def test_best_of_seeds_is_a_marked_column_and_published_best_runs_are_labelled(
+    small_grid_dict, tmp_path
+):
+    """`seed_summary: best`: tables keep mean ± std over seeds and add, per shot, the fold mean
+    of each fold's best test seed, marked ‡ with the note that it selects on the test set;
+    reported.yaml's BAM rows (its Best_mIoU) land in that column, marked."""
+    import pandas as pd
+
+    from fsbench.benchmarks.cli.api import run
+    from fsbench.benchmarks.report.tables import BEST_SEED_COLUMN, reported_rows
+
+    grid = dict(small_grid_dict, seeds=[1, 2, 3], methods=["test_prototype_notrain"],
+                seed_summary="best")  # fmt: skip
+    frame = run(grid, results=tmp_path / "r", serial=True, tracking=False, report=True)
+    report = tmp_path / "r" / "tiny" / "report"
+    table = pd.read_csv(report / "table_miou.csv", index_col=0)
+    best = frame.groupby("fold")["miou"].max().mean()
+    assert table[f"1-shot {BEST_SEED_COLUMN} mean"].iloc[0] == pytest.approx(best, abs=1e-3)
+    assert table[f"1-shot {BEST_SEED_COLUMN} mean"].iloc[0] > table["1-shot Mean mean"].iloc[0]
+    text = (report / "table_miou.md").read_text()
+    assert BEST_SEED_COLUMN in text and "selects on the test set" in text
+    assert "$^\\ddagger$" in (report / "table_miou.tex").read_text()
+    fake = pd.DataFrame({"dataset": ["pascal5i"], "protocol": ["bam"], "annotation": ["mask"],
+                         "way": [1]})  # fmt: skip
+    columns = [("1-shot", "Mean"), ("1-shot", BEST_SEED_COLUMN)]
+    rows = reported_rows(fake, "miou", columns)
+    (label,) = [r for r in rows.index if r.startswith("BAM")]
+    assert "best test seed ‡" in label and rows.loc[label, ("1-shot", BEST_SEED_COLUMN)] == "67.8‡"
+    with pytest.raises(FsbenchError, match="seed_summary: 'max' is not one of mean, best"):
+        parse_grid(dict(grid, seed_summary="max"))

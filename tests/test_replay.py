@@ -115,6 +115,29 @@ def test_pfenet_replay_equals_official_sampler_across_passes(recorded_voc, run):
     assert shorter == mine[:-3]
 
 
+def test_bam_and_hdmnet_replay_pfenets_loader_with_their_own_seeds(recorded_voc):
+    """BAM's and HDMNet's test.py: seeds from `setup_seed(123)` + `np.random.randint(0, 1000,
+    n)`, each run PFENet's val-loader mechanics (8 workers) seeded with it, cut to `test_num`:
+    on PASCAL their episodes for a seed are the pfenet replay's with that seed, in order."""
+    import numpy as np
+
+    legacy = np.random.RandomState(123)
+    assert PROTOCOLS["hdmnet"].seeds == tuple(int(s) for s in legacy.randint(0, 1000, 10))
+    assert PROTOCOLS["bam"].seeds == PROTOCOLS["hdmnet"].seeds[:5] == (510, 365, 382, 322, 988)
+    assert PROTOCOLS["bam"].episodes == PROTOCOLS["hdmnet"].episodes == 1000
+    _, dataset = recorded_voc
+    record = FIXTURE["pfenet"]["runs"][0]
+    count = len(record["episodes"])
+    for seed in PROTOCOLS["bam"].seeds[:2]:
+        _, pfenet = episodes(dataset, "pfenet", record["fold"], 1, record["shot"], count, seed)
+        for name in ("bam", "hdmnet"):
+            manifest, theirs = episodes(
+                dataset, name, record["fold"], 1, record["shot"], count, seed
+            )
+            assert theirs == pfenet and manifest.spec["protocol"] == name
+    assert pfenet != episodes(dataset, "pfenet", record["fold"], 1, record["shot"], count, 321)[1]
+
+
 @pytest.fixture(scope="module")
 def recorded_coco(tmp_path_factory):
     from fsbench.datasets.coco import Coco20i

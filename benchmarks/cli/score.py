@@ -45,13 +45,19 @@ def add_score_parser(commands, add_run_options, at_least) -> None:
     score.add_argument(
         "--protocols",
         nargs="+",
-        default=list(PROTOCOLS),
-        help=f"protocols to score under (default: {' '.join(PROTOCOLS)})",
+        default=list(DEFAULT_PROTOCOLS),
+        help=f"protocols to score under, of {', '.join(PROTOCOLS)} (default: "
+        f"{' '.join(DEFAULT_PROTOCOLS)}; bam and hdmnet replay PFENet's loader with 5 and 10 "
+        "seeds)",
     )
     score.add_argument("--episodes", type=at_least(1), help="per fold and seed (default: each's)")
     score.add_argument("--input-size", type=at_least(16), help="default: each protocol's")
     score.add_argument("--name", help="grid name (default: score_<method>_<dataset>_<sha8>)")
     add_run_options(score)
+
+
+# The three lineages' own test scripts; bam and hdmnet (PFENet's mechanics, more seeds) on request.
+DEFAULT_PROTOCOLS = ("panet", "pfenet", "hsnet")
 
 
 def score_grid(args) -> dict:

@@ -17,7 +17,7 @@ def run_grid(
 ) -> Driver:
     """Plan, execute and record a grid; returns the driver (written and failed cells)."""
     plan = plan_grid(grid, store, rerun)
-    store.write_plan(plan.cells, grid.compare)
+    store.write_plan(plan.cells, grid.compare, grid.seed_summary)
     driver = Driver(grid, store, plan, tracker, progress)
     if tracker is not None:
         tracker.start_invocation(grid, plan, store)

@@ -155,6 +155,7 @@ class GridSpec:
     train_shot: int = 0  # every shot scored with the model trained at this shot (0: its own)
     # Also score each model at the other label resolution, for the report's sensitivity table.
     sensitivity: bool = False
+    seed_summary: str = "mean"  # "best": tables add each fold's best test seed, marked as such
     train_workers: int = 1  # DataLoader processes decoding episodes ahead of the step
     train_gpus: int = 1  # whole GPUs a training task asks for on a GPU cluster
     eval_gpus: float | None = None  # an evaluation task's GPU share (None: the CLI's, 0.5)

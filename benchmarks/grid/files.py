@@ -23,6 +23,7 @@ from fsbench.datasets.registry import DATASETS
 
 GRID_KEYS = {
     "name",
+    "seed_summary",
     "sensitivity",
     "train_shot",
     "evaluators",
@@ -263,6 +264,18 @@ def _eval_protocols(raw) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _seed_summary(value) -> str:
+    if value not in SEED_SUMMARIES:
+        raise FsbenchError(
+            f"seed_summary: {short_repr(value)} is not one of {', '.join(SEED_SUMMARIES)} "
+            "(best adds a column of each fold's best test seed, marked: it selects on the test set)"
+        )
+    return value
+
+
+SEED_SUMMARIES = ("mean", "best")
+
+
 def _flag(raw: dict, key: str) -> bool:
     value = raw.get(key, False)
     if not isinstance(value, bool):
@@ -328,6 +341,7 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
         input_size=_single_int(raw, "input_size", 16, 4096),
         train_shot=_single_int(raw, "train_shot", 1, 1000) or 0,
         sensitivity=_flag(raw, "sensitivity"),
+        seed_summary=_seed_summary(raw.get("seed_summary", "mean")),
         episodes=_single_int(raw, "episodes", 1, MAX_EPISODES),
         seeds=_tuple_of_ints(raw, "seeds", 0, MAX_SEED) if raw.get("seeds") is not None else None,
         folds=folds,

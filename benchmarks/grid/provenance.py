@@ -38,7 +38,7 @@ def depends_on(cell) -> dict[str, str]:
         else ""
     )
     sampler = (
-        f"official (the {preset.official_sampler} test script's episodes, replayed)"
+        f"official (the {preset.name} test script's episodes, replayed)"
         if config.sampler == "official"
         else "fsbench (distinct supports, one seeded generator)"
     )

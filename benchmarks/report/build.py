@@ -45,6 +45,7 @@ from fsbench.benchmarks.report.sensitivity import (
 )
 from fsbench.benchmarks.report.statistics import statistics, statistics_markdown
 from fsbench.benchmarks.report.tables import (
+    BEST_SEED_NOTE,
     footnote,
     paper_table,
     reported_rows,
@@ -164,10 +165,13 @@ def _build_report(grid_dir: Path, out: Path, n_boot: int) -> dict:
         written["rejected"] = [f"cells/{n}: {p}" for n, p in rejected.items()]
     if missing:
         written["missing"] = missing
+    best_seeds = grid_plan(grid_dir).get("seed_summary") == "best"
     for metric in METRICS.values():  # one table per registered metric, in registration order
         label, name = metric.name, metric.label
-        table = paper_table(frame, label)
+        table = paper_table(frame, label, best_of_seeds=best_seeds)
         text_note = note.replace("mIoU %", f"{name} %")
+        if best_seeds:
+            text_note = f"{text_note} {BEST_SEED_NOTE}"
         reported = reported_rows(frame, label, list(table["mean"].columns))
         atomic_write_text(
             out / f"table_{label}.md", to_markdown(table, text_note, reported, displays)

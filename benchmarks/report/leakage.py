@@ -12,7 +12,7 @@ import pandas as pd
 from fsbench.benchmarks.report.frame import row_label
 from fsbench.core import FsbenchError, atomic_write_text
 from fsbench.datasets.leakage import audit
-from fsbench.datasets.protocols import PROTOCOLS, resolve
+from fsbench.datasets.protocols import resolve, training_list_protocols
 from fsbench.datasets.registry import open_dataset
 from fsbench.datasets.synthetic import existing_only
 
@@ -24,7 +24,7 @@ def leakage_frame(cells) -> tuple[pd.DataFrame, str]:
     rows = []
     try:
         with existing_only():  # a report reads data; it never generates a dataset
-            for name in PROTOCOLS:
+            for name in training_list_protocols():  # each training list once
                 preset = resolve(name, config.dataset_name)
                 dataset = open_dataset(config.dataset, preset)
                 for fold in folds:

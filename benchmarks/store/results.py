@@ -115,13 +115,14 @@ class ResultStore:
         atomic_write_bytes(path, json.dumps(record.to_json(), indent=1, sort_keys=True).encode())
         return path
 
-    def write_plan(self, cells, compare=()) -> Path:
-        """The cells the grid's latest run planned (the report names those lacking a result)
-        and the comparisons it declares."""
+    def write_plan(self, cells, compare=(), seed_summary: str = "mean") -> Path:
+        """The cells the grid's latest run planned (the report names those lacking a result),
+        the comparisons it declares and how its tables summarise the test seeds."""
         path = self.grid_dir / "plan.json"
         plan = {
             "cells": [{"id": c.id, "title": c.title} for c in cells],
             "compare": [list(pair) for pair in compare],
+            **({"seed_summary": seed_summary} if seed_summary != "mean" else {}),
         }
         atomic_write_bytes(path, json.dumps(plan, indent=1).encode())
         return path

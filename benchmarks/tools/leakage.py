@@ -19,7 +19,7 @@ import pandas as pd
 
 from fsbench.core import FsbenchError, one_line
 from fsbench.datasets.leakage import ShippedPascalLists, audit
-from fsbench.datasets.protocols import PROTOCOLS, resolve
+from fsbench.datasets.protocols import resolve, training_list_protocols
 from fsbench.datasets.registry import open_dataset
 
 
@@ -44,7 +44,7 @@ def _report(args) -> pd.DataFrame:
         source = "the shipped lists alone (class membership from HSNet's trn pairs)"
     else:
         rows = []
-        for name in PROTOCOLS:
+        for name in training_list_protocols():  # each training list once
             preset = resolve(name, "pascal5i")
             dataset = open_dataset({"name": "pascal5i", "data_root": args.data_root}, preset)
             rows += [audit(dataset, preset, fold) for fold in args.folds]
