@@ -96,8 +96,8 @@ def test_score_kwargs_infinite_unparseable_or_code_are_one_line(tmp_path, capsys
     base += ["--fold", "0", "--results", tmp_path / "r"]
     for kwarg, says in [
         ("alpha=.inf", "NaN or infinity is not a setting"),
-        ("alpha=[1", "the value is not plain YAML"),
-        ("alpha=!!python/object/apply:os.system ['true']", "the value is not plain YAML"),
+        ("alpha=[1", "the value is not valid YAML"),
+        ("alpha=!!python/object/apply:os.system ['true']", "the value is not valid YAML"),
     ]:
         code, _, err = cli(capsys, *base, "--kwarg", kwarg)
         assert code == 2 and one_line_error(err, says), (kwarg, err)

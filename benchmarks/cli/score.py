@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from fsbench.benchmarks.grid.yaml_text import load_yaml
+from fsbench.benchmarks.grid.yaml_text import load_value
 from fsbench.core import FsbenchError, atomic_write_text, non_finite_path
 from fsbench.datasets.protocols import PROTOCOLS
 
@@ -80,14 +80,9 @@ def score_grid(args) -> dict:
         key, equals, value = item.partition("=")
         if not equals or not key:
             raise FsbenchError(f"--kwarg {item!r}: write KEY=VALUE, e.g. --kwarg layers=50")
-        try:
-            kwargs[key] = load_yaml(value)
-        except yaml.YAMLError as error:
-            problem = str(error).splitlines()[0]
-            raise FsbenchError(
-                f"--kwarg {item!r}: the value is not plain YAML ({problem}); write a number, "
-                "a word or a list, e.g. --kwarg alpha=20"
-            ) from None
+        kwargs[key] = load_value(
+            value, f"--kwarg {item!r}", "write a number, a word or a list, e.g. --kwarg alpha=20"
+        )
         if non_finite_path(kwargs[key]):
             raise FsbenchError(f"--kwarg {item!r}: NaN or infinity is not a setting")
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()

@@ -11,7 +11,7 @@ import yaml
 from fsbench.benchmarks.grid.cells import Cell, GridSpec  # noqa: F401 (re-exported)
 from fsbench.benchmarks.grid.entries import _methods, _train_overrides
 from fsbench.benchmarks.grid.recipes import PRECISIONS, TrainConfig
-from fsbench.benchmarks.grid.yaml_text import load_yaml
+from fsbench.benchmarks.grid.yaml_text import load_value, load_yaml
 from fsbench.benchmarks.metrics import EVALUATORS
 from fsbench.core import FsbenchError, import_plugins, non_finite_path, short_repr
 from fsbench.datasets.protocols import (
@@ -167,14 +167,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise FsbenchError(
                 f"override {item!r} is not key=value (e.g. shots=[1] or train.steps=100)"
             )
-        try:
-            value = load_yaml(text)
-        except yaml.YAMLError as error:
-            problem = str(error).splitlines()[0]
-            raise FsbenchError(
-                f"override {item!r}: the value is not valid YAML ({problem}); quote the whole "
-                "override for the shell, e.g. 'shots=[1, 5]'"
-            ) from None
+        value = load_value(
+            text,
+            f"override {item!r}",
+            "quote the whole override for the shell, e.g. 'shots=[1, 5]'",
+        )
         *parents, leaf = parts
         target = raw
         for depth, part in enumerate(parents):

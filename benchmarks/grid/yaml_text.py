@@ -7,6 +7,8 @@ import re
 
 import yaml
 
+from fsbench.core import FsbenchError
+
 
 class _YamlLoader(yaml.SafeLoader):
     """YAML 1.1 as PyYAML reads it, except that `1e-3` is the float users mean (PyYAML wants
@@ -70,3 +72,13 @@ def _expanded_size(root) -> int:
         return total
 
     return size(root)
+
+
+def load_value(text: str, where: str, fix: str):
+    """One value a user typed (an override, a `--kwarg`), as safe YAML; invalid YAML — or a tag
+    asking to build an object — is one line naming `where` and the `fix`."""
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as error:
+        problem = str(error).splitlines()[0]
+        raise FsbenchError(f"{where}: the value is not valid YAML ({problem}); {fix}") from None
