@@ -334,8 +334,6 @@ def _http2_settings_answer(sock, timeout: float) -> bool:
     """Whether the server speaks HTTP/2 as Ray's GCS (a gRPC server) does: it answers the
     client preface with a SETTINGS frame. An HTTP/1 server answers text and a silent one
     nothing, where ray.init would wait through 30-second GCS timeouts for minutes."""
-    import time
-
     sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
     head, deadline = b"", time.monotonic() + timeout
     while len(head) < 9:

@@ -7,6 +7,16 @@ import dataclasses
 from dataclasses import dataclass, field
 
 CONFIG_KEYS = ("row", "method", "dataset", "fold", "way", "shot", "protocol")
+# Settings added after results existed: in a cell's JSON (and id) only when set.
+LATER_WHEN_SET = (
+    "checkpoint",
+    "eval_protocol",
+    "method_version",
+    "init_from",
+    "evaluators",
+    "train_shot",
+    "score_resolution",
+)
 
 
 @dataclass(frozen=True)
@@ -64,20 +74,10 @@ class CellConfig:
         later = {} if self.eval_precision == "fp32" else {"eval_precision": self.eval_precision}
         if self.sampler != "fsbench":  # cells sampled before the official replay: fsbench's
             later["sampler"] = self.sampler
-        if self.checkpoint:
-            later["checkpoint"] = self.checkpoint
-        if self.eval_protocol:
-            later["eval_protocol"] = self.eval_protocol
-        if self.method_version:
-            later["method_version"] = self.method_version
-        if self.init_from:
-            later["init_from"] = self.init_from
-        if self.evaluators:
-            later["evaluators"] = list(self.evaluators)
-        if self.train_shot:
-            later["train_shot"] = self.train_shot
-        if self.score_resolution:
-            later["score_resolution"] = self.score_resolution
+        for key in LATER_WHEN_SET:  # empty: absent, so finished cells keep their ids
+            value = getattr(self, key)
+            if value:
+                later[key] = list(value) if isinstance(value, tuple) else value
         return {
             **later,
             "method": self.method,

@@ -165,7 +165,8 @@ def _build_report(grid_dir: Path, out: Path, n_boot: int) -> dict:
         written["rejected"] = [f"cells/{n}: {p}" for n, p in rejected.items()]
     if missing:
         written["missing"] = missing
-    best_seeds = grid_plan(grid_dir).get("seed_summary") == "best"
+    plan = grid_plan(grid_dir)  # the grid's declared comparisons and seed summary
+    best_seeds = plan.get("seed_summary") == "best"
     for metric in METRICS.values():  # one table per registered metric, in registration order
         label, name = metric.name, metric.label
         table = paper_table(frame, label, best_of_seeds=best_seeds)
@@ -205,7 +206,7 @@ def _build_report(grid_dir: Path, out: Path, n_boot: int) -> dict:
     class_table.columns.name = "class"
     atomic_write_text(out / "table_class_iou.csv", class_table.to_csv(float_format="%.2f"))
     written["tables"].append(out / "table_class_iou.csv")
-    stats = statistics(cells, n_boot, grid_plan(grid_dir).get("compare", ()))
+    stats = statistics(cells, n_boot, plan.get("compare", ()))
     atomic_write_text(out / "statistics.csv", stats.to_csv(index=False, float_format="%.3f"))
     atomic_write_text(out / "statistics.md", statistics_markdown(stats))
     written["tables"] += [out / "statistics.csv", out / "statistics.md"]

@@ -84,10 +84,14 @@ def lineage_plan(dataset, protocol, split, train_classes, way, shot, cfg, stage=
             "sampler: fsbench)"
         )
     big = protocol.min_object_pixels
-    members = {c: set(dataset.class_images(split, c, 1)) for c in train_classes}
     supports = {c: list(dataset.class_images(split, c, big)) for c in train_classes}
+    usable = {c: set(images) for c, images in supports.items()}
     if lineage == "pfenet":
-        walk = sorted(set().union(*(supports[c] for c in train_classes)))
+        held: dict[str, list[int]] = {}  # image → the training classes it holds (any size)
+        for c in train_classes:
+            for image in dataset.class_images(split, c, 1):
+                held.setdefault(image, []).append(c)
+        walk = sorted(set().union(*usable.values()))
     else:
         walk = [(image, c) for c in train_classes for image in dataset.class_images(split, c, 1)]
     if not walk:
@@ -106,20 +110,27 @@ def lineage_plan(dataset, protocol, split, train_classes, way, shot, cfg, stage=
             item = order.pop()
             if lineage == "pfenet":
                 query = item
-                held = [c for c in train_classes if query in members[c]]
-                class_id = held[int(rng.integers(len(held)))]
+                classes = held[query]
+                class_id = classes[int(rng.integers(len(classes)))]
             else:
                 query, class_id = item
-            pool = [i for i in supports[class_id] if i != query]
-            if len(pool) < (shot if lineage == "pfenet" else 1):
+            pool = supports[class_id]  # never copied: a recipe draws ~10^6 episodes
+            others = len(pool) - (query in usable[class_id])
+            if others < (shot if lineage == "pfenet" else 1):
                 raise FsbenchError(
-                    f"train.sampler official: class {class_id} has {len(pool)} support image(s) "
+                    f"train.sampler official: class {class_id} has {others} support image(s) "
                     f"besides the query in {dataset.name}/{split}; {shot}-shot needs more"
                 )
-            if lineage == "pfenet":  # distinct supports, none the query
-                picked = [pool[i] for i in rng.choice(len(pool), size=shot, replace=False)]
-            else:  # HSNet: drawn until they differ from the query; they may repeat
-                picked = [pool[int(rng.integers(len(pool)))] for _ in range(shot)]
+            if lineage == "pfenet":  # distinct supports, none the query: a uniform draw
+                extra = int(query in usable[class_id])  # of the others, in a random order
+                drawn = (pool[i] for i in rng.choice(len(pool), size=shot + extra, replace=False))
+                picked = [image for image in drawn if image != query][:shot]
+            else:  # HSNet: each drawn until it differs from the query; they may repeat
+                picked = []
+                while len(picked) < shot:
+                    image = pool[int(rng.integers(len(pool)))]
+                    if image != query:
+                        picked.append(image)
             spec = EpisodeSpec((class_id,), (tuple(picked),), (query,))
             params = None
             if draw_rng is not None:
