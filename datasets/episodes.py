@@ -45,6 +45,8 @@ class Episode:
     # the fold's training classes (1…B in ascending class-id order; novel classes and background
     # 0; void 255), under the same augmentation as the image. None otherwise.
     query_base_labels: torch.Tensor | None = None
+    # The fold's training classes in that order (label i of query_base_labels is the i-th).
+    base_class_ids: list[int] = field(default_factory=list)
 
     @property
     def way(self) -> int:
@@ -281,6 +283,7 @@ class EpisodeLoader:
             support_ids=[list(s) for s in spec.support],
             query_ids=list(spec.query),
             query_base_labels=base_labels,
+            base_class_ids=list(base) if base else [],
         )
 
     def load_images(self, image_ids, augment=None) -> ImageBatch:

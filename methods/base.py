@@ -30,6 +30,11 @@ Other declarations:
   feed `loss_images(ImageBatch)`: what a base learner trains on;
 - `default_stages()`: the method's training stages (a grid's `train: {stages: …}` overrides
   them); `model.stage` holds the running stage's name;
+- `model_per_shot`: the builder takes `shot` (the shot the model is trained at, passed by the
+  engine unless the entry's kwargs set it) and each shot has its own model, released or
+  trained (BAM/HDMNet: a k-shot re-weighting layer exists only for K > 1);
+- `kwargs_problem(kwargs, fold)`: None, or one sentence on why these kwargs cannot serve this
+  fold (e.g. another fold's base-learner file); checked when a grid is expanded;
 - `version`: a string naming the method's code version (None: unversioned). When set it joins
   every cell id, so results computed by an earlier version of the code are never reused: bump
   it when an edit changes what the method computes.
@@ -62,6 +67,7 @@ class FewShotMethod(nn.Module):
     feature_layout = "map"
     batched_loss = False
     base_class_labels = False
+    model_per_shot = False
     version: str | None = None
     stage: str | None = None  # the training stage running (set by the trainer before its steps)
 
@@ -90,6 +96,12 @@ class FewShotMethod(nn.Module):
     def input_size_problem(cls, size: int) -> str | None:
         """None when the method takes an S×S input (S = `size`); else one sentence: the rule
         and the nearest sizes that fit. Default: any size."""
+        return None
+
+    @classmethod
+    def kwargs_problem(cls, kwargs: dict, fold: int) -> str | None:
+        """None when the entry's kwargs can serve the fold; else one sentence naming the
+        problem and the fix (checked when a grid is expanded). Default: nothing to check."""
         return None
 
     # -- training ----------------------------------------------------------------------------

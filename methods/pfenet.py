@@ -86,6 +86,29 @@ def vgg16_bn_layers() -> nn.ModuleList:
     return nn.ModuleList(nn.Sequential(*features[a:b]) for a, b in zip(VGG_CUTS, VGG_CUTS[1:]))
 
 
+def load_imagenet_backbone(backbone: nn.ModuleList, pretrained, layers: int, vgg: bool) -> None:
+    """ImageNet weights into layer0 … layer4: `pretrained` "imagenet" (the named file in
+    $FSBENCH_WEIGHTS: PFENet's initmodel resnet{50,101}_v2.pth, or torchvision's vgg16_bn) or a
+    path."""
+    key = "vgg" if vgg else layers
+    path = imagenet_weights_path(WEIGHT_FILES[key]) if pretrained == "imagenet" else pretrained
+    state = read_state_dict(
+        path, "ImageNet backbone file", f"put {WEIGHT_FILES[key]} (PFENet's initmodel) there"
+    )
+    if vgg:
+        ends = VGG_CUTS[1:]
+        names = {}
+        for index in range(VGG_CUTS[-1]):
+            layer = next(i for i, end in enumerate(ends) if index < end)
+            names[f"features.{index}"] = f"{layer}.{index - VGG_CUTS[layer]}"
+    else:
+        stem = ("conv1", "bn1", "", "conv2", "bn2", "", "conv3", "bn3")
+        names = {n: f"0.{i}" for i, n in enumerate(stem) if n}
+        names.update({f"layer{i}": str(i) for i in range(1, 5)})
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+    load_mapped_state_dict(backbone, state, names, f"ImageNet backbone {path}")
+
+
 def weighted_gap(features, mask):
     """Weighted_GAP: Σ f·m / (Σ m + 5e-4), as the official ops."""
     features = features * mask
@@ -160,7 +183,7 @@ class PFENet(FewShotMethod):
             for _ in range(len(ppm_scales) - 1)
         )
         if pretrained:
-            self._load_imagenet(pretrained)
+            load_imagenet_backbone(self.backbone, pretrained, layers, vgg)
         # The official backbone is frozen (no_grad); an untrained one on generated data may
         # learn (`freeze_backbone: false`).
         self.freeze_backbone = bool(freeze_backbone)
@@ -179,25 +202,6 @@ class PFENet(FewShotMethod):
         names = {name: name for name in HEAD}
         names.update({f"layer{i}": f"backbone.{i}" for i in range(5)})
         return names
-
-    def _load_imagenet(self, pretrained) -> None:
-        key = "vgg" if self.vgg else self.layers
-        path = imagenet_weights_path(WEIGHT_FILES[key]) if pretrained == "imagenet" else pretrained
-        state = read_state_dict(
-            path, "ImageNet backbone file", f"put {WEIGHT_FILES[key]} (PFENet's initmodel) there"
-        )
-        if self.vgg:
-            ends = VGG_CUTS[1:]
-            names = {}
-            for index in range(VGG_CUTS[-1]):
-                layer = next(i for i, end in enumerate(ends) if index < end)
-                names[f"features.{index}"] = f"{layer}.{index - VGG_CUTS[layer]}"
-        else:
-            stem = ("conv1", "bn1", "", "conv2", "bn2", "", "conv3", "bn3")
-            names = {n: f"0.{i}" for i, n in enumerate(stem) if n}
-            names.update({f"layer{i}": str(i) for i in range(1, 5)})
-        state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
-        load_mapped_state_dict(self.backbone, state, names, f"ImageNet backbone {path}")
 
     def load_official_state_dict(self, state_dict) -> None:
         """A released PFENet checkpoint: its `state_dict` (`{'state_dict': …}` files are

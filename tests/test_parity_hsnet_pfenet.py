@@ -95,7 +95,7 @@ def train_one_step(model, recipe: dict, episodes) -> dict:
     scheduler = make_scheduler(optimizer, cfg)
     train_mode(model, cfg)
     for module in model.modules():  # dropout off on both sides (random draws cannot match)
-        if isinstance(module, torch.nn.Dropout2d):
+        if isinstance(module, (torch.nn.Dropout, torch.nn.Dropout2d)):
             module.eval()
     optimizer.zero_grad()
     losses = step_losses(model, episodes, nullcontext())

@@ -53,7 +53,11 @@ def build_model(config: dict):
     """The cell's model, initialised from its seed (untrained methods: seed 0)."""
     load_plugins(config)
     torch.manual_seed((config.get("train") or {}).get("seed", 0))
-    model = METHODS.build(config["method"], **config["method_kwargs"])
+    kwargs = dict(config["method_kwargs"])
+    declared = METHODS.provides(config["method"])
+    if getattr(declared, "model_per_shot", False) and "shot" not in kwargs:
+        kwargs["shot"] = config.get("train_shot") or config.get("shot", 1)  # the model's shot
+    model = METHODS.build(config["method"], **kwargs)
     if config.get("checkpoint"):
         load_checkpoint(model, config["checkpoint"], config["method"])
     return model

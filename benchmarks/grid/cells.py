@@ -120,7 +120,10 @@ class Cell:
         any model every protocol it is scored under (that of the cell it is trained as)."""
         if self.trained_as is not None:
             return self.trained_as.model_key()
-        shared = ("seeds", "row", "annotation") + (() if self.train is not None else ("shot",))
+        per_shot = getattr(METHODS.provides(self.method.name), "model_per_shot", False)
+        shared = ("seeds", "row", "annotation")
+        if self.train is None and not per_shot:  # an untrained model serves every shot
+            shared += ("shot",)
         if self.train is not None and all(
             c.sampler == "images" for _, _, c in self.train.stage_configs()
         ):  # trained on image batches alone: one model for every shot and way
@@ -187,6 +190,11 @@ class GridSpec:
             self.annotation,
             self.train_seeds or (None,),
         ):
+            declared = METHODS.provides(method.name)
+            if declared is not None and issubclass(declared, FewShotMethod):
+                problem = declared.kwargs_problem(dict(method.kwargs), fold)
+                if problem:
+                    raise FsbenchError(f"methods: {method.row()}: {problem}")
             train = dataclasses.replace(self.train, **dict(method.train))
             if not train.stages and trainable[method.row()]:  # the method's own, if declared
                 declared = METHODS.provides(method.name)

@@ -12,7 +12,7 @@ from fsbench.core import FsbenchError
 from fsbench.datasets.augment import AUGMENTATIONS
 
 PRECISIONS = ("fp32", "bf16")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("step", "constant", "poly")
 BATCHNORM_MODES = ("train", "eval")
 # What a training step draws: fsbench's episodes (a class uniformly, then images), the training
@@ -60,6 +60,64 @@ RECIPES = {
         "augment": "pfenet",
         "input_size": 473,
         "sampler": "official",
+    },
+    # chunbolang/BAM train_base.py + config/pascal/*_base.yaml: the PSPNet base learner on
+    # image batches of 12 (3 per GPU × 4), SGD 2.5e-4 (index_split 0: the encoder at lr, PPM
+    # and classifier at 10·lr), momentum 0.9, wd 1e-4, poly 0.9, 417 crops at scales 0.5–2.0,
+    # BatchNorm training. COCO's config sets index_split −1 (lr_mult {backbone: 10, head: 10}).
+    "pspnet_base": {
+        "optimizer": "sgd",
+        "lr": 0.00025,
+        "lr_mult": {"head": 10.0},
+        "momentum": 0.9,
+        "weight_decay": 0.0001,
+        "lr_schedule": "poly",
+        "poly_power": 0.9,
+        "images_per_step": 12,
+        "batchnorm": {},
+        "nesterov": False,
+        "augment": "pspnet",
+        "input_size": 417,
+        "sampler": "images",
+    },
+    # chunbolang/BAM train.py + config/pascal/*.yaml: the meta learner (backbone and base
+    # learner frozen, every BatchNorm in eval: fix_bn), SGD 5e-3 × 10 (index_split −1),
+    # momentum 0.9, wd 1e-4, poly 0.9, 8 episodes per step (2 per GPU × 4), PFENet's
+    # augmentation and 473 crops, PFENet's sampler over the list without novel-class images.
+    "bam": {
+        "optimizer": "sgd",
+        "lr": 0.005,
+        "lr_mult": {"meta": 10.0},
+        "momentum": 0.9,
+        "weight_decay": 0.0001,
+        "lr_schedule": "poly",
+        "poly_power": 0.9,
+        "episodes_per_step": 8,
+        "batchnorm": {"backbone": "eval", "base": "eval"},
+        "nesterov": False,
+        "augment": "pfenet",
+        "input_size": 473,
+        "sampler": "official",
+        "exclude_novel_images": True,
+    },
+    # Pbihao/HDMNet train.py + config/pascal/*_manet.yaml: AdamW 1e-4 (the transformer at lr,
+    # the other trained layers at 10·lr: index_split 0), wd 0.01, poly 0.9, 16 episodes per step
+    # (4 per GPU × 4), every BatchNorm in eval (fix_bn), BAM's data pipeline.
+    "hdmnet": {
+        "optimizer": "adamw",
+        "lr": 0.0001,
+        "lr_mult": {"meta": 10.0},
+        "momentum": 0.9,
+        "weight_decay": 0.01,
+        "lr_schedule": "poly",
+        "poly_power": 0.9,
+        "episodes_per_step": 16,
+        "batchnorm": {"backbone": "eval", "base": "eval", "transformer": "eval", "meta": "eval"},
+        "nesterov": False,
+        "augment": "pfenet",
+        "input_size": 473,
+        "sampler": "official",
+        "exclude_novel_images": True,
     },
 }
 
@@ -132,7 +190,8 @@ class TrainConfig:
     val_episodes: int = original(100)
     log_every: int = original(10)
     precision: str = later("fp32")  # or "bf16": autocast of the forward and loss (CUDA, or CPU)
-    optimizer: str = later("sgd")  # or "adam" (momentum unused; weight_decay as Adam's L2 term)
+    # or "adam" (momentum unused; weight_decay as Adam's L2 term), or "adamw" (decoupled decay)
+    optimizer: str = later("sgd")
     # "step": ×lr_gamma at lr_milestones; "constant"; "poly": lr·(1 − step/steps)^poly_power
     lr_schedule: str = later("step")
     lr_mult: tuple[tuple[str, float], ...] = later(())  # (group, factor): the method's groups
