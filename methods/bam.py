@@ -204,7 +204,7 @@ class TwoStageMethod(FewShotMethod):
                 f"({'VGG' if model.vgg else 'ResNet'}); {type(self).__name__} is built with "
                 f"{self.classes} ({'VGG' if self.vgg else 'ResNet'}): give both the same kwargs"
             )
-        self.load_base_learner_state(model.state_dict())
+        self.load_base_learner_state(model.official_state_dict())
 
     def _features(self, images, image_mask=None, layer3_mask=None):
         """(layer 2 — resized to layer 3 for VGG —, 3, 4) features under no_grad (frozen)."""

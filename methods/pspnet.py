@@ -185,6 +185,17 @@ class PSPNetBase(FewShotMethod):
     def load_base_learner_state(self, state_dict) -> None:
         self.load_official_state_dict(state_dict)
 
+    def official_state_dict(self) -> dict:
+        """The state dict under the official PSPNet names (layerN, ppm, cls), as BAM's
+        `best.pth` holds it: what a BAM/HDMNet model takes over (`init_from`)."""
+        out = {}
+        for key, value in self.state_dict().items():
+            if key.startswith("backbone."):
+                _, index, rest = key.split(".", 2)
+                key = f"layer{index}.{rest}"
+            out[key] = value
+        return out
+
     def logits(self, images):
         """[B, classes, h, w] upsampled ×8 as the official forward ((S − 1)/8·8 + 1 = S)."""
         x = images
