@@ -93,9 +93,12 @@ def _resolve(method, kwargs):
     return getattr(method, "__name__", repr(method)), method, lambda: method(**kwargs)
 
 
-def generated_episode(way: int, shot: int, size: int, seed: int = 0, queries: int = 1):
+def generated_episode(
+    way: int, shot: int, size: int, seed: int = 0, queries: int = 1, base_labels: bool = False
+):
     """A random `way`-way `shot`-shot episode at `size` px: noise images, blob masks with some
-    ignored (255) query pixels."""
+    ignored (255) query pixels; with `base_labels`, the query's labels over 15 training classes
+    (those of base_class_labels methods)."""
 
     generator = torch.Generator().manual_seed(seed)
     fg = torch.zeros(way, shot, size, size)
@@ -113,6 +116,12 @@ def generated_episode(way: int, shot: int, size: int, seed: int = 0, queries: in
         support_bg=bg.contiguous(),
         query_images=torch.randn(queries, 3, size, size, generator=generator),
         query_labels=labels,
+        query_base_labels=(
+            torch.where(labels == 255, 255, torch.randint(0, 16, labels.shape, generator=generator))
+            if base_labels
+            else None
+        ),
+        base_class_ids=list(range(1, 16)) if base_labels else [],
     )
 
 
@@ -170,7 +179,10 @@ def _check_loss(rule, build, size: int) -> str:
     torch.manual_seed(0)
     model = build().train()
     for way, shot in ((1, 1), (2, 5)):
-        episode = generated_episode(way, shot, size, seed=100 + way)
+        base = type(model).base_class_labels  # a base learner's BatchNorm wants a batch of 2
+        episode = generated_episode(
+            way, shot, size, seed=100 + way, queries=2 if base else 1, base_labels=base
+        )
         losses = model.loss(episode)
         rule(
             "loss() returns a dict with 'total'",

@@ -166,6 +166,18 @@ class TwoStageMethod(FewShotMethod):
     batched_loss = True
     model_per_shot = True
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """The backbone and the base learner: no gradients, BatchNorm always in eval."""
+        raise NotImplementedError
+
+    def train(self, mode: bool = True):
+        """As nn.Module.train, with the frozen backbone and base learner kept in eval mode (the
+        official `freeze_modules` + `fix_bn`)."""
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
     def _setup_base(self, layers, vgg, classes, blocks, pretrained):
         self.vgg, self.layers, self.classes = bool(vgg), layers, int(classes)
         self.backbone = build_backbone(layers, vgg, blocks)
@@ -304,9 +316,12 @@ class BAM(TwoStageMethod):
         self.kshot_rw = kshot_reweighting(self.shot, kshot_trans_dim)
         if base_learner:
             self._load_base_file(base_learner)
-        for module in (self.backbone, self.learner_base):
+        for module in self.frozen_modules():
             for parameter in module.parameters():
                 parameter.requires_grad_(False)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.backbone, self.learner_base]
 
     @classmethod
     def default_stages(cls):

@@ -226,6 +226,9 @@ class MixVisionTransformer(nn.Module):
         self.cls = _parse(dim, out=2, relu=False)
 
     def forward(self, q_x, s_x, mask, similarity):
+        # the shots of the supports given (the official's `self.shot`; its layers do not depend
+        # on it, so a model scores any K)
+        shot = s_x.shape[0] // q_x.shape[0]
         queries, supports, shapes, masks, similarities = [], [], [], [], []
         for i, layer in enumerate(self.down_sample_layers):
             q_x, q_hw = layer[0](q_x)
@@ -234,13 +237,13 @@ class MixVisionTransformer(nn.Module):
             q_x, s_x = layer[2](q_x, q_hw)[0], layer[2](s_x, s_hw)[0]
             q_x, s_x = layer[3](q_x), layer[3](s_x)
             down = F.interpolate(mask, s_hw, mode="nearest")  # [(b n), 1, h, w]
-            down = down.reshape(-1, self.shot, 1, *s_hw).permute(0, 2, 1, 3, 4).flatten(2)
+            down = down.reshape(-1, shot, 1, *s_hw).permute(0, 2, 1, 3, 4).flatten(2)
             masks.append(down.repeat(1, q_hw[0] * q_hw[1], 1))
             similarities.append(
                 F.interpolate(similarity, q_hw, mode="bilinear", align_corners=True)
             )
             queries.append(q_x)
-            supports.append(s_x.reshape(-1, self.shot * s_x.shape[1], s_x.shape[2]))
+            supports.append(s_x.reshape(-1, shot * s_x.shape[1], s_x.shape[2]))
             shapes.append(q_hw)
             if i != len(self.down_sample_layers) - 1:
                 q_x, s_x = to_map(q_x, q_hw), to_map(s_x, s_hw)
@@ -312,9 +315,12 @@ class HDMNet(TwoStageMethod):
         self.kshot_rw = kshot_reweighting(self.shot, kshot_trans_dim)
         if base_learner:
             self._load_base_file(base_learner)
-        for module in (self.backbone, self.ppm, self.cls, self.base_learnear):
+        for module in self.frozen_modules():
             for parameter in module.parameters():
                 parameter.requires_grad_(False)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.backbone, self.ppm, self.cls, self.base_learnear]
 
     @classmethod
     def default_stages(cls):

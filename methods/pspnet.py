@@ -216,6 +216,14 @@ class PSPNetBase(FewShotMethod):
             )
         return {"total": F.cross_entropy(logits, batch.labels, ignore_index=255)}
 
+    def loss(self, episode: Episode) -> dict[str, torch.Tensor]:
+        """An episode's queries with their base-class labels, as an image batch."""
+        from fsbench.datasets.episodes import ImageBatch
+
+        if episode.query_base_labels is None:
+            raise FsbenchError("pspnet_base trains on base-class labels (base_class_labels)")
+        return self.loss_images(ImageBatch(episode.query_images, episode.query_base_labels))
+
     def _head_features(self, images):
         x = images
         for layer in self.backbone:
@@ -240,7 +248,7 @@ class PSPNetBase(FewShotMethod):
 @METHODS.register(display="PSPNet base learner")
 def pspnet_base(
     layers: int = 50, vgg: bool = False, classes: int = 16, pretrained=None, blocks=None
-):
+) -> PSPNetBase:
     """BAM's PSPNet base learner over the fold's training classes (classes = 1 + B: PASCAL-5i
     16, COCO-20i 61), trained on image batches; ResNet-50/101 (layers) or VGG-16-BN."""
     return PSPNetBase(layers, vgg, classes, pretrained, blocks)
