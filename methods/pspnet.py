@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsbench.core import FsbenchError
-from fsbench.datasets.episodes import Episode
+from fsbench.datasets.episodes import Episode, ImageBatch
 from fsbench.methods.base import FewShotMethod
 from fsbench.methods.layers import masked_average_pool
 from fsbench.methods.pfenet import (
@@ -218,8 +218,6 @@ class PSPNetBase(FewShotMethod):
 
     def loss(self, episode: Episode) -> dict[str, torch.Tensor]:
         """An episode's queries with their base-class labels, as an image batch."""
-        from fsbench.datasets.episodes import ImageBatch
-
         if episode.query_base_labels is None:
             raise FsbenchError("pspnet_base trains on base-class labels (base_class_labels)")
         return self.loss_images(ImageBatch(episode.query_images, episode.query_base_labels))

@@ -259,6 +259,11 @@ def test_every_figure_kind_from_a_real_run(tmp_path, small_grid_dict):
         "panet_weak_supports.yaml",
         "baselines.yaml",
         "quickstart_fss.yaml",
+        "bam_pascal.yaml",
+        "bam_coco.yaml",
+        "hdmnet_pascal.yaml",
+        "hdmnet_coco.yaml",
+        "lineages_synthetic.yaml",
     ],
 )
 def test_paper_grids_run_at_smoke_size(grid, tmp_path):

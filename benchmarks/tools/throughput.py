@@ -4,6 +4,8 @@
     python -m fsbench.benchmarks.tools.throughput --width 0.0625 --input-size 64   # a quick look
     python -m fsbench.benchmarks.tools.throughput --method hsnet    # ResNet-50, hsnet, 400 px
     python -m fsbench.benchmarks.tools.throughput --method pfenet   # ResNet-50, pfenet, 473 px
+    python -m fsbench.benchmarks.tools.throughput --method bam      # ResNet-50, bam, 473 px
+    python -m fsbench.benchmarks.tools.throughput --method hdmnet   # ResNet-50, hdmnet, 473 px
 
 On a generated PASCAL-layout set whose fold-0 test pool has about `--pool` images (small images,
 resized to the input size as real ones are), with the `panet` protocol's 5 seeds × 1000 episodes:
@@ -50,6 +52,9 @@ METHOD_SETTINGS = {
     "panet": ({}, "panet", 417),
     "hsnet": ({"backbone": "resnet50"}, "hsnet", 400),
     "pfenet": ({"layers": 50}, "pfenet", 473),
+    # the two-stage lineage: frozen backbone + PSPNet base learner + meta learner, their protocols
+    "bam": ({"layers": 50}, "bam", 473),
+    "hdmnet": ({"layers": 50}, "hdmnet", 473),
 }
 METHOD = "panet"  # set by --method (module state: the fresh evaluation process reads it back)
 
@@ -171,8 +176,11 @@ def main(argv=None) -> None:
     device = resolve_device(args.device)
     threads = args.threads or available_cores()
     torch.set_num_threads(threads)
-    first = {"panet": 1234, "hsnet": 0, "pfenet": 321}[args.method]  # each protocol's seeds
-    seeds = list(range(first, first + args.seeds))
+    protocol_seeds = get_protocol(METHOD_SETTINGS[args.method][1]).seeds  # each protocol's own
+    if len(protocol_seeds) >= args.seeds:
+        seeds = list(protocol_seeds[: args.seeds])
+    else:
+        seeds = list(range(protocol_seeds[0], protocol_seeds[0] + args.seeds))
     dataset = _dataset(args.pool, args.image_size)
     model = _model(args.width).to(device)
     print(
@@ -184,7 +192,8 @@ def main(argv=None) -> None:
     if model.cacheable_encoder:
         encoder_rate = _encoder_images_per_second(model, args.input_size, device)
         print(f"encoder: {encoder_rate:.2f} images/s ({1000 / encoder_rate:.1f} ms per image)")
-    else:  # PFENet: a support's encoding depends on its mask (layer 4 sees it masked)
+    else:  # PFENet, BAM, HDMNet: a support's encoding depends on its mask (layer 4 sees it
+        # masked; HDMNet's backbone sees the masked image)
         print("encoder: none cacheable (episodes are evaluated as the official loop, one by one)")
     context = multiprocessing.get_context("spawn")
     for shot in args.shots:
