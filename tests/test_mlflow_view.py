@@ -6,6 +6,7 @@ with the grid's settings, and a `report` that refreshes them."""
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import yaml
@@ -76,9 +77,10 @@ def test_row_runs_hold_the_reports_mean_column_with_cells_nested(tracked_grid):
     assert set(rows) == {"test_panet", "all_background"}
     table = tracked_grid["results"] / "view" / "report" / "table_miou.csv"
     with open(table) as handle:
-        mean = {line[""]: float(line["1-shot Mean mean"]) for line in csv.DictReader(handle)}
+        mean = {line["method"]: float(line["1-shot Mean mean"]) for line in csv.DictReader(handle)}
     for row, run in rows.items():
-        assert abs(run.data.metrics["miou"] - mean[row]) < 0.1, row
+        assert run.data.metrics["miou"] == round(mean[row], 1), row  # as the tables print it
+        assert run.info.end_time > run.info.start_time  # it spans its cells' runs
         assert run.info.run_name.endswith("· 1-shot")
         nested = [
             r
@@ -88,6 +90,18 @@ def test_row_runs_hold_the_reports_mean_column_with_cells_nested(tracked_grid):
         assert len(nested) == 2, row  # its two folds
     grid_run = _kind(runs, "grid")[0]
     assert grid_run.data.tags["grid.folds"] == "0, 1"
+    tags = tracked_grid["client"].get_experiment(tracked_grid["experiment"].experiment_id).tags
+    board = json.loads(tags["mlflow.sharedViewState.leaderboard"])
+    assert board["searchFilter"] == "tags.`fsbench.kind` = 'row'"
+    assert board["orderByKey"] == "metrics.`miou`" and board["orderByAsc"] is False
+    assert board["selectedColumns"][:4] == [
+        "metrics.`miou`", "metrics.`miou_std`", "metrics.`fb_iou`", "metrics.`fb_iou_std`"
+    ]  # fmt: skip
+    assert {"metrics.`miou_fold0`", "metrics.`miou_fold1`"} <= set(board["selectedColumns"])
+    by_method = json.loads(tags["mlflow.sharedViewState.by-method"])
+    assert [k["groupByData"] for k in by_method["groupBy"]["groupByKeys"]] == ["display", "shot"]
+    last = max(r.info.end_time for r in _kind(runs, "cell"))
+    assert grid_run.info.end_time == last  # it spans the grid, not the 7 ms of its creation
     assert all(r.data.tags["mlflow.parentRunId"] == grid_run.info.run_id for r in rows.values())
 
 
@@ -111,6 +125,50 @@ def test_report_refreshes_the_grid_run_and_no_artifact_leaves_the_folder(tracked
     assert main(["report", "view", "--results", str(results)]) == 0
     assert "refreshed the report and row runs" in capsys.readouterr().out
     after = {r.info.run_id for r in _kind(client.search_runs([experiment.experiment_id]), "row")}
-    assert after and not after & before  # new row runs replaced the old ones
+    assert after and after == before  # the same row runs, updated in place
+    from mlflow.entities import ViewType
+
+    deleted = client.search_runs([experiment.experiment_id], run_view_type=ViewType.DELETED_ONLY)
+    assert not _kind(deleted, "row")  # nothing piles up
     for run in client.search_runs([experiment.experiment_id], max_results=1000):
         assert run.info.artifact_uri.startswith(results.as_uri()), run.info.artifact_uri
+
+
+@pytest.mark.slow
+def test_ui_prints_the_leaderboard_url_only_once_the_server_answers(tracked_grid, tmp_path):
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = tracked_grid["results"]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fsbench.benchmarks.cli.main", "ui", "--results", str(results),
+         "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout.readline().startswith("fsbench: starting the MLflow UI")
+        line = server.stdout.readline()  # blocks until the URL line
+        assert "open http://" in line
+        assert "&viewStateShareKey=leaderboard" in line  # the leaderboard stored on the experiment
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+            assert reply.status == 200  # answering when the URL was printed
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    copy = tmp_path / "copied"
+    shutil.copytree(results, copy)
+    done = subprocess.run(
+        [sys.executable, "-m", "fsbench.benchmarks.cli.main", "ui", "--results", str(copy),
+         "--port", str(port)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    said = [line for line in done.stderr.splitlines() if line.startswith("fsbench")]
+    assert len(said) == 1 and "was copied or moved" in said[0]
+    assert "fsbench sync --results" in said[0]

@@ -99,7 +99,9 @@ def cmd_run(args) -> int:
                 f"MLflow: {redacted(tracker.uri)}  — browse it with:  python run_benchmark.py ui "
                 + grid.name
                 + (f" --results {root}" if args.results else "")
-                + f"  (then open {runs_url('http://127.0.0.1:5000', tracker.experiment_id)})"
+                + "  (then open "
+                + runs_url("http://127.0.0.1:5000", tracker.experiment_id, tracker.shared_view())
+                + ")"
             )
         else:
             print(

@@ -136,6 +136,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="interface to serve on (default 127.0.0.1: this machine)",
     )
     ui.add_argument("--port", type=_at_least(1), default=5000, help="port (default 5000)")
+    ui.add_argument(
+        "--wait",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the server to answer before giving up (default 120)",
+    )
     ui.add_argument("--results", help=RESULTS_HELP)
     ui.add_argument("--tracking-uri", help=TRACKING_HELP)
 

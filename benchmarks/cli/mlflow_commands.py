@@ -22,8 +22,23 @@ def cmd_ui(args) -> int:
     base = f"http://{args.host}:{args.port}"
     grid = args.grid or _latest_grid(root)
     experiment_id = _experiment_id(uri, grid) if grid else None
-    where = runs_url(base, experiment_id) if experiment_id else base
-    print(f"MLflow UI for {redacted(uri)}: open {where}  (Ctrl-C stops it)", flush=True)
+    view = None
+    if experiment_id:
+        from mlflow.tracking import MlflowClient
+
+        from fsbench.benchmarks.tracking.grid_runs import leaderboard_view
+
+        view = leaderboard_view(MlflowClient(tracking_uri=uri), experiment_id)
+    where = runs_url(base, experiment_id, view) if experiment_id else base
+    moved = _moved_artifacts(uri, grid, root) if grid else None
+    if moved:
+        print(
+            f"fsbench: ui: {root} was copied or moved: its MLflow store keeps the artifacts of "
+            f"{grid!r} at {moved}; run `fsbench sync --results {root}` first (it relocates them "
+            "here), then `fsbench ui`",
+            file=sys.stderr,
+        )
+        return 2
     command = [
         sys.executable,
         "-m",
@@ -40,10 +55,74 @@ def cmd_ui(args) -> int:
     ]
     if uri.startswith("sqlite:"):
         command += ["--default-artifact-root", (root / "mlartifacts").as_uri()]
-    # one process, not fourteen: no uvicorn worker pool and no huey job consumers (they serve
-    # MLflow's GenAI jobs, which a results store never has)
+    # no uvicorn worker pool and no huey job consumers (they serve MLflow's GenAI jobs, which a
+    # results store never has)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    return subprocess.call(command, env=env)
+    print(f"fsbench: starting the MLflow UI for {redacted(uri)} on {base} …", flush=True)
+    # the server's own lines go to stderr: stdout carries fsbench's two lines (then the URL)
+    try:
+        logs = sys.stderr.fileno()
+    except (AttributeError, OSError):  # a captured stderr without a descriptor
+        logs = subprocess.DEVNULL
+    server = subprocess.Popen(command, env=env, stdout=logs)
+    try:
+        if not _answers(f"{base}/health", server, timeout=args.wait):
+            if server.poll() is None:
+                server.terminate()
+                print(
+                    f"fsbench: ui: the MLflow server did not answer {base}/health within "
+                    f"{args.wait:.0f} s; try again with --wait {2 * args.wait:.0f}",
+                    file=sys.stderr,
+                )
+                return 1
+            print(
+                f"fsbench: ui: the MLflow server exited ({server.returncode}) before it "
+                f"answered; is port {args.port} taken? (--port picks another)",
+                file=sys.stderr,
+            )
+            return server.returncode or 1
+        print(f"MLflow UI for {redacted(uri)}: open {where}  (Ctrl-C stops it)", flush=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        server.wait(timeout=30)
+        return 0
+
+
+def _answers(url: str, server, timeout: float) -> bool:
+    """Whether `url` answers 200 before `timeout` s pass (False at once if `server` exits)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def _moved_artifacts(uri: str, grid: str, root: Path) -> str | None:
+    """For a local store: the artifact location of the grid's experiment when it lies outside
+    `root` (the folder was copied or moved); None otherwise."""
+    if not uri.startswith("sqlite:") or not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        found = MlflowClient(tracking_uri=uri).get_experiment_by_name(grid)
+    except Exception:  # noqa: BLE001 - checked again by run/sync, which relocate
+        return None
+    if found is None or not found.artifact_location.startswith("file:"):
+        return None
+    inside = (root / "mlartifacts").resolve().as_uri()
+    return None if found.artifact_location.startswith(inside) else found.artifact_location
 
 
 def _latest_grid(root: Path) -> str | None:

@@ -190,7 +190,7 @@ def _build_report(grid_dir: Path, out: Path, n_boot: int) -> dict:
             ),
         )
         csv = to_csv_frame(table).join(depends_on_columns(cells))  # each row's provenance
-        atomic_write_text(out / f"table_{label}.csv", csv.to_csv())
+        atomic_write_text(out / f"table_{label}.csv", csv.to_csv(index_label="method"))
         written["tables"] += [out / f"table_{label}.{s}" for s in ("md", "tex", "csv")]
     class_table = pd.DataFrame(
         {
@@ -204,7 +204,10 @@ def _build_report(grid_dir: Path, out: Path, n_boot: int) -> dict:
     class_table = class_table[sorted(class_table.columns)]
     class_table.index.names = ["method", "shot", "fold"]
     class_table.columns.name = "class"
-    atomic_write_text(out / "table_class_iou.csv", class_table.to_csv(float_format="%.2f"))
+    atomic_write_text(
+        out / "table_class_iou.csv",
+        class_table.to_csv(float_format="%.2f", index_label=class_table.index.name or "method"),
+    )
     written["tables"].append(out / "table_class_iou.csv")
     stats = statistics(cells, n_boot, plan.get("compare", ()))
     atomic_write_text(out / "statistics.csv", stats.to_csv(index=False, float_format="%.3f"))

@@ -102,13 +102,18 @@ def episode_rows(result: CellRecord, manifests_dir: Path) -> list[dict]:
     return rows
 
 
-def runs_url(base: str, experiment_id) -> str:
-    """The UI address that opens an experiment's runs table (the machine-learning view), rows
-    sorted by mIoU, best first."""
+def runs_url(base: str, experiment_id, view: str | None = None) -> str:
+    """The UI address that opens an experiment's leaderboard: with `view` (a shared view
+    fsbench stored on the experiment, see grid_runs.shared_views) that view; else its runs
+    table (the machine-learning view) filtered to the row runs (one per table row: the
+    report's Mean column), sorted by mIoU, best first."""
     if experiment_id is None:
         return base
+    runs = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if view:
+        return f"{runs}&viewStateShareKey={view}"
     return (
-        f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"{runs}&searchFilter=tags.%60fsbench.kind%60%20%3D%20%27row%27"
         "&orderByKey=metrics.%60miou%60&orderByAsc=false"
     )
 

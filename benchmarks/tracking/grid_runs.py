@@ -10,57 +10,167 @@ import time
 
 from fsbench.benchmarks.tracking.cell_run import CELL_TAG, KIND_TAG, manifest_datasets
 
+ROW_KEY = "fsbench.row_key"  # a row run's identity across reports: "<row>|<shot>"
+DECIMALS = 1  # the tables print percent with one decimal: what the runs table shows
+
 
 def log_rows(tracker, rows: list[dict]) -> None:
-    """One row run per table row (replacing the previous report's), its cells re-parented
-    under it."""
+    """One row run per table row, its cells nested under it. A later report updates the same
+    runs in place (same run ids: bookmarks, pins and compare links stay valid; nothing piles
+    up as deleted runs); only a row that left the table has its run deleted. A row run spans
+    its cells (start of the first, end of the last) and shows values rounded as the tables
+    print them (the cell files and artifacts keep the exact ones)."""
     from mlflow.entities import Metric, RunTag
 
-    for old in tracker._search(f"tags.{KIND_TAG} = 'row'"):  # replaced by this report's
-        tracker.client.delete_run(old.info.run_id)
+    existing = {}
+    for run in tracker._search(f"tags.{KIND_TAG} = 'row'"):
+        key = run.data.tags.get(ROW_KEY)
+        if key is None or key in existing:  # a row run of an earlier fsbench: replaced once
+            tracker.client.delete_run(run.info.run_id)
+        else:
+            existing[key] = run
     cell_runs = {
-        run.data.tags[CELL_TAG]: run.info.run_id
-        for run in tracker._search(f"tags.{KIND_TAG} = 'cell'")
+        run.data.tags[CELL_TAG]: run for run in tracker._search(f"tags.{KIND_TAG} = 'cell'")
     }
     now = int(time.time() * 1000)
+    wanted = set()
     for row in rows:
-        folds = ", ".join(str(f) for f in row["folds"])
-        metrics = ", ".join(
-            f"{k} {v:.1f}" for k, v in row["metrics"].items() if k in ("miou", "fb_iou")
-        )
-        note = (
-            f"**{row['display']} · {row['shot']}-shot** (`{row['row']}`): the report's Mean "
-            f"column — the mean over folds {folds} per seed, then mean ± std over "
-            f"{row['spread']} ({metrics}; percent). Its {len(row['cells'])} cells are "
-            "nested under this run; table_miou.md in the grid run holds the paper table."
-        )
+        key = f"{row['row']}|{row['shot']}"
+        wanted.add(key)
+        nested = [cell_runs[c] for c in row["cells"] if c in cell_runs]
+        start = min((r.info.start_time for r in nested if r.info.start_time), default=now)
+        end = max((r.info.end_time for r in nested if r.info.end_time), default=now)
         tags = {
             KIND_TAG: "row",
+            ROW_KEY: key,
             "row": row["row"],
             "display": row["display"],
             "shot": str(row["shot"]),
             "fsbench.spread": row["spread"],
             "mlflow.parentRunId": tracker._grid_run(),
-            "mlflow.note.content": note,
+            "mlflow.note.content": _row_note(row),
+            "fsbench.cells": ",".join(row["cells"])[:5000],
         }
-        run = tracker.client.create_run(
-            tracker.experiment_id,
-            start_time=now,
-            run_name=f"{row['display']} · {row['shot']}-shot",
-            tags=tags,
-        )
-        run_id = run.info.run_id
+        if key in existing:
+            run_id = existing[key].info.run_id
+            tracker.client.update_run(run_id, name=f"{row['display']} · {row['shot']}-shot")
+        else:
+            run_id = tracker.client.create_run(
+                tracker.experiment_id,
+                start_time=start,
+                run_name=f"{row['display']} · {row['shot']}-shot",
+                tags=tags,
+            ).info.run_id
         tracker.client.log_batch(
             run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in row["metrics"].items()],
-            # what the row's numbers depend on (input size, scoring, episodes × seeds, …)
-            params=[_param(k, v) for k, v in sorted(row.get("depends_on", {}).items())],
-            tags=[RunTag("fsbench.cells", ",".join(row["cells"])[:5000])],
+            metrics=[
+                Metric(k, round(float(v), DECIMALS), now, 0) for k, v in row["metrics"].items()
+            ],
+            # what the row's numbers depend on (input size, scoring, episodes × seeds, …);
+            # params are written once (MLflow refuses to change one), so only the new ones
+            params=[
+                _param(k, v)
+                for k, v in sorted(row.get("depends_on", {}).items())
+                if key not in existing or k not in existing[key].data.params
+            ],
+            tags=[RunTag(k, v) for k, v in tags.items()],
         )
-        tracker.client.set_terminated(run_id, "FINISHED", end_time=now)
+        tracker.client.set_terminated(run_id, "FINISHED", end_time=max(end, start))
         for cell_id in row["cells"]:
             if cell_id in cell_runs:
-                tracker.client.set_tag(cell_runs[cell_id], "mlflow.parentRunId", run_id)
+                tracker.client.set_tag(cell_runs[cell_id].info.run_id, "mlflow.parentRunId", run_id)
+    ends = [r.info.end_time for r in cell_runs.values() if r.info.end_time]
+    if ends:  # the grid run spans from its first invocation to its last finished cell
+        tracker.client.set_terminated(tracker._grid_run(), "FINISHED", end_time=max(ends))
+    for key, run in existing.items():
+        if key not in wanted:  # the row left the table (its method was removed from the grid)
+            tracker.client.delete_run(run.info.run_id)
+    store_views(tracker, rows)
+
+
+SHARED_VIEW = "mlflow.sharedViewState."  # MLflow's experiment tag of a shared runs view
+LEADERBOARD, BY_METHOD = "leaderboard", "by-method"
+
+
+def _column(kind: str, key: str) -> str:
+    return f"{kind}.`{key}`"  # the UI's column key (makeCanonicalSortKey)
+
+
+def shared_views(rows: list[dict]) -> dict[str, dict]:
+    """The runs views fsbench stores on a grid's experiment, as MLflow's UI reads a shared view
+    (`?viewStateShareKey=<key>`): its search facets and table state, plain JSON.
+    - leaderboard: the row runs alone, best mIoU first, columns miou, miou_std, fb_iou,
+      fb_iou_std and the per-fold miou, names in full;
+    - by-method: the cell runs grouped by method name and shot (group means), best first."""
+    folds = sorted({f for row in rows for f in row["folds"]})
+    metrics = ["miou", "miou_std", "fb_iou", "fb_iou_std", *(f"miou_fold{f}" for f in folds)]
+    columns = [_column("metrics", m) for m in metrics]
+    common = {
+        "orderByKey": _column("metrics", "miou"),
+        "orderByAsc": False,
+        "lifecycleFilter": "Active",
+        "runListHidden": False,
+        "viewMaximized": True,  # the table takes the page (no side panel over it)
+        "isAccordionReordered": False,
+        "columnWidths": {"run_name": 320},
+    }
+    return {
+        LEADERBOARD: {
+            **common,
+            "searchFilter": f"tags.`{KIND_TAG}` = 'row'",
+            "selectedColumns": columns,
+            "groupBy": None,
+        },
+        BY_METHOD: {
+            **common,
+            "searchFilter": f"tags.`{KIND_TAG}` = 'cell'",
+            "selectedColumns": [
+                _column("tags", "shot"),
+                _column("tags", "scored_under"),
+                *columns[:4],
+            ],
+            "groupBy": {
+                "aggregateFunction": "average",
+                "groupByKeys": [
+                    {"mode": "tag", "groupByData": "display"},
+                    {"mode": "tag", "groupByData": "shot"},
+                ],
+            },
+            "groupsExpanded": {},
+        },
+    }
+
+
+def store_views(tracker, rows: list[dict]) -> None:
+    for key, view in shared_views(rows).items():
+        tracker.client.set_experiment_tag(
+            tracker.experiment_id, SHARED_VIEW + key, json.dumps(view, separators=(",", ":"))
+        )
+
+
+def leaderboard_view(client, experiment_id) -> str | None:
+    """LEADERBOARD when the experiment holds that shared view, else None (no report yet)."""
+    if experiment_id is None:
+        return None
+    try:
+        tags = client.get_experiment(experiment_id).tags
+    except Exception:  # noqa: BLE001 - the plain filtered URL still works
+        return None
+    return LEADERBOARD if SHARED_VIEW + LEADERBOARD in tags else None
+
+
+def _row_note(row: dict) -> str:
+    folds = ", ".join(str(f) for f in row["folds"])
+    metrics = ", ".join(
+        f"{k} {v:.1f}" for k, v in row["metrics"].items() if k in ("miou", "fb_iou")
+    )
+    return (
+        f"**{row['display']} · {row['shot']}-shot** (`{row['row']}`): the report's Mean "
+        f"column — the mean over folds {folds} per seed, then mean ± std over "
+        f"{row['spread']} ({metrics}; percent, shown to {DECIMALS} decimal as the tables). Its "
+        f"{len(row['cells'])} cells are nested under this run; table_miou.md in the grid run "
+        "holds the paper table."
+    )
 
 
 def describe_grid(tracker, grid) -> None:

@@ -35,6 +35,7 @@ from fsbench.benchmarks.tracking.grid_runs import (  # noqa: F401 (grid_settings
     _param,
     describe_grid,
     grid_settings,
+    leaderboard_view,
     log_rows,
 )
 from fsbench.benchmarks.tracking.training_runs import LIVE_INTERVAL_SECONDS, TrainingRuns  # noqa: F401
@@ -350,6 +351,10 @@ class Tracker(TrainingRuns):
                 log_rows(self, rows)
         except Exception as error:  # noqa: BLE001
             self._warn(error)
+
+    def shared_view(self) -> str | None:
+        """The leaderboard's shared-view key when the experiment holds it (after a report)."""
+        return leaderboard_view(self.client, self.experiment_id) if self.available else None
 
     def sync(self, store, rejected: dict | None = None) -> tuple[int, int]:
         """Repair leftovers and push every cell of `store` without a FINISHED run logged from
