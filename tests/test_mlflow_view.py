@@ -111,6 +111,20 @@ def test_training_curves_reach_mlflow_live_on_ray(tracked_grid):
     assert len(trainings) == 2  # one model per fold
     history = tracked_grid["client"].get_metric_history(trainings[0].info.run_id, "train/total")
     assert [m.step for m in history] == [2, 4, 6, 8, 10, 12]
+    cells = {r.info.run_id: r for r in _kind(tracked_grid["runs"], "cell")}
+    grid_run = _kind(tracked_grid["runs"], "grid")[0]
+    for training in trainings:  # described, with parameters, linked both ways with its cells
+        tags = training.data.tags
+        assert tags["mlflow.note.content"].startswith("**Training of")
+        assert training.data.params["train.steps"] == "12" and "fold" in training.data.params
+        assert tags["mlflow.parentRunId"] == grid_run.info.run_id
+        served = tags["fsbench.cells"].split(",")
+        linked = [
+            r
+            for r in cells.values()
+            if r.data.tags.get("fsbench.training_run") == training.info.run_id
+        ]
+        assert served and sorted(r.data.tags["fsbench.cell_id"] for r in linked) == sorted(served)
     for training in trainings:
         client = tracked_grid["client"]
         rss = client.get_metric_history(training.info.run_id, "system/process_memory_rss_megabytes")

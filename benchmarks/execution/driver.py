@@ -44,6 +44,7 @@ class Driver:
         self.record_seconds = 0.0  # driver time spent writing results and logging to MLflow
         self.task_seconds = 0.0  # compute time reported by the tasks (train + evaluation)
         self.bar = None
+        self._described: set[str] = set()  # trainings whose description reached the tracker
         if progress and plan.todo:
             from tqdm.auto import tqdm
 
@@ -58,7 +59,11 @@ class Driver:
     def on_progress(self, job: Job, point: dict) -> None:
         """A training curve point while the training runs (to MLflow, off the driver's path)."""
         if self.tracker is not None:
-            self.tracker.log_progress(job.key, f"{job.cells[0].title} (training)", point)
+            about = None
+            if job.key not in self._described:  # the first point: what the training is
+                self._described.add(job.key)
+                about = (job.config, job.cells)  # the tracker says what the training is
+            self.tracker.log_progress(job.key, f"{job.cells[0].title} (training)", point, about)
 
     def on_train(self, job: Job, info: dict, state_dict) -> None:
         if self.tracker is not None:

@@ -79,6 +79,8 @@ class Tracker(TrainingRuns):
         self._training_runs: dict[str, str] = {}  # model key → its live training run
         self._points: dict[str, list] = {}  # model key → curve points not written yet
         self._flushed: dict[str, float] = {}  # model key → when its points were last written
+        self._about: dict[str, dict] = {}  # model key → its training's description, params
+        self._training_ids: dict[str, str | None] = {}  # model key → training run (found)
         self._runs_of_cells: dict[str, list] | None = None  # cell id → its runs (_cell_runs)
         self.client = None
         try:  # a sqlite store is opened (and its schema checked) right here
@@ -301,6 +303,9 @@ class Tracker(TrainingRuns):
         end_ms = int(1000 * timings.get("ended_at", now))
         tags = cell_tags(result, digest)
         tags["mlflow.parentRunId"] = self._parent()
+        training = self.training_run(result.model_key) if result.train else None
+        if training:  # the run whose curve trained this cell's model
+            tags["fsbench.training_run"] = training
         run = client.create_run(
             self.experiment_id, start_time=start_ms, run_name=run_name(result), tags=tags
         )
