@@ -164,6 +164,10 @@ def cmd_config(args) -> int:
 
     grid = load_grid(args.grid, args.overrides, smoke=args.smoke, imports=args.imports or ())
     resolved = json.loads(json.dumps(dataclasses.asdict(grid), default=list))
+    for entry, spec in zip(resolved["methods"], grid.methods):  # overrides as a mapping
+        entry["train"] = {k: _plain(v) for k, v in spec.train}
+        if not entry["train"]:
+            del entry["train"]
     print(yaml.safe_dump(resolved, sort_keys=False).rstrip())
     cells = grid.expand()
     print(f"# {len(cells)} cells")
@@ -171,6 +175,20 @@ def cmd_config(args) -> int:
         kind = _kind(cell)
         print(f"#   {cell.id}  {cell.title:<40} {kind}")
     return 0
+
+
+def _plain(value):
+    """A training override as written: sorted pairs back to a mapping, tuples to lists."""
+    if (
+        isinstance(value, tuple)
+        and value
+        and all(isinstance(v, tuple) and len(v) == 2 for v in value)
+        and all(isinstance(v[0], str) for v in value)
+    ):
+        return {k: _plain(v) for k, v in value}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def cmd_manifest(args) -> int:

@@ -1,7 +1,8 @@
 """Open the MLflow UI of a results folder as a researcher does and photograph it: starts `fsbench
 ui` (one process), measures how long it takes to answer and how much memory it holds, then takes
-headless-Chromium screenshots of the grid's runs view (sorted by mIoU, row runs first) and of
-the compare view of two cells. Prints the figures; the README's screenshots come from here.
+headless-Chromium screenshots of the URL it prints (the leaderboard: row runs by mIoU), of the
+by-method view (cells grouped by method and shot) and of the compare view of two cells.
+Prints the figures; the README's screenshots come from here.
 
     python -m fsbench.benchmarks.tools.ui_screenshot --results results --grid quickstart \\
         --out benchmarks/tools/figures
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
     )
     try:
         line = ui.stdout.readline()
+        while line and "open " not in line:  # "starting …", then the URL once it answers
+            line = ui.stdout.readline()
         url = line.split("open ", 1)[1].split()[0]
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -110,6 +113,9 @@ def main(argv=None) -> int:
             f"{_rss_bytes(members) / 2**20:.0f} MiB RSS; runs view: {url}"
         )
         _shoot(args.browser, url, out / "mlflow_runs.png")
+        if "viewStateShareKey=leaderboard" in url:
+            by_method = url.replace("viewStateShareKey=leaderboard", "viewStateShareKey=by-method")
+            _shoot(args.browser, by_method, out / "mlflow_by_method.png")
         cells = _cell_runs(port, url)
         if len(cells) >= 2:
             experiment = url.split("/experiments/")[1].split("/")[0]
