@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import yaml
 
 
@@ -41,7 +40,7 @@ def test_serial_grid_end_to_end_and_resume(cli_process, tmp_path, small_grid_dic
     assert panet_run.data.params["train.steps"] == "4"
     metrics = panet_run.data.metrics
     assert {"miou", "miou_std", "fb_iou", "train/total"} <= set(metrics)
-    assert metrics["miou"] == pytest.approx(100 * record["summary"]["miou_mean"])  # percent
+    assert metrics["miou"] == round(100 * record["summary"]["miou_mean"], 1)  # percent, as printed
     assert not any(k.startswith(("iou/", "seed/")) for k in metrics)  # artifacts, not metrics
     assert "fsbench.cell_id" in panet_run.data.tags
     # real times: the run spans the cell's training and evaluation; curves at their wall clock

@@ -379,7 +379,7 @@ def test_mlflow_tells_the_truth_after_reruns_and_crashes(tmp_path, quick_grid, c
         record = CellRecord.from_json(cell)
         assert record.to_json() == cell  # a record reads and writes back to the same file
         assert run.data.tags["fsbench.record"] == record_digest(record)
-        assert run.data.metrics["miou"] == pytest.approx(100 * cell["summary"]["miou_mean"])
+        assert run.data.metrics["miou"] == round(100 * cell["summary"]["miou_mean"], 1)
 
     # a killed driver's leftovers: RUNNING invocation and cell runs, repaired by the next `run`
     killed = client.create_run(

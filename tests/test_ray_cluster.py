@@ -445,7 +445,7 @@ def test_tracking_server_down_mid_grid_then_sync(mlflow_server, grid_file, tmp_p
         assert tags["mlflow.source.git.commit"] == cell["environment"]["git_sha"]
         metrics = {m["key"]: m for m in run["data"]["metrics"]}
         assert metrics["miou"]["timestamp"] == info["end_time"]  # never 0 (1970)
-        assert metrics["miou"]["value"] == pytest.approx(100 * cell["summary"]["miou_mean"])
+        assert metrics["miou"]["value"] == round(100 * cell["summary"]["miou_mean"], 1)
         digests = {i["dataset"]["digest"] for i in run["inputs"]["dataset_inputs"]}
         assert digests == {s["manifest_fingerprint"][:16] for s in cell["seeds"]}
 

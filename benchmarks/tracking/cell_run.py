@@ -165,17 +165,20 @@ def cell_tags(result: CellRecord, digest: str) -> dict[str, str]:
     }
 
 
+SHOWN_DECIMALS = 1  # percent as the tables print it (exact values: the cell file, seeds.csv)
+
+
 def cell_metrics(result: CellRecord) -> dict[str, float]:
     """What the runs table compares, in the tables' units: every registered metric's mean and
     std over seeds in percent, then time/… and eval/… peaks. Per-seed values and per-class IoU
     are table artifacts (seeds.csv, class_iou.csv), not dozens of mostly-empty metrics."""
     summary, timings = result.summary, result.timings
     metrics = {}
-    for name in (m for m in METRICS if f"{m}_mean" in summary):
-        metrics[name] = 100 * summary[f"{name}_mean"]
-        metrics[f"{name}_std"] = 100 * summary[f"{name}_std"]
-    metrics["time/train_seconds"] = timings["train_seconds"]
-    metrics["time/eval_seconds"] = timings["eval_seconds"]
+    for name in (m for m in METRICS if f"{m}_mean" in summary):  # as the tables print them
+        metrics[name] = round(100 * summary[f"{name}_mean"], SHOWN_DECIMALS)
+        metrics[f"{name}_std"] = round(100 * summary[f"{name}_std"], SHOWN_DECIMALS)
+    metrics["time/train_seconds"] = round(timings["train_seconds"], 1)
+    metrics["time/eval_seconds"] = round(timings["eval_seconds"], 1)
     for key in ("peak_rss_bytes", "spill_bytes"):  # older cells lack them
         if timings.get(key) is not None:
             metrics[f"eval/{key}"] = timings[key]

@@ -8,10 +8,15 @@ from __future__ import annotations
 import json
 import time
 
-from fsbench.benchmarks.tracking.cell_run import CELL_TAG, KIND_TAG, manifest_datasets
+from fsbench.benchmarks.tracking.cell_run import (
+    CELL_TAG,
+    KIND_TAG,
+    SHOWN_DECIMALS,
+    manifest_datasets,
+)
 
 ROW_KEY = "fsbench.row_key"  # a row run's identity across reports: "<row>|<shot>"
-DECIMALS = 1  # the tables print percent with one decimal: what the runs table shows
+DECIMALS = SHOWN_DECIMALS  # the tables print percent with one decimal: what the UI shows
 
 
 def log_rows(tracker, rows: list[dict]) -> None:
@@ -112,13 +117,14 @@ def shared_views(rows: list[dict]) -> dict[str, dict]:
         "runListHidden": False,
         "viewMaximized": True,  # the table takes the page (no side panel over it)
         "isAccordionReordered": False,
-        "columnWidths": {"run_name": 320},
     }
+    attributes = [_column("attributes", a) for a in ("Run Name", "Created", "Duration")]
     return {
         LEADERBOARD: {
             **common,
             "searchFilter": f"tags.`{KIND_TAG}` = 'row'",
             "selectedColumns": columns,
+            "columnOrder": [*attributes, *columns],  # miou first (not alphabetical)
             "groupBy": None,
         },
         BY_METHOD: {
