@@ -37,8 +37,6 @@ from fsbench.methods.registry import METHODS
 from fsbench.methods.two_stage import (
     TwoStageMethod,
     ensemble,
-    kshot_reweighting,
-    merge_conv,
     relu_conv,
     scene_difference,
     shot_weights,
@@ -102,13 +100,7 @@ class BAM(TwoStageMethod):
             nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.ReLU(inplace=True),
             nn.Dropout2d(0.1), nn.Conv2d(dim, 2, 1),
         )  # fmt: skip
-        self.gram_merge, self.cls_merge = merge_conv(), merge_conv()
-        self.kshot_rw = kshot_reweighting(self.shot, kshot_trans_dim)
-        if base_learner:
-            self._load_base_file(base_learner)
-        for module in self.frozen_modules():
-            for parameter in module.parameters():
-                parameter.requires_grad_(False)
+        self._setup_ensemble(kshot_trans_dim, base_learner)
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.backbone, self.learner_base]

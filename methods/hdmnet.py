@@ -43,8 +43,6 @@ from fsbench.methods.registry import METHODS
 from fsbench.methods.two_stage import (
     TwoStageMethod,
     ensemble,
-    kshot_reweighting,
-    merge_conv,
     relu_conv,
     scene_difference,
     shot_weights,
@@ -92,13 +90,7 @@ class HDMNet(TwoStageMethod):
         self.query_merge = relu_conv(512 + 2, 64)
         self.supp_merge = relu_conv(512, 64)
         self.transformer = Transformer(self.shot)
-        self.gram_merge, self.cls_merge = merge_conv(), merge_conv()
-        self.kshot_rw = kshot_reweighting(self.shot, kshot_trans_dim)
-        if base_learner:
-            self._load_base_file(base_learner)
-        for module in self.frozen_modules():
-            for parameter in module.parameters():
-                parameter.requires_grad_(False)
+        self._setup_ensemble(kshot_trans_dim, base_learner)
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.backbone, self.ppm, self.cls, self.base_learnear]

@@ -109,6 +109,15 @@ def load_imagenet_backbone(backbone: nn.ModuleList, pretrained, layers: int, vgg
     load_mapped_state_dict(backbone, state, names, f"ImageNet backbone {path}")
 
 
+def stride8_problem(name: str, size: int) -> str | None:
+    """The PFENet lineage's input rule, (S − 1) % 8 == 0 (its ×8 upsampling to S): None when
+    S fits, else the rule and the nearest sizes."""
+    if (size - 1) % 8 == 0:
+        return None
+    below = size - (size - 1) % 8
+    return f"{name} needs (S − 1) % 8 == 0; nearest input sizes: {below} or {below + 8}"
+
+
 def weighted_gap(features, mask):
     """Weighted_GAP: Σ f·m / (Σ m + 5e-4), as the official ops."""
     features = features * mask
@@ -192,10 +201,7 @@ class PFENet(FewShotMethod):
 
     @classmethod
     def input_size_problem(cls, size: int) -> str | None:
-        if (size - 1) % 8 == 0:
-            return None
-        below = size - (size - 1) % 8
-        return f"PFENet needs (S − 1) % 8 == 0; nearest input sizes: {below} or {below + 8}"
+        return stride8_problem("PFENet", size)
 
     # -- weights ------------------------------------------------------------------------------
     def _official_names(self) -> dict[str, str]:

@@ -35,6 +35,7 @@ from fsbench.methods.pfenet import (
     BLOCKS,
     deep_stem_resnet,
     load_imagenet_backbone,
+    stride8_problem,
     vgg16_bn_layers,
 )
 from fsbench.methods.registry import METHODS
@@ -164,10 +165,7 @@ class PSPNetBase(FewShotMethod):
 
     @classmethod
     def input_size_problem(cls, size: int) -> str | None:
-        if (size - 1) % 8 == 0:
-            return None
-        below = size - (size - 1) % 8
-        return f"PSPNet needs (S − 1) % 8 == 0; nearest input sizes: {below} or {below + 8}"
+        return stride8_problem("PSPNet", size)
 
     def param_groups(self) -> dict[str, list]:
         # train_base.py's optimiser groups: encoder (index_split 0: base lr), ppm, cls (× 10)

@@ -13,7 +13,7 @@ from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import Episode
 from fsbench.methods.base import FewShotMethod
 from fsbench.methods.layers import combine_binary_heads
-from fsbench.methods.pfenet import load_imagenet_backbone
+from fsbench.methods.pfenet import load_imagenet_backbone, stride8_problem
 from fsbench.methods.pspnet import (
     PSPNetBase,
     base_learner_problem,
@@ -130,10 +130,18 @@ class TwoStageMethod(FewShotMethod):
 
     @classmethod
     def input_size_problem(cls, size: int) -> str | None:
-        if (size - 1) % 8 == 0:
-            return None
-        below = size - (size - 1) % 8
-        return f"{cls.__name__} needs (S − 1) % 8 == 0; nearest input sizes: {below} or {below + 8}"
+        return stride8_problem(cls.__name__, size)
+
+    def _setup_ensemble(self, kshot_trans_dim: int, base_learner) -> None:
+        """The scene-difference ensemble's layers, the base learner's file when given, and the
+        frozen parts' gradients off (the official `freeze_modules`)."""
+        self.gram_merge, self.cls_merge = merge_conv(), merge_conv()
+        self.kshot_rw = kshot_reweighting(self.shot, kshot_trans_dim)
+        if base_learner:
+            self._load_base_file(base_learner)
+        for module in self.frozen_modules():
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
 
     @classmethod
     def kwargs_problem(cls, kwargs: dict, fold: int) -> str | None:
