@@ -2,12 +2,15 @@
 evaluates in seconds. The package does not register them; tests/conftest.py names this module in
 $FSBENCH_PLUGINS, which every process imports (the test process, CLI subprocesses, Ray workers)."""
 
+from fsbench.methods.bam import BAM, bam
 from fsbench.methods.bounds import ConstantPrediction, all_background, all_foreground
 from fsbench.methods.canet import CANet, canet
 from fsbench.methods.finetune import Finetune, LinearProbe, finetune, linear_probe
+from fsbench.methods.hdmnet import HDMNet, hdmnet
 from fsbench.methods.hsnet import HSNet, hsnet
 from fsbench.methods.panet import PANet, UntrainedPANet, panet, panet_nopar, prototype_notrain
 from fsbench.methods.pfenet import PFENet, pfenet
+from fsbench.methods.pspnet import PSPNetBase, pspnet_base
 from fsbench.methods.registry import METHODS
 from fsbench.methods.sgone import SGOne, sgone
 
@@ -67,3 +70,18 @@ def test_hsnet(**kwargs) -> HSNet:
 @METHODS.register()
 def test_pfenet(**kwargs) -> PFENet:
     return pfenet(**{"blocks": (1, 1, 1, 1), "reduce_dim": 16, "ppm_scales": (1.0, 0.5), **kwargs})
+
+
+@METHODS.register()
+def test_pspnet_base(**kwargs) -> PSPNetBase:
+    return pspnet_base(**{"blocks": (1, 1, 1, 1), **kwargs})
+
+
+@METHODS.register()
+def test_bam(**kwargs) -> BAM:
+    return bam(**{"blocks": (1, 1, 1, 1), "reduce_dim": 16, **kwargs})
+
+
+@METHODS.register()
+def test_hdmnet(**kwargs) -> HDMNet:
+    return hdmnet(**{"blocks": (1, 1, 1, 1), **kwargs})

@@ -266,29 +266,17 @@ def test_every_figure_kind_from_a_real_run(tmp_path, small_grid_dict):
         "lineages_synthetic.yaml",
     ],
 )
-def test_paper_grids_run_at_smoke_size(grid, tmp_path):
+def test_paper_grids_run_at_smoke_size(grid, tmp_path, monkeypatch, capsys):
+    # in this process (`fsbench run` as the CLI does; a subprocess per grid cost ~5 s of imports
+    # each), from an empty working folder
+    from fsbench.benchmarks.cli.main import main
+
     workdir = tmp_path / "cwd"
     workdir.mkdir()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fsbench.benchmarks.cli.main",
-            "run",
-            grid,
-            "--smoke",
-            "--serial",
-            "--no-tracking",
-            "--no-report",
-            "--results",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=workdir,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.chdir(workdir)
+    args = ["run", grid, "--smoke", "--serial", "--no-tracking", "--no-report"]
+    code = main([*args, "--results", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err[-2000:]
     assert list((tmp_path / f"{grid[:-5]}_smoke" / "cells").glob("*.json"))
     # Generated data goes to the cache ($FSBENCH_DATA), never into the folder the command ran in.
     assert not list(workdir.iterdir())

@@ -206,7 +206,10 @@ def _build_report(grid_dir: Path, out: Path, n_boot: int) -> dict:
     class_table.columns.name = "class"
     atomic_write_text(
         out / "table_class_iou.csv",
-        class_table.to_csv(float_format="%.2f", index_label=class_table.index.name or "method"),
+        class_table.to_csv(
+            float_format="%.2f",
+            index_label=None if any(class_table.index.names) else "method",  # never blank
+        ),
     )
     written["tables"].append(out / "table_class_iou.csv")
     stats = statistics(cells, n_boot, plan.get("compare", ()))
