@@ -142,6 +142,7 @@ class TwoStageMethod(FewShotMethod):
         for module in self.frozen_modules():
             for parameter in module.parameters():
                 parameter.requires_grad_(False)
+        self.train(self.training)  # the frozen parts' BatchNorm in eval from the start
 
     @classmethod
     def kwargs_problem(cls, kwargs: dict, fold: int) -> str | None:

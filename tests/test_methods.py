@@ -9,7 +9,9 @@ from fsbench.methods.layers import VGG16Encoder, cosine_scores, masked_average_p
 from fsbench.methods.panet import PANet
 
 
-def make_episode(way=1, shot=1, size=32, queries=1, seed=0):
+def make_episode(way=1, shot=1, size=32, queries=1, seed=0, base_labels=False):
+    """A random episode; with `base_labels`, the queries' labels over 15 training classes (what
+    a base_class_labels method trains on)."""
     generator = torch.Generator().manual_seed(seed)
     fg = (torch.rand(way, shot, size, size, generator=generator) > 0.6).float()
     labels = torch.randint(0, way + 1, (queries, size, size), generator=generator)
@@ -21,6 +23,8 @@ def make_episode(way=1, shot=1, size=32, queries=1, seed=0):
         support_bg=1 - fg,
         query_images=torch.randn(queries, 3, size, size, generator=generator),
         query_labels=labels,
+        query_base_labels=torch.where(labels == 255, 255, labels * 3) if base_labels else None,
+        base_class_ids=list(range(1, 16)) if base_labels else [],
     )
 
 
@@ -28,13 +32,17 @@ def make_episode(way=1, shot=1, size=32, queries=1, seed=0):
 def test_every_test_method_runs_an_episode(name):
     torch.manual_seed(0)
     model = METHODS.get(name)()
-    episode = make_episode()
+    # a base learner trains on batches of images (its BatchNorm needs two in train mode); the
+    # PFENet lineage's training input fits (S − 1) % 8 == 0
+    base = model.base_class_labels
+    queries, size = (2, 33) if base else (1, 32)
+    episode = make_episode(shot=2 if base else 1, size=size, queries=queries, base_labels=base)
     output = model(episode)
     if model.output_kind == "labels":  # HSNet: episode indices
         assert output.shape == (1, 32, 32) and output.dtype == torch.long
         assert set(output.unique().tolist()) <= {0, 1}
     else:
-        assert output.shape == (1, 2, 32, 32) and torch.isfinite(output).all()
+        assert output.shape == (queries, 2, size, size) and torch.isfinite(output).all()
     if model.trainable:
         loss = model.loss(episode)["total"]
         loss.backward()
