@@ -77,6 +77,7 @@ class ASPP(nn.Module):
 
 class BAM(TwoStageMethod):
     version = "1"
+    frozen = ("backbone", "learner_base")
 
     def __init__(
         self, layers=50, vgg=False, classes=16, shot=1, kshot_trans_dim=2, base_learner=None,
@@ -101,9 +102,6 @@ class BAM(TwoStageMethod):
             nn.Dropout2d(0.1), nn.Conv2d(dim, 2, 1),
         )  # fmt: skip
         self._setup_ensemble(kshot_trans_dim, base_learner)
-
-    def frozen_modules(self) -> list[nn.Module]:
-        return [self.backbone, self.learner_base]
 
     @classmethod
     def default_stages(cls):

@@ -73,6 +73,7 @@ def distillation(teacher, student):
 
 class HDMNet(TwoStageMethod):
     version = "1"
+    frozen = ("backbone", "ppm", "cls", "base_learnear")
 
     def __init__(self, layers=50, vgg=False, classes=16, shot=1, kshot_trans_dim=2,
                  base_learner=None, pretrained=None, blocks=None):  # fmt: skip
@@ -89,11 +90,8 @@ class HDMNet(TwoStageMethod):
         self.down_query = relu_conv(feat_dim, 256, 1, 0.5)
         self.query_merge = relu_conv(512 + 2, 64)
         self.supp_merge = relu_conv(512, 64)
-        self.transformer = Transformer(self.shot)
+        self.transformer = Transformer()  # any K: the official's shot sets no weight
         self._setup_ensemble(kshot_trans_dim, base_learner)
-
-    def frozen_modules(self) -> list[nn.Module]:
-        return [self.backbone, self.ppm, self.cls, self.base_learnear]
 
     @classmethod
     def default_stages(cls):

@@ -159,10 +159,9 @@ def _parse(dim, out=None, relu=True):
 
 
 class MixVisionTransformer(nn.Module):
-    def __init__(self, shot=1, dim=64, heads=(2, 4, 8), match_heads=2, patch=(1, 3, 3),
+    def __init__(self, dim=64, heads=(2, 4, 8), match_heads=2, patch=(1, 3, 3),
                  stride=(1, 2, 2), sr=(4, 2, 1), similarity_channels=2, drop=0.1):  # fmt: skip
         super().__init__()
-        self.shot = shot
         self.down_sample_layers = nn.ModuleList(
             nn.ModuleList([
                 PatchEmbed(dim, patch[i], stride[i]),
@@ -224,9 +223,9 @@ class MixVisionTransformer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, shot=1):
+    def __init__(self):
         super().__init__()
-        self.mix_transformer = MixVisionTransformer(shot)
+        self.mix_transformer = MixVisionTransformer()
 
     def forward(self, features, support_features, mask, similarity):
         return self.mix_transformer(features, support_features, mask, similarity)

@@ -118,6 +118,27 @@ def stride8_problem(name: str, size: int) -> str | None:
     return f"{name} needs (S − 1) % 8 == 0; nearest input sizes: {below} or {below + 8}"
 
 
+def binary_batch(episodes: list[Episode]):
+    """The episodes as one batch of binary episodes (each class of an N-way episode one per
+    query): queries [B, 3, H, W], supports [B, K, 3, H, W], support masks [B, K, H, W], targets
+    [B, H, W] (1 the class, 0 else, 255 void) and, per row, (episode, class index, query index)."""
+    queries, supports, masks, targets, rows = [], [], [], [], []
+    for episode in episodes:
+        labels = episode.query_labels
+        for n in range(episode.way):
+            target = torch.where(labels == n + 1, 1, torch.where(labels == 255, 255, 0))
+            for q in range(labels.shape[0]):
+                queries.append(episode.query_images[q])
+                supports.append(episode.support_images[n])
+                masks.append(episode.support_fg[n])
+                targets.append(target[q])
+                rows.append((episode, n, q))
+    return (
+        torch.stack(queries), torch.stack(supports), torch.stack(masks),
+        torch.stack(targets).long(), rows,
+    )  # fmt: skip
+
+
 def weighted_gap(features, mask):
     """Weighted_GAP: Σ f·m / (Σ m + 5e-4), as the official ops."""
     features = features * mask
@@ -298,19 +319,9 @@ class PFENet(FewShotMethod):
     def loss_batch(self, episodes: list[Episode]) -> dict[str, torch.Tensor]:
         """Main + auxiliary cross-entropy (ignore 255) of the episodes as one batch (each
         class of an N-way episode a binary episode of its own)."""
-        queries, supports, masks, targets = [], [], [], []
-        for episode in episodes:
-            for n in range(episode.way):
-                labels = episode.query_labels
-                target = torch.where(labels == n + 1, 1, torch.where(labels == 255, 255, 0))
-                for q in range(labels.shape[0]):
-                    queries.append(episode.query_images[q])
-                    supports.append(episode.support_images[n])
-                    masks.append(episode.support_fg[n])
-                    targets.append(target[q])
-        query = torch.stack(queries)
-        main, auxiliary = self.head(query, torch.stack(supports), torch.stack(masks))
-        size, target = query.shape[-2:], torch.stack(targets).long()
+        query, supports, masks, target, _ = binary_batch(episodes)
+        main, auxiliary = self.head(query, supports, masks)
+        size = query.shape[-2:]
         main_loss = F.cross_entropy(self._upsample(main, size), target, ignore_index=255)
         aux = [
             F.cross_entropy(self._upsample(o, size), target, ignore_index=255) for o in auxiliary

@@ -141,7 +141,6 @@ class PSPNetBase(FewShotMethod):
     """BAM's base learner; see the module docstring."""
 
     base_class_labels = True
-    cacheable_encoder = False
     version = "1"
 
     def __init__(self, layers=50, vgg=False, classes=16, pretrained=None, blocks=None):

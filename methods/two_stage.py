@@ -13,7 +13,7 @@ from fsbench.core import FsbenchError
 from fsbench.datasets.episodes import Episode
 from fsbench.methods.base import FewShotMethod
 from fsbench.methods.layers import combine_binary_heads
-from fsbench.methods.pfenet import load_imagenet_backbone, stride8_problem
+from fsbench.methods.pfenet import binary_batch, load_imagenet_backbone, stride8_problem
 from fsbench.methods.pspnet import (
     PSPNetBase,
     base_learner_problem,
@@ -109,9 +109,11 @@ class TwoStageMethod(FewShotMethod):
     batched_loss = True
     model_per_shot = True
 
+    # attributes holding the backbone and the base learner: no gradients, BatchNorm in eval
+    frozen: tuple[str, ...] = ()
+
     def frozen_modules(self) -> list[nn.Module]:
-        """The backbone and the base learner: no gradients, BatchNorm always in eval."""
-        raise NotImplementedError
+        return [getattr(self, name) for name in self.frozen]
 
     def train(self, mode: bool = True):
         """As nn.Module.train, with the frozen backbone and base learner kept in eval mode (the
@@ -212,28 +214,16 @@ class TwoStageMethod(FewShotMethod):
     def _training_batch(self, episodes: list[Episode]):
         """Queries, supports, masks, episode labels, base labels and base-class indices of the
         episodes (each class of an N-way episode a binary episode of its own)."""
-        queries, supports, masks, targets, bases, cat_idx = [], [], [], [], [], []
         for episode in episodes:
             if episode.query_base_labels is None or not episode.base_class_ids:
                 raise FsbenchError(
                     f"{type(self).__name__} trains on episodes with base-class labels (the "
                     "engine adds them for base_class_labels methods)"
                 )
-            for n, class_id in enumerate(episode.class_ids):
-                labels = episode.query_labels
-                target = torch.where(labels == n + 1, 1, torch.where(labels == 255, 255, 0))
-                index = episode.base_class_ids.index(class_id)
-                for q in range(labels.shape[0]):
-                    queries.append(episode.query_images[q])
-                    supports.append(episode.support_images[n])
-                    masks.append(episode.support_fg[n])
-                    targets.append(target[q])
-                    bases.append(episode.query_base_labels[q])
-                    cat_idx.append(index)
-        return (
-            torch.stack(queries), torch.stack(supports), torch.stack(masks),
-            torch.stack(targets).long(), torch.stack(bases).long(), cat_idx,
-        )  # fmt: skip
+        query, supports, masks, target, rows = binary_batch(episodes)
+        bases = torch.stack([e.query_base_labels[q] for e, _, q in rows]).long()
+        cat_idx = [e.base_class_ids.index(e.class_ids[n]) for e, n, _ in rows]
+        return query, supports, masks, target, bases, cat_idx
 
     def loss(self, episode: Episode) -> dict[str, torch.Tensor]:
         return self.loss_batch([episode])

@@ -197,7 +197,6 @@ class GridSpec:
                     raise FsbenchError(f"methods: {method.row()}: {problem}")
             train = dataclasses.replace(self.train, **dict(method.train))
             if not train.stages and trainable[method.row()]:  # the method's own, if declared
-                declared = METHODS.provides(method.name)
                 if declared is not None and issubclass(declared, FewShotMethod):
                     defaults = declared.default_stages()
                     if defaults:
