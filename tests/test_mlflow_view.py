@@ -100,6 +100,15 @@ def test_row_runs_hold_the_reports_mean_column_with_cells_nested(tracked_grid):
     assert {"metrics.`miou_fold0`", "metrics.`miou_fold1`"} <= set(board["selectedColumns"])
     by_method = json.loads(tags["mlflow.sharedViewState.by-method"])
     assert [k["groupByData"] for k in by_method["groupBy"]["groupByKeys"]] == ["display", "shot"]
+    charts = json.loads(tags["mlflow.sharedViewState.charts"])
+    first = charts["compareRunCharts"][0]
+    assert (first["type"], first["metricKey"]) == ("BAR", "miou")  # no sweep: no parallel chart
+    assert all(c["type"] != "PARALLEL" for c in charts["compareRunCharts"])
+    assert charts["compareRunSections"][-1]["name"] == "System metrics"
+    shown = tracked_grid["client"].search_runs(
+        [tracked_grid["experiment"].experiment_id], charts["searchFilter"], max_results=100
+    )
+    assert {r.data.tags["fsbench.kind"] for r in shown} == {"row", "training"}
     last = max(r.info.end_time for r in _kind(runs, "cell"))
     assert grid_run.info.end_time == last  # it spans the grid, not the 7 ms of its creation
     assert all(r.data.tags["mlflow.parentRunId"] == grid_run.info.run_id for r in rows.values())

@@ -23,9 +23,11 @@ def test_scale_benchmark_survives_a_node_loss(tmp_path, capsys):
     assert result["mlflow_runs"] == 16 and result["unfinished_runs"] == 0
     assert result["encodings_per_image"] == pytest.approx(1.0)  # each image once per model
     assert 0 < result["utilisation"] <= 1.0 and result["ideal_s"] > 0
-    assert (tmp_path / "scale.png").is_file() and (tmp_path / "scale_16" / "report").is_dir()
+    assert result["tracking"] == "sqlite" and result["lag_s"] >= 0
+    assert (tmp_path / "scale.png").is_file()
+    assert (tmp_path / "sqlite" / "scale_16" / "report").is_dir()
     last = out.strip().splitlines()[-1]
-    assert last.startswith("makespan ") and last.endswith("lost 0, duplicated 0")
+    assert last.startswith("sqlite: 16 cells, makespan ") and last.endswith("lost 0, duplicated 0")
 
 
 def test_standin_durations_are_seeded_and_unequal():

@@ -82,6 +82,8 @@ def cmd_ui(args) -> int:
             )
             return server.returncode or 1
         print(f"MLflow UI for {redacted(uri)}: open {where}  (Ctrl-C stops it)", flush=True)
+        if view:
+            print(f"  charts: {runs_url(base, experiment_id, 'charts')}", flush=True)
         return server.wait()
     except KeyboardInterrupt:
         server.terminate()

@@ -1,10 +1,13 @@
 """Local servers for the cluster-scale benchmark (scale.py): a multi-node Ray cluster with
-declared GPUs (`ray start`, token auth, 127.0.0.1) and a real `mlflow server`. Every process is
-stopped by its process group, never by pattern."""
+declared GPUs (`ray start`, token auth, 127.0.0.1), a real `mlflow server` and a real PostgreSQL
+to back it (a lab's shared setup). Every process is stopped by its process group or its own
+control command, never by pattern."""
 
 from __future__ import annotations
 
+import glob
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -111,12 +114,87 @@ class LocalCluster:
                         pass
 
 
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with an sqlite backend and proxied artifacts (clients
-    upload over HTTP, as with a lab's server); restartable on the same port and store."""
+def postgres_binaries() -> tuple[Path | None, str]:
+    """(the folder of PostgreSQL's server programs, "") or (None, why they cannot be used)."""
+    found = shutil.which("initdb") or next(
+        iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)), None
+    )
+    if found is None:
+        return None, "PostgreSQL's server programs (initdb, pg_ctl) are not installed"
+    folder = Path(found).resolve().parent
+    if not (folder / "pg_ctl").exists():
+        return None, f"{folder} has initdb but no pg_ctl"
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return None, "PostgreSQL refuses to run as root and there is no 'postgres' user"
+        if shutil.which("runuser") is None:
+            return None, "PostgreSQL refuses to run as root and runuser is missing"
+    try:
+        import psycopg2  # noqa: F401 - MLflow's PostgreSQL driver
+    except ImportError:
+        return None, "MLflow's PostgreSQL driver is missing: pip install 'fsbench[postgres]'"
+    return folder, ""
 
-    def __init__(self, folder: Path, workers: int = 2):
+
+class LocalPostgres:
+    """A real PostgreSQL server on 127.0.0.1 (initdb into a new folder under /tmp, pg_ctl
+    start/stop, the folder removed after), with a database `mlflow` for an MLflow backend store;
+    as root it runs as the 'postgres' user (who must be able to reach its folder)."""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="fsbench-pg-", dir="/tmp"))
+        self.port = free_port()
+        self.binaries, self.problem = postgres_binaries()
+        self.uri = f"postgresql+psycopg2://fsbench@127.0.0.1:{self.port}/mlflow"
+
+    def _run(self, program: str, *args: str) -> None:
+        command = [str(self.binaries / program), *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, cwd="/tmp")
+        if done.returncode:
+            lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+            raise RuntimeError(f"PostgreSQL {program} failed: {lines[-1]}")
+
+    def start(self) -> LocalPostgres:
+        if self.binaries is None:
+            raise RuntimeError(self.problem)
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres", "postgres")
+        data = str(self.folder / "data")
+        self._run("initdb", "-D", data, "-U", "fsbench", "-A", "trust", "--no-sync", "-E", "UTF8")
+        options = f"-p {self.port} -h 127.0.0.1 -k {self.folder}"
+        log = str(self.folder / "postgres.log")
+        self._run("pg_ctl", "-D", data, "-o", options, "-l", log, "-w", "-t", "60", "start")
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "fsbench", "mlflow")
+        return self
+
+    def stop(self) -> None:
+        if self.binaries is not None and (self.folder / "data" / "postmaster.pid").exists():
+            try:
+                self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop")
+            except RuntimeError as error:
+                print(f"fsbench: {error}", file=sys.stderr)
+                return  # (a server that did not stop keeps its folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> LocalPostgres:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with proxied artifacts (clients upload over HTTP, as
+    with a lab's server), backed by an sqlite file in `folder` or by `backend` (e.g. a
+    PostgreSQL URI); restartable on the same port and store."""
+
+    def __init__(self, folder: Path, workers: int = 2, backend: str | None = None):
         self.folder, self.workers, self.port = Path(folder), workers, free_port()
+        self.backend = backend or f"sqlite:///{self.folder}/server.db"
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process = None
 
@@ -135,7 +213,7 @@ class MlflowServer:
                 "--workers",
                 str(self.workers),
                 "--backend-store-uri",
-                f"sqlite:///{self.folder}/server.db",
+                self.backend,
                 "--artifacts-destination",
                 (self.folder / "artifacts").as_uri(),
             ],  # fmt: skip

@@ -21,6 +21,7 @@ the machine's memory (concurrent tasks ≈ GPUs / eval_gpus). Figures only, no a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from fsbench.benchmarks.report import build_report
 from fsbench.benchmarks.report.figures import _style, save_figure
 from fsbench.benchmarks.store.records import read_cells
 from fsbench.benchmarks.store.results import ResultStore
-from fsbench.benchmarks.tools.cluster import LocalCluster, MlflowServer
+from fsbench.benchmarks.tools.cluster import LocalCluster, LocalPostgres, MlflowServer
 from fsbench.benchmarks.tracking.tracker import CELL_TAG, Tracker
 from fsbench.datasets.registry import open_dataset
 
@@ -81,19 +82,27 @@ def scale_grid(name: str, cells: int, args) -> dict:
 
 
 def _timed(tracker, stats: dict) -> None:
-    """Count the wall and this thread's CPU time the tracker spends in MLflow calls."""
+    """Count the time MLflow work is under way (wall: while any logging lane is busy, so
+    parallel lanes are not counted twice) and the CPU time of the threads doing it."""
     for name in ("_log_cell", "_write_points", "_end_training", "start_invocation",
-                 "finish_invocation", "flush"):  # fmt: skip
+                 "finish_invocation"):  # fmt: skip
         original = getattr(tracker, name)
 
         def wrapper(*a, _original=original, **k):
-            wall, cpu = time.perf_counter(), time.thread_time()
+            cpu = time.thread_time()
+            with stats["lock"]:
+                if stats["busy"] == 0:
+                    stats["since"] = time.perf_counter()
+                stats["busy"] += 1
             try:
                 return _original(*a, **k)
             finally:
                 with stats["lock"]:
-                    stats["wall"] += time.perf_counter() - wall
+                    stats["busy"] -= 1
+                    if stats["busy"] == 0:
+                        stats["wall"] += time.perf_counter() - stats["since"]
                     stats["cpu"] += time.thread_time() - cpu
+                    stats["last"] = time.time()
 
         setattr(tracker, name, wrapper)
 
@@ -105,7 +114,14 @@ def one_size(args) -> dict:
     root = Path(args.out)
     store = ResultStore(root, grid.name)
     tracker = Tracker(args.tracking_uri, root, grid.name, asynchronous=True)
-    stats = {"wall": 0.0, "cpu": 0.0, "lock": threading.Lock()}
+    stats = {
+        "wall": 0.0,
+        "cpu": 0.0,
+        "busy": 0,
+        "since": 0.0,
+        "last": 0.0,
+        "lock": threading.Lock(),
+    }
     _timed(tracker, stats)
     executor = RayExecutor(
         args.address, max_retries=5, eval_gpu_fraction=grid.eval_gpus, train_gpus=1
@@ -162,6 +178,8 @@ def summarise(grid, store, makespan, driver_cpu, stats, gpus, args) -> dict:
         "driver_ms": 1000 * (driver_cpu - stats["cpu"]) / cells,
         "mlflow_ms": 1000 * stats["wall"] / cells,
         "mlflow_cpu_ms": 1000 * stats["cpu"] / cells,
+        # how far MLflow trailed the grid: its last write after the last cell's end
+        "lag_s": max(0.0, stats["last"] - ends[-1]) if ends else 0.0,
         "cells_per_s": rate,
         "encodings_per_image": encoded / max(distinct, 1),
         "lost": len({c.id for c in grid.expand()} - {r.cell_id for r in records}),
@@ -261,7 +279,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--step-seconds", type=float, default=1.0)
     parser.add_argument("--image-seconds", type=float, default=0.05)
     parser.add_argument("--episodes", type=int, default=4)
-    parser.add_argument("--tracking", choices=("sqlite", "server"), default="sqlite")
+    parser.add_argument(
+        "--tracking",
+        nargs="+",
+        choices=("sqlite", "server", "postgres"),
+        default=["sqlite"],
+        help="MLflow backends, side by side: an sqlite file, `mlflow server` over sqlite, "
+        "`mlflow server` over a real PostgreSQL (needs its binaries and psycopg2)",
+    )
     parser.add_argument("--kill-node", action="store_true", help="kill node 1 halfway (largest)")
     parser.add_argument("--kill-driver", action="store_true", help="kill + restart a driver")
     parser.add_argument("--out", help="results folder (default: a temporary one)")
@@ -316,41 +341,50 @@ def _argument_problem(args) -> str | None:
     return None
 
 
+def _tracking_store(backend: str, out: Path, stack: contextlib.ExitStack) -> str:
+    """The tracking URI of a backend: an sqlite file, or a real `mlflow server` (4 workers)
+    over sqlite or over a real PostgreSQL, started here and stopped with `stack`."""
+    if backend == "sqlite":
+        return f"sqlite:///{out}/mlflow-{backend}.db"
+    database = None
+    if backend == "postgres":
+        database = stack.enter_context(LocalPostgres()).uri
+    folder = out / f"mlflow-{backend}"
+    return stack.enter_context(MlflowServer(folder, workers=4, backend=database)).uri
+
+
 def _run_sizes(args, out: Path) -> list[dict]:
 
     open_dataset(scale_grid("x", 8, args)["dataset"])  # generated once, before the workers read it
     cpus = args.cpus_per_node or int(args.gpus_per_node / args.eval_gpus)
-    results = []
+    results, restart = [], None
     with LocalCluster(args.nodes, args.gpus_per_node, cpus) as cluster:
-        server = MlflowServer(out / "mlflow-server") if args.tracking == "server" else None
-        if server:
-            server.start()
-        uri = server.uri if server else f"sqlite:///{out}/mlflow.db"
-        try:
-            for size in sorted(args.cells):
-                kill = args.kill_node and size == max(args.cells)
-                command = [
-                    sys.executable, "-m", "fsbench.benchmarks.tools.scale", "--one", str(size),
-                    "--address", cluster.address, "--tracking-uri", uri, "--out", str(out),
-                    "--eval-gpus", str(args.eval_gpus), "--steps", str(args.steps),
-                    "--step-seconds", str(args.step_seconds), "--episodes", str(args.episodes),
-                    "--image-seconds", str(args.image_seconds),
-                ] + (["--kill-node-at", "0.5", "--kill-node-pid", str(cluster.processes[2].pid)]
-                     if kill else [])  # fmt: skip
-                done = subprocess.run(command, env=cluster.env, capture_output=True, text=True)
-                (out / f"driver_{size}.log").write_text(done.stdout + done.stderr)
-                line = [ln for ln in done.stdout.splitlines() if ln.startswith("SCALE ")]
-                if not line:
-                    raise RuntimeError(f"size {size} failed; its log: {out}/driver_{size}.log")
-                result = json.loads(line[-1][6:])
-                result["node_killed"] = kill
-                results.append(result)
-                print(_row(result), flush=True)
-            args.tracking_uri = uri
-            restart = driver_restart(cluster, args, out) if args.kill_driver else None
-        finally:
-            if server:
-                server.stop()
+        for backend in args.tracking:
+            with contextlib.ExitStack() as stack:
+                uri = _tracking_store(backend, out, stack)
+                for size in sorted(args.cells):
+                    kill = args.kill_node and size == max(args.cells)
+                    command = [
+                        sys.executable, "-m", "fsbench.benchmarks.tools.scale", "--one", str(size),
+                        "--address", cluster.address, "--tracking-uri", uri, "--out",
+                        str(out / backend), "--eval-gpus", str(args.eval_gpus), "--steps",
+                        str(args.steps), "--step-seconds", str(args.step_seconds), "--episodes",
+                        str(args.episodes), "--image-seconds", str(args.image_seconds),
+                    ] + (["--kill-node-at", "0.5", "--kill-node-pid",
+                          str(cluster.processes[2].pid)] if kill else [])  # fmt: skip
+                    done = subprocess.run(command, env=cluster.env, capture_output=True, text=True)
+                    log = out / f"driver_{backend}_{size}.log"
+                    log.write_text(done.stdout + done.stderr)
+                    line = [ln for ln in done.stdout.splitlines() if ln.startswith("SCALE ")]
+                    if not line:
+                        raise RuntimeError(f"size {size} ({backend}) failed; its log: {log}")
+                    result = json.loads(line[-1][6:])
+                    result.update(node_killed=kill, tracking=backend)
+                    results.append(result)
+                    print(_row(result), flush=True)
+                if args.kill_driver and backend == args.tracking[-1]:
+                    args.tracking_uri = uri
+                    restart = driver_restart(cluster, args, out)
     print(_table(results))
     if restart:
         print(
@@ -359,12 +393,13 @@ def _run_sizes(args, out: Path) -> list[dict]:
         )
     plot(results, out / "scale.png")
     print(f"plot: {out / 'scale.png'} (and .pdf); results and MLflow under {out}")
-    last = results[-1]
-    print(
-        f"makespan {last['ratio']:.2f} x ideal, driver {last['driver_ms']:.1f} ms/cell, "
-        f"mlflow {last['mlflow_ms']:.1f} ms/cell, lost {last['lost']}, "
-        f"duplicated {last['duplicated']}"
-    )
+    for backend in args.tracking:
+        last = [r for r in results if r["tracking"] == backend][-1]
+        print(
+            f"{backend}: {last['cells']} cells, makespan {last['ratio']:.2f} x ideal, driver "
+            f"{last['driver_ms']:.1f} ms/cell, mlflow {last['mlflow_ms']:.1f} ms/cell (lag "
+            f"{last['lag_s']:.1f} s), lost {last['lost']}, duplicated {last['duplicated']}"
+        )
     return results
 
 
@@ -376,21 +411,22 @@ def _row(r: dict) -> str:
     )
 
 
+_COLUMNS = (  # (heading, key, format): the printed table
+    ("tracking", "tracking", "<9"), ("cells", "cells", ">6"), ("makespan", "makespan_s", ">10.1f"),
+    ("ideal", "ideal_s", ">8.1f"), ("ratio", "ratio", ">7.2f"), ("GPU use", "utilisation", ">9.0%"),
+    ("driver ms", "driver_ms", ">11.1f"), ("mlflow ms", "mlflow_ms", ">11.1f"),
+    ("lag s", "lag_s", ">7.1f"), ("cells/s", "cells_per_s", ">9.1f"),
+    ("RSS GB", "peak_rss_gb", ">8.2f"), ("enc/img", "encodings_per_image", ">9.2f"),
+    ("lost", "lost", ">6"), ("dup", "duplicated", ">5"), ("search s", "search_s", ">10.2f"),
+    ("sync s", "sync_s", ">8.2f"), ("report s", "report_s", ">10.1f"),
+)  # fmt: skip
+
+
 def _table(results: list[dict]) -> str:
-    head = (
-        f"{'cells':>6}{'makespan':>10}{'ideal':>8}{'ratio':>7}{'GPU use':>9}{'driver ms':>11}"
-        f"{'mlflow ms':>11}{'cells/s':>9}{'RSS GB':>8}{'enc/img':>9}{'lost':>6}{'dup':>5}"
-        f"{'search s':>10}{'sync s':>8}{'report s':>10}"
-    )
+    head = "".join(f"{name:{spec.split('.')[0].rstrip('%')}}" for name, _, spec in _COLUMNS)
     lines = [head]
     for r in results:
-        lines.append(
-            f"{r['cells']:>6}{r['makespan_s']:>10.1f}{r['ideal_s']:>8.1f}{r['ratio']:>7.2f}"
-            f"{r['utilisation']:>9.0%}{r['driver_ms']:>11.1f}{r['mlflow_ms']:>11.1f}"
-            f"{r['cells_per_s']:>9.1f}{r['peak_rss_gb']:>8.2f}{r['encodings_per_image']:>9.2f}"
-            f"{r['lost']:>6}{r['duplicated']:>5}{r['search_s']:>10.2f}{r['sync_s']:>8.2f}"
-            f"{r['report_s']:>10.1f}"
-        )
+        lines.append("".join(f"{r.get(key, ''):{spec}}" for _, key, spec in _COLUMNS))
     return "\n".join(lines)
 
 

@@ -116,6 +116,8 @@ def main(argv=None) -> int:
         if "viewStateShareKey=leaderboard" in url:
             by_method = url.replace("viewStateShareKey=leaderboard", "viewStateShareKey=by-method")
             _shoot(args.browser, by_method, out / "mlflow_by_method.png")
+            charts = url.replace("viewStateShareKey=leaderboard", "viewStateShareKey=charts")
+            _shoot(args.browser, charts + "&compareRunsMode=CHART", out / "mlflow_charts.png")
         cells = _cell_runs(port, url)
         if len(cells) >= 2:
             experiment = url.split("/experiments/")[1].split("/")[0]

@@ -15,8 +15,11 @@ from urllib.parse import urlsplit, urlunsplit
 from fsbench.benchmarks.grid.names import cell_title, display_name
 from fsbench.benchmarks.metrics import METRICS, EpisodeCounts
 from fsbench.benchmarks.store.records import CellRecord
-from fsbench.benchmarks.tracking.panels import class_names, qualitative_strip
-from fsbench.core import manifest_fingerprint
+from fsbench.benchmarks.tracking.panels import (  # noqa: F401 (verified_episodes re-exported)
+    class_names,
+    qualitative_strip,
+    verified_episodes,
+)
 
 CELL_TAG = "fsbench.cell_id"
 KIND_TAG = "fsbench.kind"
@@ -60,20 +63,6 @@ def cell_params(result: CellRecord) -> dict:
     return flatten("", {**result.config.to_json(), "depends_on": result.depends_on}, {})
 
 
-def verified_episodes(manifest_file: Path, fingerprint: str) -> list[dict]:
-    """The episodes of a seed's manifest file when it is intact and is the one the seed was
-    scored on; [] otherwise (missing, edited, or another manifest: the next `run` rewrites it),
-    so rows go without image ids rather than with wrong ones."""
-    try:
-        raw = json.loads(manifest_file.read_text())
-        spec = {k: v for k, v in raw.items() if k not in ("fingerprint", "episodes")}
-        if manifest_fingerprint(spec, raw["episodes"]) != fingerprint:
-            return []
-        return raw["episodes"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []
-
-
 def episode_rows(result: CellRecord, manifests_dir: Path) -> list[dict]:
     """Per-episode rows (classes, query ids, TP/FP/FN and IoU per episode class) for every seed."""
     rows = []
@@ -110,8 +99,9 @@ def runs_url(base: str, experiment_id, view: str | None = None) -> str:
     if experiment_id is None:
         return base
     runs = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    if view:
-        return f"{runs}&viewStateShareKey={view}"
+    if view:  # (the "charts" view opens on the chart view, the others on the table)
+        mode = "&compareRunsMode=CHART" if view == "charts" else ""
+        return f"{runs}&viewStateShareKey={view}{mode}"
     return (
         f"{runs}&searchFilter=tags.%60fsbench.kind%60%20%3D%20%27row%27"
         "&orderByKey=metrics.%60miou%60&orderByAsc=false"

@@ -37,6 +37,7 @@ def log_rows(tracker, rows: list[dict]) -> None:
     cell_runs = {
         run.data.tags[CELL_TAG]: run for run in tracker._search(f"tags.{KIND_TAG} = 'cell'")
     }
+    swept = swept_kwargs(rows, cell_runs)
     now = int(time.time() * 1000)
     wanted = set()
     for row in rows:
@@ -75,7 +76,7 @@ def log_rows(tracker, rows: list[dict]) -> None:
             # params are written once (MLflow refuses to change one), so only the new ones
             params=[
                 _param(k, v)
-                for k, v in sorted(row.get("depends_on", {}).items())
+                for k, v in sorted({**row.get("depends_on", {}), **swept.get(key, {})}.items())
                 if key not in existing or k not in existing[key].data.params
             ],
             tags=[RunTag(k, v) for k, v in tags.items()],
@@ -90,23 +91,97 @@ def log_rows(tracker, rows: list[dict]) -> None:
     for key, run in existing.items():
         if key not in wanted:  # the row left the table (its method was removed from the grid)
             tracker.client.delete_run(run.info.run_id)
-    store_views(tracker, rows)
+    store_views(tracker, rows, sorted({k for values in swept.values() for k in values}))
+
+
+def swept_kwargs(rows: list[dict], cell_runs: dict) -> dict[str, dict]:
+    """Row key → the numeric method keywords that differ between rows of one method (an α
+    sweep's `alpha`), read off the rows' cell runs (`method_kwargs.<name>` params): the axes of
+    the parallel-coordinates chart, logged as row-run params under their own names."""
+    values: dict[str, dict] = {}
+    for row in rows:
+        runs = [cell_runs[c] for c in row["cells"] if c in cell_runs]
+        if runs:
+            params = runs[0].data.params
+            method = runs[0].data.tags.get("method", "")
+            values[f"{row['row']}|{row['shot']}"] = (
+                method,
+                {
+                    k.split(".", 1)[1]: v
+                    for k, v in params.items()
+                    if k.startswith("method_kwargs.")
+                },
+            )
+    axes = {}
+    for key, (method, kwargs) in values.items():
+        same = [other for m, other in values.values() if m == method]
+        for name, value in kwargs.items():
+            try:
+                float(value)
+            except ValueError:
+                continue
+            if len({o.get(name) for o in same}) > 1:
+                axes.setdefault(key, {})[name] = value
+    return axes
 
 
 SHARED_VIEW = "mlflow.sharedViewState."  # MLflow's experiment tag of a shared runs view
-LEADERBOARD, BY_METHOD = "leaderboard", "by-method"
+LEADERBOARD, BY_METHOD, CHARTS = "leaderboard", "by-method", "charts"
+
+
+def _section(name: str) -> dict:
+    return {"uuid": f"fsbench-{name.lower().replace(' ', '-')}", "name": name, "display": True,
+            "isReordered": False, "deleted": False, "isGenerated": False}  # fmt: skip
+
+
+def _chart(kind: str, section: dict, title: str, **fields) -> dict:
+    """A chart card of MLflow's chart view (its RunsChartsCardConfig fields, plain JSON)."""
+    return {"uuid": f"fsbench-{title.lower().replace(' ', '-')}", "type": kind,
+            "runsCountToCompare": 100, "metricSectionId": section["uuid"], "deleted": False,
+            "isGenerated": False, "displayName": title, **fields}  # fmt: skip
+
+
+def chart_preset(swept: list[str]) -> dict:
+    """The chart view's cards and sections, in this order: a miou bar per row run; for a sweep
+    a parallel-coordinates chart (swept keyword → miou); the training runs' like-for-like
+    `train/segmentation` curve (a loss without PAR's term: the same quantity for every
+    method); MLflow's generated sections (time, eval) after; system metrics last."""
+    results, training = _section("Results"), _section("Training")
+    # MLflow puts the cards it generates for the other metrics into the section of their
+    # prefix (created at the end when missing): named here, before the system metrics
+    generated = [_section(n) for n in ("Model metrics", "train", "eval", "time")]
+    charts = [_chart("BAR", results, "mIoU (%) per row", metricKey="miou")]
+    if swept:
+        charts.append(_chart("PARALLEL", results, "Sweep: " + ", ".join(swept) + " → mIoU",
+                             selectedParams=list(swept), selectedMetrics=["miou"],
+                             showAllRuns=True))  # fmt: skip
+    charts.append(_chart(
+        "LINE", training, "train/segmentation", metricKey="train/segmentation",
+        selectedMetricKeys=["train/segmentation"], lineSmoothness=0, xAxisScaleType="linear",
+        scaleType="linear", range={}, xAxisKey="step", selectedXAxisMetricKey="",
+        yAxisKey="metric", yAxisExpressions=[], ignoreOutliers=False, useGlobalXaxisKey=False,
+        useGlobalLineSmoothing=True,
+    ))  # fmt: skip
+    return {
+        "compareRunCharts": charts,
+        "compareRunSections": [results, training, *generated, _section("System metrics")],
+        "isAccordionReordered": True,  # (the sections stay in this order)
+        "hideEmptyCharts": True,
+    }
 
 
 def _column(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"  # the UI's column key (makeCanonicalSortKey)
 
 
-def shared_views(rows: list[dict]) -> dict[str, dict]:
+def shared_views(rows: list[dict], swept: list[str] = ()) -> dict[str, dict]:
     """The runs views fsbench stores on a grid's experiment, as MLflow's UI reads a shared view
     (`?viewStateShareKey=<key>`): its search facets and table state, plain JSON.
     - leaderboard: the row runs alone, best mIoU first, columns miou, miou_std, fb_iou,
       fb_iou_std and the per-fold miou, names in full;
-    - by-method: the cell runs grouped by method name and shot (group means), best first."""
+    - by-method: the cell runs grouped by method name and shot (group means), best first;
+    - charts: the row and training runs, opened in the chart view (`&compareRunsMode=CHART`)
+      on the preset of `chart_preset` (the leaderboard's chart view shows the same cards)."""
     folds = sorted({f for row in rows for f in row["folds"]})
     metrics = ["miou", "miou_std", "fb_iou", "fb_iou_std", *(f"miou_fold{f}" for f in folds)]
     columns = [_column("metrics", m) for m in metrics]
@@ -119,9 +194,11 @@ def shared_views(rows: list[dict]) -> dict[str, dict]:
         "isAccordionReordered": False,
     }
     attributes = [_column("attributes", a) for a in ("Run Name", "Created", "Duration")]
+    charts = chart_preset(list(swept))
     return {
         LEADERBOARD: {
             **common,
+            **charts,
             "searchFilter": f"tags.`{KIND_TAG}` = 'row'",
             "selectedColumns": columns,
             "columnOrder": [*attributes, *columns],  # miou first (not alphabetical)
@@ -144,11 +221,21 @@ def shared_views(rows: list[dict]) -> dict[str, dict]:
             },
             "groupsExpanded": {},
         },
+        CHARTS: {
+            **common,
+            **charts,
+            # (MLflow's search has no IN for tags: the kinds that are neither rows nor trainings)
+            "searchFilter": " AND ".join(
+                f"tags.`{KIND_TAG}` != '{kind}'" for kind in ("cell", "invocation", "grid")
+            ),
+            "selectedColumns": columns[:4],
+            "groupBy": None,
+        },
     }
 
 
-def store_views(tracker, rows: list[dict]) -> None:
-    for key, view in shared_views(rows).items():
+def store_views(tracker, rows: list[dict], swept: list[str] = ()) -> None:
+    for key, view in shared_views(rows, swept).items():
         tracker.client.set_experiment_tag(
             tracker.experiment_id, SHARED_VIEW + key, json.dumps(view, separators=(",", ":"))
         )

@@ -4,6 +4,7 @@ pushes every cell that has no finished child run yet (so nothing is logged twice
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import sys
@@ -42,6 +43,26 @@ from fsbench.benchmarks.tracking.training_runs import LIVE_INTERVAL_SECONDS, Tra
 from fsbench.core import FsbenchError
 
 RESULTS_TAG = "fsbench.results"  # the results folder an invocation wrote
+WORKERS_VARIABLE = "FSBENCH_MLFLOW_WORKERS"
+
+
+def logging_workers(uri: str) -> int:
+    """Logging lanes for a tracking URI: $FSBENCH_MLFLOW_WORKERS, else 1 for an sqlite file or
+    a folder (one writer at a time; more threads only contend for the lock and the GIL) and 4
+    for a server or a database server (each request waits on the network, not on the CPU)."""
+    value = os.environ.get(WORKERS_VARIABLE, "").strip()
+    if value:
+        try:
+            if int(value) >= 1:
+                return int(value)
+        except ValueError:
+            pass
+        raise FsbenchError(
+            f"{WORKERS_VARIABLE}={value!r}: not a number of logging threads; set a whole number "
+            "of 1 or more, or unset it"
+        )
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    return 1 if local else 4
 
 
 class Tracker(TrainingRuns):
@@ -53,9 +74,12 @@ class Tracker(TrainingRuns):
         results_root: Path,
         experiment: str | None = None,
         asynchronous: bool = False,
+        workers: int | None = None,
     ):
         # No usage telemetry: it costs ~80 ms per logged cell here and phones home.
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        # Not a "View run … at" line on stdout per run ended on a server (thousands per grid)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         try:
@@ -74,8 +98,13 @@ class Tracker(TrainingRuns):
         # A logging thread keeps MLflow off the driver's path (the cell files stay the truth:
         # what a stopped driver did not log, the next run or `sync` does).
         self.asynchronous = asynchronous
-        self._queue: queue.Queue | None = None
-        self._thread: threading.Thread | None = None
+        # Logging lanes: one thread each, so a tracking server (or a database) that serves
+        # requests in parallel is fed in parallel; a model's training run and its cells share
+        # a lane (in order). An sqlite file takes one writer at a time: one lane.
+        self.workers = max(1, workers or logging_workers(uri))
+        self._lanes: list[tuple[queue.Queue, threading.Thread]] = []
+        self._next_lane = 0
+        self._lock = threading.RLock()  # pending count, runs created once (grid, invocation)
         self._training_runs: dict[str, str] = {}  # model key → its live training run
         self._points: dict[str, list] = {}  # model key → curve points not written yet
         self._flushed: dict[str, float] = {}  # model key → when its points were last written
@@ -153,6 +182,10 @@ class Tracker(TrainingRuns):
 
     def _parent(self) -> str:
         """This invocation's parent run, created on first need (a no-op rerun leaves none)."""
+        with self._lock:
+            return self._parent_locked()
+
+    def _parent_locked(self) -> str:
         if self.parent_run_id is None:
             run = self.client.create_run(
                 self.experiment_id,
@@ -173,6 +206,10 @@ class Tracker(TrainingRuns):
 
     def _grid_run(self) -> str:
         """The grid's one stable run: parent of every invocation, holder of the report."""
+        with self._lock:
+            return self._grid_run_locked()
+
+    def _grid_run_locked(self) -> str:
         if getattr(self, "_grid_run_id", None) is None:
             found = self._search(f"tags.{KIND_TAG} = 'grid'")
             if found:
@@ -244,35 +281,57 @@ class Tracker(TrainingRuns):
         """Create the cell's child run (replacing an unfinished one); False if MLflow is down.
         Asynchronous: queued for the logging thread (True)."""
         if not self.available or self.experiment_id is None:
-            self.pending += 1
+            self._count_pending()
             return False
         if self.asynchronous:
-            self._submit(self._log_now, result, store)
+            self._submit(
+                self._log_now, result, store, lane=result.model_key if result.train else None
+            )
             return True
         return self._log_now(result, store)
 
-    def _submit(self, function, *args) -> None:
-        """Run `function(*args)` on the logging thread (started on first use)."""
-        if self._thread is None:
-            self._queue = queue.Queue()
-            self._thread = threading.Thread(target=self._drain, name="fsbench-mlflow", daemon=True)
-            self._thread.start()
-        self._queue.put((function, args))
+    def _submit(self, function, *args, lane: str | None = None) -> None:
+        """Run `function(*args)` on a logging lane (started on first use): `lane`'s own (a
+        model key: its training run's points, its end, then its cells, in order), or the next
+        in turn."""
+        with self._lock:
+            if not self._lanes:
+                for index in range(self.workers):
+                    work = queue.Queue()
+                    thread = threading.Thread(
+                        target=self._drain,
+                        args=(work,),
+                        name=f"fsbench-mlflow-{index}",
+                        daemon=True,
+                    )
+                    thread.start()
+                    self._lanes.append((work, thread))
+            if lane is None:
+                index, self._next_lane = self._next_lane, self._next_lane + 1
+            else:
+                index = int(hashlib.sha1(lane.encode()).hexdigest()[:8], 16)
+            self._lanes[index % len(self._lanes)][0].put((function, args))
 
-    def _drain(self) -> None:
-        while (item := self._queue.get()) is not None:
+    def _drain(self, work: queue.Queue) -> None:
+        while (item := work.get()) is not None:
             function, args = item
             if self.available:
                 function(*args)
             elif function == self._log_now:
-                self.pending += 1
+                self._count_pending()
+
+    def _count_pending(self) -> None:
+        with self._lock:
+            self.pending += 1
 
     def flush(self) -> None:
         """Wait until every queued cell is logged (or counted as pending)."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        with self._lock:
+            lanes, self._lanes = self._lanes, []
+        for work, _ in lanes:
+            work.put(None)
+        for _, thread in lanes:
+            thread.join()
 
     def _log_now(self, result: CellRecord, store) -> bool:
         try:
@@ -280,7 +339,7 @@ class Tracker(TrainingRuns):
             return True
         except Exception as error:  # noqa: BLE001
             self._warn(error)
-            self.pending += 1
+            self._count_pending()
             return False
 
     def _log_cell(self, result: CellRecord, store) -> None:
@@ -323,9 +382,18 @@ class Tracker(TrainingRuns):
         client.log_inputs(run_id, datasets=_manifest_inputs(result, store))
         with tempfile.TemporaryDirectory() as folder:
             write_artifacts(result, store, Path(folder))
-            client.log_artifacts(run_id, folder)  # one call (one upload session on a server)
+            # One upload to the new run's own artifact location (what `log_artifacts` does
+            # after fetching the run again: a store round trip per cell saved)
+            self._artifacts(run.info.artifact_uri).log_artifacts(folder)
         client.set_terminated(run_id, "FINISHED", end_time=end_ms)
         self._runs_of_cells[cell_id] = [(run_id, "FINISHED", digest)]
+
+    def _artifacts(self, artifact_uri: str):
+        """The artifact repository of a run's artifact location (local folder, proxied
+        `mlflow-artifacts:` server, object store), as MlflowClient resolves it."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        return get_artifact_repository(artifact_uri, tracking_uri=self.uri)
 
     def _cell_runs(self) -> dict[str, list]:
         """cell id → (run id, status, record digest) of its cell runs, read once (one search,

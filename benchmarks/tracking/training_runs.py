@@ -36,7 +36,7 @@ def training_about(config: dict, cells: list) -> dict:
 
 
 class TrainingRuns:
-    """Mixed into Tracker: uses its client, experiment, parent run, logging thread and _warn."""
+    """Mixed into Tracker: uses its client, experiment, parent run, logging lanes and _warn."""
 
     def log_progress(self, key: str, name: str, point: dict, about: tuple | None = None) -> None:
         """A training curve point of the model `key`, logged while it trains (its own run);
@@ -44,7 +44,7 @@ class TrainingRuns:
         if about is not None and key not in self._about:
             self._about[key] = training_about(*about)
         if self.available and self.experiment_id is not None:
-            self._submit(self._log_point, key, name, point)
+            self._submit(self._log_point, key, name, point, lane=key)
 
     def training_run(self, key: str) -> str | None:
         """The run id of the model `key`'s training run, when one was logged (this invocation's
@@ -59,8 +59,8 @@ class TrainingRuns:
         return run_id
 
     def finish_training(self, key: str, system: list[dict] = ()) -> None:
-        if self._thread is not None:
-            self._submit(self._end_training, key, list(system))
+        if self._lanes:  # (its points went to its lane: the run ends after them)
+            self._submit(self._end_training, key, list(system), lane=key)
 
     def _log_point(self, key: str, name: str, point: dict) -> None:
         """Buffer a curve point; write a model's buffer every few seconds (one batch, not one
