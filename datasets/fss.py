@@ -22,7 +22,7 @@ from fsbench.datasets.synthetic_coco import coco_class_style
 LISTS = Path(__file__).parent / "lists" / "hsnet" / "fss"
 SPLITS = ("trn", "val", "test")
 # Test episodes per protocol on FSS-1000: HSNet's test loader walks its 240 × 10 test images.
-TEST_EPISODES = {"hsnet": 2400}
+TEST_EPISODES = {"hsnet": 2400, "patnet": 2400}  # (PATNet's FSS-1000 test: HSNet's code)
 EXPECTED_LAYOUT = (
     "expected FSS-1000/<class>/<n>.jpg with a binary <n>.png mask beside each image (n = 1…10), "
     "class folders named as in HSNet's splits, under --data-root"
@@ -41,7 +41,8 @@ class Fss1000(FewShotDataset):
     num_classes = 1000
     num_folds = 1
     class_names = tuple(n for s in SPLITS for n in split_classes()[s])  # HSNet's class ids
-    replayed_by = frozenset({"hsnet"})  # HSNet's test.py; PANet and PFENet never tested on it
+    # HSNet's test.py and PATNet's (its data/fss.py is HSNet's); PANet, PFENet never tested on it
+    replayed_by = frozenset({"hsnet", "patnet"})
 
     @classmethod
     def protocol_for(cls, protocol):

@@ -170,6 +170,15 @@ PROTOCOLS["hdmnet"] = dataclasses.replace(
 )
 
 
+# PATNet (slei109/PATNet test.py): HSNet's test geometry (400 × 400, labels resized nearest,
+# Evaluator's metric), `fix_randseed(0)`, 600 episodes on Deepglobe, ISIC and the chest X-rays
+# (episode idx: class idx % n, datasets/cross_domain.py) and HSNet's 2400 on FSS-1000; its model
+# trains on PASCAL with no held-out class (fold 4 = all 20 classes, HSNet's trn lists).
+PROTOCOLS["patnet"] = dataclasses.replace(
+    PROTOCOLS["hsnet"], name="patnet", episodes=600, official_sampler="patnet"
+)
+
+
 def training_list_protocols() -> list[str]:
     """One protocol per distinct training list, the first that names it (bam and hdmnet train on
     PFENet's: a leakage audit of each list once)."""

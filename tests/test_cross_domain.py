@@ -1,0 +1,178 @@
+"""PATNet's cross-domain test sets (Deepglobe, ISIC 2018, chest X-ray) in its layouts, its test
+episodes replayed draw for draw (fixtures recorded by running PATNet's own data/*.py: see
+tests/fixtures/record_official_patnet.py), `fsbench prepare`, and bad input in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fsbench.benchmarks.cli.main import main
+from fsbench.core import FsbenchError
+from fsbench.datasets.cross_domain import (
+    ChestXray,
+    Deepglobe,
+    Isic2018,
+    prepare_deepglobe,
+    prepare_isic,
+    write_chest,
+    write_deepglobe,
+    write_isic,
+)
+from fsbench.datasets.manifests import EpisodeManifest
+from fsbench.datasets.protocols import PROTOCOLS, resolve
+
+pytestmark = pytest.mark.quick
+FIXTURE = json.loads(
+    (Path(__file__).parent / "fixtures" / "official_patnet_episodes.json").read_text()
+)
+WRITERS = {"deepglobe": write_deepglobe, "isic2018": write_isic, "chest_xray": write_chest}
+CLASSES = {"deepglobe": Deepglobe, "isic2018": Isic2018, "chest_xray": ChestXray}
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cdfsl")
+    for name, (n, size, seed) in FIXTURE["data"].items():
+        WRITERS[name](root, n, size, seed)
+    return root
+
+
+@pytest.mark.parametrize("run", range(len(FIXTURE["runs"])))
+def test_patnet_replay_equals_its_own_test_loader(generated, run):
+    record = FIXTURE["runs"][run]
+    dataset = CLASSES[record["dataset"]](generated)
+    protocol = resolve("patnet", dataset)
+    assert protocol.episodes == len(record["episodes"]) == 600
+    manifest = EpisodeManifest.build(dataset, protocol, 0, 1, record["shot"], 600, 0)
+    assert [e.to_json() for e in manifest.episodes] == record["episodes"]
+    assert manifest.sampler == "official:patnet"
+
+
+def test_patnet_protocol_is_hsnets_geometry_with_its_episode_counts():
+    patnet, hsnet = PROTOCOLS["patnet"], PROTOCOLS["hsnet"]
+    assert (patnet.input_size, patnet.resize, patnet.score_resolution) == (
+        hsnet.input_size, hsnet.resize, hsnet.score_resolution
+    )  # fmt: skip
+    assert patnet.seeds == (0,) and patnet.episodes == 600
+    assert resolve("patnet", "fss1000").episodes == 2400  # HSNet's FSS-1000 code
+
+
+def test_manifest_cli_writes_patnets_episodes(generated, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    argv = ["manifest", "--dataset", "deepglobe", "--data-root", str(generated)]
+    argv += ["--protocol", "patnet", "--fold", "0", "--shot", "5", "--seed", "0"]
+    argv += ["--output", str(out)]
+    assert main(argv) == 0
+    assert "official:patnet" in capsys.readouterr().out
+    written = json.loads(out.read_text())["episodes"]
+    record = next(r for r in FIXTURE["runs"] if r["dataset"] == "deepglobe" and r["shot"] == 5)
+    assert written == record["episodes"]
+
+
+def test_chest_xray_lists_the_masks_not_the_images(generated):
+    dataset = ChestXray(generated)
+    ids = dataset.list_ids("test")
+    assert all(i.endswith("_mask") for i in ids) and len(ids) == 20
+    assert dataset.image_path(ids[0]).name == ids[0][: -len("_mask")] + ".png"
+    assert "MCUCXR_9999_0" not in " ".join(ids)  # an image without a mask never enters
+
+
+def _copy(generated: Path, tmp_path: Path, name: str) -> Path:
+    import shutil
+
+    shutil.copytree(generated / name, tmp_path / name)
+    return tmp_path
+
+
+def test_a_deepglobe_tile_without_its_mask_is_one_line(generated, tmp_path):
+    root = _copy(generated, tmp_path, "Deepglobe")
+    victim = next((root / "Deepglobe" / "3" / "test" / "groundtruth").glob("*.png"))
+    victim.unlink()
+    with pytest.raises(FsbenchError, match=f"tile without its mask .*{victim.name}"):
+        Deepglobe(root)
+
+
+def test_a_chest_mask_whose_image_is_missing_is_one_line(generated, tmp_path):
+    root = _copy(generated, tmp_path, "LungSegmentation")
+    image = sorted((root / "LungSegmentation" / "CXR_png").glob("CHN*.png"))[0]
+    image.unlink()
+    with pytest.raises(FsbenchError, match=f"mask whose image .*{image.name} is missing"):
+        ChestXray(root)
+
+
+def test_a_mask_that_is_not_0_255_is_refused_not_thresholded(generated, tmp_path):
+    root = _copy(generated, tmp_path, "Deepglobe")
+    dataset = Deepglobe(root)
+    image_id = dataset.list_ids("test")[0]
+    path = dataset.mask_path(image_id)
+    values = np.asarray(Image.open(path)).copy()
+    values[0, 0] = (200, 200, 200)  # a compressed edge
+    Image.fromarray(values).save(path)
+    with pytest.raises(FsbenchError, match=f"{path.name}: a binary mask holds only 0 and 255"):
+        Deepglobe(root).load_masks(image_id, [dataset.class_of(image_id)])
+
+
+def test_fold_other_than_0_and_training_on_a_test_set_are_refused(generated):
+    dataset = Isic2018(generated)
+    with pytest.raises(FsbenchError, match="one fold"):
+        dataset.fold_classes(1)
+    assert dataset.train_classes(0) == []
+
+
+def _raw_deepglobe(folder: Path) -> None:
+    """Two 'land-cover training' images of 60 × 60 px (6 × 6 tiles of 10 px) with colour-coded
+    masks as Deepglobe's: colour A left of column 35, colour B right of it, so only the tiles
+    of tile-column 3 hold two colours; tile (0, 3) also has one black pixel (under 4.8 %)."""
+    folder.mkdir(parents=True)
+    pairs = [((0, 255, 255), (255, 0, 255)), ((255, 255, 0), (0, 255, 0))]
+    for index, (left, right) in enumerate(pairs):
+        mask = np.zeros((60, 60, 3), np.uint8)
+        mask[:, :35], mask[:, 35:] = left, right
+        mask[0, 30] = (0, 0, 0)
+        Image.fromarray(mask).save(folder / f"{100 + index}_mask.png")
+        Image.fromarray(np.full((60, 60, 3), 90 + index, np.uint8)).save(
+            folder / f"{100 + index}_sat.jpg"
+        )
+
+
+def test_prepare_deepglobe_tiles_filters_and_splits_by_class(tmp_path):
+    _raw_deepglobe(tmp_path / "raw" / "train")
+    counts = prepare_deepglobe(tmp_path / "raw", tmp_path / "out")
+    # PATNet's labelset read as BGR: cyan = urban (2), magenta = rangeland (3), yellow =
+    # agriculture (1), green = forest (4); 5 kept tiles per image (column 3, rows 1…5)
+    assert counts == {1: 5, 2: 5, 3: 5, 4: 5, 5: 0, 6: 0}
+    dataset = Deepglobe(tmp_path / "out")
+    assert dataset.class_images("test", 2) == [f"2/100_{i}3" for i in range(1, 6)]
+    masks, _ = dataset.load_masks("2/100_13", [2])
+    expected = np.zeros((10, 10), bool)
+    expected[:, :5] = True  # columns 30…34 of the image: urban
+    assert (masks[0] == expected).all()
+    with pytest.raises(FsbenchError, match="no <id>_mask.png"):
+        prepare_deepglobe(tmp_path / "out", tmp_path / "again")
+
+
+def test_prepare_isic_splits_by_lesion_type_and_names_a_missing_id(tmp_path, generated):
+    raw = tmp_path / "raw"
+    (raw / "ISIC2018_Task1-2_Training_Input").mkdir(parents=True)
+    (raw / "ISIC2018_Task1_Training_GroundTruth").mkdir(parents=True)
+    source = generated / "ISIC"
+    kinds = {1: "seborrheic_keratosis", 2: "nevus", 3: "melanoma"}
+    lines = ["ID,Class"]
+    for image in sorted(source.glob("ISIC2018_Task1-2_Training_Input/*/*.jpg")):
+        (raw / "ISIC2018_Task1-2_Training_Input" / image.name).write_bytes(image.read_bytes())
+        mask = source / "ISIC2018_Task1_Training_GroundTruth" / f"{image.stem}_segmentation.png"
+        (raw / "ISIC2018_Task1_Training_GroundTruth" / mask.name).write_bytes(mask.read_bytes())
+        lines.append(f"{image.stem},{kinds[int(image.parent.name)]}")
+    (raw / "class_id.csv").write_text("\n".join(lines[:-1]) + "\n")  # the last id left out
+    missing = lines[-1].split(",")[0]
+    with pytest.raises(FsbenchError, match=f"ISIC id {missing} is not in the class CSV"):
+        prepare_isic(raw, tmp_path / "out")
+    (raw / "class_id.csv").write_text("\n".join(lines) + "\n")
+    counts = prepare_isic(raw, tmp_path / "out")
+    assert counts == {1: 10, 2: 10, 3: 10}
+    assert Isic2018(tmp_path / "out").list_ids("test") == Isic2018(generated).list_ids("test")
