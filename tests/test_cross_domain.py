@@ -176,3 +176,15 @@ def test_prepare_isic_splits_by_lesion_type_and_names_a_missing_id(tmp_path, gen
     counts = prepare_isic(raw, tmp_path / "out")
     assert counts == {1: 10, 2: 10, 3: 10}
     assert Isic2018(tmp_path / "out").list_ids("test") == Isic2018(generated).list_ids("test")
+
+
+def test_prepare_cli_and_its_one_line_errors(tmp_path, capsys):
+    _raw_deepglobe(tmp_path / "raw")
+    assert main(["prepare", "deepglobe", str(tmp_path / "raw"), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "deepglobe: 20 images written" in out and "class 2: 5" in out
+    assert main(["prepare", "isic2018", str(tmp_path / "nowhere"), str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere: not a folder" in err[0]
+    assert main(["prepare", "isic2018", str(tmp_path / "raw"), str(tmp_path / "o2")]) == 2
+    assert "ISIC2018_Task1-2_Training_Input: missing" in capsys.readouterr().err

@@ -350,3 +350,20 @@ def cmd_qualitative(args) -> int:
     import_plugins(tuple(args.imports or ()), (str(Path.cwd()),))
     print(render(_grid_folder(args), args.cell, args.episodes))
     return 0
+
+
+def cmd_prepare(args) -> int:
+    """`fsbench prepare deepglobe|isic2018 RAW OUT`: a cross-domain test set in PATNet's layout."""
+    from fsbench.datasets.cross_domain import prepare_deepglobe, prepare_isic
+
+    raw, out = Path(args.raw).expanduser(), Path(args.out).expanduser()
+    if not raw.is_dir():
+        raise FsbenchError(f"{raw}: not a folder; pass the folder of the official download")
+    if args.dataset == "deepglobe":
+        counts = prepare_deepglobe(raw, out)
+    else:
+        counts = prepare_isic(raw, out, args.classes)
+    per_class = ", ".join(f"class {c}: {n}" for c, n in counts.items())
+    print(f"{args.dataset}: {sum(counts.values())} images written under {out} ({per_class})")
+    print(f"use it with:  dataset: {{name: {args.dataset}, data_root: {out}}}")
+    return 0

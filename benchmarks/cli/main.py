@@ -12,6 +12,7 @@ from fsbench.benchmarks.cli.commands import (
     cmd_config,
     cmd_list,
     cmd_manifest,
+    cmd_prepare,
     cmd_qualitative,
     cmd_report,
     cmd_run,
@@ -145,6 +146,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     ui.add_argument("--results", help=RESULTS_HELP)
     ui.add_argument("--tracking-uri", help=TRACKING_HELP)
 
+    prepare = commands.add_parser(
+        "prepare",
+        help="make a cross-domain test set from its official download (PATNet's layout)",
+        description="deepglobe: Deepglobe's land-cover training set (<id>_sat.jpg, "
+        "<id>_mask.png) → OUT/Deepglobe, cut into 6 × 6 tiles, filtered and split by class as "
+        "PATNet's data/preprocess.py; isic2018: ISIC 2018 Task 1 (input images, ground truth) "
+        "and a lesion-type CSV (ID,Class) → OUT/ISIC, one folder per lesion type.",
+    )
+    prepare.add_argument("dataset", choices=("deepglobe", "isic2018"))
+    prepare.add_argument("raw", help="folder of the official download")
+    prepare.add_argument("out", help="data root to write (then --data-root OUT in a grid)")
+    prepare.add_argument(
+        "--classes", help="isic2018: the lesion-type CSV (default: RAW/class_id.csv)"
+    )
+
     sync = commands.add_parser("sync", help="push finished cells missing from MLflow")
     sync.add_argument("grid", nargs="?", default=None, help="grid name (default: every grid)")
     sync.add_argument("--results", help=RESULTS_HELP)
@@ -219,6 +235,7 @@ def main(argv=None) -> int:
             "ui": cmd_ui,
             "qualitative": cmd_qualitative,
             "sync": cmd_sync,
+            "prepare": cmd_prepare,
             "score": lambda a: cmd_score(a, cmd_run, _results_root),
         }[args.command](args)
     except FsbenchError as error:
