@@ -215,11 +215,12 @@ class HSNet(FewShotMethod):
         """The three hypercorrelation tensors of queries [Q, …] with supports [Q or 1, …] under
         their masks [Q or 1, H, W] (one support is broadcast over the queries)."""
         corrs = []
-        for query, support in zip(query_features, support_features):
+        for index, (query, support) in enumerate(zip(query_features, support_features)):
             mask = F.interpolate(
                 support_fg[:, None].float(), support.shape[-2:], mode="bilinear", align_corners=True
             )
-            s = (support * mask).flatten(2)
+            query, masked = self.transform_pair(index, query, support, mask)
+            s = masked.flatten(2)
             s = s / (s.norm(dim=1, keepdim=True) + CORRELATION_EPS)
             q = query.flatten(2)
             q = q / (q.norm(dim=1, keepdim=True) + CORRELATION_EPS)
@@ -232,6 +233,11 @@ class HSNet(FewShotMethod):
             torch.stack(shaped[-s3:-s4], 1),
             torch.stack(shaped[-s2:-s3], 1),
         ]
+
+    def transform_pair(self, index: int, query, support, mask):
+        """The query features and the masked support features of one layer as they are
+        correlated (HSNet: as they are; PATNet transforms both, methods/patnet.py)."""
+        return query, support * mask
 
     def shot_logits(self, support_features, support_fg, query_features, out_size):
         """1-shot logits [Q, 2, H, W] of queries against supports (encodings [Q or 1, …])."""
