@@ -51,6 +51,7 @@ def anchor_layer(channels: int) -> nn.Linear:
     layer = nn.Linear(channels, 2, bias=True)
     nn.init.kaiming_normal_(layer.weight, a=0, mode="fan_in", nonlinearity="linear")
     nn.init.constant_(layer.bias, 0)
+    layer.bias.requires_grad_(False)  # (only the weight is used: the bias never trains)
     return layer
 
 
