@@ -188,3 +188,70 @@ def test_prepare_cli_and_its_one_line_errors(tmp_path, capsys):
     assert len(err) == 1 and "nowhere: not a folder" in err[0]
     assert main(["prepare", "isic2018", str(tmp_path / "raw"), str(tmp_path / "o2")]) == 2
     assert "ISIC2018_Task1-2_Training_Input: missing" in capsys.readouterr().err
+
+
+CONFIGS = Path(__file__).parents[1] / "benchmarks" / "configs"
+
+
+def test_the_cross_domain_grid_shares_one_model_across_its_test_sets():
+    from fsbench.benchmarks.grid.files import load_grid
+
+    cells = load_grid(CONFIGS / "cross_domain.yaml").expand()
+    assert len(cells) == 3 * 4 * 2  # methods × test sets × shots
+    keys = {}
+    for cell in cells:
+        keys.setdefault(cell.method.name, set()).add(cell.model_key())
+    # HSNet and PATNet: one 1-shot model for all four sets and both shots; PANet one per shot
+    assert {k: len(v) for k, v in keys.items()} == {"panet": 2, "hsnet": 1, "patnet": 1}
+    episodes = {c.dataset["name"]: c.episodes for c in cells}
+    assert episodes == {"deepglobe": 600, "isic2018": 600, "chest_xray": 600, "fss1000": 2400}
+    patnet = next(c for c in cells if c.method.name == "patnet")
+    assert patnet.train.fold == "all" and patnet.train.training_data["name"] == "pascal5i"
+    assert patnet.title.startswith("PATNet · deepglobe · 1-shot")
+
+
+def test_impossible_cross_domain_training_settings_are_one_line():
+    from fsbench.benchmarks.grid.files import parse_grid
+
+    base = {"name": "g", "dataset": ["deepglobe"], "methods": ["patnet"], "folds": [0]}
+    with pytest.raises(FsbenchError, match="fold='3' \\(all: every class"):
+        parse_grid({**base, "train": {"fold": "3"}})
+    with pytest.raises(FsbenchError, match="train.dataset: expected a dataset mapping"):
+        parse_grid({**base, "train": {"dataset": "pascal5i"}})
+    with pytest.raises(FsbenchError, match="dataset: an empty list"):
+        parse_grid({**base, "dataset": []})
+
+
+def test_paper_rows_of_the_cross_domain_table():
+    import pandas as pd
+
+    from fsbench.benchmarks.report.tables import reported_rows
+
+    sets = ["deepglobe", "isic2018", "chest_xray", "fss1000"]
+    frame = pd.DataFrame(
+        [{"dataset": d, "protocol": "patnet", "annotation": "mask", "way": 1} for d in sets]
+    )
+    columns = [("1-shot", d) for d in sets] + [("1-shot", "Mean")]
+    rows = reported_rows(frame, "miou", columns)
+    patnet = rows.loc[next(i for i in rows.index if i.startswith("PATNet (reported)"))]
+    assert list(patnet) == ["37.9†", "41.2†", "66.6†", "78.6†", "56.1†"]
+    single = frame[frame["dataset"] == "deepglobe"]  # a one-dataset grid: no cross-domain rows
+    assert not any("PATNet" in i for i in reported_rows(single, "miou", columns[:1]).index)
+
+
+@pytest.mark.slow
+def test_cross_domain_smoke_trains_on_pascal_once_and_tables_every_test_set(tmp_path, capsys):
+    args = ["run", str(CONFIGS / "cross_domain.yaml"), "--smoke", "--serial", "--no-tracking"]
+    assert main([*args, "--results", str(tmp_path)]) == 0
+    grid = tmp_path / "cross_domain_smoke"
+    records = [json.loads(p.read_text()) for p in (grid / "cells").glob("*.json")]
+    assert len(records) == 24
+    patnet = [r for r in records if r["config"]["method"] == "patnet"]
+    assert {r["train"]["train_classes"] == list(range(1, 21)) for r in patnet} == {True}
+    fingerprints = {r["config"]["dataset"]["name"]: r["seeds"][0]["manifest_fingerprint"]
+                    for r in patnet if r["config"]["shot"] == 1}  # fmt: skip
+    assert len(set(fingerprints.values())) == 4  # each test set its own episodes
+    header = (grid / "report" / "table_miou.md").read_text().splitlines()[0]
+    order = ["deepglobe", "isic2018", "chest_xray", "fss1000"]
+    expected = " | ".join(f"1-shot synthetic_{d}" for d in order) + " | 1-shot Mean"
+    assert expected in header

@@ -64,9 +64,9 @@ class _Run:
 @pytest.mark.quick
 def test_a_sweep_becomes_the_parallel_coordinates_axes():
     rows = [
-        {"row": f"panet[alpha={a}]", "shot": 1, "cells": [f"c{a}"], "folds": [0]}
+        {"row": f"panet[alpha={a}]", "shot": 1, "cells": [f"c{a}"], "folds": ["fold0"]}
         for a in (5, 20)
-    ] + [{"row": "hsnet", "shot": 1, "cells": ["h"], "folds": [0]}]
+    ] + [{"row": "hsnet", "shot": 1, "cells": ["h"], "folds": ["fold0"]}]
     runs = {
         "c5": _Run("panet", alpha=5.0, width=0.125),
         "c20": _Run("panet", alpha=20.0, width=0.125),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 
@@ -57,11 +58,12 @@ def _damaged_manifests(store: ResultStore, records, finished: set[str]) -> dict[
 def _setting(cell) -> tuple:
     """What a cell's episodes depend on besides the seed (cells sharing it share manifests)."""
     scored = cell.eval_protocol or cell.protocol
-    return (cell.fold, cell.way, cell.shot, cell.episodes, scored, cell.sampler)
+    data = json.dumps(cell.dataset, sort_keys=True)  # (a cross-domain grid has several)
+    return (cell.fold, cell.way, cell.shot, cell.episodes, scored, cell.sampler, data)
 
 
 def _manifest(dataset, cell, seed: int) -> EpisodeManifest:
-    fold, way, shot, episodes, _, sampler = _setting(cell)
+    fold, way, shot, episodes, _, sampler, _ = _setting(cell)
     return EpisodeManifest.build(
         dataset, cell.preset, fold, way, shot, episodes, seed, sampler=sampler
     )
@@ -89,9 +91,10 @@ def plan_grid(
         opened = {}  # the dataset as each protocol scored under opens it (lists, COCO split)
 
         def dataset(cell):
-            if cell.preset.name not in opened:
-                opened[cell.preset.name] = open_dataset(grid.dataset, cell.preset)
-            return opened[cell.preset.name]
+            key = (json.dumps(cell.dataset, sort_keys=True), cell.preset.name)
+            if key not in opened:
+                opened[key] = open_dataset(cell.dataset, cell.preset)
+            return opened[key]
 
         for cell in (c for c in cells if c.id in damaged):  # finished cells' records, repaired
             for seed in damaged[cell.id]:
@@ -121,6 +124,7 @@ def plan_grid(
                         # scored under: its protocol's resizing, scoring and input size
                         "preset": cell.preset.to_dict(),
                         "input_size": cell.input_size,
+                        "dataset": cell.dataset,  # the test set (a model may score several)
                         "manifest": manifests[(cell.id, seed)].to_json(),
                     }
                 )

@@ -170,7 +170,7 @@ def train_task(
     with SystemSampler() as system:
         result = train(
             model,
-            open_dataset(config["dataset"], protocol),
+            open_dataset(cfg.training_data or config["dataset"], protocol),
             protocol,
             config["fold"],
             config["way"],
@@ -240,7 +240,11 @@ def eval_task(
     # their own are scored under the job's.
     groups: dict[str, list[int]] = {}
     for index, item in enumerate(items):
-        scored = (item.get("preset") or model_config["preset"], item.get("input_size"))
+        scored = (
+            item.get("preset") or model_config["preset"],
+            item.get("input_size"),
+            item.get("dataset") or model_config["dataset"],  # the test set it is scored on
+        )
         groups.setdefault(json.dumps(scored, sort_keys=True), []).append(index)
     results: list = [None] * len(items)
     names = tuple(model_config.get("evaluators") or ())  # the grid's `evaluators:`
@@ -248,12 +252,12 @@ def eval_task(
     encoded, distinct, spilled = 0, 0, 0
     with autocast, SystemSampler() as system:  # features are stored as float32 anyway
         for key, indices in groups.items():
-            preset, size = json.loads(key)
+            preset, size, test_set = json.loads(key)
             protocol = Protocol.from_dict(preset)
             cache = FeatureCache(
                 model,
                 EpisodeLoader(
-                    open_dataset(model_config["dataset"], protocol),
+                    open_dataset(test_set, protocol),
                     size or model_config["input_size"],
                     resize=protocol.resize,
                 ),

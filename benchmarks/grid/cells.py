@@ -128,6 +128,9 @@ class Cell:
             c.sampler == "images" for _, _, c in self.train.stage_configs()
         ):  # trained on image batches alone: one model for every shot and way
             shared += ("shot", "way")
+        if self.train is not None and self.train.dataset:
+            # trained on other data (cross-domain): one model for every test set and its fold
+            shared += ("dataset", "fold", "episodes", "sampler")
         identity = {k: v for k, v in self.config().items() if k not in shared}
         return canonical_sha256(identity)[:16]
 
@@ -137,6 +140,9 @@ class GridSpec:
     name: str
     dataset: dict
     methods: tuple[MethodSpec, ...]
+    # Several test sets (`dataset:` a list): every cell once per set, the same models (()):
+    # `dataset` alone)
+    test_datasets: tuple[dict, ...] = ()
     protocol: str = "panet"
     # Protocols each model is also scored under (trained once, under `protocol`); (): `protocol`.
     eval_protocols: tuple[str, ...] = ()
@@ -169,8 +175,14 @@ class GridSpec:
     plugin_paths: tuple[str, ...] = ()  # where they are found besides sys.path (the grid's folder)
 
     def expand(self) -> list[Cell]:
-        """Every cell of the grid, in a fixed order (method, fold, way, shot, annotation,
-        training seed, then the protocols it is scored under)."""
+        """Every cell of the grid, in a fixed order (test set, method, fold, way, shot,
+        annotation, training seed, then the protocols it is scored under)."""
+        if self.test_datasets:
+            return [
+                cell
+                for dataset in self.test_datasets
+                for cell in dataclasses.replace(self, dataset=dataset, test_datasets=()).expand()
+            ]
         name = self.dataset["name"]
         protocol = resolve(self.protocol, name)
         sampler = check_sampler(self.sampler, protocol, name)

@@ -59,6 +59,11 @@ def _train_overrides(raw: dict, where: str) -> tuple:
             continue
         if key in MAPPINGS:
             if not isinstance(value, dict):
+                if key == "dataset":
+                    raise FsbenchError(
+                        f"{where}.dataset: expected a dataset mapping, e.g. {{name: pascal5i, "
+                        "data_root: …}} (the training data of a cross-domain grid)"
+                    )
                 example = "{bias: 2}" if key == "lr_mult" else "{backbone: eval}"
                 raise FsbenchError(
                     f"{where}.{key}: expected a mapping of parameter group → value, e.g. {example}"

@@ -313,10 +313,19 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
     if "dataset" not in raw or "methods" not in raw:
         raise FsbenchError("a grid needs at least `dataset:` and `methods:`")
     check_grid_name(raw.get("name", "grid"))
-    dataset = raw["dataset"] if isinstance(raw["dataset"], dict) else {"name": raw["dataset"]}
-    if not isinstance(dataset.get("name"), str):
-        raise FsbenchError(f"dataset: {raw['dataset']!r} names no dataset (e.g. pascal5i)")
-    check_dataset_keys(dataset)
+    # `dataset:` one dataset, or a list (test sets scored by the same models: a cross-domain
+    # grid, whose models train on `train.dataset`)
+    written = raw["dataset"] if isinstance(raw["dataset"], list) else [raw["dataset"]]
+    if not written:
+        raise FsbenchError("dataset: an empty list; name a dataset (e.g. pascal5i) or several")
+    datasets = []
+    for item in written:
+        dataset = item if isinstance(item, dict) else {"name": item}
+        if not isinstance(dataset.get("name"), str):
+            raise FsbenchError(f"dataset: {item!r} names no dataset (e.g. pascal5i)")
+        check_dataset_keys(dataset)
+        datasets.append(dataset)
+    dataset = datasets[0]
     protocol = raw.get("protocol", "panet")
     if not isinstance(protocol, str) or protocol not in PROTOCOLS:
         raise FsbenchError(f"protocol: unknown {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -330,6 +339,7 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
     spec = GridSpec(
         name=str(raw.get("name", "grid")),
         dataset=dataset,
+        test_datasets=tuple(datasets) if len(datasets) > 1 else (),
         methods=_methods(raw["methods"]),
         protocol=protocol,
         eval_protocols=_eval_protocols(raw.get("eval_protocols")),

@@ -44,7 +44,9 @@ def cell_title(
 ) -> str:
     """`PANet w/o PAR · fold 0 · 1-shot` (· train seed s for a replicate of several)."""
     name = display_name(config, display, method_display)
-    title = f"{name} · fold {config.fold} · {config.shot}-shot"
+    # a model trained on other data (cross-domain): the test set names the cell, not its fold
+    where = config.dataset_name if (config.train or {}).get("dataset") else f"fold {config.fold}"
+    title = f"{name} · {where} · {config.shot}-shot"
     if config.protocol and config.protocol != "panet":
         title += f" · {config.protocol}"
     return title + (f" · train seed {train_seed}" if train_seed is not None else "")

@@ -21,7 +21,7 @@ BATCHNORM_MODES = ("train", "eval")
 # images with their base-class labels (a base learner's stage; each image once per epoch).
 TRAIN_SAMPLERS = ("fsbench", "official", "images")
 # Settings written as {key: value} in a grid, held as sorted (key, value) pairs.
-MAPPINGS = ("lr_mult", "batchnorm")
+MAPPINGS = ("lr_mult", "batchnorm", "dataset")
 
 
 # Named recipes: `train: {recipe: pfenet, steps: …}` — the official training settings of a
@@ -151,6 +151,8 @@ def _is_kind(value, kind) -> bool:
         )
     if kind == "stages":
         return isinstance(value, tuple) and all(isinstance(v, tuple) for v in value)
+    if kind == "dataset":
+        return isinstance(value, tuple) and all(isinstance(k, str) for k, _ in value)
     if kind == "batchnorm":
         return isinstance(value, tuple) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in value
@@ -167,6 +169,7 @@ _FIELD_KINDS = {
     "tuple[tuple[str, float], ...]": "lr_mult",
     "tuple[tuple[str, str], ...]": "batchnorm",
     "tuple": "stages",
+    "tuple[tuple[str, object], ...]": "dataset",
 }
 
 
@@ -215,6 +218,11 @@ class TrainConfig:
     # Training stages, run in order (each a tuple of sorted (key, value) pairs: `name`,
     # `params` — the parameter groups it trains — and any setting above, over this config's).
     stages: tuple = later(())
+    # Cross-domain training: the training data when it is not the test data (a dataset
+    # mapping, as the grid's `dataset:`; PATNet trains on PASCAL and tests on Deepglobe, …),
+    # and `fold: all` — every class of it, none held out (PATNet's --fold 4); "": the cell's.
+    dataset: tuple[tuple[str, object], ...] = later(())
+    fold: str = later("")
     # The augmentation's own `version` (set from the registry, never written): a changed
     # augmentation moves the ids of the cells it trains.
     augment_version: str = later("")
@@ -279,6 +287,10 @@ class TrainConfig:
                 f"augment={self.augment!r} (one of {', '.join(AUGMENTATIONS.list())}, or a "
                 "plugin's AUGMENTATIONS.register)"
             )
+        if self.fold not in ("", "all"):
+            problems.append(f"fold={self.fold!r} (all: every class of the training data)")
+        if self.dataset and "name" not in dict(self.dataset):
+            problems.append(f"dataset={dict(self.dataset)} (a dataset mapping with a name)")
         if problems:
             raise FsbenchError("impossible training setting: " + "; ".join(problems))
         if self.augmentation in AUGMENTATIONS:
@@ -304,6 +316,11 @@ class TrainConfig:
             name, params = values.pop("name"), values.pop("params", ("all",))
             out.append((name, tuple(params), dataclasses.replace(base, **values)))
         return out
+
+    @property
+    def training_data(self) -> dict | None:
+        """The training dataset mapping of a cross-domain training, else None (the cell's)."""
+        return dict(self.dataset) if self.dataset else None
 
     @property
     def augmentation(self) -> str:
@@ -340,7 +357,7 @@ class TrainConfig:
 
 
 # A stage may set every training key but these (one seed and one list of stages per training).
-NOT_PER_STAGE = ("stages", "seed")
+NOT_PER_STAGE = ("stages", "seed", "dataset", "fold")
 
 
 def normalise_stages(raw, where: str) -> tuple:

@@ -22,6 +22,9 @@ from fsbench.benchmarks.report.figures import (
 from fsbench.benchmarks.report.frame import (
     _rows_in_grid_order,
     current_cells,
+    fold_label,
+    fold_metric,
+    fold_order,
     load_cells,
     row_label,
     seed_frame,
@@ -91,10 +94,10 @@ def row_summaries(frame: pd.DataFrame) -> list[dict]:
                 mean, std = (table[k].loc[row, (f"{shot}-shot", "Mean")] for k in ("mean", "std"))
                 if not np.isnan(mean):
                     metrics[name], metrics[f"{name}_std"] = mean, std
-                for fold in sorted(cells["fold"].unique()):
-                    value = table["mean"].loc[row, (f"{shot}-shot", f"Fold-{fold}")]
+                for fold in fold_order(cells):
+                    value = table["mean"].loc[row, (f"{shot}-shot", fold_label(fold))]
                     if name == "miou" and not np.isnan(value):
-                        metrics[f"miou_fold{fold}"] = value
+                        metrics[f"miou_{fold_metric(fold)}"] = value
             replicated = cells["train_seed"].nunique() > 1
             summaries.append(
                 {
@@ -103,7 +106,7 @@ def row_summaries(frame: pd.DataFrame) -> list[dict]:
                     "shot": int(shot),
                     "metrics": metrics,
                     "cells": sorted(cells["cell_id"].unique()),
-                    "folds": sorted(int(f) for f in cells["fold"].unique()),
+                    "folds": [fold_metric(f) for f in fold_order(cells)],
                     "spread": "training seeds" if replicated else "episode seeds",
                 }
             )

@@ -95,7 +95,40 @@ def seed_frame(cells: list[CellRecord]) -> pd.DataFrame:
                     "row_index": cell.row_index,
                 }
             )
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if len(frame) and frame["dataset"].nunique() > 1:
+        # A cross-domain grid (one model, several test sets of one fold each): its tables'
+        # columns are the test sets, where a one-dataset grid's are its folds.
+        frame["fold"] = frame["dataset"]
+    return frame
+
+
+# The column order of a cross-domain table: PATNet's, then any other test set by name.
+TEST_SET_ORDER = ("deepglobe", "isic2018", "chest_xray", "fss1000")
+
+
+def fold_order(frame: pd.DataFrame) -> list:
+    """The fold columns of a table: fold numbers in order, or a cross-domain grid's test sets."""
+    folds = list(frame["fold"].unique())
+    if all(isinstance(f, str) for f in folds):  # (generated versions sort as their sets)
+
+        def rank(name: str) -> tuple:
+            plain = name.removeprefix("synthetic_")
+            known = plain in TEST_SET_ORDER
+            return (not known, TEST_SET_ORDER.index(plain) if known else 0, plain)
+
+        return sorted(folds, key=rank)
+    return sorted(folds)
+
+
+def fold_metric(fold) -> str:
+    """The per-fold metric's suffix in MLflow: `fold0` …, or the test set's name."""
+    return fold if isinstance(fold, str) else f"fold{fold}"
+
+
+def fold_label(fold) -> str:
+    """`Fold-0` …, or the test set's name (a cross-domain table)."""
+    return fold if isinstance(fold, str) else f"Fold-{fold}"
 
 
 def _nanmean(values) -> float:

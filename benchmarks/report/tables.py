@@ -10,7 +10,7 @@ import pandas as pd
 import yaml
 
 from fsbench.benchmarks.metrics import METRICS
-from fsbench.benchmarks.report.frame import _rows_in_grid_order
+from fsbench.benchmarks.report.frame import _rows_in_grid_order, fold_label, fold_order
 from fsbench.datasets.protocols import PROTOCOLS
 
 MISSING = "–"
@@ -40,12 +40,12 @@ def paper_table(
     per shot, the fold mean of each fold's best test seed (marked ‡: it selects on the test
     set)."""
     rows = rows or _rows_in_grid_order(frame)
-    folds = sorted(frame["fold"].unique())
+    folds = fold_order(frame)
     columns, data = [], {}
     for shot in sorted(frame["shot"].unique()):
         part = frame[frame["shot"] == shot]
         for fold in folds:
-            columns.append((f"{shot}-shot", f"Fold-{fold}"))
+            columns.append((f"{shot}-shot", fold_label(fold)))
         columns.append((f"{shot}-shot", "Mean"))
         for row in rows:
             cells = part[part["row"] == row]
@@ -56,7 +56,7 @@ def paper_table(
                 cells = cells.groupby(["train_seed", "fold"], as_index=False)[metric].mean()
             for fold in folds:
                 values = cells[cells["fold"] == fold][metric]
-                data[(row, (f"{shot}-shot", f"Fold-{fold}"))] = (
+                data[(row, (f"{shot}-shot", fold_label(fold)))] = (
                     (values.mean(), _spread(values)) if len(values) else (np.nan, np.nan)
                 )
             per_seed = cells.pivot_table(index=unit, columns="fold", values=metric)
@@ -119,12 +119,16 @@ def reported_rows(frame: pd.DataFrame, metric: str, columns) -> pd.DataFrame:
     Unverified values carry a dagger; rows are labelled by their source."""
     entries = yaml.safe_load(REPORTED.read_text()) or []
     datasets, protocols = set(frame["dataset"]), set(frame["protocol"])
+    cross = frame["dataset"].nunique() > 1  # a cross-domain table: columns are test sets
     annotations, ways = set(frame["annotation"]), set(frame["way"])
     rows = {}
     for entry in entries:
+        sets = entry.get("per_dataset")  # a cross-domain row: {shot: {test set: value}}
         if (
             entry["metric"] != metric
-            or entry["dataset"] not in datasets
+            or bool(sets) != cross
+            or (sets and not set(next(iter(sets.values()))) & datasets)
+            or (not sets and entry["dataset"] not in datasets)
             or entry["protocol"] not in protocols
             or ways != {1}
             or entry.get("annotation", "mask") not in annotations
@@ -133,7 +137,14 @@ def reported_rows(frame: pd.DataFrame, metric: str, columns) -> pd.DataFrame:
         best = entry.get("seed_summary") == "best"
         label = f"{entry['label']}{' (best test seed ‡)' if best else ''} [{entry['source']}]"
         cells = {}
-        for shot, values in entry["shots"].items():
+        for shot, values in (sets or {}).items():  # its test sets; Mean over the grid's own
+            mark = "" if entry.get("status") == "read" else "†"
+            for name, value in values.items():
+                cells[(f"{shot}-shot", name)] = f"{value:.1f}{mark}"
+            if set(values) >= datasets:
+                mean = float(np.mean([values[d] for d in datasets]))
+                cells[(f"{shot}-shot", "Mean")] = f"{mean:.1f}{mark}"
+        for shot, values in (entry.get("shots") or {}).items():
             dagger = {
                 "mean": "" if values.get("mean_status") == "read" else "†",
                 "folds": "" if values.get("folds_status") == "read" else "†",

@@ -182,8 +182,8 @@ def shared_views(rows: list[dict], swept: list[str] = ()) -> dict[str, dict]:
     - by-method: the cell runs grouped by method name and shot (group means), best first;
     - charts: the row and training runs, opened in the chart view (`&compareRunsMode=CHART`)
       on the preset of `chart_preset` (the leaderboard's chart view shows the same cards)."""
-    folds = sorted({f for row in rows for f in row["folds"]})
-    metrics = ["miou", "miou_std", "fb_iou", "fb_iou_std", *(f"miou_fold{f}" for f in folds)]
+    folds = list(dict.fromkeys(f for row in rows for f in row["folds"]))  # fold0 … or test sets
+    metrics = ["miou", "miou_std", "fb_iou", "fb_iou_std", *(f"miou_{f}" for f in folds)]
     columns = [_column("metrics", m) for m in metrics]
     common = {
         "orderByKey": _column("metrics", "miou"),
@@ -253,7 +253,7 @@ def leaderboard_view(client, experiment_id) -> str | None:
 
 
 def _row_note(row: dict) -> str:
-    folds = ", ".join(str(f) for f in row["folds"])
+    folds = ", ".join(str(f).removeprefix("fold") for f in row["folds"])
     metrics = ", ".join(
         f"{k} {v:.1f}" for k, v in row["metrics"].items() if k in ("miou", "fb_iou")
     )

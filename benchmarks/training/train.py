@@ -190,7 +190,11 @@ def train(
             dataset, WithoutNovelImages(dataset, excluded), split, fold, protocol, shot, cfg
         )
         dataset = WithoutNovelImages(dataset, excluded)
-    train_classes, val_classes = split_validation_classes(dataset.train_classes(fold), cfg, fold)
+    if cfg.fold == "all":  # every class of the training data, none held out (cross-domain)
+        classes = sorted({c for f in range(dataset.num_folds) for c in dataset.fold_classes(f)})
+    else:
+        classes = dataset.train_classes(fold)
+    train_classes, val_classes = split_validation_classes(classes, cfg, fold)
     stages = Stages(model, cfg)
     model.to(device)
     cuda = torch.device(device).type == "cuda"
