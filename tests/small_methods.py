@@ -9,6 +9,7 @@ from fsbench.methods.finetune import Finetune, LinearProbe, finetune, linear_pro
 from fsbench.methods.hdmnet import HDMNet, hdmnet
 from fsbench.methods.hsnet import HSNet, hsnet
 from fsbench.methods.panet import PANet, UntrainedPANet, panet, panet_nopar, prototype_notrain
+from fsbench.methods.patnet import PATNet, patnet
 from fsbench.methods.pfenet import PFENet, pfenet
 from fsbench.methods.pspnet import PSPNetBase, pspnet_base
 from fsbench.methods.registry import METHODS
@@ -85,3 +86,8 @@ def test_bam(**kwargs) -> BAM:
 @METHODS.register()
 def test_hdmnet(**kwargs) -> HDMNet:
     return hdmnet(**{"blocks": (1, 1, 1, 1), **kwargs})
+
+
+@METHODS.register()
+def test_patnet(**kwargs) -> PATNet:
+    return patnet(**{"blocks": (1, 1, 1, 1), **kwargs})

@@ -17,12 +17,11 @@ from fsbench.datasets.cross_domain import (
     ChestXray,
     Deepglobe,
     Isic2018,
-    prepare_deepglobe,
-    prepare_isic,
     write_chest,
     write_deepglobe,
     write_isic,
 )
+from fsbench.datasets.cross_domain_prepare import prepare_deepglobe, prepare_isic
 from fsbench.datasets.manifests import EpisodeManifest
 from fsbench.datasets.protocols import PROTOCOLS, resolve
 

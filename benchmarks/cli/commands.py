@@ -354,7 +354,7 @@ def cmd_qualitative(args) -> int:
 
 def cmd_prepare(args) -> int:
     """`fsbench prepare deepglobe|isic2018 RAW OUT`: a cross-domain test set in PATNet's layout."""
-    from fsbench.datasets.cross_domain import prepare_deepglobe, prepare_isic
+    from fsbench.datasets.cross_domain_prepare import prepare_deepglobe, prepare_isic
 
     raw, out = Path(args.raw).expanduser(), Path(args.out).expanduser()
     if not raw.is_dir():

@@ -154,7 +154,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "PATNet's data/preprocess.py; isic2018: ISIC 2018 Task 1 (input images, ground truth) "
         "and a lesion-type CSV (ID,Class) → OUT/ISIC, one folder per lesion type.",
     )
-    prepare.add_argument("dataset", choices=("deepglobe", "isic2018"))
+    prepare.add_argument("dataset", choices=("deepglobe", "isic2018"), help="the test set to make")
     prepare.add_argument("raw", help="folder of the official download")
     prepare.add_argument("out", help="data root to write (then --data-root OUT in a grid)")
     prepare.add_argument(

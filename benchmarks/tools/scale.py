@@ -38,10 +38,10 @@ from fsbench.benchmarks.execution.executors import RayExecutor
 from fsbench.benchmarks.execution.runner import run_grid
 from fsbench.benchmarks.grid.files import parse_grid
 from fsbench.benchmarks.report import build_report
-from fsbench.benchmarks.report.figures import _style, save_figure
 from fsbench.benchmarks.store.records import read_cells
 from fsbench.benchmarks.store.results import ResultStore
 from fsbench.benchmarks.tools.cluster import LocalCluster, LocalPostgres, MlflowServer
+from fsbench.benchmarks.tools.scale_report import _row, _table, plot
 from fsbench.benchmarks.tracking.tracker import CELL_TAG, Tracker
 from fsbench.datasets.registry import open_dataset
 
@@ -243,29 +243,6 @@ def driver_restart(cluster, args, out: Path) -> dict:
     }
 
 
-def plot(results: list[dict], path: Path) -> None:
-
-    plt = _style()
-    sizes = [r["cells"] for r in results]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 2.8))
-    left.plot(sizes, [r["makespan_s"] for r in results], "o-", color="black", label="makespan")
-    left.plot(sizes, [r["ideal_s"] for r in results], "s--", color="grey", label="ideal")
-    left.set_xscale("log")
-    left.set_xlabel("cells")
-    left.set_ylabel("seconds")
-    left.legend(frameon=False)
-    right.plot(sizes, [r["driver_ms"] for r in results], "o-", color="black", label="driver CPU")
-    right.plot(sizes, [r["mlflow_ms"] for r in results], "s--", color="grey", label="MLflow")
-    right.set_xscale("log")
-    right.set_xlabel("cells")
-    right.set_ylabel("ms per cell")
-    right.legend(frameon=False)
-    gpus = int(results[0]["gpus"])
-    fig.suptitle(f"Simulated cluster: {gpus} GPUs, stand-in method", fontsize=10)
-    save_figure(fig, path)
-    plt.close(fig)
-
-
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=8)
@@ -401,33 +378,6 @@ def _run_sizes(args, out: Path) -> list[dict]:
             f"{last['lag_s']:.1f} s), lost {last['lost']}, duplicated {last['duplicated']}"
         )
     return results
-
-
-def _row(r: dict) -> str:
-    return (
-        f"{r['cells']:>6} cells: makespan {r['makespan_s']:.0f} s (ideal {r['ideal_s']:.0f} s, "
-        f"{r['ratio']:.2f}x), GPU use {r['utilisation']:.0%}"
-        + (" [node killed]" if r.get("node_killed") else "")
-    )
-
-
-_COLUMNS = (  # (heading, key, format): the printed table
-    ("tracking", "tracking", "<9"), ("cells", "cells", ">6"), ("makespan", "makespan_s", ">10.1f"),
-    ("ideal", "ideal_s", ">8.1f"), ("ratio", "ratio", ">7.2f"), ("GPU use", "utilisation", ">9.0%"),
-    ("driver ms", "driver_ms", ">11.1f"), ("mlflow ms", "mlflow_ms", ">11.1f"),
-    ("lag s", "lag_s", ">7.1f"), ("cells/s", "cells_per_s", ">9.1f"),
-    ("RSS GB", "peak_rss_gb", ">8.2f"), ("enc/img", "encodings_per_image", ">9.2f"),
-    ("lost", "lost", ">6"), ("dup", "duplicated", ">5"), ("search s", "search_s", ">10.2f"),
-    ("sync s", "sync_s", ">8.2f"), ("report s", "report_s", ">10.1f"),
-)  # fmt: skip
-
-
-def _table(results: list[dict]) -> str:
-    head = "".join(f"{name:{spec.split('.')[0].rstrip('%')}}" for name, _, spec in _COLUMNS)
-    lines = [head]
-    for r in results:
-        lines.append("".join(f"{r.get(key, ''):{spec}}" for _, key, spec in _COLUMNS))
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
