@@ -2,7 +2,8 @@
 cluster with declared GPUs, all on 127.0.0.1.
 
     python -m fsbench.benchmarks.tools.scale [--nodes 8] [--gpus-per-node 8] [--cells 100 500 2000]
-        [--eval-gpus 0.25] [--step-seconds 1.0] [--image-seconds 0.05] [--tracking sqlite|server]
+        [--eval-gpus 0.25] [--step-seconds 1.0] [--image-seconds 0.05]
+        [--tracking none sqlite server postgres]
         [--kill-node] [--kill-driver] [--out DIR]
 
 Starts a real cluster (`ray start`: a head with no task slots and `--nodes` nodes of
@@ -113,7 +114,8 @@ def one_size(args) -> dict:
     grid = parse_grid(scale_grid(f"scale_{args.one}", args.one, args))
     root = Path(args.out)
     store = ResultStore(root, grid.name)
-    tracker = Tracker(args.tracking_uri, root, grid.name, asynchronous=True)
+    tracked = args.tracking_uri != "none"  # `--tracking none`: the same grid without MLflow
+    tracker = Tracker(args.tracking_uri, root, grid.name, asynchronous=True) if tracked else None
     stats = {
         "wall": 0.0,
         "cpu": 0.0,
@@ -122,7 +124,8 @@ def one_size(args) -> dict:
         "last": 0.0,
         "lock": threading.Lock(),
     }
-    _timed(tracker, stats)
+    if tracker is not None:
+        _timed(tracker, stats)
     executor = RayExecutor(
         args.address, max_retries=5, eval_gpu_fraction=grid.eval_gpus, train_gpus=1
     ).start()
@@ -131,7 +134,8 @@ def one_size(args) -> dict:
         threading.Thread(target=_kill_when, args=(store, args), daemon=True).start()
     cpu, started = time.process_time(), time.perf_counter()
     driver = run_grid(grid, store, executor, tracker, progress=False)
-    tracker.flush()
+    if tracker is not None:
+        tracker.flush()
     makespan = time.perf_counter() - started
     driver_cpu = time.process_time() - cpu
     executor.stop()
@@ -143,7 +147,11 @@ def one_size(args) -> dict:
         failed=len(driver.failed),
         peak_rss_gb=peak / 2**30,
     )
-    result.update(mlflow_at_scale(tracker, store, grid))
+    if tracker is not None:
+        result.update(mlflow_at_scale(tracker, store, grid))
+    else:
+        result.update(mlflow_runs=0, duplicated=0, unfinished_runs=0, search_s=0.0, sync_s=0.0)
+        result["report_s"] = 0.0
     return result
 
 
@@ -259,10 +267,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument(
         "--tracking",
         nargs="+",
-        choices=("sqlite", "server", "postgres"),
+        choices=("none", "sqlite", "server", "postgres"),
         default=["sqlite"],
-        help="MLflow backends, side by side: an sqlite file, `mlflow server` over sqlite, "
-        "`mlflow server` over a real PostgreSQL (needs its binaries and psycopg2)",
+        help="MLflow backends, side by side: none (the baseline), an sqlite file, `mlflow "
+        "server` over sqlite, `mlflow server` over a real PostgreSQL (needs its binaries and "
+        "psycopg2)",
     )
     parser.add_argument("--kill-node", action="store_true", help="kill node 1 halfway (largest)")
     parser.add_argument("--kill-driver", action="store_true", help="kill + restart a driver")
@@ -321,6 +330,8 @@ def _argument_problem(args) -> str | None:
 def _tracking_store(backend: str, out: Path, stack: contextlib.ExitStack) -> str:
     """The tracking URI of a backend: an sqlite file, or a real `mlflow server` (4 workers)
     over sqlite or over a real PostgreSQL, started here and stopped with `stack`."""
+    if backend == "none":
+        return "none"
     if backend == "sqlite":
         return f"sqlite:///{out}/mlflow-{backend}.db"
     database = None
