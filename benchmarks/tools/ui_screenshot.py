@@ -55,7 +55,9 @@ def _rss_bytes(pids: list[int]) -> int:
     return total
 
 
-def _shoot(browser: str, url: str, path: Path, size: str = "1600,1000") -> None:
+def _shoot(
+    browser: str, url: str, path: Path, size: str = "1600,1000", budget_ms: int = 20000
+) -> None:
     subprocess.run(
         [
             browser,
@@ -64,7 +66,7 @@ def _shoot(browser: str, url: str, path: Path, size: str = "1600,1000") -> None:
             "--disable-gpu",
             "--hide-scrollbars",
             f"--window-size={size}",
-            "--virtual-time-budget=20000",
+            f"--virtual-time-budget={budget_ms}",
             f"--screenshot={path}",
             url,
         ],
@@ -117,7 +119,9 @@ def main(argv=None) -> int:
             by_method = url.replace("viewStateShareKey=leaderboard", "viewStateShareKey=by-method")
             _shoot(args.browser, by_method, out / "mlflow_by_method.png")
             charts = url.replace("viewStateShareKey=leaderboard", "viewStateShareKey=charts")
-            _shoot(args.browser, charts + "&compareRunsMode=CHART", out / "mlflow_charts.png")
+            # (the chart cards load their metric histories after the page: more time)
+            _shoot(args.browser, charts + "&compareRunsMode=CHART", out / "mlflow_charts.png",
+                   "1600,1400", 60000)  # fmt: skip
         cells = _cell_runs(port, url)
         if len(cells) >= 2:
             experiment = url.split("/experiments/")[1].split("/")[0]
