@@ -129,7 +129,6 @@ class PfenetAugmentation(Augmentation):
         return _random_crop(pixels, label, size, offsets)
 
 
-
 @AUGMENTATIONS.register("pspnet")
 class PspnetAugmentation(PfenetAugmentation):
     """BAM's base-learner transform (train_base.py): PFENet's with scales 0.5–2.0."""
@@ -142,6 +141,7 @@ class BamCocoAugmentation(PfenetAugmentation):
     """BAM's and HDMNet's COCO-20i meta-training transform: PFENet's with scales 0.8–1.25."""
 
     scale = (0.8, 1.25)
+
 
 def _foreground(label: np.ndarray) -> int:
     """Pixels of the episode's classes in a raw label (1…N; not background, void or padding)."""

@@ -107,3 +107,21 @@ class FewShotDataset(ABC):
     @abstractmethod
     def instance_masks(self, image_id: str, class_id: int) -> list[np.ndarray]:
         """The class's objects as separate boolean masks (weak annotations are made from them)."""
+
+
+class OneObjectClass:
+    """Masks of a dataset whose images each show one class (FSS-1000, the cross-domain sets):
+    `foreground(image_id)` (a boolean mask) and `class_of(image_id)` give every mask."""
+
+    def load_masks(self, image_id: str, classes) -> tuple[np.ndarray, np.ndarray]:
+        """Per-class masks: the object for the image's own class, empty for others; no void."""
+        mask, own = self.foreground(image_id), self.class_of(image_id)
+        masks = np.stack([mask if c == own else np.zeros_like(mask) for c in classes])
+        return masks, np.zeros_like(mask)
+
+    def instance_masks(self, image_id: str, class_id: int) -> list[np.ndarray]:
+        from scipy import ndimage
+
+        mask = self.load_masks(image_id, [class_id])[0][0]
+        components, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        return [components == i for i in range(1, count + 1)]

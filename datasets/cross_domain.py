@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from fsbench.core import FsbenchError, canonical_sha256
-from fsbench.datasets.base import FewShotDataset, Replay
+from fsbench.datasets.base import FewShotDataset, OneObjectClass, Replay
 from fsbench.datasets.pascal import DatasetError, check_file_name, read_rgb
 from fsbench.datasets.registry import DATASETS
 from fsbench.datasets.synthetic import ensure_generated, finish_image, render_scene
@@ -49,7 +49,7 @@ def _official_names(folder: Path, extension: str) -> list[Path]:
     return kept
 
 
-class CrossDomainSet(FewShotDataset):
+class CrossDomainSet(OneObjectClass, FewShotDataset):
     """A test-only set: class folders (or one class), one fold, PATNet's episodes."""
 
     num_folds = 1
@@ -144,19 +144,6 @@ class CrossDomainSet(FewShotDataset):
                 )
             self._checked.add(image_id)
         return grey >= 128
-
-    def load_masks(self, image_id: str, classes) -> tuple[np.ndarray, np.ndarray]:
-        """Per-class masks: the object for the image's own class, empty for others; no void."""
-        mask, own = self.foreground(image_id), self.class_of(image_id)
-        masks = np.stack([mask if c == own else np.zeros_like(mask) for c in classes])
-        return masks, np.zeros_like(mask)
-
-    def instance_masks(self, image_id: str, class_id: int) -> list[np.ndarray]:
-        from scipy import ndimage
-
-        mask = self.load_masks(image_id, [class_id])[0][0]
-        components, count = ndimage.label(mask, structure=np.ones((3, 3)))
-        return [components == i for i in range(1, count + 1)]
 
     # -- PATNet's test episodes -------------------------------------------------------------------
     def official_episodes(self, protocol, fold, way, shot, n_episodes, seed, queries) -> Replay:

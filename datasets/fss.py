@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from fsbench.core import FsbenchError, canonical_sha256
-from fsbench.datasets.base import FewShotDataset, Replay
+from fsbench.datasets.base import FewShotDataset, OneObjectClass, Replay
 from fsbench.datasets.pascal import DatasetError, check_file_name, read_rgb
 from fsbench.datasets.registry import DATASETS
 from fsbench.datasets.synthetic import ensure_generated, finish_image, render_scene
@@ -34,7 +34,7 @@ def split_classes() -> dict[str, list[str]]:
     return {s: sorted((LISTS / f"{s}.txt").read_text().split("\n")[:-1]) for s in SPLITS}
 
 
-class Fss1000(FewShotDataset):
+class Fss1000(OneObjectClass, FewShotDataset):
     """The class folders of the splits found under the root (a generated set holds a subset)."""
 
     name = "fss1000"
@@ -143,19 +143,6 @@ class Fss1000(FewShotDataset):
             raise DatasetError(f"{path}: mask file is missing; {EXPECTED_LAYOUT}") from None
         except (OSError, SyntaxError) as error:
             raise DatasetError(f"{path}: unreadable mask ({error})") from None
-
-    def load_masks(self, image_id: str, classes) -> tuple[np.ndarray, np.ndarray]:
-        """Per-class masks: the object for the image's own class, empty for others; no void."""
-        mask, own = self.foreground(image_id), self.class_of(image_id)
-        masks = np.stack([mask if c == own else np.zeros_like(mask) for c in classes])
-        return masks, np.zeros_like(mask)
-
-    def instance_masks(self, image_id: str, class_id: int) -> list[np.ndarray]:
-        from scipy import ndimage
-
-        mask = self.load_masks(image_id, [class_id])[0][0]
-        components, count = ndimage.label(mask, structure=np.ones((3, 3)))
-        return [components == i for i in range(1, count + 1)]
 
     def class_images(self, split: str, class_id: int, min_pixels: int = 1) -> list[str]:
         if class_id not in self._split_ids(split):

@@ -196,12 +196,19 @@ def test_the_cross_domain_grid_shares_one_model_across_its_test_sets():
     from fsbench.benchmarks.grid.files import load_grid
 
     cells = load_grid(CONFIGS / "cross_domain.yaml").expand()
-    assert len(cells) == 3 * 4 * 2  # methods × test sets × shots
+    assert len(cells) == 4 * 4 * 2  # methods × test sets × shots
     keys = {}
     for cell in cells:
         keys.setdefault(cell.method.name, set()).add(cell.model_key())
-    # HSNet and PATNet: one 1-shot model for all four sets and both shots; PANet one per shot
-    assert {k: len(v) for k, v in keys.items()} == {"panet": 2, "hsnet": 1, "patnet": 1}
+    # HSNet and PATNet: one 1-shot model for all four sets and both shots; the others one per shot
+    assert {k: len(v) for k, v in keys.items()} == {
+        "panet": 2,
+        "pfenet": 2,
+        "hsnet": 1,
+        "patnet": 1,
+    }
+    sizes = {c.method.name: c.input_size for c in cells}
+    assert sizes == {"panet": 400, "pfenet": 401, "hsnet": 400, "patnet": 400}  # PFENet's rule
     episodes = {c.dataset["name"]: c.episodes for c in cells}
     assert episodes == {"deepglobe": 600, "isic2018": 600, "chest_xray": 600, "fss1000": 2400}
     patnet = next(c for c in cells if c.method.name == "patnet")
@@ -219,6 +226,13 @@ def test_impossible_cross_domain_training_settings_are_one_line():
         parse_grid({**base, "train": {"dataset": "pascal5i"}})
     with pytest.raises(FsbenchError, match="dataset: an empty list"):
         parse_grid({**base, "dataset": []})
+    pfenet = {**base, "protocol": "patnet", "methods": [{"name": "pfenet"}]}
+    with pytest.raises(FsbenchError, match="pfenet: protocol patnet's input size 400 does not"):
+        parse_grid(pfenet).expand()
+    with pytest.raises(FsbenchError, match="input_size 7 is not a side of 16…4096 px"):
+        parse_grid({**pfenet, "methods": [{"name": "pfenet", "input_size": 7}]})
+    cells = parse_grid({**pfenet, "methods": [{"name": "pfenet", "input_size": 401}]}).expand()
+    assert {c.input_size for c in cells} == {401}
 
 
 def test_paper_rows_of_the_cross_domain_table():
@@ -244,7 +258,7 @@ def test_cross_domain_smoke_trains_on_pascal_once_and_tables_every_test_set(tmp_
     assert main([*args, "--results", str(tmp_path)]) == 0
     grid = tmp_path / "cross_domain_smoke"
     records = [json.loads(p.read_text()) for p in (grid / "cells").glob("*.json")]
-    assert len(records) == 24
+    assert len(records) == 32
     patnet = [r for r in records if r["config"]["method"] == "patnet"]
     assert {r["train"]["train_classes"] == list(range(1, 21)) for r in patnet} == {True}
     fingerprints = {r["config"]["dataset"]["name"]: r["seeds"][0]["manifest_fingerprint"]

@@ -190,7 +190,11 @@ class GridSpec:
         input_size = self.input_size or protocol.input_size
         for method in self.methods:
             _check_input_size(
-                method, input_size, self.protocol, trainable[method.row()], self.train
+                method,
+                method.input_size or input_size,
+                self.protocol,
+                trainable[method.row()],
+                self.train,
             )
         scoring = self._scoring(name)
         cells, homes = [], []
@@ -231,7 +235,7 @@ class GridSpec:
                 shot=shot,
                 annotation=annotation,
                 protocol=self.protocol,
-                input_size=input_size,
+                input_size=method.input_size or input_size,
                 episodes=self.episodes or protocol.episodes,
                 seeds=tuple(self.seeds or protocol.seeds),
                 train=train if trainable[method.row()] else None,
@@ -253,7 +257,7 @@ class GridSpec:
                     dataclasses.replace(
                         home,
                         eval_protocol=scored,
-                        input_size=size,
+                        input_size=home.method.input_size or size,
                         episodes=self.episodes or preset.episodes,
                         seeds=tuple(self.seeds or preset.seeds),
                         sampler=scored_sampler,
@@ -294,7 +298,7 @@ class GridSpec:
                 raise FsbenchError(f"eval_protocols: {name}: {error}") from None
             size = self.input_size or preset.input_size
             for method in self.methods:
-                _check_input_size(method, size, name, False, self.train)
+                _check_input_size(method, method.input_size or size, name, False, self.train)
             scoring[name] = (preset, sampler, size)
         return scoring
 

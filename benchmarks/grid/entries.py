@@ -28,6 +28,9 @@ class MethodSpec:
     # the row whose trained model (same fold and training seed) this one starts from
     init_from: str = ""
     train_shot: int = 0  # score every shot with the model trained at this shot (0: the grid's)
+    # this entry's test input side when its input rule rejects the grid's (PFENet's
+    # (S − 1) % 8 == 0 in a 400-px grid); 0: the grid's
+    input_size: int = 0
 
     def row(self) -> str:
         return self.label or self.name
@@ -187,12 +190,23 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
             "format",
             "init_from",
             "train_shot",
+            "input_size",
         }
         if unknown:
             raise FsbenchError(
                 f"methods: unknown key(s) {sorted(unknown)} "
                 "(use name, kwargs, sweep, label, display, train, checkpoint, format, init_from, "
-                "train_shot)"
+                "train_shot, input_size)"
+            )
+        own_size = entry.get("input_size", 0)
+        if (
+            isinstance(own_size, bool)
+            or not isinstance(own_size, int)
+            or not (own_size == 0 or 16 <= own_size <= 4096)
+        ):
+            raise FsbenchError(
+                f"methods: {entry['name']}: input_size {short_repr(own_size)} is not a side of "
+                "16…4096 px"
             )
         train_shot = entry.get("train_shot", 0)
         if isinstance(train_shot, bool) or not isinstance(train_shot, int) or train_shot < 0:
@@ -230,6 +244,7 @@ def _methods(raw_methods) -> tuple[MethodSpec, ...]:
                     checkpoint,
                     entry.get("init_from", ""),
                     train_shot,
+                    own_size,
                 )
             )
     variants = [
