@@ -55,21 +55,36 @@ class CrossDomainSet(OneObjectClass, FewShotDataset):
     num_folds = 1
     replayed_by = frozenset({"patnet"})
     layout_text = ""  # the expected layout, for error messages
+    folder = ""  # the set's folder under a shared data root (PATNet's datapath)
+    item = ""  # what one listed file is, for error messages ("Deepglobe tile")
+    listed = "image"  # the side PATNet lists ("mask": the chest X-rays); the other must exist
 
     def __init__(self, data_root, protocol: str = "patnet", cache_dir=None):
         root = Path(data_root).expanduser()
         if not root.exists():
             raise DatasetError(f"{root}: dataset folder does not exist; {self.layout_text}")
-        self.root = root.resolve()
+        self.root = (root / self.folder if (root / self.folder).is_dir() else root).resolve()
         self._lists = self._build_lists()  # class id → image ids, in PATNet's order
         if not any(self._lists.values()):
             raise DatasetError(f"{self.root}: no image of {self.name}; {self.layout_text}")
+        for image_id in (i for ids in self._lists.values() for i in ids):
+            self._check_pair(image_id)
         self._class_of = {i: c for c, ids in self._lists.items() for i in ids}
         self._checked: set[str] = set()
 
+    def _check_pair(self, image_id: str) -> None:
+        """The file PATNet's loader opens beside a listed one is there (one line if not)."""
+        image, mask = self.image_path(image_id), self.mask_path(image_id)
+        if self.listed == "image" and not mask.is_file():
+            raise DatasetError(f"{image}: {self.item} without its mask {mask}; {self.layout_text}")
+        if self.listed == "mask" and not image.is_file():
+            raise DatasetError(
+                f"{mask}: {self.item} whose image {image} is missing; {self.layout_text}"
+            )
+
     @abstractmethod
     def _build_lists(self) -> dict[int, list[str]]:
-        """Class id → image ids in PATNet's order, each image's mask checked to be there."""
+        """Class id → image ids in PATNet's order (its sorted listing of one side)."""
 
     @abstractmethod
     def image_path(self, image_id: str) -> Path: ...
@@ -192,23 +207,16 @@ class Deepglobe(CrossDomainSet):
         "<stem>.png (c = 1…6, PATNet's tiles; `fsbench prepare deepglobe RAW OUT` makes them)"
     )
 
-    def __init__(self, data_root, **kwargs):
-        root = Path(data_root).expanduser()
-        super().__init__(root / "Deepglobe" if (root / "Deepglobe").is_dir() else root, **kwargs)
+    folder, item = "Deepglobe", "Deepglobe tile"
 
     def _build_lists(self) -> dict[int, list[str]]:
-        lists = {}
-        for class_id in range(1, 7):
-            folder = self.root / str(class_id) / "test"
-            ids = [f"{class_id}/{p.stem}" for p in _official_names(folder / "origin", "jpg")]
-            for image_id in ids:
-                if not self.mask_path(image_id).is_file():
-                    raise DatasetError(
-                        f"{self.image_path(image_id)}: Deepglobe tile without its mask "
-                        f"{self.mask_path(image_id)}; {self.layout_text}"
-                    )
-            lists[class_id] = ids
-        return lists
+        return {
+            c: [
+                f"{c}/{p.stem}"
+                for p in _official_names(self.root / str(c) / "test" / "origin", "jpg")
+            ]
+            for c in range(1, 7)
+        }
 
     def _parts(self, image_id: str) -> tuple[str, str]:
         folder, _, stem = image_id.partition("/")
@@ -237,22 +245,13 @@ class Isic2018(CrossDomainSet):
         f"ISIC/{ISIC_TRUTH}/<ID>_segmentation.png (`fsbench prepare isic2018 RAW OUT` makes them)"
     )
 
-    def __init__(self, data_root, **kwargs):
-        root = Path(data_root).expanduser()
-        super().__init__(root / "ISIC" if (root / "ISIC").is_dir() else root, **kwargs)
+    folder, item = "ISIC", "ISIC image"
 
     def _build_lists(self) -> dict[int, list[str]]:
-        lists = {}
-        for class_id in range(1, 4):
-            found = _official_names(self.root / ISIC_INPUT / str(class_id), "jpg")
-            lists[class_id] = [f"{class_id}/{p.stem}" for p in found]
-            for image_id in lists[class_id]:
-                if not self.mask_path(image_id).is_file():
-                    raise DatasetError(
-                        f"{self.image_path(image_id)}: ISIC image without its mask "
-                        f"{self.mask_path(image_id)}; {self.layout_text}"
-                    )
-        return lists
+        return {
+            c: [f"{c}/{p.stem}" for p in _official_names(self.root / ISIC_INPUT / str(c), "jpg")]
+            for c in range(1, 4)
+        }
 
     def image_path(self, image_id: str) -> Path:
         folder, _, stem = image_id.partition("/")
@@ -272,22 +271,12 @@ class ChestXray(CrossDomainSet):
         "(the Kaggle 'chest-xray-masks-and-labels' set); images without a mask are not used"
     )
 
-    def __init__(self, data_root, **kwargs):
-        root = Path(data_root).expanduser()
-        inner = root / "LungSegmentation"
-        super().__init__(inner if inner.is_dir() else root, **kwargs)
+    folder, item, listed = "LungSegmentation", "chest X-ray mask", "mask"
 
     def _build_lists(self) -> dict[int, list[str]]:
         """PATNet's data/lung.py: the episodes run over the masks; the image is CXR_png/ + the
         mask's name less its last 9 characters (`_mask.png`) + `.png`."""
-        ids = [p.stem for p in _official_names(self.root / "masks", "png")]
-        for image_id in ids:
-            if not self.image_path(image_id).is_file():
-                raise DatasetError(
-                    f"{self.mask_path(image_id)}: chest X-ray mask whose image "
-                    f"{self.image_path(image_id)} is missing; {self.layout_text}"
-                )
-        return {1: ids}
+        return {1: [p.stem for p in _official_names(self.root / "masks", "png")]}
 
     def image_path(self, image_id: str) -> Path:
         name = check_file_name(image_id, "image id") + ".png"

@@ -190,11 +190,7 @@ class GridSpec:
         input_size = self.input_size or protocol.input_size
         for method in self.methods:
             _check_input_size(
-                method,
-                method.input_size or input_size,
-                self.protocol,
-                trainable[method.row()],
-                self.train,
+                method, input_size, self.protocol, trainable[method.row()], self.train
             )
         scoring = self._scoring(name)
         cells, homes = [], []
@@ -298,7 +294,7 @@ class GridSpec:
                 raise FsbenchError(f"eval_protocols: {name}: {error}") from None
             size = self.input_size or preset.input_size
             for method in self.methods:
-                _check_input_size(method, method.input_size or size, name, False, self.train)
+                _check_input_size(method, size, name, False, self.train)
             scoring[name] = (preset, sampler, size)
         return scoring
 
@@ -338,12 +334,16 @@ def _link_init_from(homes: list[Cell], methods, trainable: dict) -> list[Cell]:
 
 
 def _check_input_size(method: MethodSpec, size: int, protocol: str, trains: bool, train) -> None:
-    """The method's input-size rule (declared on its class), for the test input and, if it
-    trains, the training input: one line naming the method, the size and the sizes that fit."""
+    """The method's input-size rule (declared on its class), for the test input (the entry's
+    own `input_size`, else the grid's `size`) and, if it trains, the training input: one line
+    naming the method, the size and the sizes that fit."""
     declared = METHODS.provides(method.name)
     if declared is None:
         return
-    sizes = {f"protocol {protocol}'s input size": size}
+    if method.input_size:
+        sizes = {"its input_size": method.input_size}
+    else:
+        sizes = {f"protocol {protocol}'s input size": size}
     training = dataclasses.replace(train, **dict(method.train)).input_size
     if trains and training:
         sizes["train.input_size"] = training

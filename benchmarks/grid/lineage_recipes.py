@@ -98,5 +98,5 @@ RECIPES = {
     },
 }
 # slei109/PATNet train.py: HSNet's recipe with a batch of 2 episodes (its --bsz default), on
-# PASCAL with no held-out class (--fold 4: every class; a grid's `folds: [all]`).
+# PASCAL with no held-out class (--fold 4: every class; a grid's `train: {fold: all}`).
 RECIPES["patnet"] = {**RECIPES["hsnet"], "episodes_per_step": 2}

@@ -23,7 +23,6 @@ from fsbench.benchmarks.report.frame import (
     _rows_in_grid_order,
     current_cells,
     fold_label,
-    fold_metric,
     fold_order,
     load_cells,
     row_label,
@@ -97,7 +96,7 @@ def row_summaries(frame: pd.DataFrame) -> list[dict]:
                 for fold in fold_order(cells):
                     value = table["mean"].loc[row, (f"{shot}-shot", fold_label(fold))]
                     if name == "miou" and not np.isnan(value):
-                        metrics[f"miou_{fold_metric(fold)}"] = value
+                        metrics[f"miou_{fold_label(fold, 'fold')}"] = value
             replicated = cells["train_seed"].nunique() > 1
             summaries.append(
                 {
@@ -106,7 +105,7 @@ def row_summaries(frame: pd.DataFrame) -> list[dict]:
                     "shot": int(shot),
                     "metrics": metrics,
                     "cells": sorted(cells["cell_id"].unique()),
-                    "folds": [fold_metric(f) for f in fold_order(cells)],
+                    "folds": [fold_label(f, "fold") for f in fold_order(cells)],
                     "spread": "training seeds" if replicated else "episode seeds",
                 }
             )

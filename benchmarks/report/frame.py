@@ -121,14 +121,10 @@ def fold_order(frame: pd.DataFrame) -> list:
     return sorted(folds)
 
 
-def fold_metric(fold) -> str:
-    """The per-fold metric's suffix in MLflow: `fold0` …, or the test set's name."""
-    return fold if isinstance(fold, str) else f"fold{fold}"
-
-
-def fold_label(fold) -> str:
-    """`Fold-0` …, or the test set's name (a cross-domain table)."""
-    return fold if isinstance(fold, str) else f"Fold-{fold}"
+def fold_label(fold, prefix: str = "Fold-") -> str:
+    """`Fold-0` … (a table's column; prefix "fold": the per-fold metric in MLflow), or the
+    test set's name (a cross-domain grid)."""
+    return fold if isinstance(fold, str) else f"{prefix}{fold}"
 
 
 def _nanmean(values) -> float:

@@ -144,6 +144,8 @@ class LocalPostgres:
     as root it runs as the 'postgres' user (who must be able to reach its folder)."""
 
     def __init__(self):
+        # (/tmp, not $TMPDIR: the 'postgres' user must be able to reach it, and its socket
+        # path must stay short)
         self.folder = Path(tempfile.mkdtemp(prefix="fsbench-pg-", dir="/tmp"))
         self.port = free_port()
         self.binaries, self.problem = postgres_binaries()
@@ -153,7 +155,7 @@ class LocalPostgres:
         command = [str(self.binaries / program), *args]
         if os.geteuid() == 0:
             command = ["runuser", "-u", "postgres", "--", *command]
-        done = subprocess.run(command, capture_output=True, text=True, cwd="/tmp")
+        done = subprocess.run(command, capture_output=True, text=True, cwd=self.folder)
         if done.returncode:
             lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
             raise RuntimeError(f"PostgreSQL {program} failed: {lines[-1]}")

@@ -147,11 +147,7 @@ def one_size(args) -> dict:
         failed=len(driver.failed),
         peak_rss_gb=peak / 2**30,
     )
-    if tracker is not None:
-        result.update(mlflow_at_scale(tracker, store, grid))
-    else:
-        result.update(mlflow_runs=0, duplicated=0, unfinished_runs=0, search_s=0.0, sync_s=0.0)
-        result["report_s"] = 0.0
+    result.update(mlflow_at_scale(tracker, store, grid))
     return result
 
 
@@ -195,7 +191,12 @@ def summarise(grid, store, makespan, driver_cpu, stats, gpus, args) -> dict:
 
 
 def mlflow_at_scale(tracker, store, grid) -> dict:
-    """Duplicated cell runs, and how long `sync`, the report (+ row runs) and a search take."""
+    """Duplicated cell runs, and how long `sync`, the report (+ row runs) and a search take
+    (zeros without MLflow: `--tracking none`)."""
+    if tracker is None:
+        return dict.fromkeys(("mlflow_runs", "duplicated", "unfinished_runs"), 0) | dict.fromkeys(
+            ("search_s", "sync_s", "report_s"), 0.0
+        )
 
     started = time.perf_counter()
     runs = tracker._search("tags.`fsbench.kind` = 'cell'")

@@ -41,6 +41,12 @@ def redacted(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
+def local_store(uri: str) -> bool:
+    """Whether a tracking URI is a file store on this machine (sqlite, a folder), not a
+    server or a database server."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
 def default_tracking_uri(results_root: Path) -> str:
     return (
         os.environ.get("MLFLOW_TRACKING_URI")

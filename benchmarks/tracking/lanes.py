@@ -10,6 +10,7 @@ import os
 import queue
 import threading
 
+from fsbench.benchmarks.tracking.cell_run import local_store
 from fsbench.core import FsbenchError
 
 WORKERS_VARIABLE = "FSBENCH_MLFLOW_WORKERS"
@@ -30,8 +31,7 @@ def logging_workers(uri: str) -> int:
             f"{WORKERS_VARIABLE}={value!r}: not a number of logging threads; set a whole number "
             "of 1 or more, or unset it"
         )
-    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-    return 1 if local else 4
+    return 1 if local_store(uri) else 4
 
 
 class LoggingLanes:

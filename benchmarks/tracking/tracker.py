@@ -21,6 +21,7 @@ from fsbench.benchmarks.tracking.cell_run import (  # noqa: F401 (names older ca
     cell_tags,
     default_tracking_uri,
     episode_rows,
+    local_store,
     manifest_datasets,
     metric_points,
     record_digest,
@@ -108,7 +109,7 @@ class Tracker(LoggingLanes, TrainingRuns):
         self.available = False
 
     def _experiment(self, name: str) -> str:
-        local = self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
+        local = local_store(self.uri)
         location = (self.results_root / "mlartifacts" / name).as_uri() if local else None
         found = self.client.get_experiment_by_name(name)
         if found is not None and local and not self._inside(found.artifact_location):
@@ -162,47 +163,41 @@ class Tracker(LoggingLanes, TrainingRuns):
 
     def _parent(self) -> str:
         """This invocation's parent run, created on first need (a no-op rerun leaves none)."""
-        with self._lock:
-            return self._parent_locked()
-
-    def _parent_locked(self) -> str:
-        if self.parent_run_id is None:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"{self.experiment_name} invocation",
-                tags={
-                    KIND_TAG: "invocation",
-                    RESULTS_TAG: str(self.results_root),
-                    "mlflow.parentRunId": self._grid_run(),
-                },
-            )
-            self.parent_run_id = run.info.run_id
-            counts = getattr(self, "_counts", {})
-            if counts:
-                self.client.log_batch(
-                    self.parent_run_id, params=[_param(k, v) for k, v in counts.items()]
+        with self._lock:  # (logging lanes ask for it too: created once)
+            if self.parent_run_id is None:
+                run = self.client.create_run(
+                    self.experiment_id,
+                    run_name=f"{self.experiment_name} invocation",
+                    tags={
+                        KIND_TAG: "invocation",
+                        RESULTS_TAG: str(self.results_root),
+                        "mlflow.parentRunId": self._grid_run(),
+                    },
                 )
-        return self.parent_run_id
+                self.parent_run_id = run.info.run_id
+                counts = getattr(self, "_counts", {})
+                if counts:
+                    self.client.log_batch(
+                        self.parent_run_id, params=[_param(k, v) for k, v in counts.items()]
+                    )
+            return self.parent_run_id
 
     def _grid_run(self) -> str:
         """The grid's one stable run: parent of every invocation, holder of the report."""
         with self._lock:
-            return self._grid_run_locked()
-
-    def _grid_run_locked(self) -> str:
-        if getattr(self, "_grid_run_id", None) is None:
-            found = self._search(f"tags.{KIND_TAG} = 'grid'")
-            if found:
-                self._grid_run_id = found[0].info.run_id
-            else:
-                run = self.client.create_run(
-                    self.experiment_id,
-                    run_name=self.experiment_name,
-                    tags={KIND_TAG: "grid", RESULTS_TAG: str(self.results_root)},
-                )
-                self.client.set_terminated(run.info.run_id, "FINISHED")
-                self._grid_run_id = run.info.run_id
-        return self._grid_run_id
+            if getattr(self, "_grid_run_id", None) is None:
+                found = self._search(f"tags.{KIND_TAG} = 'grid'")
+                if found:
+                    self._grid_run_id = found[0].info.run_id
+                else:
+                    run = self.client.create_run(
+                        self.experiment_id,
+                        run_name=self.experiment_name,
+                        tags={KIND_TAG: "grid", RESULTS_TAG: str(self.results_root)},
+                    )
+                    self.client.set_terminated(run.info.run_id, "FINISHED")
+                    self._grid_run_id = run.info.run_id
+            return self._grid_run_id
 
     def _close_leftovers(self) -> None:
         """Runs a killed driver left RUNNING. The caller holds the grid's lock, so no live

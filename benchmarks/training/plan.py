@@ -69,15 +69,15 @@ def stage_plan(dataset, protocol, split, fold, train_classes, way, shot, cfg, st
 #    training classes it holds (any size); supports from that class's >= 2·32·32 px images.
 #  - hsnet (data/pascal.py): every listed (image, class) pair once per epoch, shuffled; supports
 #    drawn from the class's images until `shot` differ from the query (they may repeat).
-LINEAGE_WALKS = ("pfenet", "hsnet", "patnet")
-WALK_OF = {"patnet": "hsnet"}  # PATNet trains through HSNet's data/pascal.py
+LINEAGE_WALKS = {"pfenet": "pfenet", "hsnet": "hsnet", "patnet": "hsnet"}  # lineage → its walk
+# (PATNet trains through HSNet's data/pascal.py)
 
 
 def lineage_plan(dataset, protocol, split, train_classes, way, shot, cfg, stage=()) -> list:
     """Training steps drawn as the training protocol's lineage draws them (`sampler: official`),
     from one seeded generator: each epoch a fresh shuffle of the lineage's walk; a step takes
     the next `episodes_per_step` items."""
-    lineage = WALK_OF.get(protocol.official_sampler, protocol.official_sampler)
+    lineage = LINEAGE_WALKS[protocol.official_sampler]
     if way != 1 or cfg.queries_per_way != 1:
         raise FsbenchError(
             f"train.sampler official: {lineage}'s training loader draws 1-way episodes with one "
