@@ -70,6 +70,10 @@ class FewShotDataset(ABC):
     def fold_classes(self, fold: int) -> list[int]:
         """The test (novel) classes of a fold."""
 
+    def classes_at(self, fold: int, shot: int) -> list[int]:
+        """The test classes of a fold at a shot (LVIS-92i's folds depend on it); those scored."""
+        return self.fold_classes(fold)
+
     @abstractmethod
     def train_classes(self, fold: int) -> list[int]:
         """The training (base) classes of a fold."""

@@ -130,7 +130,7 @@ class Coco20i(FewShotDataset):
     num_folds = 4
     class_names = COCO_CLASSES
     layout = "coco"
-    replayed_by = frozenset({"panet", "pfenet", "hsnet"})
+    replayed_by = frozenset({"panet", "pfenet", "hsnet", "matcher"})  # matcher: HSNet's coco.py
 
     @classmethod
     def published_folds(cls, protocol, split_style=None):

@@ -22,7 +22,7 @@ from fsbench.datasets.synthetic_coco import coco_class_style
 LISTS = Path(__file__).parent / "lists" / "hsnet" / "fss"
 SPLITS = ("trn", "val", "test")
 # Test episodes per protocol on FSS-1000: HSNet's test loader walks its 240 × 10 test images.
-TEST_EPISODES = {"hsnet": 2400, "patnet": 2400}  # (PATNet's FSS-1000 test: HSNet's code)
+TEST_EPISODES = {"hsnet": 2400, "patnet": 2400, "matcher": 2400}  # (PATNet's, Matcher's: HSNet's)
 EXPECTED_LAYOUT = (
     "expected FSS-1000/<class>/<n>.jpg with a binary <n>.png mask beside each image (n = 1…10), "
     "class folders named as in HSNet's splits, under --data-root"
@@ -42,7 +42,7 @@ class Fss1000(OneObjectClass, FewShotDataset):
     num_folds = 1
     class_names = tuple(n for s in SPLITS for n in split_classes()[s])  # HSNet's class ids
     # HSNet's test.py and PATNet's (its data/fss.py is HSNet's); PANet, PFENet never tested on it
-    replayed_by = frozenset({"hsnet", "patnet"})
+    replayed_by = frozenset({"hsnet", "patnet", "matcher"})
 
     @classmethod
     def protocol_for(cls, protocol):
@@ -67,6 +67,8 @@ class Fss1000(OneObjectClass, FewShotDataset):
         if not root.exists():
             raise DatasetError(f"{root}: dataset folder does not exist; {EXPECTED_LAYOUT}")
         self.root = (root / "FSS-1000" if (root / "FSS-1000").is_dir() else root).resolve()
+        if (self.root / "data").is_dir() and not (self.root / "abacus").is_dir():
+            self.root = self.root / "data"  # Matcher's and GF-SAM's layout: FSS-1000/data/<class>
         self.splits = split_classes()
         self._ids = {n: i for i, n in enumerate(self.class_names, start=1)}
         present = {

@@ -124,7 +124,7 @@ class EpisodeManifest:
             episodes = tuple(EpisodeSpec(*episode) for episode in replay.episodes)
             return cls(spec, episodes)
         rng = seeded_rng(spec)
-        pool = dataset.fold_classes(fold)
+        pool = dataset.classes_at(fold, shot)
         episodes = tuple(
             sample_episode(rng, dataset, split, pool, way, shot, queries_per_way, min_pixels)
             for _ in range(n_episodes)

@@ -179,6 +179,16 @@ PROTOCOLS["patnet"] = dataclasses.replace(
 )
 
 
+# Matcher (aim-uofa/Matcher main_oss.py) and GF-SAM (ANDYZAQ/GF-SAM main_eval.py), the
+# foundation-model track: HSNet's test code (`fix_randseed(0)`, Resize((S, S)) then ToTensor,
+# labels resized nearest, its Evaluator) with S = 518 (Matcher's --img-size; GF-SAM's is 1024, an
+# entry's `input_size`); COCO-20i and FSS-1000 episodes are HSNet's (its coco.py and fss.py),
+# LVIS-92i's its own lvis.py (2300 a fold, datasets/lvis.py).
+PROTOCOLS["matcher"] = dataclasses.replace(
+    PROTOCOLS["hsnet"], name="matcher", input_size=518, official_sampler="matcher"
+)
+
+
 def training_list_protocols() -> list[str]:
     """One protocol per distinct training list, the first that names it (bam and hdmnet train on
     PFENet's: a leakage audit of each list once)."""

@@ -57,7 +57,7 @@ def official_episodes(dataset, protocol, fold, way, shot, n_episodes, seed, quer
             dataset, split, fold
         )
         episodes = _panet_draws(lists, labels, way, shot, queries, n_episodes, seed)
-    elif lineage == "hsnet":
+    elif lineage in ("hsnet", "matcher"):  # Matcher's coco.py is HSNet's
         if kind == "pascal":
             meta, source = _hsnet_pascal_meta(dataset, split, fold)
             lists = {"metadata": meta}

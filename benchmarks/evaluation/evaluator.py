@@ -89,7 +89,7 @@ class EpisodeCounter(Evaluator):
 
     def reset(self) -> None:
         self.meter = SegmentationMeter(
-            self.loader.dataset.fold_classes(self.manifest.spec["fold"]),
+            self.loader.dataset.classes_at(self.manifest.spec["fold"], self.manifest.spec["shot"]),
             only_present=self.protocol.only_present_classes,
         )
         self.kept: dict[int, torch.Tensor] = {}
