@@ -75,8 +75,10 @@ def _check_classwise(data, path: Path) -> dict:
             raise DatasetError(f"{path}: entry {category!r} is not category_id → {{image: …}}")
         seen: dict[str, str] = {}
         for name, info in images.items():
-            if not isinstance(name, str) or not isinstance(info, dict) or not isinstance(
-                info.get("annotations"), list
+            if (
+                not isinstance(name, str)
+                or not isinstance(info, dict)
+                or not isinstance(info.get("annotations"), list)
             ):
                 raise DatasetError(f"{path}: category {category} image {name!r} has no "
                                    "'annotations' list")  # fmt: skip
@@ -231,8 +233,10 @@ class Lvis92i(FewShotDataset):
             try:
                 mask |= decode_segmentation(annotation["segmentation"], height, width)
             except (KeyError, ValueError, TypeError) as error:
-                raise DatasetError(f"LVIS-92i category {class_id} image {image_id}: unreadable "
-                                   f"segmentation ({error})")  # fmt: skip
+                raise DatasetError(
+                    f"LVIS-92i category {class_id} image {image_id}: unreadable segmentation "
+                    f"({error})"
+                ) from None
         return mask
 
     def load_masks(self, image_id: str, classes) -> tuple[np.ndarray, np.ndarray]:

@@ -69,6 +69,9 @@ class FewShotMethod(nn.Module):
     base_class_labels = False
     model_per_shot = False
     version: str | None = None
+    # Data its weights saw beyond ImageNet (e.g. SAM: "SA-1B"): tables mark such rows with a
+    # dagger, and a grid's `strict: true` keeps them out.
+    pretraining: tuple[str, ...] = ()
     stage: str | None = None  # the training stage running (set by the trainer before its steps)
 
     def __init_subclass__(cls, **kwargs):

@@ -6,6 +6,7 @@ from fsbench.methods.bam import BAM, bam
 from fsbench.methods.bounds import ConstantPrediction, all_background, all_foreground
 from fsbench.methods.canet import CANet, canet
 from fsbench.methods.finetune import Finetune, LinearProbe, finetune, linear_probe
+from fsbench.methods.gf_sam import GFSAM, gf_sam
 from fsbench.methods.hdmnet import HDMNet, hdmnet
 from fsbench.methods.hsnet import HSNet, hsnet
 from fsbench.methods.panet import PANet, UntrainedPANet, panet, panet_nopar, prototype_notrain
@@ -91,3 +92,14 @@ def test_hdmnet(**kwargs) -> HDMNet:
 @METHODS.register()
 def test_patnet(**kwargs) -> PATNet:
     return patnet(**{"blocks": (1, 1, 1, 1), **kwargs})
+
+
+# The foundation-model methods with random weights at a small size (SAM's side 256, few prompts)
+FOUNDATION_TINY = {"sam": "tiny", "dinov2": "tiny", "sam_weights": "random",
+                   "dinov2_weights": "random"}  # fmt: skip
+SMALL_KWARGS = {"gf_sam": {**FOUNDATION_TINY, "sam_image_size": 256, "max_points": 16}}
+
+
+@METHODS.register()
+def test_gf_sam(**kwargs) -> GFSAM:
+    return gf_sam(**{**SMALL_KWARGS["gf_sam"], **kwargs})

@@ -19,7 +19,6 @@ from fsbench.datasets.manifests import EpisodeManifest
 from fsbench.datasets.protocols import PROTOCOLS, resolve
 from fsbench.datasets.synthetic_lvis import write_lvis
 
-pytestmark = pytest.mark.quick
 FIXTURE = json.loads(
     (Path(__file__).parent / "fixtures" / "official_matcher_lvis_episodes.json").read_text()
 )
