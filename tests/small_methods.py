@@ -11,6 +11,7 @@ from fsbench.methods.hdmnet import HDMNet, hdmnet
 from fsbench.methods.hsnet import HSNet, hsnet
 from fsbench.methods.panet import PANet, UntrainedPANet, panet, panet_nopar, prototype_notrain
 from fsbench.methods.patnet import PATNet, patnet
+from fsbench.methods.persam import PerSAM, PerSAMF, persam, persam_f
 from fsbench.methods.pfenet import PFENet, pfenet
 from fsbench.methods.pspnet import PSPNetBase, pspnet_base
 from fsbench.methods.registry import METHODS
@@ -97,9 +98,24 @@ def test_patnet(**kwargs) -> PATNet:
 # The foundation-model methods with random weights at a small size (SAM's side 256, few prompts)
 FOUNDATION_TINY = {"sam": "tiny", "dinov2": "tiny", "sam_weights": "random",
                    "dinov2_weights": "random"}  # fmt: skip
-SMALL_KWARGS = {"gf_sam": {**FOUNDATION_TINY, "sam_image_size": 256, "max_points": 16}}
+SAM_TINY = {"sam": "tiny", "sam_weights": "random", "sam_image_size": 256}
+SMALL_KWARGS = {
+    "gf_sam": {**FOUNDATION_TINY, "sam_image_size": 256, "max_points": 16},
+    "persam": SAM_TINY,
+    "persam_f": {**SAM_TINY, "steps": 20},
+}
 
 
 @METHODS.register()
 def test_gf_sam(**kwargs) -> GFSAM:
     return gf_sam(**{**SMALL_KWARGS["gf_sam"], **kwargs})
+
+
+@METHODS.register()
+def test_persam(**kwargs) -> PerSAM:
+    return persam(**{**SMALL_KWARGS["persam"], **kwargs})
+
+
+@METHODS.register()
+def test_persam_f(**kwargs) -> PerSAMF:
+    return persam_f(**{**SMALL_KWARGS["persam_f"], **kwargs})

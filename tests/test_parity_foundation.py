@@ -28,9 +28,9 @@ from fsbench.datasets.protocols import resolve
 from fsbench.datasets.synthetic_lvis import write_lvis
 from fsbench.methods import METHODS
 
-FIXTURE = json.loads(
-    (Path(__file__).parent / "fixtures" / "official_parity_gf_sam.json").read_text()
-)
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE = json.loads((FIXTURES / "official_parity_gf_sam.json").read_text())
+PERSAM = json.loads((FIXTURES / "official_parity_persam.json").read_text())
 
 
 def array(record) -> torch.Tensor:
@@ -62,6 +62,26 @@ def bits_sha(mask: torch.Tensor) -> str:
 def same_points(ours, theirs) -> bool:
     """The engine runs episodes by query image: a trace is found by its prompt points."""
     return np.shape(ours) == np.shape(theirs) and np.allclose(ours, theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["persam", "persam_f"])
+def test_persam_masks_equal_the_official_scripts(lvis, name):
+    model = METHODS.get(name)(sam="tiny", sam_weights="random")
+    entries = [(n, tuple(s), d) for n, s, d in PERSAM["entries"]]
+    model.sam.load_state_dict(seeded_state_dict(entries, PERSAM["weight_seed"], 1.0))
+    model.eval()
+    size, records = PERSAM["size"], PERSAM[name]
+    protocol = dataclasses.replace(resolve("matcher", lvis), input_size=size)
+    manifest = EpisodeManifest.build(lvis, protocol, 0, 1, 1, len(records), 0)
+    loader = EpisodeLoader(lvis, size, resize=protocol.resize)
+    cache = FeatureCache(model, loader, "cpu", batch_size=2)
+    with torch.no_grad():
+        ((_, _, kept),) = evaluate_model(model, cache, [(loader, manifest, protocol)], "cpu", 9)
+    for spec, item, expected in zip(manifest.episodes, kept, records):
+        assert (spec.support[0][0], spec.query[0]) == (expected["support"], expected["query"])
+        assert int(item["prediction"].sum()) == expected["foreground"]
+        assert bits_sha(item["prediction"]) == expected["sha256"]
 
 
 @pytest.mark.slow
