@@ -153,7 +153,7 @@ def test_reported_rows_beside_reproduced_labelled_never_bold(tmp_path):
     table = (grid / "report" / "table_miou.md").read_text()
     reported = [line for line in table.splitlines() if "(reported)" in line]
     assert reported and all("**" not in line for line in reported)
-    assert "Wang et al., ICCV 2019" in reported[0] and "42.3†" in reported[0]
+    assert "Wang et al., ICCV 2019" in reported[0] and "42.3*" in reported[0]
     assert "published numbers, not reproduced here" in table
     # SG-One's numbers are OSLSM-protocol numbers: never shown beside panet-protocol rows
     assert "SG-One" not in table and not any("HSNet" in line for line in reported)

@@ -153,6 +153,10 @@ class Driver:
                 ),
                 # peaks of the evaluation task(s): resident memory, disk spilled by the cache
                 "peak_rss_bytes": max(o.get("peak_rss_bytes") or 0 for o in outputs),
+                "peak_device_bytes": max(o.get("peak_device_bytes") or 0 for o in outputs),
+                "parameters": outputs[0].get("parameters"),  # the model's, frozen ones included
+                # data its weights saw beyond ImageNet (methods' `pretraining`): tables mark it
+                "pretraining": outputs[0].get("pretraining") or [],
                 "spill_bytes": max(o.get("spill_bytes") or 0 for o in outputs),
                 # the evaluation task(s)' system metrics, once per task, in time order
                 "system": sorted(

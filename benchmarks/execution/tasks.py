@@ -229,6 +229,9 @@ def eval_task(
     if state_dict is not None:
         model.load_state_dict(state_dict)
     model.to(device).eval()
+    parameters = sum(p.numel() for p in model.parameters())  # frozen ones included: its size
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     execution = model_config.get("execution") or {}
     manifests = [EpisodeManifest.from_json(item["manifest"]) for item in items]
     precision = model_config.get("eval_precision", "fp32")
@@ -309,6 +312,13 @@ def eval_task(
                 "encoded_images": encoded,
                 "distinct_images": distinct,
                 "peak_rss_bytes": peak_rss_bytes(),
+                "peak_device_bytes": (
+                    torch.cuda.max_memory_allocated(device)
+                    if torch.device(device).type == "cuda"
+                    else None
+                ),
+                "parameters": parameters,
+                "pretraining": list(getattr(model, "pretraining", ())),
                 "spill_bytes": spilled,
                 "system": system.samples,  # the task's series (shared by its items)
                 "predictions": [

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ from fsbench.benchmarks.grid.names import cell_title
 from fsbench.benchmarks.grid.recipes import TrainConfig, normalise_stages
 from fsbench.core import FsbenchError, canonical_sha256
 from fsbench.datasets.protocols import Protocol, check_sampler, resolve
+from fsbench.datasets.registry import dataset_class
 from fsbench.methods import METHODS
 from fsbench.methods.base import FewShotMethod
 
@@ -171,6 +173,7 @@ class GridSpec:
     checkpoint_every: int = 1000  # training steps between resumable checkpoints (0: none)
     train_seeds: tuple[int, ...] | None = None  # one trained model per seed (None: train.seed)
     compare: tuple[tuple[str, str], ...] = ()  # (variant, base) rows: paired comparisons
+    strict: bool = False  # only methods pretrained on nothing beyond ImageNet (`pretraining`)
     imports: tuple[str, ...] = ()  # modules registering the grid's own methods and datasets
     plugin_paths: tuple[str, ...] = ()  # where they are found besides sys.path (the grid's folder)
 
@@ -183,7 +186,15 @@ class GridSpec:
                 for dataset in self.test_datasets
                 for cell in dataclasses.replace(self, dataset=dataset, test_datasets=()).expand()
             ]
+        if self.strict:
+            return dataclasses.replace(self, methods=_strict(self.methods), strict=False).expand()
         name = self.dataset["name"]
+        folds = getattr(dataset_class(name), "num_folds", None)
+        bad = [f for f in self.folds if folds is not None and f >= folds]
+        if bad:
+            raise FsbenchError(
+                f"folds: {bad[0]} is impossible: {name} has folds 0…{folds - 1}; drop it"
+            )
         protocol = resolve(self.protocol, name)
         sampler = check_sampler(self.sampler, protocol, name)
         trainable = {m.row(): _is_trainable(METHODS, m) and not m.checkpoint for m in self.methods}
@@ -331,6 +342,24 @@ def _link_init_from(homes: list[Cell], methods, trainable: dict) -> list[Cell]:
                 home = dataclasses.replace(original, upstream=upstream)
             linked[id(original)] = home
     return [linked[id(h)] for h in homes]
+
+
+def _strict(methods) -> tuple:
+    """The entries whose methods saw nothing beyond ImageNet; the others named in one line."""
+    kept, left = [], []
+    for method in methods:
+        declared = METHODS.provides(method.name)
+        data = getattr(declared, "pretraining", ()) if declared is not None else ()
+        (left if data else kept).append(
+            method if not data else f"{method.row()} ({', '.join(data)})"
+        )
+    if left:
+        print(f"fsbench: strict: left out {', '.join(left)} (pretrained beyond ImageNet)",
+              file=sys.stderr)  # fmt: skip
+    if not kept:
+        raise FsbenchError("strict: true leaves no method (every one was pretrained beyond "
+                           "ImageNet); drop strict or add a method")  # fmt: skip
+    return tuple(kept)
 
 
 def _check_input_size(method: MethodSpec, size: int, protocol: str, trains: bool, train) -> None:

@@ -54,6 +54,7 @@ GRID_KEYS = {
     "eval_gpus",
     "checkpoint_every",
     "smoke",
+    "strict",
 }
 ANNOTATIONS = ("mask", "scribble", "bbox")
 # A grid's name is a folder under --results: one path component, nothing to climb out with.
@@ -335,7 +336,7 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
     bad = [a for a in annotation if a not in ANNOTATIONS]
     if bad:
         raise FsbenchError(f"annotation: {bad} not supported (supported: {list(ANNOTATIONS)})")
-    folds = _tuple_of_ints({**{"folds": [0, 1, 2, 3]}, **raw}, "folds", 0, 3)
+    folds = _tuple_of_ints({**{"folds": [0, 1, 2, 3]}, **raw}, "folds", 0, 9)  # LVIS-92i: 10
     spec = GridSpec(
         name=str(raw.get("name", "grid")),
         dataset=dataset,
@@ -376,6 +377,7 @@ def parse_grid(raw: dict, plugin_paths=()) -> GridSpec:
             _tuple_of_ints(raw, "train_seeds", 0, MAX_SEED) if raw.get("train_seeds") else None
         ),
         compare=_compare(raw.get("compare"), raw["methods"]),
+        strict=_flag(raw, "strict"),
     )
     rows = {m.row() for m in spec.methods}
     unknown_rows = sorted({r for pair in spec.compare for r in pair} - rows)

@@ -12,6 +12,12 @@ import numpy as np
 import pandas as pd
 
 from fsbench.benchmarks.metrics import METRICS
+from fsbench.benchmarks.report.cost import (
+    cost_markdown,
+    cost_table,
+    external_note,
+    mark_displays,
+)
 from fsbench.benchmarks.report.figures import (
     alpha_figure,
     grouped_bars,
@@ -161,6 +167,10 @@ def _build_report(grid_dir: Path, out: Path, n_boot: int) -> dict:
         )
     written: dict[str, list] = {"tables": [], "figures": []}
     displays = frame.groupby("row")["display"].first().to_dict()
+    external = external_note(frame, displays)
+    if external:
+        note = f"{note} {external}"
+    displays = mark_displays(displays, frame)
     replicated = frame.groupby("row")["train_seed"].nunique().max() > 1
     spread = "training seeds (each a mean over episode seeds)" if replicated else "episode seeds"
     if rejected:
@@ -194,6 +204,10 @@ def _build_report(grid_dir: Path, out: Path, n_boot: int) -> dict:
         csv = to_csv_frame(table).join(depends_on_columns(cells))  # each row's provenance
         atomic_write_text(out / f"table_{label}.csv", csv.to_csv(index_label="method"))
         written["tables"] += [out / f"table_{label}.{s}" for s in ("md", "tex", "csv")]
+    cost = cost_table(frame, displays)
+    atomic_write_text(out / "table_cost.md", cost_markdown(cost))
+    atomic_write_text(out / "table_cost.csv", cost.to_csv(index=False))
+    written["tables"] += [out / "table_cost.md", out / "table_cost.csv"]
     class_table = pd.DataFrame(
         {
             (row_label(c.config), c.config.shot, c.config.fold): {

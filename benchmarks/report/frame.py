@@ -91,6 +91,13 @@ def seed_frame(cells: list[CellRecord]) -> pd.DataFrame:
                     **{m: 100 * seed.metric(m) for m in METRICS},
                     "episodes": seed.episodes,
                     "fingerprint": seed.manifest_fingerprint[:12],
+                    # what the row costs and was pretrained on (measured by its evaluation task)
+                    "pretraining": ", ".join(cell.timings.get("pretraining") or ()),
+                    "parameters": cell.timings.get("parameters"),
+                    "seconds_per_episode": seed.eval_seconds / max(seed.episodes, 1),
+                    "peak_rss_bytes": seed.peak_rss_bytes,
+                    "peak_device_bytes": cell.timings.get("peak_device_bytes") or None,
+                    "device": seed.device,
                     "cell_id": cell.cell_id,
                     "row_index": cell.row_index,
                 }

@@ -14,6 +14,7 @@ from fsbench.benchmarks.report.frame import _rows_in_grid_order, fold_label, fol
 from fsbench.datasets.protocols import PROTOCOLS
 
 MISSING = "–"
+UNCHECKED = "*"  # a published value not yet checked against the paper (reported.yaml)
 REPORTED = Path(__file__).parents[1] / "reported.yaml"  # published numbers, by protocol
 
 
@@ -116,7 +117,8 @@ def _best(table: pd.DataFrame) -> dict:
 def reported_rows(frame: pd.DataFrame, metric: str, columns) -> pd.DataFrame:
     """Published numbers matching the frame's dataset/protocol/annotation, as table strings.
 
-    Unverified values carry a dagger; rows are labelled by their source."""
+    Unverified values carry an asterisk; rows are labelled by their source, with a dagger
+    where the method was pretrained on data beyond ImageNet."""
     entries = yaml.safe_load(REPORTED.read_text()) or []
     datasets, protocols = set(frame["dataset"]), set(frame["protocol"])
     cross = frame["dataset"].nunique() > 1  # a cross-domain table: columns are test sets
@@ -135,10 +137,14 @@ def reported_rows(frame: pd.DataFrame, metric: str, columns) -> pd.DataFrame:
         ):
             continue
         best = entry.get("seed_summary") == "best"
-        label = f"{entry['label']}{' (best test seed ‡)' if best else ''} [{entry['source']}]"
+        external = "†" if entry.get("pretraining") else ""  # data beyond ImageNet (cost.py)
+        label = (
+            f"{entry['label']}{external}{' (best test seed ‡)' if best else ''} "
+            f"[{entry['source']}]"
+        )
         cells = {}
         for shot, values in (sets or {}).items():  # its test sets; Mean over the grid's own
-            mark = "" if entry.get("status") == "read" else "†"
+            mark = "" if entry.get("status") == "read" else UNCHECKED
             for name, value in values.items():
                 cells[(f"{shot}-shot", name)] = f"{value:.1f}{mark}"
             if set(values) >= datasets:
@@ -146,8 +152,8 @@ def reported_rows(frame: pd.DataFrame, metric: str, columns) -> pd.DataFrame:
                 cells[(f"{shot}-shot", "Mean")] = f"{mean:.1f}{mark}"
         for shot, values in (entry.get("shots") or {}).items():
             dagger = {
-                "mean": "" if values.get("mean_status") == "read" else "†",
-                "folds": "" if values.get("folds_status") == "read" else "†",
+                "mean": "" if values.get("mean_status") == "read" else UNCHECKED,
+                "folds": "" if values.get("folds_status") == "read" else UNCHECKED,
             }
             column = (
                 BEST_SEED_COLUMN
@@ -163,7 +169,7 @@ def reported_rows(frame: pd.DataFrame, metric: str, columns) -> pd.DataFrame:
 
 
 REPORTED_NOTE = (
-    "Rows marked [source] are published numbers, not reproduced here; † = not yet "
+    "Rows marked [source] are published numbers, not reproduced here; * = not yet "
     "checked against the paper; ‡ = the best of the test seeds (selects on the test set)."
 )
 
