@@ -106,20 +106,25 @@ def build_sam(size: str = "vit_h", weights=None, image_size: int = 1024):
     if image_size % 16 or image_size < 64:
         raise FsbenchError(f"SAM image side {image_size}: a multiple of 16, at least 64 (1024)")
     dim, depth, heads, global_blocks = SAM_SIZES[size]
-    sam = _sam(dim, depth, heads, global_blocks, image_size)
     path = _weights_file(weights, SAM_FILES.get(size), f"SAM {size}")
-    if path is not None:
+    state = None
+    if path is not None:  # read and checked before the (large) model is built
         fix = f"put the official {SAM_FILES.get(size, 'SAM')} in $FSBENCH_WEIGHTS or give its path"
         state = read_state_dict(path, "SAM checkpoint", fix)
         held = state.get("image_encoder.patch_embed.proj.weight")
-        if held is None or held.shape[0] != dim or _blocks(state, "image_encoder.") != depth:
-            found = next((n for n, (d, b, _, _) in SAM_SIZES.items()
-                          if held is not None and d == held.shape[0]
-                          and b == _blocks(state, "image_encoder.")), "no SAM")  # fmt: skip
+        blocks = _blocks(state, "image_encoder.")
+        if held is None or held.shape[0] != dim or blocks != depth:
+            found = next(
+                (f"SAM {n}" for n, (d, b, _, _) in SAM_SIZES.items()
+                 if held is not None and (d, b) == (held.shape[0], blocks)),
+                "not a SAM",
+            )  # fmt: skip
             raise FsbenchError(
-                f"{path}: a {found} checkpoint, the method asks for SAM {size}; set the "
-                f"method's sam: {found} or give {SAM_FILES.get(size, 'its file')}"
+                f"{path}: {found} checkpoint, the method asks for SAM {size}; give "
+                f"{SAM_FILES.get(size, 'its file')} or set the method's sam: to the file's size"
             )
+    sam = _sam(dim, depth, heads, global_blocks, image_size)
+    if state is not None:
         _load(sam, state, path, "SAM")
     return sam.eval().requires_grad_(False)
 

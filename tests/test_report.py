@@ -264,6 +264,9 @@ def test_every_figure_kind_from_a_real_run(tmp_path, small_grid_dict):
         "hdmnet_pascal.yaml",
         "hdmnet_coco.yaml",
         "lineages_synthetic.yaml",
+        "gf_sam_coco.yaml",
+        "persam_coco.yaml",
+        "matcher_lvis.yaml",
     ],
 )
 def test_paper_grids_run_at_smoke_size(grid, tmp_path, monkeypatch, capsys):

@@ -32,8 +32,8 @@ def external_note(frame: pd.DataFrame, displays: dict) -> str:
         return ""
     named = "; ".join(f"{displays.get(r, r)}: {d}" for r, d in external.items())
     return (
-        f"{EXTERNAL_MARK} Pretrained on data beyond ImageNet ({named}); `strict: true` in a "
-        "grid keeps such rows out."
+        f"{EXTERNAL_MARK} after a method's name: pretrained on data beyond ImageNet ({named}); "
+        "`strict: true` in a grid keeps such methods out."
     )
 
 
@@ -41,7 +41,9 @@ def cost_table(frame: pd.DataFrame, displays: dict) -> pd.DataFrame:
     """One line per row and shot: parameters, seconds per episode (mean over its seeds and
     folds), peak resident memory and peak device memory of its evaluation tasks."""
     rows = []
-    for (row, shot), part in frame.groupby(["row", "shot"], sort=False):
+    order = {row: i for i, row in enumerate(dict.fromkeys(frame["row"]))}
+    groups = sorted(frame.groupby(["row", "shot"]), key=lambda g: (order[g[0][0]], g[0][1]))
+    for (row, shot), part in groups:
         params = part["parameters"].dropna()
         rss = part["peak_rss_bytes"].dropna()
         device_bytes = part["peak_device_bytes"].dropna()

@@ -66,7 +66,10 @@ def depends_on_note(cells) -> str:
             facts.append(f"{LABELS[key]} {value}")
         if facts:
             parts.append(f"scored under {protocol}: " + "; ".join(facts))
-    return "Depends on — " + ". ".join(parts) + ". † marks a checkpoint selected on the test fold."
+    text = "Depends on — " + ". ".join(parts) + "."
+    if "test fold †" in text:  # a released checkpoint kept at its best test-fold score
+        text += " † after “test fold” marks a checkpoint selected on the test fold."
+    return text
 
 
 def ordered_protocols(names) -> list[str]:

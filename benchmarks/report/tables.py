@@ -137,11 +137,10 @@ def reported_rows(frame: pd.DataFrame, metric: str, columns) -> pd.DataFrame:
         ):
             continue
         best = entry.get("seed_summary") == "best"
-        external = "†" if entry.get("pretraining") else ""  # data beyond ImageNet (cost.py)
-        label = (
-            f"{entry['label']}{external}{' (best test seed ‡)' if best else ''} "
-            f"[{entry['source']}]"
-        )
+        name = entry["label"]
+        if entry.get("pretraining"):  # data beyond ImageNet: † after the method's name (cost.py)
+            name = name.replace(" (", "† (", 1) if " (" in name else f"{name}†"
+        label = f"{name}{' (best test seed ‡)' if best else ''} [{entry['source']}]"
         cells = {}
         for shot, values in (sets or {}).items():  # its test sets; Mean over the grid's own
             mark = "" if entry.get("status") == "read" else UNCHECKED
