@@ -99,3 +99,41 @@ def test_the_foundation_grids_run_at_smoke_size_with_cost_and_marks(tmp_path, ca
         next((tmp_path / "matcher_coco_smoke" / "cells").glob("*.json")).read_text()
     )
     assert record["timings"]["parameters"] > 1e6 and record["timings"]["pretraining"]
+
+
+def test_sam_embeddings_spill_past_cache_bytes_and_score_the_same(tmp_path):
+    # PerSAM's cached SAM embeddings (256 × 16 × 16 floats each at the test SAM's 256-px side) of
+    # images that are supports and queries, kept within cache_bytes, the rest spilled to disk:
+    # the same counts as all in memory
+    import dataclasses
+
+    import numpy as np
+
+    from fsbench.benchmarks.evaluation.cache import FeatureCache
+    from fsbench.benchmarks.evaluation.evaluate import evaluate_model
+    from fsbench.datasets.episodes import EpisodeLoader
+    from fsbench.datasets.lvis import Lvis92i
+    from fsbench.datasets.manifests import EpisodeManifest
+    from fsbench.datasets.protocols import resolve
+    from fsbench.datasets.synthetic_lvis import write_lvis
+    from fsbench.methods import METHODS
+
+    write_lvis(tmp_path, 120, 32, 0)
+    lvis = Lvis92i(tmp_path)
+    protocol = dataclasses.replace(resolve("matcher", lvis), input_size=32)
+    manifest = EpisodeManifest.build(lvis, protocol, 0, 1, 1, 24, 0)
+    loader = EpisodeLoader(lvis, 32, resize=protocol.resize)
+    torch.manual_seed(0)
+    model = METHODS.get("test_persam")().eval()
+    one = 256 * 16 * 16 * 4
+    results = []
+    for budget in (1 << 30, one):
+        cache = FeatureCache(
+            model, loader, "cpu", max_bytes=budget, batch_size=2, spill_bytes=1 << 30
+        )
+        with torch.no_grad():
+            ((counts, _, _),) = evaluate_model(model, cache, [(loader, manifest, protocol)])
+        results.append((counts, cache.spilled, cache.feature_bytes))
+    (roomy, none, size), (tight, spilled, _) = results
+    assert size == one and none == 0 and spilled > 0
+    assert np.array_equal(roomy.per_class, tight.per_class)

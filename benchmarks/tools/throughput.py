@@ -6,6 +6,8 @@
     python -m fsbench.benchmarks.tools.throughput --method pfenet   # ResNet-50, pfenet, 473 px
     python -m fsbench.benchmarks.tools.throughput --method bam      # ResNet-50, bam, 473 px
     python -m fsbench.benchmarks.tools.throughput --method hdmnet   # ResNet-50, hdmnet, 473 px
+    python -m fsbench.benchmarks.tools.throughput --method gf_sam --skip-full --per-episode 1
+        # SAM ViT-H at 1024 px + DINOv2 ViT-L: times an episode, says what a fold needs (a GPU)
 
 On a generated PASCAL-layout set whose fold-0 test pool has about `--pool` images (small images,
 resized to the input size as real ones are), with the `panet` protocol's 5 seeds × 1000 episodes:
@@ -55,7 +57,15 @@ METHOD_SETTINGS = {
     # the two-stage lineage: frozen backbone + PSPNet base learner + meta learner, their protocols
     "bam": ({"layers": 50}, "bam", 473),
     "hdmnet": ({"layers": 50}, "hdmnet", 473),
+    # the foundation-model track at its real sizes (random weights: the speed is the same):
+    # SAM ViT-H at 1024 px, DINOv2 ViT-L/14 at 518 px; Matcher's protocol
+    "gf_sam": ({"sam_weights": "random", "dinov2_weights": "random"}, "matcher", 1024),
+    "persam": ({"sam_weights": "random"}, "matcher", 518),
+    "persam_f": ({"sam_weights": "random"}, "matcher", 518),
 }
+# Methods whose frozen encoders make a CPU run of a fold impractical (SAM ViT-H: ~2.7 TFLOP per
+# image at 1024 px): the script times a few episodes and says what a fold needs.
+NEEDS_GPU = {"gf_sam", "persam", "persam_f"}
 METHOD = "panet"  # set by --method (module state: the fresh evaluation process reads it back)
 
 
@@ -185,13 +195,28 @@ def main(argv=None) -> None:
     model = _model(args.width).to(device)
     print(
         f"device: {device_label(device)}; {args.method}"
-        + (f" width {args.width}" if args.method == "panet" else " (ResNet-50)")
+        + (
+            f" width {args.width}"
+            if args.method == "panet"
+            else " (SAM ViT-H, random weights)"
+            if args.method in NEEDS_GPU
+            else " (ResNet-50)"
+        )
         + f", protocol {METHOD_SETTINGS[args.method][1]}, input {args.input_size} px; "
         f"torch {torch.__version__}"
     )
     if model.cacheable_encoder:
-        encoder_rate = _encoder_images_per_second(model, args.input_size, device)
+        batch = 2 if args.method in NEEDS_GPU else 16
+        encoder_rate = _encoder_images_per_second(model, args.input_size, device, batch, 1)
         print(f"encoder: {encoder_rate:.2f} images/s ({1000 / encoder_rate:.1f} ms per image)")
+        with torch.no_grad():  # what the cache stores per image (its budgets count these)
+            one = torch.zeros(1, 3, args.input_size, args.input_size, device=device)
+            bytes_per_image = model.encode_for_cache(one).numel() * 4
+        print(
+            f"encodings: {bytes_per_image / 2**20:.1f} MiB per image in the cache "
+            f"(cache_bytes {args.cache_bytes / 2**30:.1f} GiB holds "
+            f"{args.cache_bytes // max(bytes_per_image, 1)} images; the rest spill to disk)"
+        )
     else:  # PFENet, BAM, HDMNet: a support's encoding depends on its mask (layer 4 sees it
         # masked; HDMNet's backbone sees the masked image)
         print("encoder: none cacheable (episodes are evaluated as the official loop, one by one)")
@@ -208,6 +233,13 @@ def main(argv=None) -> None:
             f"\n{shot}-shot: fold-0 pool {len(pool)} images, {len(seeds)} seeds × {args.episodes}"
         )
         print(f"  official-style loop: {official} encodings, {1 / per_episode:.2f} episodes/s")
+        if args.method in NEEDS_GPU:
+            fold = protocol.episodes * per_episode / 3600
+            print(
+                f"  {args.method} at its real size on {device_label(device)}: "
+                f"{per_episode:.1f} s per episode, {fold:.1f} h for one fold's "
+                f"{protocol.episodes} episodes{' — run it on a GPU' if device == 'cpu' else ''}"
+            )
         if args.skip_full:
             print(f"  fsbench plan: {len(distinct_images(manifests))} encodings (not run)")
             continue
