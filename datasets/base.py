@@ -113,6 +113,34 @@ class FewShotDataset(ABC):
         """The class's objects as separate boolean masks (weak annotations are made from them)."""
 
 
+def class_cycle_episodes(lists: dict, classes: list, shot: int, n_episodes: int, seed: int,
+                         where: str) -> list[tuple]:  # fmt: skip
+    """The draws of HSNet's family of test loaders that walk classes (PATNet's cross-domain sets,
+    Matcher's LVIS-92i) under `fix_randseed(seed)`, batch 1, 0 workers: episode `idx` takes class
+    `classes[idx % n]`, the query by `np.random.choice(names, 1, replace=False)`, then supports
+    drawn the same way until `shot` differ from the query (they may repeat); nothing else draws
+    from numpy's global generator between episodes. `lists`: class → image ids in the official
+    order; `where` names the data in the error when a class has no second image."""
+    rs = np.random.RandomState(seed)
+    episodes = []
+    for idx in range(n_episodes):
+        class_id = classes[idx % len(classes)]
+        names = list(lists[class_id])
+        if len(set(names)) < 2:
+            raise FsbenchError(
+                f"{where} class {class_id}: the official sampler needs two images of a class (a "
+                f"support that differs from the query); it has {len(names)}"
+            )
+        query = names[int(rs.choice(len(names), 1, replace=False)[0])]
+        supports: list[str] = []
+        while len(supports) < shot:
+            candidate = names[int(rs.choice(len(names), 1, replace=False)[0])]
+            if candidate != query:
+                supports.append(candidate)
+        episodes.append(((class_id,), (tuple(supports),), (query,)))
+    return episodes
+
+
 class OneObjectClass:
     """Masks of a dataset whose images each show one class (FSS-1000, the cross-domain sets):
     `foreground(image_id)` (a boolean mask) and `class_of(image_id)` give every mask."""

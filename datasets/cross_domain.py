@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from fsbench.core import FsbenchError, canonical_sha256
-from fsbench.datasets.base import FewShotDataset, OneObjectClass, Replay
+from fsbench.datasets.base import FewShotDataset, OneObjectClass, Replay, class_cycle_episodes
 from fsbench.datasets.pascal import DatasetError, check_file_name, read_rgb
 from fsbench.datasets.registry import DATASETS
 from fsbench.datasets.synthetic import ensure_generated, finish_image, render_scene
@@ -176,24 +176,8 @@ class CrossDomainSet(OneObjectClass, FewShotDataset):
         `shot` differ from the query (repeats allowed). Nothing else draws from numpy's global
         generator between episodes (torchvision's Resize and the model do not)."""
         classes = sorted(self._lists)  # PATNet's categories, '1'…'n', in order
-        rs = np.random.RandomState(seed)
-        episodes = []
-        for idx in range(n_episodes):
-            class_id = classes[idx % len(classes)]
-            names = self._lists[class_id]
-            if len(set(names)) < 2:
-                raise FsbenchError(
-                    f"{self.name} class {class_id}: PATNet's sampler needs two images of a class "
-                    f"(a support that differs from the query); {self.root} has {len(names)}"
-                )
-            query = names[int(rs.choice(len(names), 1, replace=False)[0])]
-            supports: list[str] = []
-            while len(supports) < shot:
-                candidate = names[int(rs.choice(len(names), 1, replace=False)[0])]
-                if candidate != query:
-                    supports.append(candidate)
-            episodes.append(((class_id,), (tuple(supports),), (query,)))
-        return episodes
+        return class_cycle_episodes(self._lists, classes, shot, n_episodes, seed,
+                                    f"{self.name} under {self.root}")  # fmt: skip
 
 
 class Deepglobe(CrossDomainSet):

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from fsbench.core import FsbenchError, canonical_sha256
-from fsbench.datasets.base import FewShotDataset, Replay
+from fsbench.datasets.base import FewShotDataset, Replay, class_cycle_episodes
 from fsbench.datasets.pascal import DatasetError, read_rgb
 from fsbench.datasets.registry import DATASETS
 
@@ -264,19 +264,8 @@ class Lvis92i(FewShotDataset):
         replace=False)`, supports drawn the same way until `shot` differ from the query
         (repeats allowed); nothing else draws from numpy's global generator."""
         classes = self.classes_at(fold, shot)
-        rs = np.random.RandomState(seed)
-        episodes = []
-        for idx in range(n_episodes):
-            class_id = classes[idx % len(classes)]
-            names = list(self._classwise["val"][class_id])
-            query = names[int(rs.choice(len(names), 1, replace=False)[0])]
-            supports: list[str] = []
-            while len(supports) < shot:
-                candidate = names[int(rs.choice(len(names), 1, replace=False)[0])]
-                if candidate != query:
-                    supports.append(candidate)
-            episodes.append(((class_id,), (tuple(supports),), (query,)))
-        return episodes
+        return class_cycle_episodes(self._classwise["val"], classes, shot, n_episodes, seed,
+                                    f"LVIS-92i under {self.root}")  # fmt: skip
 
 
 @DATASETS.register("lvis92i")

@@ -62,7 +62,11 @@ def check_method(method, /, **kwargs) -> dict:
     for way, shot in SETTINGS:
         episode = generated_episode(way, shot, size, seed=way * 10 + shot)
         with torch.no_grad():
-            first, second = model(episode), model(episode)
+            # each from the start of a run (`begin_episodes`: e.g. Matcher's prompt sampler)
+            model.begin_episodes()
+            first = model(episode)
+            model.begin_episodes()
+            second = model(episode)
         _check_output(rule, cls, first, way, size, f"{way}-way {shot}-shot")
         rule(
             "deterministic",

@@ -153,6 +153,10 @@ class FewShotMethod(nn.Module):
             "gradients are accumulated episode by episode (BatchNorm must not train then)"
         )
 
+    def begin_episodes(self) -> None:
+        """Called before a manifest's episodes run in order on the `episode` path (e.g. a method
+        whose official sampler carries a generator from episode to episode resets it here)."""
+
     # -- encodings ---------------------------------------------------------------------------
     def encode(self, images: torch.Tensor):
         """[B, 3, H, W] → encodings (one map, or a tuple of maps for the "maps" layout)."""

@@ -178,10 +178,31 @@ class Dinov2(nn.Module):
         _load(self.vit, state, path, "DINOv2")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch tokens before the last norm (`x_prenorm[:, 1:]`): [B, h·w, C]."""
+        """Patch tokens before the last norm (`x_prenorm[:, 1:]`): [B, h·w, C], at any side
+        that is a multiple of 14 (the position embedding interpolated as DINOv2's own)."""
         vit = self.vit
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-        return vit.blocks(x)[:, 1:]
+        vit.patch_embed.strict_img_size = False
+        x = vit.patch_embed(images)
+        x = torch.cat((vit.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = x + self._position(x, images.shape[-2], images.shape[-1])
+        return vit.blocks(vit.norm_pre(x))[:, 1:]
+
+    def _position(self, x, w: int, h: int) -> torch.Tensor:
+        """DinoVisionTransformer.interpolate_pos_encoding: the 37 × 37 grid as it is at 518 px,
+        else bicubic by (side/14 + 0.1) / 37 (its offset against float error)."""
+        pos_embed = self.vit.pos_embed
+        n = pos_embed.shape[1] - 1
+        if x.shape[1] - 1 == n and w == h:
+            return pos_embed
+        pos_embed = pos_embed.float()
+        dim, side = x.shape[-1], int(math.sqrt(n))
+        w0, h0 = w // self.patch_size + 0.1, h // self.patch_size + 0.1
+        grid = F.interpolate(
+            pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2),
+            scale_factor=(w0 / math.sqrt(n), h0 / math.sqrt(n)), mode="bicubic",
+        )  # fmt: skip
+        grid = grid.permute(0, 2, 3, 1).view(1, -1, dim)
+        return torch.cat((pos_embed[:, 0].unsqueeze(0), grid), dim=1).to(x.dtype)
 
 
 def unnormalise(images: torch.Tensor) -> torch.Tensor:
@@ -200,6 +221,13 @@ def dinov2_input(image01: torch.Tensor) -> torch.Tensor:
 
     resized = TF.resize(image01, DINOV2_SIZE, interpolation=TF.InterpolationMode.BILINEAR)
     return TF.normalize(resized, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def normalise_imagenet(image01: torch.Tensor) -> torch.Tensor:
+    """DINOv2's `make_normalize_transform` on a ToTensor image (Matcher: no resize)."""
+    from torchvision.transforms import functional as TF
+
+    return TF.normalize(image01, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def sam_embedding(sam, image01: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from fsbench.methods.finetune import Finetune, LinearProbe, finetune, linear_pro
 from fsbench.methods.gf_sam import GFSAM, gf_sam
 from fsbench.methods.hdmnet import HDMNet, hdmnet
 from fsbench.methods.hsnet import HSNet, hsnet
+from fsbench.methods.matcher import Matcher, matcher
 from fsbench.methods.panet import PANet, UntrainedPANet, panet, panet_nopar, prototype_notrain
 from fsbench.methods.patnet import PATNet, patnet
 from fsbench.methods.persam import PerSAM, PerSAMF, persam, persam_f
@@ -103,6 +104,12 @@ SMALL_KWARGS = {
     "gf_sam": {**FOUNDATION_TINY, "sam_image_size": 256, "max_points": 16},
     "persam": SAM_TINY,
     "persam_f": {**SAM_TINY, "steps": 20},
+    "matcher": {
+        **FOUNDATION_TINY,
+        "sam_image_size": 256,
+        "points_per_side": 4,
+        "max_sample_iterations": 4,
+    },  # fmt: skip
 }
 
 
@@ -119,3 +126,8 @@ def test_persam(**kwargs) -> PerSAM:
 @METHODS.register()
 def test_persam_f(**kwargs) -> PerSAMF:
     return persam_f(**{**SMALL_KWARGS["persam_f"], **kwargs})
+
+
+@METHODS.register()
+def test_matcher(**kwargs) -> Matcher:
+    return matcher(**{**SMALL_KWARGS["matcher"], **kwargs})

@@ -76,7 +76,7 @@ def test_the_paper_settings_of_the_foundation_grids(grid):
     sizes = {c.method.name: c.input_size for c in cells}
     if "gf_sam" in sizes:
         assert sizes["gf_sam"] == 1024  # GF-SAM's main_eval.py --img-size
-    assert sizes.get("persam", 518) == 518  # Matcher's --img-size
+    assert sizes.get("persam", 518) == 518 and sizes.get("matcher", 518) == 518  # its --img-size
     if grid == "matcher_lvis.yaml":
         assert spec.folds == tuple(range(10))
         assert {c.episodes for c in cells} == {2300}

@@ -36,10 +36,12 @@ def test_every_test_method_runs_an_episode(name):
     # PFENet lineage's training input fits (S − 1) % 8 == 0
     base = model.base_class_labels
     queries, size = (2, 33) if base else (1, 32)
+    if type(model).input_size_problem(size):  # Matcher: a multiple of 14
+        size = 28
     episode = make_episode(shot=2 if base else 1, size=size, queries=queries, base_labels=base)
     output = model(episode)
     if model.output_kind == "labels":  # HSNet: episode indices
-        assert output.shape == (1, 32, 32) and output.dtype == torch.long
+        assert output.shape == (1, size, size) and output.dtype == torch.long
         assert set(output.unique().tolist()) <= {0, 1}
     else:
         assert output.shape == (queries, 2, size, size) and torch.isfinite(output).all()

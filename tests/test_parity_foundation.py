@@ -31,6 +31,7 @@ from fsbench.methods import METHODS
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE = json.loads((FIXTURES / "official_parity_gf_sam.json").read_text())
 PERSAM = json.loads((FIXTURES / "official_parity_persam.json").read_text())
+MATCHER = json.loads((FIXTURES / "official_parity_matcher.json").read_text())
 
 
 def array(record) -> torch.Tensor:
@@ -62,6 +63,41 @@ def bits_sha(mask: torch.Tensor) -> str:
 def same_points(ours, theirs) -> bool:
     """The engine runs episodes by query image: a trace is found by its prompt points."""
     return np.shape(ours) == np.shape(theirs) and np.allclose(ours, theirs)
+
+
+@pytest.mark.slow
+def test_matcher_masks_equal_the_official_code_episode_after_episode(lvis):
+    # Its prompt sampler's Python generator runs on through a manifest's episodes: each run is
+    # one manifest evaluated in order, as one main_oss.py run
+    from fsbench.benchmarks.evaluation.evaluate import evaluate
+
+    model = METHODS.get("matcher")(
+        sam="tiny", dinov2="tiny", sam_weights="random", dinov2_weights="random",
+        sam_image_size=MATCHER["sam_side"], points_per_side=MATCHER["points_per_side"],
+    )  # fmt: skip
+    entries = {k: [(n, tuple(s), d) for n, s, d in v] for k, v in MATCHER["entries"].items()}
+    model.dinov2.load_official(seeded_state_dict(entries["dinov2"], 0, 1.0))
+    model.sam.load_state_dict(seeded_state_dict(entries["sam"], MATCHER["weight_seed"], 1.0))
+    with torch.no_grad():  # the recorder's `tune`: masks that pass Matcher's filters
+        model.sam.mask_decoder.iou_prediction_head.layers[-1].bias += MATCHER["iou_bias"]
+        for mlp in model.sam.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight *= MATCHER["mask_gain"]
+    model.eval()
+    protocol = resolve("matcher", lvis)
+    loader = EpisodeLoader(lvis, protocol.input_size, resize=protocol.resize)
+    for run in MATCHER["runs"]:
+        count = len(run["episodes"])
+        manifest = EpisodeManifest.build(lvis, protocol, run["fold"], 1, run["shot"], count, 0)
+        model.trace = []
+        with torch.no_grad():
+            _, _, kept = evaluate(model, loader, manifest, protocol, keep_predictions=count)
+        for spec, item, trace, expected in zip(manifest.episodes, kept, model.trace,
+                                               run["episodes"]):  # fmt: skip
+            assert (list(spec.support[0]), spec.query[0]) == (expected["support"],
+                                                              expected["query"])  # fmt: skip
+            assert trace["points"].tolist() == expected["points"]
+            assert int(item["prediction"].sum()) == expected["foreground"]
+            assert bits_sha(item["prediction"]) == expected["sha256"]
 
 
 @pytest.mark.slow

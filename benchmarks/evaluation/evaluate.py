@@ -61,6 +61,8 @@ def evaluate(
     for extra in evaluators:
         extra.reset()
     use_cache = cache is not None and model.evaluation_path() != "episode"
+    if not use_cache:
+        model.begin_episodes()  # the episodes follow, in the manifest's order
     if chunk is None:
         chunk = _chunk_size(manifest, cache.feature_bytes) if use_cache else 1
     for start in range(0, len(manifest.episodes), chunk):

@@ -62,10 +62,11 @@ METHOD_SETTINGS = {
     "gf_sam": ({"sam_weights": "random", "dinov2_weights": "random"}, "matcher", 1024),
     "persam": ({"sam_weights": "random"}, "matcher", 518),
     "persam_f": ({"sam_weights": "random"}, "matcher", 518),
+    "matcher": ({"sam_weights": "random", "dinov2_weights": "random"}, "matcher", 518),
 }
 # Methods whose frozen encoders make a CPU run of a fold impractical (SAM ViT-H: ~2.7 TFLOP per
 # image at 1024 px): the script times a few episodes and says what a fold needs.
-NEEDS_GPU = {"gf_sam", "persam", "persam_f"}
+NEEDS_GPU = {"gf_sam", "persam", "persam_f", "matcher"}
 METHOD = "panet"  # set by --method (module state: the fresh evaluation process reads it back)
 
 
