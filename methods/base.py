@@ -72,6 +72,9 @@ class FewShotMethod(nn.Module):
     # Data its weights saw beyond ImageNet (e.g. SAM: "SA-1B"): tables mark such rows with a
     # dagger, and a grid's `strict: true` keeps them out.
     pretraining: tuple[str, ...] = ()
+    # What an episode costs, declared (the report's cost table measures it): e.g. the encoder
+    # passes per image and the decoder passes per episode of a foundation-model method.
+    cost: str = ""
     stage: str | None = None  # the training stage running (set by the trainer before its steps)
 
     def __init_subclass__(cls, **kwargs):

@@ -66,6 +66,10 @@ class GFSAM(FewShotMethod):
     output_kind = "labels"
     pretraining = (SAM_DATA, DINOV2_DATA)
     version = "1"
+    cost = (
+        "SAM ViT-H (1024 px) and DINOv2 ViT-L/14 (518 px) once per distinct image; up to 128 "
+        "one-point SAM decodes per episode"
+    )
 
     def __init__(self, sam="vit_h", dinov2="vit_large", sam_weights=None, dinov2_weights=None,
                  max_points=MAX_POINTS, sam_image_size=1024):  # fmt: skip

@@ -41,6 +41,10 @@ class Matcher(FewShotMethod):
     output_kind = "labels"
     pretraining = (SAM_DATA, DINOV2_DATA)
     version = "1"
+    cost = (
+        "SAM ViT-H (1024 px) and DINOv2 ViT-L/14 per episode (its sampler's order: no cache); "
+        "4096 dense + up to 384 sampled SAM decodes and one EMD per mask"
+    )
 
     def __init__(self, sam="vit_h", dinov2="vit_large", sam_weights=None, dinov2_weights=None,
                  sam_image_size=1024, points_per_side=64, points_per_batch=64,

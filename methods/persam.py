@@ -77,6 +77,7 @@ class PerSAM(FewShotMethod):
     output_kind = "labels"
     pretraining = (SAM_DATA,)
     version = "1"
+    cost = "SAM ViT-H (1024 px) once per distinct image; 3 SAM decodes per episode"
     fine_tuned = False
 
     def __init__(self, sam="vit_h", sam_weights=None, sam_image_size=1024, steps=1000, lr=1e-3):
@@ -193,6 +194,10 @@ class PerSAM(FewShotMethod):
 
 class PerSAMF(PerSAM):
     fine_tuned = True
+    cost = (
+        "SAM ViT-H (1024 px) once per distinct image; 1000 AdamW steps on 2 weights per support; "
+        "3 SAM decodes per episode"
+    )
 
     def _fit(self, embedding, fg, feats) -> list[torch.Tensor]:
         """persam_f.py's training on the support: its target feature and the two weights."""

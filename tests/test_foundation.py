@@ -89,10 +89,14 @@ def test_the_foundation_grids_run_at_smoke_size_with_cost_and_marks(tmp_path, ca
     report = tmp_path / "matcher_coco_smoke" / "report"
     table = (report / "table_miou.md").read_text()
     assert "| GF-SAM† |" in table and "| PerSAM† |" in table
-    assert "pretrained on data beyond ImageNet (GF-SAM: SA-1B, LVD-142M; PerSAM: SA-1B)" in table
+    assert (
+        "pretrained on data beyond ImageNet (GF-SAM: SA-1B, LVD-142M; PerSAM: SA-1B; "
+        "Matcher: SA-1B, LVD-142M)"
+    ) in table
     assert "GF-SAM$^\\dagger$" in (report / "table_miou.tex").read_text()
     cost = pd.read_csv(report / "table_cost.csv")
     assert set(cost["external data"]) == {"SA-1B, LVD-142M", "SA-1B"}
+    assert cost["declared cost"].str.contains("SAM ViT-H").all()
     assert (cost["parameters (M)"] > 1).all() and (cost["s / episode"] > 0).all()
     assert (cost["peak RSS (GiB)"] > 0).all()
     record = json.loads(

@@ -60,6 +60,24 @@ def bits_sha(mask: torch.Tensor) -> str:
     return hashlib.sha256(np.packbits(bits).tobytes()).hexdigest()
 
 
+@pytest.mark.slow
+def test_the_full_size_encoders_have_the_official_shapes_and_sizes():
+    # SAM ViT-H and DINOv2 ViT-L/14 as the methods build them, on the meta device (no memory,
+    # no compute): the official parameter counts (sam_vit_h_4b8939.pth holds 641,090,608; the
+    # DINOv2 file 304,368,640 with its unused 1024-float mask token) and embedding shapes
+    from fsbench.methods.foundation import Dinov2, build_sam
+
+    with torch.device("meta"):
+        dinov2, sam = Dinov2("vit_large", "random"), build_sam("vit_h", "random")
+        tokens = dinov2(torch.zeros(2, 3, 518, 518))
+        embedding = sam.image_encoder(torch.zeros(2, 3, 1024, 1024))
+    assert tokens.shape == (2, 37 * 37, 1024) and embedding.shape == (2, 256, 64, 64)
+    assert sum(p.numel() for p in sam.parameters()) == 641_090_608
+    assert sum(p.numel() for p in dinov2.parameters()) == 304_368_640 - 1024
+    for name in ("gf_sam", "persam", "persam_f", "matcher"):
+        assert METHODS.provides(name).cost and METHODS.provides(name).pretraining
+
+
 def same_points(ours, theirs) -> bool:
     """The engine runs episodes by query image: a trace is found by its prompt points."""
     return np.shape(ours) == np.shape(theirs) and np.allclose(ours, theirs)

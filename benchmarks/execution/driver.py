@@ -157,6 +157,7 @@ class Driver:
                 "parameters": outputs[0].get("parameters"),  # the model's, frozen ones included
                 # data its weights saw beyond ImageNet (methods' `pretraining`): tables mark it
                 "pretraining": outputs[0].get("pretraining") or [],
+                "declared_cost": outputs[0].get("declared_cost") or "",
                 "spill_bytes": max(o.get("spill_bytes") or 0 for o in outputs),
                 # the evaluation task(s)' system metrics, once per task, in time order
                 "system": sorted(

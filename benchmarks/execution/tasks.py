@@ -319,6 +319,7 @@ def eval_task(
                 ),
                 "parameters": parameters,
                 "pretraining": list(getattr(model, "pretraining", ())),
+                "declared_cost": getattr(model, "cost", ""),
                 "spill_bytes": spilled,
                 "system": system.samples,  # the task's series (shared by its items)
                 "predictions": [

@@ -15,7 +15,7 @@ def external_rows(frame: pd.DataFrame) -> dict[str, str]:
     if "pretraining" not in frame:
         return {}
     data = frame.groupby("row")["pretraining"].first()
-    return {row: value for row, value in data.items() if value}
+    return {row: data[row] for row in dict.fromkeys(frame["row"]) if data[row]}  # grid order
 
 
 def mark_displays(displays: dict, frame: pd.DataFrame) -> dict:
@@ -58,6 +58,7 @@ def cost_table(frame: pd.DataFrame, displays: dict) -> pd.DataFrame:
             ),
             "device": ", ".join(sorted({d for d in part["device"].dropna() if d})),
             "external data": part["pretraining"].iloc[0] or "–",
+            "declared cost": part["declared_cost"].iloc[0] or "–",
         })  # fmt: skip
     return pd.DataFrame(rows)
 

@@ -94,6 +94,7 @@ def seed_frame(cells: list[CellRecord]) -> pd.DataFrame:
                     # what the row costs and was pretrained on (measured by its evaluation task)
                     "pretraining": ", ".join(cell.timings.get("pretraining") or ()),
                     "parameters": cell.timings.get("parameters"),
+                    "declared_cost": cell.timings.get("declared_cost") or "",
                     "seconds_per_episode": seed.eval_seconds / max(seed.episodes, 1),
                     "peak_rss_bytes": seed.peak_rss_bytes,
                     "peak_device_bytes": cell.timings.get("peak_device_bytes") or None,
