@@ -101,14 +101,14 @@ FOUNDATION_TINY = {"sam": "tiny", "dinov2": "tiny", "sam_weights": "random",
                    "dinov2_weights": "random"}  # fmt: skip
 SAM_TINY = {"sam": "tiny", "sam_weights": "random", "sam_image_size": 256}
 SMALL_KWARGS = {
-    "gf_sam": {**FOUNDATION_TINY, "sam_image_size": 256, "max_points": 16},
+    "gf_sam": {**FOUNDATION_TINY, "sam_image_size": 256, "max_points": 4},
     "persam": SAM_TINY,
     "persam_f": {**SAM_TINY, "steps": 20},
     "matcher": {
         **FOUNDATION_TINY,
         "sam_image_size": 256,
-        "points_per_side": 4,
-        "max_sample_iterations": 4,
+        "points_per_side": 2,
+        "max_sample_iterations": 2,
     },  # fmt: skip
 }
 

@@ -170,4 +170,4 @@ def test_gf_sam_declares_its_path_data_and_input():
     assert cls.evaluation_path() == "support_states" and cls.output_kind == "labels"
     assert cls.pretraining == ("SA-1B", "LVD-142M") and not cls.trainable
     model = METHODS.get("test_gf_sam")()
-    assert model.sam.image_encoder.img_size == 256 and model.max_points == 16
+    assert model.sam.image_encoder.img_size == 256 and model.max_points == 4

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from fsbench.benchmarks.report.frame import _rows_in_grid_order
+
 EXTERNAL_MARK = "†"
 
 
@@ -15,7 +17,7 @@ def external_rows(frame: pd.DataFrame) -> dict[str, str]:
     if "pretraining" not in frame:
         return {}
     data = frame.groupby("row")["pretraining"].first()
-    return {row: data[row] for row in dict.fromkeys(frame["row"]) if data[row]}  # grid order
+    return {row: data[row] for row in _rows_in_grid_order(frame) if data[row]}
 
 
 def mark_displays(displays: dict, frame: pd.DataFrame) -> dict:
@@ -41,7 +43,7 @@ def cost_table(frame: pd.DataFrame, displays: dict) -> pd.DataFrame:
     """One line per row and shot: parameters, seconds per episode (mean over its seeds and
     folds), peak resident memory and peak device memory of its evaluation tasks."""
     rows = []
-    order = {row: i for i, row in enumerate(dict.fromkeys(frame["row"]))}
+    order = {row: i for i, row in enumerate(_rows_in_grid_order(frame))}
     groups = sorted(frame.groupby(["row", "shot"]), key=lambda g: (order[g[0][0]], g[0][1]))
     for (row, shot), part in groups:
         params = part["parameters"].dropna()
