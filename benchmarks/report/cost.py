@@ -35,7 +35,7 @@ def external_note(frame: pd.DataFrame, displays: dict) -> str:
     named = "; ".join(f"{displays.get(r, r)}: {d}" for r, d in external.items())
     return (
         f"{EXTERNAL_MARK} after a method's name: pretrained on data beyond ImageNet ({named}); "
-        "`strict: true` in a grid keeps such methods out."
+        "a grid's strict: true keeps such methods out."
     )
 
 

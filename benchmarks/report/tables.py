@@ -222,8 +222,8 @@ def to_latex(
             if mean != mean:
                 cells.append("--")
                 continue
-            value = f"{mean:.1f}" + (
-                f"\\,{{\\scriptsize$\\pm${std:.1f}}}" if column[1] == "Mean" else ""
+            value = f"{mean:.1f}" + (  # a single seed has no spread: none is printed
+                f"\\,{{\\scriptsize$\\pm${std:.1f}}}" if column[1] == "Mean" and std == std else ""
             )
             cells.append(f"\\textbf{{{value}}}" if mean == best[column] else value)
         body.append(text + " & " + " & ".join(cells) + " \\\\")
