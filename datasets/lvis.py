@@ -146,6 +146,11 @@ class Lvis92i(FewShotDataset):
                 self._classwise[split] = {}
         self.lists_source = "; ".join(sources)
         self._sizes: dict[str, tuple[int, int]] = {}
+        self._splits: dict[str, str] = {}  # image → its split (the loader asks per image)
+        for split, classwise in self._classwise.items():
+            for images in classwise.values():
+                for name in images:
+                    self._splits.setdefault(name, split)
 
     # -- folds ------------------------------------------------------------------------------------
     def check_fold(self, fold: int) -> None:
@@ -221,9 +226,8 @@ class Lvis92i(FewShotDataset):
         return self._split(split).get(class_id, {}).get(image_id, {}).get("annotations", [])
 
     def _split_of(self, image_id: str) -> str:
-        for split, classwise in self._classwise.items():
-            if any(image_id in images for images in classwise.values()):
-                return split
+        if image_id in self._splits:
+            return self._splits[image_id]
         raise DatasetError(f"{image_id!r}: not an image of LVIS-92i's lists under {self.root}")
 
     def _mask(self, split: str, class_id: int, image_id: str) -> np.ndarray:

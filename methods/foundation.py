@@ -245,6 +245,15 @@ def sam_embedding(sam, image01: torch.Tensor) -> torch.Tensor:
     return sam.image_encoder(sam.preprocess(pixels.float()))
 
 
+def first_claim_labels(masks: torch.Tensor) -> torch.Tensor:
+    """Episode labels from N one-way masks [N, H, W] of a method that is 1-way in its paper: a
+    pixel several classes claim goes to the first of them."""
+    labels = torch.zeros(masks.shape[1:], dtype=torch.long, device=masks.device)
+    for way in range(masks.shape[0] - 1, -1, -1):
+        labels[masks[way] > 0] = way + 1
+    return labels
+
+
 def count_parameters(*modules: nn.Module) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 

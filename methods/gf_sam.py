@@ -32,6 +32,7 @@ from fsbench.methods.foundation import (
     unnormalise,
 )
 from fsbench.methods.registry import METHODS
+from fsbench.methods.sam_prompting import prompted_logits
 
 EPS = 1e-7
 MAX_POINTS = 128  # find_points: "set maximum to 128 for efficiency"
@@ -181,22 +182,15 @@ class GFSAM(FewShotMethod):
         """SAM on each point alone (single-mask output), thresholded at 0: [M, 1, *size]."""
         if len(points) == 0:
             return None
-        sam, side = self.sam, self.sam.image_encoder.img_size
         out = []
         for start in range(0, len(points), PROMPT_BATCH):
             coords = torch.as_tensor(points[start : start + PROMPT_BATCH], device=embedding.device,
                                      dtype=torch.int)[:, None, :]  # fmt: skip
             labels = torch.ones(coords.shape[:2], device=embedding.device, dtype=torch.int)
-            sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-            low_res, _ = sam.mask_decoder(
-                image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )  # fmt: skip
+            high, _, low_res = prompted_logits(self.sam, embedding, size, coords, labels, False)
             if self.trace is not None:
                 self.trace[-1].setdefault("low_res", []).append(low_res)
-            high = sam.postprocess_masks(low_res, (side, side), size)
-            out.append(high > sam.mask_threshold)
+            out.append(high > self.sam.mask_threshold)
         return torch.cat(out)
 
     def cluster(self, masks, coord_f, hot):
@@ -218,17 +212,13 @@ class GFSAM(FewShotMethod):
         positive = (mean_map > neg_map).float()
         for component in range(n):
             members = torch.where(labels == component)[0]
-            union = (masks[members].sum(dim=0) > 0).float()
-            union = F.interpolate(union[None], (side, side), mode="bilinear", align_corners=False)[
-                0
-            ]
             small = F.interpolate(masks[members].float(), (side, side), mode="bilinear",
                                   align_corners=False)  # fmt: skip
             ranking = (small * (mean_map - neg_map)[None]).sum(dim=(-1, -2, -3))
             ranking = ranking / (small.sum(dim=(-1, -2, -3)) + 1e-6)
-            inner = torch.zeros_like(union)
-            pos_score = (positive * union).sum()
-            neg_score = ((1 - positive) * union).sum()
+            inner = torch.zeros_like(small[0])
+            # (the official scores the cluster's union first; the loop below, never empty,
+            # always overwrites those scores, so they are not computed)
             for idx in ranking.argsort(descending=True):
                 current = small[idx] * (1 - inner)
                 pos_score = (positive * current).sum()

@@ -29,11 +29,13 @@ from fsbench.methods.foundation import (
     Dinov2,
     build_sam,
     count_parameters,
+    first_claim_labels,
     normalise_imagenet,
     sam_embedding,
     unnormalise,
 )
 from fsbench.methods.registry import METHODS
+from fsbench.methods.sam_prompting import prompted_logits
 
 
 class Matcher(FewShotMethod):
@@ -91,15 +93,13 @@ class Matcher(FewShotMethod):
 
     # -- one episode -----------------------------------------------------------------------------
     def forward(self, episode) -> torch.Tensor:
-        size = tuple(episode.query_images.shape[-2:])
         rows = []
         for q in range(episode.query_images.shape[0]):
-            labels = torch.zeros(size, dtype=torch.long, device=episode.query_images.device)
-            for way in range(episode.way - 1, -1, -1):  # a pixel two classes claim: the first
-                mask = self.segment(episode.support_images[way], episode.support_fg[way],
-                                    episode.query_images[q : q + 1])  # fmt: skip
-                labels[mask > 0] = way + 1
-            rows.append(labels)
+            masks = {}
+            for way in range(episode.way - 1, -1, -1):  # the sampler's draws: last way first
+                masks[way] = self.segment(episode.support_images[way], episode.support_fg[way],
+                                          episode.query_images[q : q + 1])  # fmt: skip
+            rows.append(first_claim_labels(torch.stack([masks[w] for w in range(episode.way)])))
         return torch.stack(rows)
 
     def segment(self, support_images, support_fg, query_image) -> torch.Tensor:
@@ -194,19 +194,6 @@ class Matcher(FewShotMethod):
         data.filter(keep)
         return data["masks"][:, None]
 
-    def _decode(self, embedding, size, coords, labels, multimask):
-        from segment_anything.utils.transforms import ResizeLongestSide
-
-        side = self.sam.image_encoder.img_size
-        sparse, dense = self.sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-        low_res, iou = self.sam.mask_decoder(
-            image_embeddings=embedding, image_pe=self.sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-        )  # fmt: skip
-        input_size = ResizeLongestSide.get_preprocess_shape(size[0], size[1], side)
-        return self.sam.postprocess_masks(low_res, input_size, size), iou
-
     def _keep(self, masks, iou, iou_thresh, stability_thresh):
         from segment_anything.utils.amg import (
             MaskData,
@@ -240,8 +227,8 @@ class Matcher(FewShotMethod):
         moved = ResizeLongestSide(side).apply_coords(points, size)
         coords = torch.as_tensor(moved, device=embedding.device)  # float64, as the official
         labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
-        masks, iou = self._decode(embedding, size, coords[:, None, :], labels[:, None],
-                                  self.dense_multimask)  # fmt: skip
+        masks, iou, _ = prompted_logits(self.sam, embedding, size, coords[:, None, :],
+                                        labels[:, None], self.dense_multimask)  # fmt: skip
         if self.sel_multimask:  # the official's flag (sic) selects the dense layers too
             masks, iou = self._layers(masks, iou, self.dense_output_layer)
         return self._keep(masks, iou, self.pred_iou_thresh, self.stability_score_thresh)
@@ -255,7 +242,9 @@ class Matcher(FewShotMethod):
         marks = torch.as_tensor(labels, dtype=torch.int, device=embedding.device)
         if coords.dim() == 2:
             coords, marks = coords[None], marks[None]
-        masks, iou = self._decode(embedding, size, coords, marks, self.sel_multimask)
+        masks, iou, _ = prompted_logits(
+            self.sam, embedding, size, coords, marks, self.sel_multimask
+        )
         if self.sel_multimask:
             masks, iou = self._layers(masks, iou, self.output_layer)
         return self._keep(masks, iou, self.iou_filter, self.sel_stability_score_thresh)
@@ -269,11 +258,12 @@ class Matcher(FewShotMethod):
         count = len(masks)
         purity, coverage, emd = torch.zeros(count), torch.zeros(count), torch.zeros(count)
         patch = self.dinov2.patch_size
+        support_rows = cost[pool.bool(), :]  # the masked support patches' costs, every mask
         for i in range(count):
             small = masks[i, 0].reshape(feat_size, patch, feat_size, patch).astype(np.float32)
             small = small.mean(axis=(1, 3))  # cv2.INTER_AREA by an integer factor: block means
             small = small > (small.max() - 1e-6 if small.max() <= 0 else 0)
-            pooled = cost[pool.bool(), :][:, torch.as_tensor(small.flatten())]
+            pooled = support_rows[:, torch.as_tensor(small.flatten())]
             n, m = pooled.shape
             emd[i] = 1 - ot.emd2(a=[1.0 / n] * n, b=[1.0 / m] * m, M=pooled.cpu().numpy())
             y = np.clip(points[:, 1].astype(int), 0, masks.shape[-2] - 1)

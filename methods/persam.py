@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from fsbench.methods.base import FewShotMethod
-from fsbench.methods.foundation import SAM_DATA, build_sam, sam_embedding, unnormalise
+from fsbench.methods.foundation import (
+    SAM_DATA,
+    build_sam,
+    first_claim_labels,
+    sam_embedding,
+    unnormalise,
+)
 from fsbench.methods.registry import METHODS
 from fsbench.methods.sam_prompting import predict
 
@@ -137,17 +143,9 @@ class PerSAM(FewShotMethod):
             episodes = []
             for states in support_states[q]:  # [N, K, D]
                 masks = [self.one_way(query_features[q : q + 1], way, size) for way in states]
-                episodes.append(self.combine(torch.stack(masks)))
+                episodes.append(first_claim_labels(torch.stack(masks)))
             rows.append(torch.stack(episodes))
         return torch.stack(rows).long()
-
-    @staticmethod
-    def combine(masks) -> torch.Tensor:
-        """N one-way masks → labels (a pixel two classes claim goes to the first)."""
-        labels = torch.zeros(masks.shape[1:], dtype=torch.long, device=masks.device)
-        for way in range(masks.shape[0] - 1, -1, -1):
-            labels[masks[way] > 0] = way + 1
-        return labels
 
     def one_way(self, embedding, states, size) -> torch.Tensor:
         counts = states[:, 256]

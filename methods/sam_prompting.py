@@ -94,6 +94,23 @@ def decode(sam, embedding, sparse, dense, multimask: bool, attn_sim=None, target
     return masks[:, chosen], iou[:, chosen]
 
 
+def prompted_logits(sam, embedding, size, coords, labels, multimask: bool):
+    """SamPredictor.predict_torch (segment_anything's own decoder) for point prompts already in
+    SAM's frame, `return_logits=True`: logits at the S×S image's `size` and predicted IoUs."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    low_res, iou = sam.mask_decoder(
+        image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+    )  # fmt: skip
+    input_size = ResizeLongestSide.get_preprocess_shape(
+        size[0], size[1], sam.image_encoder.img_size
+    )
+    return sam.postprocess_masks(low_res, input_size, size), iou, low_res
+
+
 def predict(sam, embedding, size, points=None, labels=None, box=None, mask_input=None,
             multimask=True, attn_sim=None, target=None):  # fmt: skip
     """SamPredictor.predict on an S×S image (`size` = (S, S)) whose embedding is given: the
